@@ -1,0 +1,174 @@
+"""A functional Llama: `forward(params, tokens, positions, cache, *, config, mode)`.
+
+`mode` (static) picks how every projection runs on the one weight pytree:
+  "bf16"  - unquantized float matmuls in the params' dtype (quantized weights are dequantized first);
+  "w4a16" - int4 weights, 16-bit activations (Pallas kernel on GPU, jnp reference on CPU);
+  "w4a4"  - int4 weights, activations quantized per token and group to 4 bits, integer dots;
+  "w4a8"  - the same kernel with 8-bit activations.
+Embedding, norms, attention and the head stay in float in every mode.
+
+Rows are right-padded and a token at position p is cached in slot p (see kv_cache.py).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels
+from qspec_jax.config import LlamaConfig
+from qspec_jax.kv_cache import KVCache, write_layer
+
+MODES = ("bf16", "w4a16", "w4a4", "w4a8")
+
+
+def is_quantized(w) -> bool:
+    """A quantized weight is a dict holding int4 `packed` values and `scales`."""
+    return isinstance(w, dict) and "packed" in w
+
+
+def linear(x: jax.Array, w, mode: str) -> jax.Array:
+    """`x @ w` in the given mode; `w` is a float `[K, N]` array or a quantized weight dict."""
+    if not is_quantized(w):
+        if mode != "bf16":
+            raise ValueError(f"mode {mode!r} needs quantized weights: run qspec_jax.quantize first")
+        return jnp.dot(x, w.astype(x.dtype))
+    if mode == "bf16":
+        return jnp.dot(x, pallas_kernels.dequantize_weight(w).astype(x.dtype))
+    if mode == "w4a16":
+        return pallas_kernels.w4a16_matmul(x, w)
+    return pallas_kernels.w4a4_matmul(x, w, act_bits=4 if mode == "w4a4" else 8)
+
+
+def rms_norm(x: jax.Array, weight: Optional[jax.Array], eps: float) -> jax.Array:
+    """RMSNorm computed in f32; `weight=None` when the gain was folded into the next projection."""
+    xf = x.astype(jnp.float32)
+    y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    return y if weight is None else y * weight.astype(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> jax.Array:
+    """Inverse RoPE frequencies, with Llama-3 scaling when the config has it."""
+    hd = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    s = config.rope_scaling
+    if s is None:
+        return inv
+    # Llama 3: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    blended = (1 - smooth) * inv / s.factor + smooth * inv
+    return jnp.where(wavelen > low_wavelen, inv / s.factor, jnp.where(wavelen < high_wavelen, inv, blended))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (HF layout). x: [B, T, heads, hd]; positions: [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention(q, k, v, q_pos, k_pos):
+    """Grouped-query attention. q: [B, T, H, hd]; k, v: [B, KV, S, hd]; q_pos: [B, T]; k_pos: [B, S].
+
+    A query at position p sees keys at positions <= p; everything else (padding, stale or future
+    slots) is masked.
+    """
+    b, t, h, hd = q.shape
+    kv = k.shape[1]
+    q = q.reshape(b, t, kv, h // kv, hd).transpose(0, 2, 3, 1, 4)  # [B, KV, rep, T, hd]
+    scores = jnp.einsum("bgrtd,bgsd->bgrts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(hd)
+    mask = k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None]
+    scores = jnp.where(mask, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bgrts,bgsd->bgrtd", probs, v.astype(q.dtype), preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
+
+
+def _online_rotation(params, name):
+    """The online transform before `o_proj` / `down_proj` of a rotated model, or None."""
+    rot = params.get("online_rotation")
+    if rot is None:
+        return None
+    from qspec_jax.rotation import online_transform
+
+    return partial(online_transform, rotation=rot[name])
+
+
+def forward(
+    params: dict,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: Optional[KVCache],
+    *,
+    config: LlamaConfig,
+    mode: str = "bf16",
+    logit_index: Optional[jax.Array] = None,
+):
+    """Run the model over `tokens: [B, T]` at `positions: [B, T]` (int32).
+
+    With a cache, each row's new K/V are written at slots `positions[:, 0] + arange(T)` and attention
+    reads the whole cache; the caller keeps `positions[:, 0] + T <= cache.max_len`. With `cache=None`
+    it is a plain causal forward over the given tokens. `logit_index: [B, n]` picks which of the T
+    positions get logits (saves the head's cost in prefill). Returns `(logits f32, cache)`; the
+    cache's `lengths` are left for the caller to set.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    dtype = params["embed"].dtype
+    b, t = tokens.shape
+    nh, nkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    inv_freq = rope_inv_freq(config)
+    x = params["embed"][tokens]
+    lin = partial(linear, mode=mode)
+    rot_o, rot_down = _online_rotation(params, "o_proj"), _online_rotation(params, "down_proj")
+    starts = positions[:, 0]
+    if cache is not None:
+        k_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
+    else:
+        k_pos = positions
+
+    def layer(carry, lp):
+        x, k_all, v_all, i = carry
+        h = rms_norm(x, lp.get("attn_norm"), config.rms_norm_eps)
+        q = apply_rope(lin(h, lp["wq"]).reshape(b, t, nh, hd), positions, inv_freq)
+        k = apply_rope(lin(h, lp["wk"]).reshape(b, t, nkv, hd), positions, inv_freq).transpose(0, 2, 1, 3)
+        v = lin(h, lp["wv"]).reshape(b, t, nkv, hd).transpose(0, 2, 1, 3)
+        if k_all is not None:
+            k_all = write_layer(k_all, k, i, starts)
+            v_all = write_layer(v_all, v, i, starts)
+            k, v = k_all[i], v_all[i]
+        a = attention(q, k, v, positions, k_pos)
+        if rot_o is not None:
+            a = rot_o(a)
+        x = x + lin(a, lp["wo"]).astype(dtype)
+        h = rms_norm(x, lp.get("mlp_norm"), config.rms_norm_eps)
+        g = jax.nn.silu(lin(h, lp["w_gate"]).astype(jnp.float32)) * lin(h, lp["w_up"]).astype(jnp.float32)
+        g = g.astype(dtype)
+        if rot_down is not None:
+            g = rot_down(g)
+        x = x + lin(g, lp["w_down"]).astype(dtype)
+        return (x, k_all, v_all, i + 1), None
+
+    k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
+    (x, k_all, v_all, _), _ = jax.lax.scan(layer, (x, k_all, v_all, jnp.int32(0)), params["layers"])
+    if logit_index is not None:
+        x = jnp.take_along_axis(x, logit_index[..., None], axis=1)
+    x = rms_norm(x, params.get("final_norm"), config.rms_norm_eps)
+    head = params["lm_head"] if "lm_head" in params else params["embed"].T
+    logits = jnp.dot(x, head.astype(dtype), preferred_element_type=jnp.float32)
+    if cache is not None:
+        cache = cache.replace(k=k_all, v=v_all)
+    return logits, cache

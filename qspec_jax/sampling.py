@@ -1,0 +1,60 @@
+"""Token choice: greedy, temperature / top-p sampling, and the two speculative acceptance rules."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def probabilities(logits: jax.Array, temperature: float, top_p: float = 1.0) -> jax.Array:
+    """Softmax of `logits / temperature` over the last axis, restricted to the top-p nucleus."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    if top_p >= 1.0:
+        return probs
+    sorted_probs = jnp.sort(probs, axis=-1)[..., ::-1]
+    # Keep the smallest set of most likely tokens whose mass reaches top_p (the top token always).
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_probs, 1.0), axis=-1, keepdims=True)
+    kept = jnp.where(probs >= cutoff, probs, 0.0)
+    return kept / jnp.sum(kept, axis=-1, keepdims=True)
+
+
+def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
+    """Draw one token id per row from `probs: [..., V]`."""
+    return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
+
+
+def greedy_accept(draft: jax.Array, target_logits: jax.Array):
+    """Top-1 acceptance (the QSpec paper's policy).
+
+    draft: [B, g] drafted tokens; target_logits: [B, g+1, V] the verifier's logits at the g+1 positions.
+    Returns (n_accepted [B], next_token [B]): the drafted prefix that matches the verifier's argmax,
+    and the verifier's own token right after it (the correction, or a bonus token if all matched).
+    """
+    target = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
+    n_acc = jnp.sum(jnp.cumprod(draft == target[:, :-1], axis=1), axis=1).astype(jnp.int32)
+    return n_acc, jnp.take_along_axis(target, n_acc[:, None], axis=1)[:, 0]
+
+
+def speculative_accept(key: jax.Array, draft: jax.Array, q: jax.Array, p: jax.Array):
+    """Speculative sampling (Leviathan et al. 2023): output tokens are distributed exactly as under p.
+
+    draft: [B, g] tokens sampled from the draft distributions q: [B, g, V]; p: [B, g+1, V] the
+    verifier's distributions. Token j is accepted with probability min(1, p_j(d_j) / q_j(d_j)); at the
+    first rejection the next token is drawn from normalize(max(p_j - q_j, 0)); if all g are accepted
+    it is drawn from p_g. Returns (n_accepted [B], next_token [B]).
+    """
+    b, g = draft.shape
+    k_accept, k_next = jax.random.split(key)
+    p_d = jnp.take_along_axis(p[:, :g], draft[..., None], axis=-1)[..., 0]
+    q_d = jnp.take_along_axis(q, draft[..., None], axis=-1)[..., 0]
+    u = jax.random.uniform(k_accept, (b, g))
+    accepted = u * q_d < p_d  # u < p/q without dividing by a zero q
+    n_acc = jnp.sum(jnp.cumprod(accepted, axis=1), axis=1).astype(jnp.int32)
+    q_ext = jnp.concatenate([q, jnp.zeros_like(p[:, :1])], axis=1)  # residual at g is p_g itself
+    pick = lambda a: jnp.take_along_axis(a, n_acc[:, None, None], axis=1)[:, 0]
+    p_n = pick(p)
+    residual = jnp.maximum(p_n - pick(q_ext), 0.0)
+    total = jnp.sum(residual, axis=-1, keepdims=True)
+    residual = jnp.where(total > 0, residual / jnp.where(total > 0, total, 1.0), p_n)
+    return n_acc, sample(k_next, residual)
