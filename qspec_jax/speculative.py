@@ -199,7 +199,20 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int
     return jnp.asarray(arr), jnp.asarray(lens, jnp.int32)
 
 
-def generate(
+def generate(params: dict, prompts: jax.Array, prompt_lens: jax.Array, **settings) -> GenerationResult:
+    """Generate up to `max_new_tokens` per row with QSpec (or plain decoding when `gamma=0`).
+
+    prompts: [B, P] int32 right-padded token ids (see `pad_prompts`); prompt_lens: [B] lengths.
+    Settings (keywords, see `prepare`): config, max_new_tokens, gamma=3, draft_mode="w4a4",
+    verify_mode="w4a16", policy="greedy", temperature=1.0, top_p=1.0, seed=0, eos_ids=None,
+    replay_trace=None. Compiled once per shapes and static settings; a second call with the same
+    padded shapes does not recompile.
+    """
+    args, static = prepare(params, prompts, prompt_lens, **settings)
+    return generate_jit(*args, **static)
+
+
+def prepare(
     params: dict,
     prompts: jax.Array,
     prompt_lens: jax.Array,
@@ -215,17 +228,18 @@ def generate(
     seed: int = 0,
     eos_ids: Optional[Sequence[int]] = None,
     replay_trace: Optional[jax.Array] = None,
-) -> GenerationResult:
-    """Generate up to `max_new_tokens` per row with QSpec (or plain decoding when `gamma=0`).
+):
+    """Validate a generation request; return `(args, static_kwargs)` for `generate_jit`.
 
-    prompts: [B, P] int32 right-padded token ids (see `pad_prompts`); prompt_lens: [B] lengths.
+    Split out so callers can compile ahead of time (`generate_jit.lower(*args, **static).compile()`)
+    and time compilation and generation separately.
+
     draft_mode drafts `gamma` tokens a cycle, verify_mode (w4a16: QSpec's verifier) checks them.
     policy: "greedy" (top-1 match; output equals plain `verify_mode` greedy decoding), "sampling"
     (speculative sampling at `temperature` / `top_p`; output distributed as `verify_mode` sampling),
     or "replay" (accept exactly the counts of `replay_trace: [B, C]`, a `GenerationResult.trace`
     recorded on a real model: for speed runs with generated weights; the tokens are meaningless).
-    eos_ids default to the config's; pass () to never stop early. Compiled once per shapes and
-    static settings; a second call with the same padded shapes does not recompile.
+    eos_ids default to the config's; pass () to never stop early.
     """
     b, p = _validate(prompts, prompt_lens, config, max_new_tokens, gamma, draft_mode, verify_mode, policy, temperature, top_p)
     if policy == "replay":
@@ -236,12 +250,16 @@ def generate(
             raise ValueError(f"replay_trace must be [batch={b}, cycles], got shape {replay_trace.shape}")
     else:
         replay_trace = jnp.zeros((b, 1), jnp.int32)
-    eos = tuple(config.eos_token_ids if eos_ids is None else eos_ids)
-    return generate_jit(
+    eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
+    args = (
         params, jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lens, jnp.int32), jax.random.PRNGKey(seed),
-        jnp.float32(temperature), replay_trace, config=config, max_new_tokens=max_new_tokens, gamma=gamma,
-        draft_mode=draft_mode, verify_mode=verify_mode, policy=policy, top_p=float(top_p), eos_ids=eos,
+        jnp.float32(temperature), replay_trace,
     )
+    static = dict(
+        config=config, max_new_tokens=int(max_new_tokens), gamma=int(gamma), draft_mode=draft_mode,
+        verify_mode=verify_mode, policy=policy, top_p=float(top_p), eos_ids=eos,
+    )
+    return args, static
 
 
 def _validate(prompts, prompt_lens, config, max_new_tokens, gamma, draft_mode, verify_mode, policy, temperature, top_p):

