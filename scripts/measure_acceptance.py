@@ -1,0 +1,142 @@
+"""Acceptance and fidelity of QSpec on the real SmolLM2-135M, on CPU (integer W4A4 math is exact, so
+the GPU kernels accept the same tokens).
+
+One batch of real prompts (HumanEval code prompts and ShareGPT chat prompts, mixed lengths) is
+generated greedily in plain W4A16 and with QSpec for every (draft mode, gamma). Every QSpec output is
+compared token for token with W4A16; acceptance rate and tokens per cycle are reported per dataset.
+The per-cycle acceptance traces are saved for the `replay` policy of the throughput benchmark.
+
+    python scripts/measure_acceptance.py                      # 8 + 8 prompts x 128 tokens, gamma 1..7
+    python scripts/measure_acceptance.py --smoke               # tiny random model, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from qspec_jax import datasets, speculative  # noqa: E402
+from qspec_jax.generate import encode_prompts, load_params  # noqa: E402
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def build_batch(args):
+    """(token lists, dataset label per row, config, params) for the real model or the smoke model."""
+    if args.smoke:
+        import jax.numpy as jnp
+
+        from qspec_jax import checkpoint, quantize
+        from qspec_jax.config import get_preset
+
+        config = get_preset("tiny")
+        params = quantize.quantize_params(checkpoint.random_params(config, 0, jnp.float32), config, dtype=jnp.float32)
+        rng = np.random.default_rng(0)
+        rows = [list(rng.integers(3, config.vocab_size, n)) for n in (5, 17, 9, 30)]
+        return rows, ["random"] * len(rows), config, params
+    from qspec_jax.tokenizer import load_tokenizer
+
+    config, params = load_params(args.model, quantized=True, group_size=args.group_size)
+    tok = load_tokenizer(args.model)
+    code = encode_prompts(tok, datasets.humaneval_prompts(args.humaneval), chat=False)
+    chat = encode_prompts(tok, datasets.sharegpt_prompts(args.sharegpt), chat=True)
+    return code + chat, ["humaneval"] * len(code) + ["sharegpt"] * len(chat), config, params
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--humaneval", type=int, default=8)
+    ap.add_argument("--sharegpt", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--gammas", default="1,2,3,4,5,6,7")
+    ap.add_argument("--drafts", default="w4a4,w4a8")
+    ap.add_argument("--group-size", type=int, default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, few tokens (CI keeps the script alive)")
+    ap.add_argument("--out", default="benchmarks/acceptance")
+    args = ap.parse_args()
+    if args.smoke:
+        args.max_new_tokens, args.gammas = 8, "1,3"
+
+    rows, labels, config, params = build_batch(args)
+    toks, lens = speculative.pad_prompts(rows, multiple=64)
+    common = dict(config=config, max_new_tokens=args.max_new_tokens, eos_ids=())  # fixed length: comparable rows
+    t0 = time.perf_counter()
+    base = speculative.generate(params, toks, lens, gamma=0, verify_mode="w4a16", **common)
+    base_tokens = np.asarray(base.tokens)
+    base_s = time.perf_counter() - t0
+    labels = np.asarray(labels)
+
+    runs, traces = [], {}
+    grid = [(d, int(g)) for d in args.drafts.split(",") for g in args.gammas.split(",")]
+    for draft, gamma in tqdm(grid, desc="qspec runs", file=sys.stderr):
+        t0 = time.perf_counter()
+        res = speculative.generate(params, toks, lens, gamma=gamma, draft_mode=draft, **common)
+        seconds = time.perf_counter() - t0
+        tokens = np.asarray(res.tokens)
+        same = np.all(tokens == base_tokens, axis=1)
+        first_diff = [int(np.argmax(tokens[i] != base_tokens[i])) if not same[i] else None for i in range(len(rows))]
+        per_set = {}
+        for name in sorted(set(labels)):
+            m = labels == name
+            drafted, accepted = int(np.sum(np.asarray(res.drafted)[m])), int(np.sum(np.asarray(res.accepted)[m]))
+            cycles, new = int(np.sum(np.asarray(res.cycles)[m])), int(np.sum(np.asarray(res.num_tokens)[m]))
+            per_set[name] = {
+                "rows": int(m.sum()), "acceptance_rate": accepted / drafted, "tokens_per_cycle": (new - m.sum()) / cycles,
+                "drafted": drafted, "accepted": accepted, "cycles": cycles,
+            }
+        run = {
+            "draft": draft, "gamma": gamma, "identical_rows": int(same.sum()), "rows": len(rows),
+            "first_mismatch": first_diff, "seconds_cpu": round(seconds, 2), **{"all": res.summary()}, "by_dataset": per_set,
+        }
+        runs.append(run)
+        traces[f"{draft}_g{gamma}"] = np.asarray(res.trace).tolist()
+        tqdm.write(f"{draft} gamma={gamma}: identical {same.sum()}/{len(rows)}, "
+                   + ", ".join(f"{k} a={v['acceptance_rate']:.3f} tpc={v['tokens_per_cycle']:.2f}" for k, v in per_set.items()),
+                   file=sys.stderr)
+
+    meta = {
+        "model": "tiny (random, smoke)" if args.smoke else args.model, "device": "cpu (reference kernels: exact W4A4)",
+        "jax": jax.__version__, "commit": git_commit(), "prompts": {n: int((labels == n).sum()) for n in set(labels)},
+        "prompt_lengths": [len(r) for r in rows], "padded_width": int(toks.shape[1]),
+        "max_new_tokens": args.max_new_tokens, "eos": "disabled (fixed-length rows)", "policy": "greedy",
+        "w4a16_seconds_cpu": round(base_s, 2), "group_size": args.group_size or "default",
+    }
+    os.makedirs(args.out, exist_ok=True)
+    suffix = "_smoke" if args.smoke else ""
+    with open(os.path.join(args.out, f"acceptance{suffix}.json"), "w") as f:
+        json.dump({"meta": meta, "runs": runs}, f, indent=1)
+    with open(os.path.join(args.out, f"traces{suffix}.json"), "w") as f:
+        json.dump({"meta": meta, "labels": labels.tolist(), "traces": traces}, f)
+    print(table(runs))
+    bad = [r for r in runs if r["identical_rows"] != r["rows"]]
+    return 1 if bad else 0
+
+
+def table(runs) -> str:
+    sets = sorted(runs[0]["by_dataset"])
+    head = "| draft | gamma | identical to w4a16 | " + " | ".join(f"{s} acceptance | {s} tokens/cycle" for s in sets) + " |"
+    lines = [head, "|" + "---|" * (3 + 2 * len(sets))]
+    for r in runs:
+        cells = " | ".join(f"{r['by_dataset'][s]['acceptance_rate']:.3f} | {r['by_dataset'][s]['tokens_per_cycle']:.2f}" for s in sets)
+        lines.append(f"| {r['draft']} | {r['gamma']} | {r['identical_rows']}/{r['rows']} | {cells} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
