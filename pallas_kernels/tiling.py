@@ -1,0 +1,85 @@
+"""Per-shape tile choice for the int4 matmul kernels (H100: 132 SMs).
+
+Decode (M = 1..64) and verify (M up to ~512) are skinny: the (M, N) grid alone often has far fewer
+programs than the GPU has SMs, and the kernel is bound by reading the weights. Split-K then gives
+several programs disjoint K ranges of the same output tile; their f32 partial sums are added after
+the kernel. The numbers below are first guesses, partly checked with `scripts/bench_kernels.py
+--sweep` on an H100 (llama3-8b o and down projections, M = 1 and 64).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+NUM_SMS = 132  # H100 SXM
+TARGET_PROGRAMS = 256  # about two per SM (sweep, llama3-8b down M=1: split 8 beat split 14)
+MIN_BLOCKS_PER_SPLIT = 4  # below this a program's K loop is too short to pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Static launch configuration of one kernel call.
+
+    bm, bn: output tile (powers of 2, bm >= 16 because tt.dot needs 16 rows);
+    split: number of K ranges (divides the number of packing blocks);
+    fuse_quant: W4A4 only, quantize activations inside the matmul (else a separate XLA pass).
+    """
+
+    bm: int
+    bn: int
+    split: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    fuse_quant: bool = True
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def _split(grid_mn: int, nblocks: int) -> int:
+    """Smallest divisor of nblocks giving TARGET_PROGRAMS programs, keeping each K range long
+    enough to pipeline."""
+    split = 1
+    for d in range(1, nblocks + 1):
+        if nblocks % d:
+            continue
+        if nblocks // d < MIN_BLOCKS_PER_SPLIT:
+            break
+        split = d
+        if grid_mn * d >= TARGET_PROGRAMS:
+            break
+    return split
+
+
+def choose_tiles(M: int, N: int, K: int, pb: int, kind: str = "w4a16") -> Tiles:
+    """Tiles for an [M, K] x [K, N] int4 matmul whose weight is packed in blocks of pb rows."""
+    # W4A4's int8 path ran fastest with bm <= 32 on the H100 (M=64: 33 us at bm 32, 44 at 64).
+    bm_max = 32 if kind != "w4a16" else 128 if M > 64 else 64
+    bm = min(max(16, _pow2_at_least(M)), bm_max)
+    bn = 128 if N >= 128 else max(16, _pow2_at_least(N))
+    # Prefer a bn that divides N (no masks); N not a multiple of 32 keeps 128 and masks the edge.
+    for cand in (bn, bn // 2, bn // 4):
+        if cand >= 32 and N % cand == 0:
+            bn = cand
+            break
+    nblocks = K // pb
+    split = _split(-(-M // bm) * -(-N // bn), nblocks)
+    # K with few divisors (Llama-2 down: 11008 = 86 blocks of 128) can leave the grid short of
+    # one program per SM: narrower N tiles make more programs instead.
+    while -(-M // bm) * -(-N // bn) * split < NUM_SMS and bn > 32 and N % (bn // 2) == 0:
+        bn //= 2
+        split = _split(-(-M // bm) * -(-N // bn), nblocks)
+    wide = bm * bn >= 128 * 128
+    return Tiles(
+        bm=bm,
+        bn=bn,
+        split=split,
+        num_warps=8 if wide else 4,
+        num_stages=3 if wide else 4,
+        # Fused quantization re-reads x once per N tile: cheap for skinny M, not for wide M.
+        fuse_quant=M <= 64,
+    )

@@ -1,0 +1,211 @@
+"""W4A16 matmul: y = x @ dequant(W) with int4 weights dequantized inside the kernel.
+
+Each program owns one (bm, bn) output tile and one K range (split-K). Per packing block it loads
+the packed int8 rows once, unpacks the low and high nibbles with arithmetic shifts into the dot
+dtype (int4 values are exact in bf16), and runs two dots over the block's contiguous halves. The
+group scale multiplies the f32 partial sum of each group, not every weight element; per-channel
+weights accumulate over all of K and are rescaled once at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from .packing import unpack_int4, weight_layout
+from .tiling import Tiles, choose_tiles
+
+BACKENDS = ("auto", "triton", "interpret", "reference")
+
+
+def resolve_backend(backend: str) -> str:
+    """'auto' -> 'triton' on GPU, else 'reference'; other names are checked and returned."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if jax.default_backend() == "gpu" else "reference"
+    return backend
+
+
+def compute_dtype(dtype):
+    """Dot operand dtype: 16-bit activations stay 16-bit; anything else runs in f32."""
+    dtype = jnp.dtype(dtype)
+    return dtype if dtype in (jnp.bfloat16, jnp.float16) else jnp.dtype(jnp.float32)
+
+
+def dot_precision(cdt):
+    # f32 operands: ask for true f32 (Triton would otherwise use TF32).
+    return lax.Precision.HIGHEST if cdt == jnp.float32 else None
+
+
+def check_inputs(x, qw, kernel: bool):
+    """Validate shapes; return (K, N, G, group_size, pb) of the weight."""
+    K, N, G, gs, pb = weight_layout(qw)
+    if x.ndim < 1 or x.shape[-1] != K:
+        raise ValueError(f"x has shape {x.shape} but the weight expects K={K} input features")
+    if kernel and (pb < 64 or pb & (pb - 1)):
+        raise ValueError(
+            f"the Pallas kernels need a power-of-2 packing block (group size) >= 64, got {pb}; "
+            "use backend='reference'"
+        )
+    return K, N, G, gs, pb
+
+
+def launch(kernel, x2, qw, tiles: Tiles, N: int, K: int, G: int, out_dtype, interpret: bool,
+           extra_in=()):
+    """Shared pallas_call for the int4 kernels: grid (M tiles, N tiles, K splits).
+
+    x2 and every array of extra_in are [M, *] row-blocked activation inputs; M is not padded
+    (the kernels mask the rows past M, which saves a pad op per call). With split > 1 the kernel
+    writes f32 partials [split, M, N] that are summed here in one small XLA fusion.
+    """
+    M = x2.shape[0]
+    bm, bn, split = tiles.bm, tiles.bn, tiles.split
+    grid = (pl.cdiv(M, bm), pl.cdiv(N, bn), split)
+    row_specs = [pl.BlockSpec((bm, a.shape[1]), lambda i, j, s: (i, 0)) for a in (x2, *extra_in)]
+    in_specs = row_specs + [
+        pl.BlockSpec((K // 2, bn), lambda i, j, s: (0, j)),
+        pl.BlockSpec((G, bn), lambda i, j, s: (0, j)),
+    ]
+    if split == 1:
+        out_shape = jax.ShapeDtypeStruct((M, N), out_dtype)
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((split, M, N), jnp.float32)
+        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
+    y = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_spec,
+        out_shape=out_shape,
+        compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
+        interpret=interpret,
+        name=getattr(kernel, "func", kernel).__name__,
+    )(x2, *extra_in, qw["packed"], qw["scales"])
+    if split > 1:
+        y = y.sum(axis=0)
+    return y.astype(out_dtype)
+
+
+def col_mask(bn: int, N: int):
+    """[1, bn] mask of the valid columns of this program's N tile, or None when N % bn == 0."""
+    if N % bn == 0:
+        return None
+    cols = pl.program_id(1) * bn + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
+    return cols < N
+
+
+def row_mask(bm: int, M: int):
+    """[bm, 1] mask of the valid rows of this program's M tile, or None when M % bm == 0."""
+    if M % bm == 0:
+        return None
+    rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
+    return rows < M
+
+
+def load(ref, mask):
+    """Load a block; masked-off elements (rows past M, columns past N) read as 0."""
+    if mask is None:
+        return ref[...]
+    return plt.load(ref, mask=mask, other=0)
+
+
+def store(ref, val, rmask, cmask):
+    """Store an output tile, leaving rows past M and columns past N untouched."""
+    mask = rmask if cmask is None else cmask if rmask is None else rmask & cmask
+    if mask is None:
+        ref[...] = val.astype(ref.dtype)
+    else:
+        plt.store(ref, val.astype(ref.dtype), mask=mask)
+
+
+def unpack_block(w_ref, b, half: int, mask):
+    """Low and high int4 nibbles (int8) of packing block b: rows [b*pb, b*pb + pb/2) and the rest."""
+    p = load(w_ref.at[pl.ds(b * half, half), :], mask)
+    return (p << 4) >> 4, p >> 4  # arithmetic shifts on int8 sign-extend
+
+
+def _w4a16_kernel(x_ref, w_ref, s_ref, o_ref, *, half, blocks, grouped, M, N, cdt):
+    bm, bn = o_ref.shape
+    rmask, cmask = row_mask(bm, M), col_mask(bn, N)
+    prec = dot_precision(cdt)
+    first = pl.program_id(2) * blocks  # first packing block of this program's K range
+
+    def body(t, acc):
+        b = first + t
+        k0 = b * 2 * half
+        xl = load(x_ref.at[:, pl.ds(k0, half)], rmask).astype(cdt)
+        xh = load(x_ref.at[:, pl.ds(k0 + half, half)], rmask).astype(cdt)
+        wl, wh = unpack_block(w_ref, b, half, cmask)
+        part = jnp.dot(xl, wl.astype(cdt), preferred_element_type=jnp.float32, precision=prec)
+        part += jnp.dot(xh, wh.astype(cdt), preferred_element_type=jnp.float32, precision=prec)
+        if grouped:  # one group per packing block: scale the group's partial sum
+            part = part * load(s_ref.at[pl.ds(b, 1), :], cmask)
+        return acc + part
+
+    acc = lax.fori_loop(0, blocks, body, jnp.zeros((bm, bn), jnp.float32))
+    if not grouped:  # per channel: one rescale at the end
+        acc = acc * load(s_ref.at[pl.ds(0, 1), :], cmask)
+    store(o_ref, acc, rmask, cmask)
+
+
+def w4a16_reference(x, qw):
+    """Plain-jnp W4A16 with the kernel's math: per-group dot in f32, then the group scale."""
+    K, N, G, gs, pb = check_inputs(x, qw, kernel=False)
+    lead, x2 = x.shape[:-1], x.reshape(-1, K)
+    # f32 operands: 16-bit x times int4 is exact in f32, so this is the kernel's 16-bit dot with
+    # f32 accumulation (XLA:CPU also has no batched bf16 x bf16 -> f32 dot).
+    cdt = jnp.float32
+    prec = lax.Precision.HIGHEST
+    q = unpack_int4(qw["packed"], pb).astype(cdt)
+    scales = qw["scales"].astype(jnp.float32)
+    if G == 1:
+        y = jnp.dot(x2.astype(cdt), q, preferred_element_type=jnp.float32, precision=prec)
+        y = y * scales[0]
+    else:
+        parts = jnp.einsum(
+            "mgk,gkn->mgn",
+            x2.astype(cdt).reshape(-1, G, gs),
+            q.reshape(G, gs, N),
+            preferred_element_type=jnp.float32,
+            precision=prec,
+        )
+        y = (parts * scales[None]).sum(axis=1)
+    return y.astype(x.dtype).reshape(*lead, N)
+
+
+def w4a16_matmul(x, qw, *, backend: str = "auto", tiles: Tiles | None = None):
+    """y = x @ dequantize_weight(qw) with f32 accumulation, returned in x.dtype.
+
+    x: [..., K] (bf16, f16 or f32); qw: {"packed": int8 [K//2, N], "scales": f32 [G, N]}.
+    backend: "auto" (triton on GPU, else reference), "triton", "interpret" (the same kernel run
+    on CPU) or "reference" (plain jnp). bf16/f16 x runs 16-bit dots; f32 x runs f32 dots.
+    tiles: override the per-shape choice of tiling.choose_tiles (tests, tuning).
+    """
+    backend = resolve_backend(backend)
+    if backend == "reference":
+        return w4a16_reference(x, qw)
+    K, N, G, gs, pb = check_inputs(x, qw, kernel=True)
+    lead, x2 = x.shape[:-1], x.reshape(-1, K)
+    M = x2.shape[0]
+    tiles = tiles or choose_tiles(M, N, K, pb, "w4a16")
+    nblocks = K // pb
+    if nblocks % tiles.split:
+        raise ValueError(f"split={tiles.split} does not divide the {nblocks} packing blocks")
+    kernel = functools.partial(
+        _w4a16_kernel,
+        half=pb // 2,
+        blocks=nblocks // tiles.split,
+        grouped=G > 1,
+        M=M,
+        N=N,
+        cdt=compute_dtype(x.dtype),
+    )
+    y = launch(kernel, x2, qw, tiles, N, K, G, x.dtype, interpret=backend == "interpret")
+    return y.reshape(*lead, N)

@@ -1,0 +1,230 @@
+"""W4A4 / W4A8 matmul: activations quantized per token per group, int8 x int8 -> int32 dots.
+
+Hopper has no int4 tensor-core instruction, so 4-bit activations and the unpacked int4 weights
+are both held in int8 and multiplied with the int8 MMA into int32; act_bits=8 (mode w4a8) is the
+same kernel with qmax 127. The integer dots are exact, so the plain-jnp reference gives the same
+numbers up to the order of the f32 sums over groups.
+
+Activation quantization placement (Tiles.fuse_quant):
+- fused (default for M <= 64, i.e. decode): the matmul quantizes its own x tile in its K loop
+  (per-channel weights: one extra pass over the tile's row of x for the per-token max first). This
+  saves a separate kernel launch and an int8 round trip through HBM, which dominate at decode
+  sizes; the cost is that each of the N/bn programs of a row block redoes the quantization.
+- unfused (wide M): quantize_activations runs as one XLA fusion and the kernel reads int8 x and
+  the per-token scales, so the quantization work is done once instead of N/bn times.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from .packing import unpack_int4
+from .tiling import Tiles, choose_tiles
+from .w4a16 import (
+    check_inputs, col_mask, launch, load, resolve_backend, row_mask, store, unpack_block,
+)
+
+
+def _qmax(bits: int) -> int:
+    if bits not in (4, 8):
+        raise ValueError(f"activation bits must be 4 or 8, got {bits}")
+    return 7 if bits == 4 else 127
+
+
+def _act_scale(amax, qmax):
+    # max|x| / qmax, written as a multiply by the f32 reciprocal of qmax: XLA rewrites a division
+    # by a constant into exactly this, Triton would not, so spelling it out keeps every backend
+    # bit-identical (it is within 1 ulp of the division).
+    s = amax * jnp.float32(1.0 / qmax)
+    return jnp.where(s == 0, 1.0, s)  # an all-zero row or group quantizes to zeros
+
+
+def _rn(op: str, a, b):
+    """IEEE round-to-nearest f32 `op` (div or mul) as inline PTX, for the Triton kernel only.
+
+    Triton lowers `/` to the approximate div.full.f32 and may contract a multiply and an add into
+    one FMA; either would move a value sitting at a rounding boundary to the other integer than
+    XLA computes. div.rn / mul.rn are exact IEEE ops that ptxas never contracts.
+    """
+    a, b = jnp.broadcast_arrays(a, b)
+    (out,) = plt.elementwise_inline_asm(
+        f"{op}.rn.f32 $0, $1, $2;",
+        args=[a, b],
+        constraints="=r,r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
+    )
+    return out
+
+
+def _inv_scale(scale, asm=False):
+    one = jnp.ones_like(scale)
+    return _rn("div", one, scale) if asm else one / scale
+
+
+def _quantize(x, inv, qmax, asm=False):
+    """clip(floor(x * inv + 0.5), -qmax, qmax) as int8; inv = 1 / scale (both f32).
+
+    floor(v + 0.5), not jnp.round: round does not lower in Triton, and all paths must agree.
+    Multiplying by the reciprocal (not dividing by the scale) is what XLA computes for x / scale
+    anyway; every backend does the same three IEEE f32 operations, so the integers agree exactly.
+    """
+    t = _rn("mul", x, inv) if asm else x * inv
+    return jnp.clip(jnp.floor(t + 0.5), -qmax, qmax).astype(jnp.int8)
+
+
+def quantize_activations(x, group_size: int, bits: int):
+    """Symmetric per-token, per-group quantization of x [M, K].
+
+    group_size: the weight's group size (-1: one group over all of K). Returns
+    (q int8 [M, K] in -qmax..qmax, scales f32 [M, G]) with qmax = 7 (bits=4) or 127 (bits=8),
+    all in f32: scale = max|x| * (1/qmax) (0 -> 1), q = clip(floor(x * (1/scale) + 0.5), -qmax, qmax).
+    This is max|x|/qmax and x/scale within an ulp, spelled the way every backend computes it
+    bit-identically (XLA itself rewrites those divisions into these multiplies).
+    """
+    qmax = _qmax(bits)
+    M, K = x.shape
+    if group_size == -1:
+        group_size = K
+    if group_size <= 0 or K % group_size:
+        raise ValueError(f"K={K} is not divisible by group_size={group_size}")
+    G = K // group_size
+    xg = x.astype(jnp.float32).reshape(M, G, group_size)
+    scales = _act_scale(jnp.max(jnp.abs(xg), axis=-1), qmax)
+    q = _quantize(xg, _inv_scale(scales)[..., None], qmax)
+    return q.reshape(M, K), scales
+
+
+def _w4a4_kernel(*refs, half, blocks, nblocks, grouped, M, N, qmax, fused, asm):
+    if fused:
+        x_ref, w_ref, s_ref, o_ref = refs
+    else:
+        x_ref, xs_ref, w_ref, s_ref, o_ref = refs
+    bm, bn = o_ref.shape
+    rmask, mask = row_mask(bm, M), col_mask(bn, N)
+    first = pl.program_id(2) * blocks
+
+    def x_halves(b):  # rows past M read as 0: scale 1, values 0
+        k0 = b * 2 * half
+        xl = load(x_ref.at[:, pl.ds(k0, half)], rmask)
+        return xl, load(x_ref.at[:, pl.ds(k0 + half, half)], rmask)
+
+    def idot(a, w):
+        return jnp.dot(a, w, preferred_element_type=jnp.int32)
+
+    if grouped:
+        def body(t, acc):
+            b = first + t
+            xl, xh = x_halves(b)
+            if fused:
+                xl, xh = xl.astype(jnp.float32), xh.astype(jnp.float32)
+                amax = jnp.maximum(jnp.max(jnp.abs(xl), axis=1), jnp.max(jnp.abs(xh), axis=1))
+                a_s = _act_scale(amax, qmax)[:, None]
+                inv = _inv_scale(a_s, asm)
+                xl, xh = _quantize(xl, inv, qmax, asm), _quantize(xh, inv, qmax, asm)
+            else:
+                a_s = load(xs_ref.at[:, pl.ds(b, 1)], rmask)
+            wl, wh = unpack_block(w_ref, b, half, mask)
+            d = idot(xl, wl) + idot(xh, wh)
+            w_s = load(s_ref.at[pl.ds(b, 1), :], mask)
+            return acc + d.astype(jnp.float32) * (a_s * w_s)
+
+        acc = lax.fori_loop(0, blocks, body, jnp.zeros((bm, bn), jnp.float32))
+    else:
+        if fused:  # per-token max over all of K (not just this split's range)
+            def amax_body(b, m):
+                xl, xh = x_halves(b)
+                m = jnp.maximum(m, jnp.max(jnp.abs(xl.astype(jnp.float32)), axis=1))
+                return jnp.maximum(m, jnp.max(jnp.abs(xh.astype(jnp.float32)), axis=1))
+
+            amax = lax.fori_loop(0, nblocks, amax_body, jnp.zeros((bm,), jnp.float32))
+            a_s = _act_scale(amax, qmax)[:, None]
+            inv = _inv_scale(a_s, asm)
+        else:
+            a_s = load(xs_ref.at[:, pl.ds(0, 1)], rmask)
+
+        def body(t, acc):
+            b = first + t
+            xl, xh = x_halves(b)
+            if fused:
+                xl = _quantize(xl.astype(jnp.float32), inv, qmax, asm)
+                xh = _quantize(xh.astype(jnp.float32), inv, qmax, asm)
+            wl, wh = unpack_block(w_ref, b, half, mask)
+            return acc + idot(xl, wl) + idot(xh, wh)
+
+        acc = lax.fori_loop(0, blocks, body, jnp.zeros((bm, bn), jnp.int32))
+        # Per channel: int32 over the whole K range, one rescale at the end.
+        acc = acc.astype(jnp.float32) * (a_s * load(s_ref.at[pl.ds(0, 1), :], mask))
+    store(o_ref, acc, rmask, mask)
+
+
+def w4a4_reference(x, qw, act_bits: int = 4):
+    """Plain-jnp W4A4/W4A8 with the kernel's math (exact integer dots, f32 rescale per group)."""
+    K, N, G, gs, pb = check_inputs(x, qw, kernel=False)
+    lead, x2 = x.shape[:-1], x.reshape(-1, K)
+    xq, xs = quantize_activations(x2, gs, act_bits)
+    wq = unpack_int4(qw["packed"], pb)
+    w_s = qw["scales"].astype(jnp.float32)
+    # Integer products summed over at most K terms stay below 2^24, so an f32 dot of the integer
+    # values is exact and equals the int32 dot; XLA:CPU runs f32 dots far faster than integer ones.
+    exact_in_f32 = (K if G == 1 else gs) * _qmax(act_bits) * 8 < 2**24
+    acc = jnp.float32 if exact_in_f32 else jnp.int32
+    if exact_in_f32:
+        xq, wq = xq.astype(jnp.float32), wq.astype(jnp.float32)
+    prec = jax.lax.Precision.HIGHEST
+    if G == 1:
+        d = jnp.dot(xq, wq, preferred_element_type=acc, precision=prec)
+        y = d.astype(jnp.float32) * (xs * w_s)
+    else:
+        d = jnp.einsum(
+            "mgk,gkn->mgn", xq.reshape(-1, G, gs), wq.reshape(G, gs, N),
+            preferred_element_type=acc, precision=prec,
+        )
+        y = (d.astype(jnp.float32) * (xs[:, :, None] * w_s[None])).sum(axis=1)
+    return y.astype(x.dtype).reshape(*lead, N)
+
+
+def w4a4_matmul(x, qw, *, act_bits: int = 4, backend: str = "auto", tiles: Tiles | None = None):
+    """y = dequant(quantize_activations(x)) @ dequantize_weight(qw), in x.dtype.
+
+    Activations are quantized per token over the weight's K groups (act_bits 4: mode w4a4, 8: mode
+    w4a8); per group an int8 x int8 -> int32 dot is rescaled by act_scale[m, g] * w_scale[g, n] and
+    summed in f32; per-channel weights (G = 1) accumulate int32 over all of K and rescale once.
+    x: [..., K]; backend and tiles as in w4a16_matmul.
+    """
+    qmax = _qmax(act_bits)
+    backend = resolve_backend(backend)
+    if backend == "reference":
+        return w4a4_reference(x, qw, act_bits)
+    K, N, G, gs, pb = check_inputs(x, qw, kernel=True)
+    lead, x2 = x.shape[:-1], x.reshape(-1, K)
+    M = x2.shape[0]
+    tiles = tiles or choose_tiles(M, N, K, pb, "w4a4")
+    nblocks = K // pb
+    if nblocks % tiles.split:
+        raise ValueError(f"split={tiles.split} does not divide the {nblocks} packing blocks")
+    extra = ()
+    if not tiles.fuse_quant:
+        x2, xs = quantize_activations(x2, gs, act_bits)
+        extra = (xs,)
+    kernel = functools.partial(
+        _w4a4_kernel,
+        half=pb // 2,
+        blocks=nblocks // tiles.split,
+        nblocks=nblocks,
+        grouped=G > 1,
+        M=M,
+        N=N,
+        qmax=qmax,
+        fused=tiles.fuse_quant,
+        asm=backend == "triton",
+    )
+    y = launch(kernel, x2, qw, tiles, N, K, G, x.dtype, interpret=backend == "interpret",
+               extra_in=extra)
+    return y.reshape(*lead, N)
