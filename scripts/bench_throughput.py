@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -30,13 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from qspec_jax import checkpoint, quantize, speculative  # noqa: E402
 from qspec_jax.config import get_preset  # noqa: E402
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:
-        return os.environ.get("QSPEC_COMMIT", "unknown")
+from qspec_jax.evaluation import run_metadata  # noqa: E402
 
 
 def load_traces(path):
@@ -136,10 +129,8 @@ def main():
     modes = [m for m in args.modes.split(",") if m]
     drafts = [d for d in args.drafts.split(",") if d]
     gammas = [int(g) for g in args.gammas.split(",") if g]
-    dev = jax.devices()[0]
     meta = {
-        "device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform, "jax": jax.__version__,
-        "commit": git_commit(), "weights": "generated from a seed (speed only)",
+        **run_metadata(), "weights": "generated from a seed (speed only)",
         "acceptance": f"replayed from {args.traces} ({traces['meta'].get('model')}, greedy, per-cycle counts)",
         "group_size": args.group_size or "default", "reps": args.reps, "timing": "median of reps after AOT compile + warm-up",
     }
