@@ -1,4 +1,4 @@
-"""The KV cache: explicit arrays, written and overwritten in place with dynamic_update_slice.
+"""The KV cache: explicit arrays, written and overwritten in place (per-row dynamic_update_slice).
 
 Layout `k, v: [layers, batch, kv_heads, max_len, head_dim]`. Rows are right-padded: a row's token at
 position p lives in slot p, so the write position of a row is its own length. Slots at or past a

@@ -206,3 +206,20 @@ def test_speculative_sampling_keeps_the_verifier_distribution():
         chi2 = float(np.sum((obs - exp) ** 2 / np.maximum(exp, 1e-9)))
         dof = len(obs) - 1
         assert chi2 < chi2_critical(dof), f"{name}: chi2={chi2:.1f} over {dof} dof exceeds the p=0.001 value"
+
+
+def test_greedy_qspec_equals_w4a16_on_smollm2(smollm2, smollm2_tokenizer):
+    """The real model, real prompts of mixed lengths in one batch (the full 16 x 128 x gamma sweep
+    is scripts/measure_acceptance.py, recorded in benchmarks/acceptance/)."""
+    from qspec_jax.datasets import humaneval_prompts, sharegpt_prompts
+
+    config, params = smollm2
+    qp = quantize.quantize_params(params, config, dtype=jnp.float32)
+    texts = humaneval_prompts(2) + sharegpt_prompts(2)
+    toks, lens = pad_prompts([smollm2_tokenizer.encode(t) for t in texts])
+    assert len(set(np.asarray(lens).tolist())) > 1
+    base = plain(qp, toks, lens, config, 32)
+    for draft, gamma in (("w4a4", 3), ("w4a8", 5)):
+        res = generate(qp, toks, lens, config=config, max_new_tokens=32, gamma=gamma, draft_mode=draft)
+        np.testing.assert_array_equal(np.asarray(res.tokens), np.asarray(base.tokens), err_msg=f"{draft} g={gamma}")
+        assert res.summary()["acceptance_rate"] > 0.3
