@@ -29,13 +29,27 @@ from qspec_jax import datasets, speculative  # noqa: E402
 from qspec_jax.evaluation import next_token_nll, perplexity, run_metadata, tokenize_texts  # noqa: E402
 from qspec_jax.generate import load_params  # noqa: E402
 
-# A completion ends where the model starts a new top-level block (HumanEval's usual stop strings).
-STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+# SmolLM2 is an instruct model: asked through its chat template, it answers with a code block.
+INSTRUCTION = "Complete the following Python function. Reply with the whole function in one ```python code block.\n\n"
 
 
-def truncate(completion: str) -> str:
-    cut = min((completion.find(s) for s in STOP if s in completion), default=len(completion))
-    return completion[:cut]
+def humaneval_request(problem) -> str:
+    return INSTRUCTION + "```python\n" + problem["prompt"] + "```"
+
+
+def extract_completion(problem, reply: str) -> str:
+    """Turn a chat reply into a HumanEval completion (the harness runs prompt + completion + tests).
+
+    The code of the first fenced block (or the whole reply) is used; when it redefines the entry
+    point, the prompt's own signature gets a `pass` body and the reply's definition replaces it.
+    """
+    code = reply
+    if "```" in reply:
+        block = reply.split("```")[1]
+        code = block[len("python"):] if block.startswith("python") else block
+    if f"def {problem['entry_point']}" in code:
+        return "    pass\n\n" + code
+    return code
 
 
 def complete(params, config, token_lists, mode, args):
@@ -103,7 +117,9 @@ def main():
         _, qparams = load_params(args.model, quantized=True)
         tok = load_tokenizer(args.model)
         problems = datasets.humaneval_problems(args.humaneval)
-        prompts = [list(tok(p["prompt"])["input_ids"]) for p in problems]
+        from qspec_jax.generate import encode_prompts
+
+        prompts = encode_prompts(tok, [humaneval_request(p) for p in problems], chat=True)
         ppl_tokens, ppl_mask = tokenize_texts(tok, datasets.sharegpt_texts(args.sharegpt), args.ppl_len, config.bos_token_id)
 
     rows, completions = {}, {}
@@ -114,7 +130,7 @@ def main():
         row = {"mode": mode, "generate_seconds_cpu": round(time.time() - t1, 1), "samples": len(prompts)}
         completions[mode] = outs
         if problems is not None:
-            texts = [truncate(tok.decode(o, skip_special_tokens=True)) for o in outs]
+            texts = [extract_completion(p, tok.decode(o, skip_special_tokens=True)) for p, o in zip(problems, outs)]
             row["pass@1"], row["passed"] = pass_at_1(problems, texts, args.timeout)
         ppl_mode = "w4a16" if mode == "qspec" else mode  # qspec's distribution is w4a16's
         nll, _ = next_token_nll(params, config, ppl_mode, ppl_tokens)
@@ -133,7 +149,8 @@ def main():
         **run_metadata(), "model": "tiny (random, smoke)" if args.smoke else args.model,
         "humaneval_problems": 0 if problems is None else len(problems), "sharegpt_sequences": int(len(ppl_tokens)),
         "ppl_tokens_scored": int(ppl_mask[:, 1:].sum()), "max_new_tokens": args.max_new_tokens,
-        "decoding": "greedy, stops at EOS; completions cut at HumanEval stop strings", "batch": args.batch,
+        "decoding": "greedy, stops at EOS", "humaneval_format": "chat template, instruction + prompt; code "
+        "extracted from the first fenced block", "batch": args.batch,
         "activations": "float32 on CPU (integer W4A4/W4A8 math is exact: the GPU kernels give the same tokens "
                        "up to bf16 rounding of activations)", "seconds": round(time.time() - t0, 1),
     }

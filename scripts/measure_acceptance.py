@@ -179,7 +179,7 @@ def table(runs) -> str:
     sets = sorted(runs[0]["by_dataset"])
     head = "| draft | gamma | identical to w4a16 | " + " | ".join(f"{s} acceptance | {s} tokens/cycle" for s in sets) + " |"
     lines = [head, "|" + "---|" * (3 + 2 * len(sets))]
-    for r in runs:
+    for r in sorted(runs, key=lambda r: (r["draft"], r["gamma"])):
         cells = " | ".join(f"{r['by_dataset'][s]['acceptance_rate']:.3f} | {r['by_dataset'][s]['tokens_per_cycle']:.2f}" for s in sets)
         lines.append(f"| {r['draft']} | {r['gamma']} | {r['identical_rows']}/{r['rows']} | {cells} |")
     return "\n".join(lines)
