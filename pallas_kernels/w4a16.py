@@ -180,6 +180,18 @@ def w4a16_reference(x, qw):
     return y.astype(x.dtype).reshape(*lead, N)
 
 
+def plan_call(x, qw, tiles, kind):
+    """Shapes of a kernel call and its tiles: (K, N, G, gs, pb, lead, x2 [M, K], M, tiles, K blocks)."""
+    K, N, G, gs, pb = check_inputs(x, qw, kernel=True)
+    lead, x2 = x.shape[:-1], x.reshape(-1, K)
+    M = x2.shape[0]
+    tiles = tiles or choose_tiles(M, N, K, pb, kind)
+    nblocks = K // pb
+    if nblocks % tiles.split:
+        raise ValueError(f"split={tiles.split} does not divide the {nblocks} packing blocks")
+    return K, N, G, gs, pb, lead, x2, M, tiles, nblocks
+
+
 def w4a16_matmul(x, qw, *, backend: str = "auto", tiles: Tiles | None = None):
     """y = x @ dequantize_weight(qw) with f32 accumulation, returned in x.dtype.
 
@@ -191,13 +203,7 @@ def w4a16_matmul(x, qw, *, backend: str = "auto", tiles: Tiles | None = None):
     backend = resolve_backend(backend)
     if backend == "reference":
         return w4a16_reference(x, qw)
-    K, N, G, gs, pb = check_inputs(x, qw, kernel=True)
-    lead, x2 = x.shape[:-1], x.reshape(-1, K)
-    M = x2.shape[0]
-    tiles = tiles or choose_tiles(M, N, K, pb, "w4a16")
-    nblocks = K // pb
-    if nblocks % tiles.split:
-        raise ValueError(f"split={tiles.split} does not divide the {nblocks} packing blocks")
+    K, N, G, gs, pb, lead, x2, M, tiles, nblocks = plan_call(x, qw, tiles, "w4a16")
     kernel = functools.partial(
         _w4a16_kernel,
         half=pb // 2,

@@ -25,9 +25,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from .packing import unpack_int4
-from .tiling import Tiles, choose_tiles
+from .tiling import Tiles
 from .w4a16 import (
-    check_inputs, col_mask, launch, load, resolve_backend, row_mask, store, unpack_block,
+    check_inputs, col_mask, launch, load, plan_call, resolve_backend, row_mask, store, unpack_block,
 )
 
 
@@ -202,13 +202,7 @@ def w4a4_matmul(x, qw, *, act_bits: int = 4, backend: str = "auto", tiles: Tiles
     backend = resolve_backend(backend)
     if backend == "reference":
         return w4a4_reference(x, qw, act_bits)
-    K, N, G, gs, pb = check_inputs(x, qw, kernel=True)
-    lead, x2 = x.shape[:-1], x.reshape(-1, K)
-    M = x2.shape[0]
-    tiles = tiles or choose_tiles(M, N, K, pb, "w4a4")
-    nblocks = K // pb
-    if nblocks % tiles.split:
-        raise ValueError(f"split={tiles.split} does not divide the {nblocks} packing blocks")
+    K, N, G, gs, pb, lead, x2, M, tiles, nblocks = plan_call(x, qw, tiles, "w4a4")
     extra = ()
     if not tiles.fuse_quant:
         x2, xs = quantize_activations(x2, gs, act_bits)
