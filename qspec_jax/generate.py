@@ -97,13 +97,10 @@ def load_params(model: str, *, quantized: bool, group_size=None, rotate=True, dt
         except Exception as e:  # a broken cache is rebuilt, not fatal
             print(f"warning: ignoring unreadable cache {qdir} ({e}); re-quantizing", file=sys.stderr)
     qparams = quantize.quantize_params(params, config, group_size=group_size, rotate=rotate, dtype=jnp.float32)
-    if os.path.isfile(model) or model in _presets_with_real_weights():
+    # Cache conversions of real weights only; generated presets are cheaper to rebuild than to store.
+    if os.path.isfile(model) or model == "smollm2-135m":
         checkpoint.save_params(qparams, qdir, config=config)
     return config, _cast_floats(qparams, dtype or jnp.float32)
-
-
-def _presets_with_real_weights():
-    return ("smollm2-135m",)
 
 
 def _cast_floats(tree, dtype):
