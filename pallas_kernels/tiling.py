@@ -22,6 +22,12 @@ class Tiles:
 
     bm, bn: output tile (powers of 2, bm >= 16 because tt.dot needs 16 rows);
     split: number of K ranges (divides the number of packing blocks);
+    unroll: packing blocks per K-loop iteration (divides the blocks of a K range): more weight
+      bytes in flight per iteration and fewer loop trips;
+    atomic: with split > 1, add the K ranges' partial sums into one zeroed f32 output with atomic
+      adds instead of writing [split, M, N] partials for XLA to sum (saves their HBM round trip);
+    swap: W4A16 only, compute y^T = W^T x^T so the unpacked weights are the MMA's first operand
+      (Hopper's wgmma can read it from registers; the second operand must come from shared memory);
     fuse_quant: W4A4 only, quantize activations inside the matmul (else a separate XLA pass).
     """
 
@@ -30,6 +36,9 @@ class Tiles:
     split: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    unroll: int = 1
+    atomic: bool = False
+    swap: bool = False
     fuse_quant: bool = True
 
 

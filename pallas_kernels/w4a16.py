@@ -61,36 +61,57 @@ def launch(kernel, x2, qw, tiles: Tiles, N: int, K: int, G: int, out_dtype, inte
     """Shared pallas_call for the int4 kernels: grid (M tiles, N tiles, K splits).
 
     x2 and every array of extra_in are [M, *] row-blocked activation inputs; M is not padded
-    (the kernels mask the rows past M, which saves a pad op per call). With split > 1 the kernel
-    writes f32 partials [split, M, N] that are summed here in one small XLA fusion.
+    (the kernels mask the rows past M, which saves a pad op per call). The kernel takes a keyword
+    `atomic` and finishes its tile with `finish`. With split > 1 it either writes f32 partials
+    [split, M, N] that are summed here in one small XLA fusion, or (tiles.atomic) adds its partial
+    sum into one zeroed f32 [M, N] output.
     """
     M = x2.shape[0]
     bm, bn, split = tiles.bm, tiles.bn, tiles.split
+    # Interpret mode's atomic add takes no mask (its blocks are padded, so zeroed edges suffice).
+    atomic = "" if not (tiles.atomic and split > 1) else "unmasked" if interpret else "masked"
     grid = (pl.cdiv(M, bm), pl.cdiv(N, bn), split)
     row_specs = [pl.BlockSpec((bm, a.shape[1]), lambda i, j, s: (i, 0)) for a in (x2, *extra_in)]
     in_specs = row_specs + [
         pl.BlockSpec((K // 2, bn), lambda i, j, s: (0, j)),
         pl.BlockSpec((G, bn), lambda i, j, s: (0, j)),
     ]
+    operands = [x2, *extra_in, qw["packed"], qw["scales"]]
+    aliases = {}
+    body = functools.partial(kernel, atomic=atomic)
     if split == 1:
         out_shape = jax.ShapeDtypeStruct((M, N), out_dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
+    elif atomic:
+        out_shape = jax.ShapeDtypeStruct((M, N), jnp.float32)
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
+        # The zeroed accumulator is an input aliased to the output; the kernel ignores its ref.
+        in_specs.append(out_spec)
+        aliases = {len(operands): 0}
+        operands.append(jnp.zeros((M, N), jnp.float32))
+        body = functools.partial(_drop_aliased_input, body)
     else:
         out_shape = jax.ShapeDtypeStruct((split, M, N), jnp.float32)
         out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
     y = pl.pallas_call(
-        kernel,
+        body,
         grid=grid,
         in_specs=in_specs,
         out_specs=out_spec,
         out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
         interpret=interpret,
         name=getattr(kernel, "func", kernel).__name__,
-    )(x2, *extra_in, qw["packed"], qw["scales"])
-    if split > 1:
+    )(*operands)
+    if split > 1 and not atomic:
         y = y.sum(axis=0)
     return y.astype(out_dtype)
+
+
+def _drop_aliased_input(kernel, *refs):
+    *ins, _, o_ref = refs
+    kernel(*ins, o_ref)
 
 
 def col_mask(bn: int, N: int):
@@ -116,13 +137,37 @@ def load(ref, mask):
     return plt.load(ref, mask=mask, other=0)
 
 
-def store(ref, val, rmask, cmask):
-    """Store an output tile, leaving rows past M and columns past N untouched."""
+def finish(ref, val, rmask, cmask, atomic: str):
+    """Store an output tile, leaving rows past M and columns past N untouched; for atomic split-K
+    ("masked" on Triton, "unmasked" in interpret mode) add it atomically instead."""
     mask = rmask if cmask is None else cmask if rmask is None else rmask & cmask
-    if mask is None:
-        ref[...] = val.astype(ref.dtype)
+    val = val.astype(ref.dtype)
+    if atomic:
+        bm, bn = ref.shape
+        if mask is not None:  # tt.atomic_rmw wants a mask of the value's full shape
+            mask = jnp.broadcast_to(mask, val.shape)
+            if atomic == "unmasked":
+                val, mask = jnp.where(mask, val, 0), None
+        plt.atomic_add(ref, (pl.ds(0, bm), pl.ds(0, bn)), val, mask=mask)
+    elif mask is None:
+        ref[...] = val
     else:
-        plt.store(ref, val.astype(ref.dtype), mask=mask)
+        plt.store(ref, val, mask=mask)
+
+
+def k_loop(first, blocks: int, unroll: int, block_fn, acc):
+    """acc = block_fn(b, acc) for b in first .. first+blocks-1, `unroll` blocks per iteration.
+
+    The unrolled blocks are separate loads in one loop body (a static Python loop: Triton lowers
+    no fori_loop(unroll>1)), so the software pipeline keeps `unroll` times the bytes in flight.
+    """
+
+    def body(t, acc):
+        for u in range(unroll):
+            acc = block_fn(first + t * unroll + u, acc)
+        return acc
+
+    return lax.fori_loop(0, blocks // unroll, body, acc)
 
 
 def unpack_block(w_ref, b, half: int, mask):
@@ -131,28 +176,36 @@ def unpack_block(w_ref, b, half: int, mask):
     return (p << 4) >> 4, p >> 4  # arithmetic shifts on int8 sign-extend
 
 
-def _w4a16_kernel(x_ref, w_ref, s_ref, o_ref, *, half, blocks, grouped, M, N, cdt):
+def _w4a16_kernel(x_ref, w_ref, s_ref, o_ref, *, half, blocks, unroll, grouped, M, N, cdt,
+                  atomic, swap):
     bm, bn = o_ref.shape
     rmask, cmask = row_mask(bm, M), col_mask(bn, N)
     prec = dot_precision(cdt)
     first = pl.program_id(2) * blocks  # first packing block of this program's K range
 
-    def body(t, acc):
-        b = first + t
+    def dot(x, w):
+        if swap:  # [bn, bm] = w^T x^T: the unpacked weights are the MMA's register operand
+            return jnp.dot(w.T, x.T, preferred_element_type=jnp.float32, precision=prec)
+        return jnp.dot(x, w, preferred_element_type=jnp.float32, precision=prec)
+
+    def scale(b):
+        s = load(s_ref.at[pl.ds(b, 1), :], cmask)
+        return s.T if swap else s
+
+    def block(b, acc):
         k0 = b * 2 * half
         xl = load(x_ref.at[:, pl.ds(k0, half)], rmask).astype(cdt)
         xh = load(x_ref.at[:, pl.ds(k0 + half, half)], rmask).astype(cdt)
         wl, wh = unpack_block(w_ref, b, half, cmask)
-        part = jnp.dot(xl, wl.astype(cdt), preferred_element_type=jnp.float32, precision=prec)
-        part += jnp.dot(xh, wh.astype(cdt), preferred_element_type=jnp.float32, precision=prec)
+        part = dot(xl, wl.astype(cdt)) + dot(xh, wh.astype(cdt))
         if grouped:  # one group per packing block: scale the group's partial sum
-            part = part * load(s_ref.at[pl.ds(b, 1), :], cmask)
+            part = part * scale(b)
         return acc + part
 
-    acc = lax.fori_loop(0, blocks, body, jnp.zeros((bm, bn), jnp.float32))
+    acc = k_loop(first, blocks, unroll, block, jnp.zeros((bn, bm) if swap else (bm, bn), jnp.float32))
     if not grouped:  # per channel: one rescale at the end
-        acc = acc * load(s_ref.at[pl.ds(0, 1), :], cmask)
-    store(o_ref, acc, rmask, cmask)
+        acc = acc * scale(0)
+    finish(o_ref, acc.T if swap else acc, rmask, cmask, atomic)
 
 
 def w4a16_reference(x, qw):
@@ -189,6 +242,9 @@ def plan_call(x, qw, tiles, kind):
     nblocks = K // pb
     if nblocks % tiles.split:
         raise ValueError(f"split={tiles.split} does not divide the {nblocks} packing blocks")
+    if (nblocks // tiles.split) % tiles.unroll:
+        raise ValueError(f"unroll={tiles.unroll} does not divide the {nblocks // tiles.split} "
+                         "packing blocks of a K range")
     return K, N, G, gs, pb, lead, x2, M, tiles, nblocks
 
 
@@ -208,10 +264,12 @@ def w4a16_matmul(x, qw, *, backend: str = "auto", tiles: Tiles | None = None):
         _w4a16_kernel,
         half=pb // 2,
         blocks=nblocks // tiles.split,
+        unroll=tiles.unroll,
         grouped=G > 1,
         M=M,
         N=N,
         cdt=compute_dtype(x.dtype),
+        swap=tiles.swap,
     )
     y = launch(kernel, x2, qw, tiles, N, K, G, x.dtype, interpret=backend == "interpret")
     return y.reshape(*lead, N)

@@ -27,7 +27,8 @@ from jax.experimental.pallas import triton as plt
 from .packing import resolve_groups, unpack_int4
 from .tiling import Tiles
 from .w4a16 import (
-    check_inputs, col_mask, launch, load, plan_call, resolve_backend, row_mask, store, unpack_block,
+    check_inputs, col_mask, finish, k_loop, launch, load, plan_call, resolve_backend, row_mask,
+    unpack_block,
 )
 
 
@@ -97,7 +98,7 @@ def quantize_activations(x, group_size: int, bits: int):
     return q.reshape(M, K), scales
 
 
-def _w4a4_kernel(*refs, half, blocks, nblocks, grouped, M, N, qmax, fused, asm):
+def _w4a4_kernel(*refs, half, blocks, unroll, nblocks, grouped, M, N, qmax, fused, asm, atomic):
     if fused:
         x_ref, w_ref, s_ref, o_ref = refs
     else:
@@ -115,8 +116,7 @@ def _w4a4_kernel(*refs, half, blocks, nblocks, grouped, M, N, qmax, fused, asm):
         return jnp.dot(a, w, preferred_element_type=jnp.int32)
 
     if grouped:
-        def body(t, acc):
-            b = first + t
+        def block(b, acc):
             xl, xh = x_halves(b)
             if fused:
                 xl, xh = xl.astype(jnp.float32), xh.astype(jnp.float32)
@@ -131,7 +131,7 @@ def _w4a4_kernel(*refs, half, blocks, nblocks, grouped, M, N, qmax, fused, asm):
             w_s = load(s_ref.at[pl.ds(b, 1), :], mask)
             return acc + d.astype(jnp.float32) * (a_s * w_s)
 
-        acc = lax.fori_loop(0, blocks, body, jnp.zeros((bm, bn), jnp.float32))
+        acc = k_loop(first, blocks, unroll, block, jnp.zeros((bm, bn), jnp.float32))
     else:
         if fused:  # per-token max over all of K (not just this split's range)
             def amax_body(b, m):
@@ -145,8 +145,7 @@ def _w4a4_kernel(*refs, half, blocks, nblocks, grouped, M, N, qmax, fused, asm):
         else:
             a_s = load(xs_ref.at[:, pl.ds(0, 1)], rmask)
 
-        def body(t, acc):
-            b = first + t
+        def block(b, acc):
             xl, xh = x_halves(b)
             if fused:
                 xl = _quantize(xl.astype(jnp.float32), inv, qmax, asm)
@@ -154,10 +153,10 @@ def _w4a4_kernel(*refs, half, blocks, nblocks, grouped, M, N, qmax, fused, asm):
             wl, wh = unpack_block(w_ref, b, half, mask)
             return acc + idot(xl, wl) + idot(xh, wh)
 
-        acc = lax.fori_loop(0, blocks, body, jnp.zeros((bm, bn), jnp.int32))
+        acc = k_loop(first, blocks, unroll, block, jnp.zeros((bm, bn), jnp.int32))
         # Per channel: int32 over the whole K range, one rescale at the end.
         acc = acc.astype(jnp.float32) * (a_s * load(s_ref.at[pl.ds(0, 1), :], mask))
-    store(o_ref, acc, rmask, mask)
+    finish(o_ref, acc, rmask, mask, atomic)
 
 
 def w4a4_reference(x, qw, act_bits: int = 4):
@@ -207,6 +206,7 @@ def w4a4_matmul(x, qw, *, act_bits: int = 4, backend: str = "auto", tiles: Tiles
         _w4a4_kernel,
         half=pb // 2,
         blocks=nblocks // tiles.split,
+        unroll=tiles.unroll,
         nblocks=nblocks,
         grouped=G > 1,
         M=M,

@@ -35,6 +35,8 @@ def parse_args(argv=None):
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    ap.add_argument("--prefill-chunk", type=int, default=512,
+                    help="prefill longer prompts this many tokens at a time (0: one pass)")
     ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template")
     ap.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     ap.add_argument("--cache-dir", default="checkpoints", help="where converted checkpoints are kept")
@@ -80,7 +82,18 @@ def validate_args(args):
 
 
 def load_params(model: str, *, quantized: bool, group_size=None, rotate=True, dtype=None, cache_dir="checkpoints"):
-    """(config, params) for `model`: float, or the shared int4 pytree (converted once, then cached)."""
+    """(config, params) for `model`: float, or the shared int4 pytree (converted once, then cached).
+
+    Either way q/k/v and gate/up come back fused (model.fuse_projections): fewer, wider matmuls.
+    """
+    from qspec_jax.model import fuse_projections
+
+    config, params = _load_params(model, quantized=quantized, group_size=group_size, rotate=rotate,
+                                  dtype=dtype, cache_dir=cache_dir)
+    return config, fuse_projections(params)
+
+
+def _load_params(model, *, quantized, group_size, rotate, dtype, cache_dir):
     import jax.numpy as jnp
 
     from qspec_jax import checkpoint, quantize
@@ -160,6 +173,7 @@ def run(args) -> int:
         verify_mode="w4a16" if args.mode == "qspec" else args.mode,
         policy="sampling" if sampling else "greedy",
         temperature=args.temperature if sampling else 1.0, top_p=args.top_p, seed=args.seed,
+        prefill_chunk=args.prefill_chunk,
     )
     batches = [range(i, min(i + args.batch_size, len(prompts))) for i in range(0, len(prompts), args.batch_size)]
     bar = tqdm(total=len(prompts), desc=f"generating ({args.mode})", unit="prompt", file=sys.stderr,

@@ -44,6 +44,28 @@ def linear(x: jax.Array, w, mode: str) -> jax.Array:
     return pallas_kernels.w4a4_matmul(x, w, act_bits=4 if mode == "w4a4" else 8)
 
 
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+
+
+def fuse_projections(params: dict) -> dict:
+    """Concatenate q/k/v and gate/up along their outputs, so a layer runs 4 matmuls instead of 7.
+
+    Works on float and quantized (per-column packed int4 + scales) weights alike; `forward`
+    accepts either layout. At decode sizes every matmul call has a fixed cost, so fewer and wider
+    calls are faster; the math per output column is unchanged.
+    """
+    layers = dict(params["layers"])
+    for fused, parts in FUSED.items():
+        if fused in layers or not all(p in layers for p in parts):
+            continue
+        ws = [layers.pop(p) for p in parts]
+        if is_quantized(ws[0]):
+            layers[fused] = {k: jnp.concatenate([w[k] for w in ws], axis=-1) for k in ws[0]}
+        else:
+            layers[fused] = jnp.concatenate(ws, axis=-1)
+    return {**params, "layers": layers}
+
+
 def rms_norm(x: jax.Array, weight: Optional[jax.Array], eps: float) -> jax.Array:
     """RMSNorm computed in f32; `weight=None` when the gain was folded into the next projection."""
     xf = x.astype(jnp.float32)
@@ -143,9 +165,13 @@ def forward(
     def layer(carry, lp):
         x, k_all, v_all, i = carry
         h = rms_norm(x, lp.get("attn_norm"), config.rms_norm_eps)
-        q = apply_rope(lin(h, lp["wq"]).reshape(b, t, nh, hd), positions, inv_freq)
-        k = apply_rope(lin(h, lp["wk"]).reshape(b, t, nkv, hd), positions, inv_freq).transpose(0, 2, 1, 3)
-        v = lin(h, lp["wv"]).reshape(b, t, nkv, hd).transpose(0, 2, 1, 3)
+        if "wqkv" in lp:
+            q, k, v = jnp.split(lin(h, lp["wqkv"]), [nh * hd, (nh + nkv) * hd], axis=-1)
+        else:
+            q, k, v = lin(h, lp["wq"]), lin(h, lp["wk"]), lin(h, lp["wv"])
+        q = apply_rope(q.reshape(b, t, nh, hd), positions, inv_freq)
+        k = apply_rope(k.reshape(b, t, nkv, hd), positions, inv_freq).transpose(0, 2, 1, 3)
+        v = v.reshape(b, t, nkv, hd).transpose(0, 2, 1, 3)
         if k_all is not None:
             k_all = write_layer(k_all, k, i, starts)
             v_all = write_layer(v_all, v, i, starts)
@@ -155,7 +181,11 @@ def forward(
             a = rot_o(a)
         x = x + lin(a, lp["wo"]).astype(dtype)
         h = rms_norm(x, lp.get("mlp_norm"), config.rms_norm_eps)
-        g = jax.nn.silu(lin(h, lp["w_gate"]).astype(jnp.float32)) * lin(h, lp["w_up"]).astype(jnp.float32)
+        if "w_gate_up" in lp:
+            gate, up = jnp.split(lin(h, lp["w_gate_up"]), 2, axis=-1)
+        else:
+            gate, up = lin(h, lp["w_gate"]), lin(h, lp["w_up"])
+        g = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
         g = g.astype(dtype)
         if rot_down is not None:
             g = rot_down(g)

@@ -87,30 +87,62 @@ def _write_rows(buf, block, starts):
     return jax.vmap(lambda row, blk, s: jax.lax.dynamic_update_slice(row, blk, (s,)))(buf, block, starts)
 
 
+def prefill(params, prompts, prompt_lens, cache, *, config, mode, chunk):
+    """Run the prompts into the cache; return (logits [B, V] at each row's last prompt token, cache).
+
+    With 0 < chunk < P the prompt goes through in chunks of `chunk` positions (a fori_loop), so
+    attention scores are [B, H, chunk, S] instead of [B, H, P, S]: long prompts fit in memory.
+    The cache needs `chunks * chunk` slots (see `generate_jit`).
+    """
+    b, p = prompts.shape
+    last = prompt_lens - 1
+    if not 0 < chunk < p:
+        positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+        logits, cache = forward(params, prompts, positions, cache, config=config, mode=mode, logit_index=last[:, None])
+        return logits[:, 0], cache
+    n = -(-p // chunk)
+    prompts = jnp.pad(prompts, ((0, 0), (0, n * chunk - p)))
+
+    def body(i, carry):
+        cache, out = carry
+        start = i * chunk
+        toks = jax.lax.dynamic_slice_in_dim(prompts, start, chunk, axis=1)
+        positions = start + jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
+        idx = jnp.clip(last - start, 0, chunk - 1)[:, None]
+        logits, cache = forward(params, toks, positions, cache, config=config, mode=mode, logit_index=idx)
+        mine = (last >= start) & (last < start + chunk)  # this chunk holds the row's last token
+        return cache, jnp.where(mine[:, None], logits[:, 0], out)
+
+    out = jnp.zeros((b, config.vocab_size), jnp.float32)
+    cache, out = jax.lax.fori_loop(0, n, body, (cache, out))
+    return out, cache
+
+
 @partial(
     jax.jit,
-    static_argnames=("config", "max_new_tokens", "gamma", "draft_mode", "verify_mode", "policy", "top_p", "eos_ids"),
+    static_argnames=(
+        "config", "max_new_tokens", "gamma", "draft_mode", "verify_mode", "policy", "top_p", "eos_ids", "prefill_chunk",
+    ),
 )
 def generate_jit(
     params, prompts, prompt_lens, key, temperature, replay_trace, *,
     config: LlamaConfig, max_new_tokens: int, gamma: int, draft_mode: str, verify_mode: str,
-    policy: str, top_p: float, eos_ids: tuple,
+    policy: str, top_p: float, eos_ids: tuple, prefill_chunk: int = 0,
 ) -> GenerationResult:
     """The compiled program behind `generate` (inputs already validated; see there)."""
     b, p = prompts.shape
     g = gamma
     max_len = cache_length(p, max_new_tokens, g)
+    if 0 < prefill_chunk < p:  # room for the padded last chunk
+        max_len = max(max_len, -(-p // prefill_chunk) * prefill_chunk)
     cache = KVCache.create(config, b, max_len, params["embed"].dtype)
     eos = jnp.asarray(eos_ids if eos_ids else (-2,), jnp.int32)  # -2 never occurs
 
     # Prefill in the verifier's mode; logits only at each row's last prompt token.
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    logits, cache = forward(
-        params, prompts, positions, cache, config=config, mode=verify_mode, logit_index=(prompt_lens - 1)[:, None]
-    )
+    logits, cache = prefill(params, prompts, prompt_lens, cache, config=config, mode=verify_mode, chunk=prefill_chunk)
     cache = cache.replace(lengths=prompt_lens)
     key, k0 = jax.random.split(key)
-    first = _choose(k0, logits[:, 0], policy, temperature, top_p)
+    first = _choose(k0, logits, policy, temperature, top_p)
     out = jnp.full((b, max_new_tokens + g + 1), -1, jnp.int32).at[:, 0].set(first)
     n_out = jnp.ones((b,), jnp.int32)
     done = jnp.isin(first, eos) | (n_out >= max_new_tokens)
@@ -205,7 +237,7 @@ def generate(params: dict, prompts: jax.Array, prompt_lens: jax.Array, **setting
     prompts: [B, P] int32 right-padded token ids (see `pad_prompts`); prompt_lens: [B] lengths.
     Settings (keywords, see `prepare`): config, max_new_tokens, gamma=3, draft_mode="w4a4",
     verify_mode="w4a16", policy="greedy", temperature=1.0, top_p=1.0, seed=0, eos_ids=None,
-    replay_trace=None. Compiled once per shapes and static settings; a second call with the same
+    replay_trace=None, prefill_chunk=512. Compiled once per shapes and static settings; a second call with the same
     padded shapes does not recompile.
     """
     args, static = prepare(params, prompts, prompt_lens, **settings)
@@ -228,6 +260,7 @@ def prepare(
     seed: int = 0,
     eos_ids: Optional[Sequence[int]] = None,
     replay_trace: Optional[jax.Array] = None,
+    prefill_chunk: int = 512,
 ):
     """Validate a generation request; return `(args, static_kwargs)` for `generate_jit`.
 
@@ -240,8 +273,13 @@ def prepare(
     or "replay" (accept exactly the counts of `replay_trace: [B, C]`, a `GenerationResult.trace`
     recorded on a real model: for speed runs with generated weights; the tokens are meaningless).
     eos_ids default to the config's; pass () to never stop early.
+    prefill_chunk: prompts longer than this are prefilled `prefill_chunk` positions at a time
+    (bounds prefill memory for long prompts); 0 prefills the whole prompt in one pass.
     """
-    b, p = _validate(prompts, prompt_lens, config, max_new_tokens, gamma, draft_mode, verify_mode, policy, temperature, top_p)
+    b, p = _validate(
+        prompts, prompt_lens, config, max_new_tokens, gamma, draft_mode, verify_mode, policy, temperature, top_p,
+        prefill_chunk,
+    )
     if policy == "replay":
         if replay_trace is None:
             raise ValueError("policy 'replay' needs replay_trace (a GenerationResult.trace)")
@@ -257,12 +295,15 @@ def prepare(
     )
     static = dict(
         config=config, max_new_tokens=int(max_new_tokens), gamma=int(gamma), draft_mode=draft_mode,
-        verify_mode=verify_mode, policy=policy, top_p=float(top_p), eos_ids=eos,
+        verify_mode=verify_mode, policy=policy, top_p=float(top_p), eos_ids=eos, prefill_chunk=int(prefill_chunk),
     )
     return args, static
 
 
-def _validate(prompts, prompt_lens, config, max_new_tokens, gamma, draft_mode, verify_mode, policy, temperature, top_p):
+def _validate(
+    prompts, prompt_lens, config, max_new_tokens, gamma, draft_mode, verify_mode, policy, temperature, top_p,
+    prefill_chunk,
+):
     """Host-side checks, so bad input fails here with a clear message and never inside the loop."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
@@ -275,6 +316,8 @@ def _validate(prompts, prompt_lens, config, max_new_tokens, gamma, draft_mode, v
         raise ValueError(f"gamma must be a non-negative integer, got {gamma!r}")
     if policy == "sampling" and not temperature > 0:
         raise ValueError(f"sampling needs temperature > 0, got {temperature}")
+    if not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 0:
+        raise ValueError(f"prefill_chunk must be a non-negative integer, got {prefill_chunk!r}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     shape = np.shape(prompts)

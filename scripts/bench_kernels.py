@@ -100,28 +100,33 @@ def method_fn(method: str, backend: str, tiles=None):
     return lambda x, w: w4a4_matmul(x, w, act_bits=bits, backend=backend, tiles=tiles)
 
 
-def sweep_tiles(M: int, K: int, N: int, pb: int) -> list[Tiles]:
-    """Candidate launch configurations around the default choice, for --sweep."""
-    auto = choose_tiles(M, N, K, pb)
+def sweep_tiles(M: int, K: int, N: int, pb: int, kind: str) -> list[Tiles]:
+    """Candidate launch configurations around the default choice (first), for --sweep."""
+    auto = choose_tiles(M, N, K, pb, kind)
     nblocks = K // pb
+    rep = dataclasses.replace
     cands = [auto]
-    for bn in (64, 128, 256):
-        for split in (1, 2, 4, 8, 16):
-            if nblocks % split == 0 and nblocks // split >= 2:
-                cands.append(dataclasses.replace(auto, bn=bn, split=split))
-    for warps, stages in ((4, 2), (4, 3), (4, 5), (8, 4), (2, 4)):
-        cands.append(dataclasses.replace(auto, num_warps=warps, num_stages=stages))
+    for unroll in (1, 2, 4):
+        for atomic in (False, True):
+            cands.append(rep(auto, unroll=unroll, atomic=atomic))
+    for split in (2 * auto.split, 4 * auto.split):
+        cands += [rep(auto, split=split, atomic=True), rep(auto, split=split, atomic=True, unroll=2)]
+    cands += [rep(auto, unroll=2, atomic=True, num_stages=st) for st in (2, 5)]
+    cands += [rep(auto, unroll=2, atomic=True, bn=bn) for bn in (64, 256) if bn != auto.bn]
     if M > 16:
-        cands += [dataclasses.replace(auto, bm=auto.bm // 2), dataclasses.replace(auto, bm=16),
-                  dataclasses.replace(auto, fuse_quant=not auto.fuse_quant)]
+        cands += [rep(auto, unroll=2, atomic=True, bm=bm, num_warps=8 if bm >= 128 else 4)
+                  for bm in (16, 32, 64, 128) if bm != auto.bm and bm <= max(16, M)]
+    if kind == "w4a16":
+        cands += [rep(auto, swap=True), rep(auto, swap=True, unroll=2, atomic=True)]
     out = []
     for t in cands:
-        if t not in out:
-            out.append(t)
+        if t in out or nblocks % t.split or (nblocks // t.split) % t.unroll:
+            continue
+        out.append(t)
     return out
 
 
-def run_sweep(args, models, ms, backend, key) -> list[dict]:
+def run_sweep(args, models, ms, backend, key, rotate) -> list[dict]:
     """Time w4a16 and w4a4 over sweep_tiles for each cell; print the best few."""
     rows = []
     for model in models:
@@ -131,7 +136,7 @@ def run_sweep(args, models, ms, backend, key) -> list[dict]:
             G = 1 if args.group_size == -1 else K // args.group_size
             pb = pack_block(K, G)
             wbytes = int4_bytes(K, N, G)
-            copies = max(2, math.ceil(ROTATE_BYTES / wbytes))
+            copies = max(2, math.ceil(rotate / wbytes))
             ws = make_weights(jax.random.fold_in(key, K * 7 + N), K, N, args.group_size, copies,
                               True)
             for M in ms:
@@ -139,25 +144,27 @@ def run_sweep(args, models, ms, backend, key) -> list[dict]:
                 noop = time_loop(method_fn("noop", backend), x, ws, args.iters, args.repeats)
                 for m in ("w4a16", "w4a4"):
                     res = []
-                    for t in sweep_tiles(M, K, N, pb):
+                    cands = sweep_tiles(M, K, N, pb, m)
+                    for t in cands:
                         try:
                             sec = time_loop(method_fn(m, backend, t), x, ws, args.iters,
                                             args.repeats)
                         except Exception as e:  # a config the compiler rejects
-                            print(f"  {t}: {type(e).__name__}: {str(e)[:120]}")
+                            print(f"  {t}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                             continue
                         res.append((sec * 1e6, t))
                         rows.append({"model": model, "proj": proj, "K": K, "N": N, "M": M,
                                      "method": m, "us": sec * 1e6, "noop_us": noop * 1e6,
-                                     "tiles": dataclasses.asdict(t),
-                                     "default": t == sweep_tiles(M, K, N, pb)[0]})
+                                     "tiles": dataclasses.asdict(t), "default": t == cands[0]})
                     res.sort(key=lambda r: r[0])
-                    default_us = next(u for u, t in res if t == choose_tiles(M, N, K, pb))
+                    default_us = next((u for u, t in res if t == cands[0]), float("nan"))
                     print(f"{model} {proj} K={K} N={N} M={M} {m}: default {default_us:.1f} us, "
                           f"noop {noop * 1e6:.1f} us, floor {wbytes / HBM_BPS * 1e6:.1f} us",
                           flush=True)
-                    for u, t in res[:4]:
+                    for u, t in res[:5]:
                         print(f"    {u:7.1f} us  {t}", flush=True)
+                    if args.out:  # after every cell: a cut-off run keeps its data
+                        write_json(args.out, {"sweep": rows})
             del ws
     return rows
 
@@ -236,6 +243,15 @@ def rel_errors(x, w, backend: str) -> dict:
     return {k: float(v) for k, v in errs(x, w).items()}
 
 
+def write_json(path: str, payload: dict) -> None:
+    """Write payload with the device, jax version and commit beside it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    head = {"device": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+            "commit": git_commit()}
+    with open(path, "w") as f:
+        json.dump({**head, **payload}, f, indent=1)
+
+
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -288,12 +304,7 @@ def main(argv=None):
 
     key = jax.random.key(0)
     if args.sweep:
-        rows = run_sweep(args, models, ms, backend, key)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"device": dev.device_kind, "jax_version": jax.__version__,
-                           "commit": git_commit(), "sweep": rows}, f, indent=1)
-        return rows
+        return run_sweep(args, models, ms, backend, key, rotate)
     results = []
     for model in models:
         for proj, K, N in projections(MODELS[model], args.separate):

@@ -222,6 +222,11 @@ def test_w4a16_bf16(rng, backend, M, K, N, gs):
         (5, 576, 192, 64, Tiles(16, 128, split=9)),  # split-K, masked N edge, one block each
         (33, 512, 200, -1, Tiles(32, 64, split=2)),  # per channel, split-K, masked N edge
         (3, 256, 192, 128, Tiles(16, 64, split=1)),  # split off
+        (5, 1024, 200, 64, Tiles(16, 128, split=4, unroll=2, atomic=True)),  # atomic split-K
+        (33, 512, 192, -1, Tiles(32, 64, split=2, unroll=2, atomic=True)),  # per channel, atomic
+        (17, 1024, 192, 128, Tiles(16, 64, split=1, unroll=4)),  # unrolled K loop, M edge
+        (40, 576, 200, 64, Tiles(64, 64, split=3, swap=True, atomic=True)),  # transposed product
+        (9, 512, 192, -1, Tiles(16, 64, split=2, swap=True)),  # transposed, per channel
     ],
 )
 def test_w4a16_tile_variants(rng, M, K, N, gs, tiles):
@@ -290,6 +295,9 @@ def test_w4a4_matches_float64_and_reference(rng, bits, M, K, N, gs):
         (33, 512, 200, -1, Tiles(32, 64, split=4, fuse_quant=True)),
         (33, 512, 200, -1, Tiles(64, 128, split=1, fuse_quant=False)),
         (1, 576, 192, -1, Tiles(16, 64, split=9, fuse_quant=True)),
+        (5, 1024, 200, 64, Tiles(16, 128, split=4, unroll=2, atomic=True)),
+        (33, 512, 192, -1, Tiles(32, 64, split=2, unroll=2, atomic=True, fuse_quant=False)),
+        (17, 1024, 192, 128, Tiles(16, 64, split=1, unroll=4, fuse_quant=False)),
     ],
 )
 def test_w4a4_tile_variants(rng, M, K, N, gs, tiles):
@@ -370,6 +378,11 @@ def test_triton_lowering(verify_triton_modules, kind, K, N, gs, M):
         dataclasses.replace(auto, split=max(d for d in (2, 3, 4) if nblocks % d == 0)),  # on
         Tiles(16, 128, split=1, num_warps=4, num_stages=3),  # N edge masked when N % 128
     ]
+    on = variants[2]
+    unroll = 2 if (nblocks // on.split) % 2 == 0 else 1
+    variants.append(dataclasses.replace(on, atomic=True, unroll=unroll))  # atomic split-K
+    if kind == "w4a16":
+        variants.append(dataclasses.replace(auto, swap=True))  # transposed product
     if kind != "w4a16":
         variants += [dataclasses.replace(t, fuse_quant=not t.fuse_quant) for t in variants[:2]]
     for dtype in (jnp.bfloat16, jnp.float32) if kind == "w4a16" else (jnp.bfloat16,):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pallas_kernels
 from qspec_jax import checkpoint, rotation
 from qspec_jax.config import get_preset
-from qspec_jax.model import MODES, forward
+from qspec_jax.model import MODES, forward, fuse_projections
 from qspec_jax.quantize import (
     PROJECTIONS,
     default_group_size,
@@ -226,6 +226,26 @@ def test_every_mode_runs_and_w4a16_is_close(tiny_quantized):
         assert a4_err[gs, rot] < 0.4, (gs, rot)
     for gs in (64, -1):
         assert a4_err[gs, True] < a4_err[gs, False]
+
+
+def test_fused_projections_compute_the_same_logits(tiny_quantized):
+    """q/k/v and gate/up concatenated: same logits in every mode, float and quantized, and the
+    fused layout has 4 projections per layer."""
+    p, qs = tiny_quantized
+    tok, pos = tokens_positions(2, 9, TINY.vocab_size, seed=5)
+    fp = fuse_projections(p)
+    assert {"wqkv", "w_gate_up"} <= set(fp["layers"]) and "wq" not in fp["layers"]
+    # f32 dots of a different width may sum in another order: float tolerance, not bit equality
+    np.testing.assert_allclose(logits(fp, TINY, tok, pos), logits(p, TINY, tok, pos), rtol=1e-4, atol=1e-4)
+    # f32 activations: with bf16 ones XLA's excess precision rounds differently in the two graphs,
+    # and 4-bit activation quantization turns one-ulp differences into visible ones.
+    q = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a, qs[(64, True)])
+    fq = fuse_projections(q)
+    assert fq["layers"]["wqkv"]["packed"].shape[-1] == sum(q["layers"][n]["packed"].shape[-1] for n in ("wq", "wk", "wv"))
+    for mode in ("w4a16", "w4a4", "w4a8"):
+        np.testing.assert_allclose(logits(fq, TINY, tok, pos, mode), logits(q, TINY, tok, pos, mode),
+                                   rtol=1e-4, atol=1e-4, err_msg=mode)
+    assert fuse_projections(fq)["layers"].keys() == fq["layers"].keys()  # idempotent
 
 
 def test_quantized_params_save_restore_bit_for_bit(tiny_quantized, tmp_path):

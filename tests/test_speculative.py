@@ -11,7 +11,7 @@ from qspec_jax import checkpoint, quantize
 from qspec_jax.config import LlamaConfig, get_preset
 from qspec_jax.kv_cache import KVCache, write_layer
 from qspec_jax.model import forward
-from qspec_jax.speculative import generate, generate_jit, pad_prompts, prepare
+from qspec_jax.speculative import generate, generate_jit, pad_prompts, prefill, prepare
 
 TINY = get_preset("tiny")
 
@@ -54,6 +54,21 @@ def test_batched_rows_equal_single_rows(tiny_qparams):
         t1, l1 = pad_prompts([p])
         single = generate(tiny_qparams, t1, l1, config=TINY, max_new_tokens=24, gamma=3, eos_ids=())
         np.testing.assert_array_equal(np.asarray(single.tokens[0]), np.asarray(batch.tokens[i]))
+
+
+def test_chunked_prefill_equals_one_pass(tiny_qparams):
+    """Prompts prefilled in chunks (last tokens in different chunks, a ragged last chunk) give the
+    same first-token logits and the same generation as a one-pass prefill."""
+    rng = np.random.default_rng()
+    toks, lens = pad_prompts(random_prompts([23, 6, 17, 9], TINY.vocab_size, rng))
+    cache = KVCache.create(TINY, 4, 40, jnp.float32)
+    one, _ = prefill(tiny_qparams, toks, lens, cache, config=TINY, mode="w4a16", chunk=0)
+    for chunk in (4, 8, 16):
+        chunked, _ = prefill(tiny_qparams, toks, lens, cache, config=TINY, mode="w4a16", chunk=chunk)
+        np.testing.assert_allclose(np.asarray(chunked), np.asarray(one), rtol=1e-4, atol=1e-4, err_msg=str(chunk))
+    base = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=12, eos_ids=(), prefill_chunk=0)
+    res = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=12, eos_ids=(), prefill_chunk=8)
+    np.testing.assert_array_equal(np.asarray(res.tokens), np.asarray(base.tokens))
 
 
 def test_eos_inside_a_drafted_block(tiny_qparams):
@@ -116,6 +131,7 @@ def test_dynamic_update_slice_clamps_and_the_cache_never_reaches_it():
     (dict(policy="beam"), "unknown policy"),
     (dict(policy="sampling", temperature=0.0), "temperature > 0"),
     (dict(policy="replay"), "needs replay_trace"),
+    (dict(prefill_chunk=-4), "prefill_chunk must be"),
 ])
 def test_bad_settings_are_refused(tiny_qparams, bad, match):
     toks, lens = pad_prompts([[5, 6, 7]])
