@@ -28,6 +28,8 @@ class Tiles:
       adds instead of writing [split, M, N] partials for XLA to sum (saves their HBM round trip);
     swap: W4A16 only, compute y^T = W^T x^T so the unpacked weights are the MMA's first operand
       (Hopper's wgmma can read it from registers; the second operand must come from shared memory);
+    bias_dequant: W4A16 with 16-bit x only, build the dequantized weights from bits (integer ops)
+      instead of int -> float conversions, and subtract the resulting offset (w4a16.py);
     fuse_quant: W4A4 only, quantize activations inside the matmul (else a separate XLA pass).
     """
 
@@ -39,6 +41,7 @@ class Tiles:
     unroll: int = 1
     atomic: bool = False
     swap: bool = False
+    bias_dequant: bool = False
     fuse_quant: bool = True
 
 

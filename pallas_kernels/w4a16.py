@@ -176,8 +176,27 @@ def unpack_block(w_ref, b, half: int, mask):
     return (p << 4) >> 4, p >> 4  # arithmetic shifts on int8 sign-extend
 
 
+# Bit-built dequantization (Tiles.bias_dequant): OR-ing an offset nibble u = n + 8 (0..15) into the
+# bits of 2^7 (bf16) or 2^10 (f16) gives exactly BASE + u as a float, with integer ops only (no
+# int -> float conversion, which runs at a quarter of the integer rate); the dot then carries an
+# offset of BIAS * sum(x) that is subtracted once per block.
+_BIAS_BITS = {jnp.dtype(jnp.bfloat16): (0x4300, 136.0), jnp.dtype(jnp.float16): (0x6400, 1032.0)}
+
+
+def bias_dequant_block(w_ref, b, half: int, mask, cdt):
+    """Low and high nibbles of packing block b as cdt values n + BIAS, and BIAS."""
+    bits, bias = _BIAS_BITS[jnp.dtype(cdt)]
+    p = load(w_ref.at[pl.ds(b * half, half), :], mask).astype(jnp.int16)
+    magic = jnp.int16(bits | 8)  # u = (n & 15) ^ 8 = n + 8; OR-ing into bits == XOR here
+
+    def as_float(nib):
+        return lax.bitcast_convert_type((nib & 15) ^ magic, cdt)
+
+    return as_float(p), as_float(p >> 4), bias
+
+
 def _w4a16_kernel(x_ref, w_ref, s_ref, o_ref, *, half, blocks, unroll, grouped, M, N, cdt,
-                  atomic, swap):
+                  atomic, swap, bias_dequant):
     bm, bn = o_ref.shape
     rmask, cmask = row_mask(bm, M), col_mask(bn, N)
     prec = dot_precision(cdt)
@@ -196,8 +215,14 @@ def _w4a16_kernel(x_ref, w_ref, s_ref, o_ref, *, half, blocks, unroll, grouped, 
         k0 = b * 2 * half
         xl = load(x_ref.at[:, pl.ds(k0, half)], rmask).astype(cdt)
         xh = load(x_ref.at[:, pl.ds(k0 + half, half)], rmask).astype(cdt)
-        wl, wh = unpack_block(w_ref, b, half, cmask)
-        part = dot(xl, wl.astype(cdt)) + dot(xh, wh.astype(cdt))
+        if bias_dequant:
+            wl, wh, bias = bias_dequant_block(w_ref, b, half, cmask, cdt)
+            part = dot(xl, wl) + dot(xh, wh)
+            xsum = jnp.sum(xl.astype(jnp.float32), axis=1) + jnp.sum(xh.astype(jnp.float32), axis=1)
+            part = part - bias * (xsum[None, :] if swap else xsum[:, None])
+        else:
+            wl, wh = unpack_block(w_ref, b, half, cmask)
+            part = dot(xl, wl.astype(cdt)) + dot(xh, wh.astype(cdt))
         if grouped:  # one group per packing block: scale the group's partial sum
             part = part * scale(b)
         return acc + part
@@ -270,6 +295,7 @@ def w4a16_matmul(x, qw, *, backend: str = "auto", tiles: Tiles | None = None):
         N=N,
         cdt=compute_dtype(x.dtype),
         swap=tiles.swap,
+        bias_dequant=tiles.bias_dequant and compute_dtype(x.dtype) != jnp.float32,
     )
     y = launch(kernel, x2, qw, tiles, N, K, G, x.dtype, interpret=backend == "interpret")
     return y.reshape(*lead, N)

@@ -227,6 +227,8 @@ def test_w4a16_bf16(rng, backend, M, K, N, gs):
         (17, 1024, 192, 128, Tiles(16, 64, split=1, unroll=4)),  # unrolled K loop, M edge
         (40, 576, 200, 64, Tiles(64, 64, split=3, swap=True, atomic=True)),  # transposed product
         (9, 512, 192, -1, Tiles(16, 64, split=2, swap=True)),  # transposed, per channel
+        (5, 1024, 200, 64, Tiles(16, 128, split=4, bias_dequant=True, atomic=True)),  # bit-built weights
+        (40, 576, 192, -1, Tiles(64, 64, split=3, bias_dequant=True, swap=True)),
     ],
 )
 def test_w4a16_tile_variants(rng, M, K, N, gs, tiles):
