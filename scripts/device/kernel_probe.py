@@ -65,8 +65,8 @@ def main():
             for kind in ("load_only", "i8dot_direct", "bf16dot_cvt"):
                 fns[kind] = functools.partial(lambda x, w, kind: raw_call(kind, x, w, max(16, a16.bm), a16.bn, a16.split), kind=kind)
             for name, fn in fns.items():
-            if name in ("w4a16_bias_atomic", "w4a16_bias_swap") and len(sys.argv) > 2:
-                continue
+                if name in ("w4a16_bias_atomic", "w4a16_bias_swap") and len(sys.argv) > 2:
+                    continue
                 try:
                     us = 1e6 * bk.time_loop(fn, x, ws, 40, 3)
                 except Exception as e:
