@@ -11,8 +11,9 @@ t_draft) / cycles, with t_draft the plain per-step time of the draft mode. Each 
 also compared with its floor: the bytes a step reads (weights and the whole KV cache) over the
 measured copy bandwidth.
 
-    python scripts/bench_throughput.py --out benchmarks/throughput/h100.json    # on the GPU
+    bash scripts/device/run_throughput.sh        # on the GPU: the run in benchmarks/throughput/
     python scripts/bench_throughput.py --smoke --out /tmp/tp.json             # CPU, tiny preset
+    python scripts/plot_throughput.py benchmarks/throughput/h100_llama3-8b.json # plots + tables
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ def main():
     args = ap.parse_args()
     if args.smoke:
         args.presets, args.batches, args.prompt_lens, args.new_tokens, args.reps = "tiny", "2", "16", 6, 1
-        args.gamma_sweep, args.context_sweep = "2:1,2", "1:40"
+        args.gamma_sweep, args.context_sweep = "2:1", "1:40"  # the smoke traces hold gamma 1 and 3
         args.prefill_chunk = 16
         args.traces = args.traces if os.path.exists(args.traces) else "benchmarks/acceptance/traces_smoke.json"
 

@@ -29,6 +29,13 @@ def test_acceptance_then_throughput_smoke(tmp_path):
     assert set(cell["modes"]) == {"w4a16", "w4a4", "bf16"}
     assert cell["qspec"][0]["acceptance_rate"] is not None
     assert "replayed" in tp["meta"]["acceptance"]
+    gammas = sorted(q["gamma"] for c in tp["cells"] if c["batch"] == 2 for q in c["qspec"])
+    assert gammas == [1, 3]  # the main cell's gamma and the gamma sweep
+    assert any(c["prompt_len"] == 40 for c in tp["cells"])  # the context sweep, prefilled in chunks
+    out = run_script("plot_throughput.py", str(tmp_path / "tp.json"))
+    assert "Verdict" in out
+    for suffix in ("_batch.png", "_gamma.png", "_latency.png", ".md"):
+        assert (tmp_path / f"tp{suffix}").stat().st_size > 0
 
 
 def test_eval_quality_smoke(tmp_path):
