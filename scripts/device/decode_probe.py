@@ -70,8 +70,11 @@ def matmul_loop(params, mode):
     return jax.lax.fori_loop(0, STEPS, step, jnp.ones((B, config.hidden_size), jnp.bfloat16) * 0.01)
 
 
-def time_fn(fn, *args):
-    f = jax.jit(fn, static_argnums=(1,))
+def time_fn(fn, params, mode):
+    # A fresh closure per call: jax caches traces by function, so jitting `fn` itself would hand
+    # back the first variant's program for every later batch size or patched helper.
+    f = jax.jit(lambda p: fn(p, mode))
+    args = (params,)
     jax.block_until_ready(f(*args))
     ts = []
     for _ in range(3):
