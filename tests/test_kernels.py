@@ -206,12 +206,14 @@ def test_w4a16_matches_float64(rng, backend, M, K, N, gs):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("M,K,N,gs", [SHAPES[1], SHAPES[2], SHAPES[5]])
-def test_w4a16_bf16(rng, backend, M, K, N, gs):
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("M,K,N,gs", [SHAPES[1], SHAPES[2], SHAPES[5], SHAPES[6]])
+def test_w4a16_bf16(rng, backend, dtype, M, K, N, gs):
+    """16-bit activations; M = 33 and 70 take the bit-built dequantization and transposed tiles."""
     _, qw = make_weight(rng, K, N, gs)
-    xb = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    xb = jnp.asarray(rng.standard_normal((M, K)), dtype)
     y = w4a16_matmul(xb, qw, backend=backend)
-    assert y.dtype == jnp.bfloat16
+    assert y.dtype == dtype
     ref = np.asarray(xb.astype(jnp.float32), np.float64) @ np_dequant(qw)
     assert rel_err(y, ref) < BF16_TOL
 
