@@ -69,15 +69,28 @@ def _inv_scale(scale, asm=False):
     return _rn("div", one, scale) if asm else one / scale
 
 
-def _quantize(x, inv, qmax, asm=False):
-    """clip(floor(x * inv + 0.5), -qmax, qmax) as int8; inv = 1 / scale (both f32).
+def _rint(t):
+    """Round to the nearest integer, ties to even, as inline PTX (Triton lowers no jnp.round)."""
+    (out,) = plt.elementwise_inline_asm(
+        "cvt.rni.f32.f32 $0, $1;",
+        args=[t],
+        constraints="=r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(t.shape, jnp.float32)],
+    )
+    return out
 
-    floor(v + 0.5), not jnp.round: round does not lower in Triton, and all paths must agree.
-    Multiplying by the reciprocal (not dividing by the scale) is what XLA computes for x / scale
-    anyway; every backend does the same three IEEE f32 operations, so the integers agree exactly.
+
+def _quantize(x, inv, qmax, asm=False):
+    """clip(round_half_even(x * inv), -qmax, qmax) as int8; inv = 1 / scale (both f32).
+
+    Two IEEE f32 operations, a multiply and a rounding, that no compiler can contract: with
+    floor(x * inv + 0.5) XLA:GPU fuses the multiply and the add into one FMA, which moves a value
+    sitting at a rounding boundary to the other integer than XLA:CPU computes. Every backend
+    (XLA on CPU or GPU, Triton via inline PTX) therefore produces the same integers.
     """
     t = _rn("mul", x, inv) if asm else x * inv
-    return jnp.clip(jnp.floor(t + 0.5), -qmax, qmax).astype(jnp.int8)
+    return jnp.clip(_rint(t) if asm else jnp.round(t), -qmax, qmax).astype(jnp.int8)
 
 
 def quantize_activations(x, group_size: int, bits: int):
@@ -85,7 +98,7 @@ def quantize_activations(x, group_size: int, bits: int):
 
     group_size: the weight's group size (-1: one group over all of K). Returns
     (q int8 [M, K] in -qmax..qmax, scales f32 [M, G]) with qmax = 7 (bits=4) or 127 (bits=8),
-    all in f32: scale = max|x| * (1/qmax) (0 -> 1), q = clip(floor(x * (1/scale) + 0.5), -qmax, qmax).
+    all in f32: scale = max|x| * (1/qmax) (0 -> 1), q = clip(round_half_even(x * (1/scale)), -qmax, qmax).
     This is max|x|/qmax and x/scale within an ulp, spelled the way every backend computes it
     bit-identically (XLA itself rewrites those divisions into these multiplies).
     """

@@ -8,7 +8,7 @@ math. Tolerances are relative Frobenius errors:
   (int4 values are exact in bf16, f32 accumulation), the error is the final rounding of the
   output to bf16 (relative 2^-9 per element, ~1.6e-3 in Frobenius norm).
 W4A4 quantizes activations with f32 arithmetic in both the kernel and the NumPy check (the
-contract: f32 scales, floor(x / scale + 0.5)), so the integer values agree exactly; float64
+contract: f32 scales, round-half-even(x * (1/scale))), so the integer values agree exactly; float64
 quantization could flip a value sitting within an f32 ulp of a rounding boundary.
 
 The lowering check exports each kernel for CUDA with jax.export, which with jax 0.10.2 runs the
@@ -90,7 +90,7 @@ def np_quantize_activations(x, gs, bits):
     scale = np.max(np.abs(xg), axis=-1) * np.float32(1 / qmax)
     scale = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
     inv = np.float32(1) / scale
-    q = np.clip(np.floor(xg * inv[..., None] + np.float32(0.5)), -qmax, qmax)
+    q = np.clip(np.rint(xg * inv[..., None]), -qmax, qmax)
     return q.reshape(M, K), scale
 
 
@@ -256,6 +256,22 @@ def test_w4a16_jit_and_leading_dims(rng):
 
 
 # ---------------------------------------------------------------- W4A4 / W4A8
+
+
+def test_activation_ties_round_to_even(rng):
+    """With max|x| = 7 the 4-bit scale is exactly 1, so 2.5, -3.5, 0.5 and 1.5 are exact ties: every
+    path rounds them to even (no path may compute floor(t + 0.5), which XLA:GPU turns into an FMA)."""
+    x = rng.uniform(-6, 6, (2, 64)).astype(np.float32)
+    x[0, :5] = [7.0, 2.5, -3.5, 0.5, 1.5]
+    q, s = quantize_activations(jnp.asarray(x), 64, 4)
+    assert float(s[0, 0]) == 1.0
+    np.testing.assert_array_equal(np.asarray(q[0, :5]), [7, 2, -4, 0, 2])
+    _, qw = make_weight(rng, 64, 128, 64)
+    fused = Tiles(16, 128, fuse_quant=True)
+    for backend in KERNEL_BACKENDS:
+        y = w4a4_matmul(jnp.asarray(x), qw, backend=backend, tiles=fused)
+        ref = w4a4_matmul(jnp.asarray(x), qw, backend="reference")
+        assert rel_err(y, np.asarray(ref, np.float64)) < 1e-6, backend
 
 
 def test_quantize_activations_matches_numpy(rng):
