@@ -30,8 +30,6 @@ class Tiles:
       (Hopper's wgmma can read it from registers; the second operand must come from shared memory);
     bias_dequant: W4A16 with 16-bit x only, build the dequantized weights from bits (integer ops)
       instead of int -> float conversions, and subtract the resulting offset (w4a16.py);
-    split_loads: load a block's packed rows once per nibble half: each load then feeds one
-      unpack-and-dot chain, which Triton can move into the dot's operand layout;
     fuse_quant: W4A4 only, quantize activations inside the matmul (else a separate XLA pass).
     """
 
@@ -44,7 +42,6 @@ class Tiles:
     atomic: bool = False
     swap: bool = False
     bias_dequant: bool = False
-    split_loads: bool = False
     fuse_quant: bool = True
 
 

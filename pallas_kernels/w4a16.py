@@ -170,20 +170,10 @@ def k_loop(first, blocks: int, unroll: int, block_fn, acc):
     return lax.fori_loop(0, blocks // unroll, body, acc)
 
 
-def packed_block(w_ref, b, half: int, mask, split_loads: bool):
-    """The packed rows of block b, loaded once, or once per nibble half (split_loads): a load with
-    a single user chain lets Triton move that chain's unpacking into the dot's operand layout."""
-    if split_loads:
-        return (load(w_ref.at[pl.ds(b * half, half), :], mask),
-                load(w_ref.at[pl.ds(b * half, half), :], mask))
-    p = load(w_ref.at[pl.ds(b * half, half), :], mask)
-    return p, p
-
-
-def unpack_block(w_ref, b, half: int, mask, split_loads: bool = False):
+def unpack_block(w_ref, b, half: int, mask):
     """Low and high int4 nibbles (int8) of packing block b: rows [b*pb, b*pb + pb/2) and the rest."""
-    pl_, ph = packed_block(w_ref, b, half, mask, split_loads)
-    return (pl_ << 4) >> 4, ph >> 4  # arithmetic shifts on int8 sign-extend
+    p = load(w_ref.at[pl.ds(b * half, half), :], mask)
+    return (p << 4) >> 4, p >> 4  # arithmetic shifts on int8 sign-extend
 
 
 # Bit-built dequantization (Tiles.bias_dequant): OR-ing an offset nibble u = n + 8 (0..15) into the
@@ -193,20 +183,20 @@ def unpack_block(w_ref, b, half: int, mask, split_loads: bool = False):
 _BIAS_BITS = {jnp.dtype(jnp.bfloat16): (0x4300, 136.0), jnp.dtype(jnp.float16): (0x6400, 1032.0)}
 
 
-def bias_dequant_block(w_ref, b, half: int, mask, cdt, split_loads: bool):
+def bias_dequant_block(w_ref, b, half: int, mask, cdt):
     """Low and high nibbles of packing block b as cdt values n + BIAS, and BIAS."""
     bits, bias = _BIAS_BITS[jnp.dtype(cdt)]
-    pl_, ph = packed_block(w_ref, b, half, mask, split_loads)
+    p = load(w_ref.at[pl.ds(b * half, half), :], mask)
     magic = jnp.int16(bits | 8)  # u = (n & 15) ^ 8 = n + 8; OR-ing into bits == XOR here
 
     def as_float(nib):
         return lax.bitcast_convert_type((nib.astype(jnp.int16) & 15) ^ magic, cdt)
 
-    return as_float(pl_), as_float(ph >> 4), bias
+    return as_float(p), as_float(p >> 4), bias
 
 
 def _w4a16_kernel(x_ref, w_ref, s_ref, o_ref, *, half, blocks, unroll, grouped, M, N, cdt,
-                  atomic, swap, bias_dequant, split_loads):
+                  atomic, swap, bias_dequant):
     bm, bn = o_ref.shape
     rmask, cmask = row_mask(bm, M), col_mask(bn, N)
     prec = dot_precision(cdt)
@@ -226,12 +216,12 @@ def _w4a16_kernel(x_ref, w_ref, s_ref, o_ref, *, half, blocks, unroll, grouped, 
         xl = load(x_ref.at[:, pl.ds(k0, half)], rmask).astype(cdt)
         xh = load(x_ref.at[:, pl.ds(k0 + half, half)], rmask).astype(cdt)
         if bias_dequant:
-            wl, wh, bias = bias_dequant_block(w_ref, b, half, cmask, cdt, split_loads)
+            wl, wh, bias = bias_dequant_block(w_ref, b, half, cmask, cdt)
             part = dot(xl, wl) + dot(xh, wh)
             xsum = jnp.sum(xl.astype(jnp.float32), axis=1) + jnp.sum(xh.astype(jnp.float32), axis=1)
             part = part - bias * (xsum[None, :] if swap else xsum[:, None])
         else:
-            wl, wh = unpack_block(w_ref, b, half, cmask, split_loads)
+            wl, wh = unpack_block(w_ref, b, half, cmask)
             part = dot(xl, wl.astype(cdt)) + dot(xh, wh.astype(cdt))
         if grouped:  # one group per packing block: scale the group's partial sum
             part = part * scale(b)
@@ -306,7 +296,6 @@ def w4a16_matmul(x, qw, *, backend: str = "auto", tiles: Tiles | None = None):
         cdt=compute_dtype(x.dtype),
         swap=tiles.swap,
         bias_dequant=tiles.bias_dequant and compute_dtype(x.dtype) != jnp.float32,
-        split_loads=tiles.split_loads,
     )
     y = launch(kernel, x2, qw, tiles, N, K, G, x.dtype, interpret=backend == "interpret")
     return y.reshape(*lead, N)

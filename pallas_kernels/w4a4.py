@@ -111,8 +111,7 @@ def quantize_activations(x, group_size: int, bits: int):
     return q.reshape(M, K), scales
 
 
-def _w4a4_kernel(*refs, half, blocks, unroll, nblocks, grouped, M, N, qmax, fused, asm, atomic,
-                 split_loads):
+def _w4a4_kernel(*refs, half, blocks, unroll, nblocks, grouped, M, N, qmax, fused, asm, atomic):
     if fused:
         x_ref, w_ref, s_ref, o_ref = refs
     else:
@@ -140,7 +139,7 @@ def _w4a4_kernel(*refs, half, blocks, unroll, nblocks, grouped, M, N, qmax, fuse
                 xl, xh = _quantize(xl, inv, qmax, asm), _quantize(xh, inv, qmax, asm)
             else:
                 a_s = load(xs_ref.at[:, pl.ds(b, 1)], rmask)
-            wl, wh = unpack_block(w_ref, b, half, mask, split_loads)
+            wl, wh = unpack_block(w_ref, b, half, mask)
             d = idot(xl, wl) + idot(xh, wh)
             w_s = load(s_ref.at[pl.ds(b, 1), :], mask)
             return acc + d.astype(jnp.float32) * (a_s * w_s)
@@ -164,7 +163,7 @@ def _w4a4_kernel(*refs, half, blocks, unroll, nblocks, grouped, M, N, qmax, fuse
             if fused:
                 xl = _quantize(xl.astype(jnp.float32), inv, qmax, asm)
                 xh = _quantize(xh.astype(jnp.float32), inv, qmax, asm)
-            wl, wh = unpack_block(w_ref, b, half, mask, split_loads)
+            wl, wh = unpack_block(w_ref, b, half, mask)
             return acc + idot(xl, wl) + idot(xh, wh)
 
         acc = k_loop(first, blocks, unroll, block, jnp.zeros((bm, bn), jnp.int32))
@@ -228,7 +227,6 @@ def w4a4_matmul(x, qw, *, act_bits: int = 4, backend: str = "auto", tiles: Tiles
         qmax=qmax,
         fused=tiles.fuse_quant,
         asm=backend == "triton",
-        split_loads=tiles.split_loads,
     )
     y = launch(kernel, x2, qw, tiles, N, K, G, x.dtype, interpret=backend == "interpret",
                extra_in=extra)

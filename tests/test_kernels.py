@@ -230,8 +230,7 @@ def test_w4a16_bf16(rng, backend, dtype, M, K, N, gs):
         (40, 576, 200, 64, Tiles(64, 64, split=3, swap=True, atomic=True)),  # transposed product
         (9, 512, 192, -1, Tiles(16, 64, split=2, swap=True)),  # transposed, per channel
         (5, 1024, 200, 64, Tiles(16, 128, split=4, bias_dequant=True, atomic=True)),  # bit-built weights
-        (40, 576, 192, -1, Tiles(64, 64, split=3, bias_dequant=True, swap=True, split_loads=True)),
-        (17, 512, 200, 128, Tiles(16, 128, split=2, split_loads=True)),
+        (40, 576, 192, -1, Tiles(64, 64, split=3, bias_dequant=True, swap=True)),
     ],
 )
 def test_w4a16_tile_variants(rng, M, K, N, gs, tiles):
@@ -319,8 +318,8 @@ def test_w4a4_matches_float64_and_reference(rng, bits, M, K, N, gs):
         (5, 1024, 200, 64, Tiles(16, 128, split=4, unroll=2, atomic=True)),
         (33, 512, 192, -1, Tiles(32, 64, split=2, unroll=2, atomic=True, fuse_quant=False)),
         (17, 1024, 192, 128, Tiles(16, 64, split=1, unroll=4, fuse_quant=False)),
-        (17, 576, 200, 64, Tiles(16, 128, split=3, split_loads=True)),
-        (33, 512, 192, -1, Tiles(16, 64, split=2, split_loads=True, fuse_quant=False)),
+        (17, 576, 200, 64, Tiles(16, 128, split=3)),
+        (33, 512, 192, -1, Tiles(16, 64, split=2, fuse_quant=False)),
     ],
 )
 def test_w4a4_tile_variants(rng, M, K, N, gs, tiles):

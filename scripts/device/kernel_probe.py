@@ -1,5 +1,8 @@
 """What bounds the int4 kernels at decode sizes? (device experiment, run 3)
 
+(A `split_loads` kernel option, one load per nibble half, was also probed: h100_probe_3.json. It
+made no difference and was removed from the kernels.)
+
 Same timing harness as bench_kernels.py (compiled loop over weight copies larger than L2). Besides
 the library kernels (w4a16 with/without bias_dequant and swap, w4a4 fused/unfused) it times
 stripped kernels over the same packed int8 weights and grid:
@@ -60,19 +63,11 @@ def main():
                 "w4a16_bias_swap": bk.method_fn("w4a16", "auto", rep(a16, bias_dequant=True, swap=True)),
                 "w4a16_bias_atomic": bk.method_fn("w4a16", "auto", rep(a16, bias_dequant=True, atomic=True)),
                 "w4a4": bk.method_fn("w4a4", "auto", a4),
-                "w4a4_unfused": bk.method_fn("w4a4", "auto", rep(a4, fuse_quant=False)),
-                "w4a16_sl": bk.method_fn("w4a16", "auto", rep(a16, split_loads=True)),
-                "w4a16_sl_bias": bk.method_fn("w4a16", "auto", rep(a16, split_loads=True, bias_dequant=True)),
-                "w4a16_sl_swap": bk.method_fn("w4a16", "auto", rep(a16, split_loads=True, swap=True)),
-                "w4a4_sl": bk.method_fn("w4a4", "auto", rep(a4, split_loads=True)),
-                "w4a4_sl_unfused": bk.method_fn("w4a4", "auto", rep(a4, split_loads=True, fuse_quant=False)),
-                "w4a4_sl_unfused_bm16": bk.method_fn("w4a4", "auto", rep(a4, split_loads=True, fuse_quant=False, bm=16)),
+                "w4a4_fused": bk.method_fn("w4a4", "auto", rep(a4, fuse_quant=True)),
             }
             for kind in ("load_only", "i8dot_direct", "bf16dot_cvt"):
                 fns[kind] = functools.partial(lambda x, w, kind: raw_call(kind, x, w, max(16, a16.bm), a16.bn, a16.split), kind=kind)
             for name, fn in fns.items():
-                if len(sys.argv) > 2 and not ("_sl" in name or name in ("w4a16", "w4a4")):
-                    continue
                 try:
                     us = 1e6 * bk.time_loop(fn, x, ws, 40, 3)
                 except Exception as e:
