@@ -42,7 +42,7 @@ class Tiles:
     atomic: bool = False
     swap: bool = False
     bias_dequant: bool = False
-    fuse_quant: bool = True
+    fuse_quant: bool = False
 
 
 def _pow2_at_least(n: int) -> int:

@@ -6,12 +6,12 @@ same kernel with qmax 127. The integer dots are exact, so the plain-jnp referenc
 numbers up to the order of the f32 sums over groups.
 
 Activation quantization placement (Tiles.fuse_quant):
-- fused (default for M <= 64, i.e. decode): the matmul quantizes its own x tile in its K loop
-  (per-channel weights: one extra pass over the tile's row of x for the per-token max first). This
-  saves a separate kernel launch and an int8 round trip through HBM, which dominate at decode
-  sizes; the cost is that each of the N/bn programs of a row block redoes the quantization.
-- unfused (wide M): quantize_activations runs as one XLA fusion and the kernel reads int8 x and
-  the per-token scales, so the quantization work is done once instead of N/bn times.
+- unfused (the default): quantize_activations runs as one XLA fusion and the kernel reads int8 x
+  and the per-token scales. On the H100 this beat the fused quantizer at every M measured
+  (benchmarks/kernels/README.md), decode sizes included.
+- fused: the matmul quantizes its own x tile in its K loop (per-channel weights: one extra pass
+  over the tile's row of x for the per-token max first), saving a launch and an int8 round trip
+  through HBM at the cost of redoing the quantization in each of the N/bn programs of a row block.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ weights, batch B, cache of S slots) for w4a16 / w4a4 and with parts swapped out:
 import json, os, sys, time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import jax, jax.numpy as jnp, numpy as np
-from qspec_jax import checkpoint, quantize, rotation, kv_cache
+from qspec_jax import checkpoint, quantize, rotation
 import qspec_jax.model as model
 from qspec_jax.config import get_preset
 from qspec_jax.kv_cache import KVCache

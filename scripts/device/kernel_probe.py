@@ -18,7 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 import bench_kernels as bk
-from pallas_kernels import choose_tiles, pack_block
+from pallas_kernels import choose_tiles
 
 def raw_call(kind, x, qw, bm, bn, split, warps=4, stages=4):
     packed = qw["packed"]; Kh, N = packed.shape; M = x.shape[0]; half = 64
