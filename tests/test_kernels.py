@@ -37,6 +37,7 @@ from pallas_kernels import (
     w4a4_matmul,
     w4a16_matmul,
 )
+from pallas_kernels.w4a4 import ACT_CLIP
 
 # On a GPU the compiled Triton kernels are checked too, against the same float64 references.
 KERNEL_BACKENDS = ["interpret"] + (["triton"] if jax.default_backend() == "gpu" else [])
@@ -87,7 +88,7 @@ def np_quantize_activations(x, gs, bits):
     M, K = x.shape
     gs = K if gs == -1 else gs
     xg = x.astype(np.float32).reshape(M, K // gs, gs)
-    scale = np.max(np.abs(xg), axis=-1) * np.float32(1 / qmax)
+    scale = np.max(np.abs(xg), axis=-1) * np.float32(ACT_CLIP[int(qmax)] / int(qmax))  # f64 -> f32 constant
     scale = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
     inv = np.float32(1) / scale
     q = np.clip(np.rint(xg * inv[..., None]), -qmax, qmax)
@@ -258,19 +259,29 @@ def test_w4a16_jit_and_leading_dims(rng):
 
 
 def test_activation_ties_round_to_even(rng):
-    """With max|x| = 7 the 4-bit scale is exactly 1, so 2.5, -3.5, 0.5 and 1.5 are exact ties: every
-    path rounds them to even (no path may compute floor(t + 0.5), which XLA:GPU turns into an FMA)."""
-    x = rng.uniform(-6, 6, (2, 64)).astype(np.float32)
-    x[0, :5] = [7.0, 2.5, -3.5, 0.5, 1.5]
-    q, s = quantize_activations(jnp.asarray(x), 64, 4)
+    """With 8 bits and max|x| = 127 the scale is exactly 1, so 2.5, -3.5, 0.5 and 1.5 are exact ties:
+    every path rounds them to even (no path may compute floor(t + 0.5), which XLA:GPU turns into
+    an FMA)."""
+    x = rng.uniform(-100, 100, (2, 64)).astype(np.float32)
+    x[0, :5] = [127.0, 2.5, -3.5, 0.5, 1.5]
+    q, s = quantize_activations(jnp.asarray(x), 64, 8)
     assert float(s[0, 0]) == 1.0
-    np.testing.assert_array_equal(np.asarray(q[0, :5]), [7, 2, -4, 0, 2])
+    np.testing.assert_array_equal(np.asarray(q[0, :5]), [127, 2, -4, 0, 2])
     _, qw = make_weight(rng, 64, 128, 64)
-    fused = Tiles(16, 128, fuse_quant=True)
+    ref = w4a4_matmul(jnp.asarray(x), qw, act_bits=8, backend="reference")
     for backend in KERNEL_BACKENDS:
-        y = w4a4_matmul(jnp.asarray(x), qw, backend=backend, tiles=fused)
-        ref = w4a4_matmul(jnp.asarray(x), qw, backend="reference")
-        assert rel_err(y, np.asarray(ref, np.float64)) < 1e-6, backend
+        for fused in (True, False):
+            y = w4a4_matmul(jnp.asarray(x), qw, act_bits=8, backend=backend, tiles=Tiles(16, 128, fuse_quant=fused))
+            assert rel_err(y, np.asarray(ref, np.float64)) < 1e-6, (backend, fused)
+
+
+def test_four_bit_activations_clip_the_largest_values(rng):
+    """4-bit scales map ACT_CLIP * max|x| to 7, so the largest value saturates at 7."""
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    q, s = quantize_activations(jnp.asarray(x), 64, 4)
+    amax = np.abs(x.reshape(3, 2, 64)).max(-1)
+    np.testing.assert_allclose(np.asarray(s), amax * ACT_CLIP[7] / 7, rtol=1e-6)
+    assert ACT_CLIP[7] < 1 and np.abs(np.asarray(q)).max() == 7
 
 
 def test_quantize_activations_matches_numpy(rng):
