@@ -170,7 +170,7 @@ def report(out, meta, runs):
             "counts: the input of the `replay` policy of `scripts/bench_throughput.py`.\n\n"
             "Caveat: with EOS disabled, rows keep generating past their natural end, where text is often "
             "repetitive and easy to draft; acceptance on the model's own greedy text is also far higher than "
-            "the teacher-forced agreement on human text in `benchmarks/quality/` (62% for w4a4).\n\n"
+            "the teacher-forced agreement on human text in `benchmarks/quality/` (67% for w4a4).\n\n"
             + table(runs) + "\n\n![acceptance](acceptance.png)\n"
         )
 
