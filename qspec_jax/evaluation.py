@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 from functools import partial
 from typing import Optional, Sequence
 
@@ -52,6 +53,17 @@ def perplexity(nll: np.ndarray, mask: np.ndarray) -> float:
     """exp of the mean NLL over positions whose target token is real (mask[:, 1:])."""
     m = mask[:, 1:]
     return float(np.exp(nll[m].mean()))
+
+
+def copy_bandwidth(nbytes: int = 2**30, iters: int = 20) -> float:
+    """Device-to-device bandwidth (bytes read + written per second) of an elementwise pass, timed
+    as one compiled loop: the HBM figure the benchmarks compare against."""
+    a = jnp.zeros((nbytes // 2,), jnp.bfloat16)
+    run = jax.jit(lambda a: jax.lax.fori_loop(0, iters, lambda i, a: a + 1, a))
+    run(a).block_until_ready()
+    t0 = time.perf_counter()
+    run(a).block_until_ready()
+    return 2 * nbytes * iters / (time.perf_counter() - t0)
 
 
 def git_commit() -> Optional[str]:

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -38,6 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
+from qspec_jax.evaluation import copy_bandwidth, git_commit  # noqa: E402
 from pallas_kernels import (  # noqa: E402
     Tiles,
     choose_tiles,
@@ -218,16 +218,6 @@ def time_loop(fn, x0, weights: list, iters: int, repeats: int) -> float:
     return statistics.median(times) / (outer * copies)
 
 
-def copy_bandwidth(nbytes: int = 2**30, iters: int = 20) -> float:
-    """Device-to-device bandwidth (bytes read + written per second) of an elementwise pass."""
-    a = jnp.zeros((nbytes // 2,), jnp.bfloat16)
-    run = jax.jit(lambda a: lax.fori_loop(0, iters, lambda i, a: a + 1, a))
-    run(a).block_until_ready()
-    t = time.perf_counter()
-    run(a).block_until_ready()
-    return 2 * nbytes * iters / (time.perf_counter() - t)
-
-
 def rel_errors(x, w, backend: str) -> dict:
     """Each kernel vs the reference backend on the same inputs (relative Frobenius error)."""
 
@@ -250,15 +240,6 @@ def write_json(path: str, payload: dict) -> None:
             "commit": git_commit()}
     with open(path, "w") as f:
         json.dump({**head, **payload}, f, indent=1)
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)),
-                              check=True).stdout.strip()
-    except Exception:
-        return None
 
 
 def main(argv=None):

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from qspec_jax import checkpoint, quantize, speculative  # noqa: E402
 from qspec_jax.config import get_preset  # noqa: E402
-from qspec_jax.evaluation import run_metadata  # noqa: E402
+from qspec_jax.evaluation import copy_bandwidth, run_metadata  # noqa: E402
 from qspec_jax.kv_cache import KVCache  # noqa: E402
 from qspec_jax.model import fuse_projections  # noqa: E402
 
@@ -159,16 +159,6 @@ def cell_specs(args):
         cells += [dict(batch=b, prompt_len=p, gammas=ints(args.gammas)[:1], drafts=drafts[:1], modes=["w4a16"])
                   for b in ints(bs) for p in ints(ps)]
     return cells
-
-
-def copy_bandwidth(nbytes=2**30, iters=20):
-    """Device-to-device bandwidth (bytes read + written per second) of an elementwise pass."""
-    a = jnp.zeros((nbytes // 2,), jnp.bfloat16)
-    run = jax.jit(lambda a: jax.lax.fori_loop(0, iters, lambda i, a: a + 1, a))
-    run(a).block_until_ready()
-    t0 = time.perf_counter()
-    run(a).block_until_ready()
-    return 2 * nbytes * iters / (time.perf_counter() - t0)
 
 
 def main():
