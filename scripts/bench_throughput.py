@@ -52,10 +52,15 @@ def replay_rows(traces, draft, gamma, batch):
 
 
 def timed(fn, reps):
-    """(median seconds, last result) of a compiled callable, after one warm-up call."""
+    """(median seconds, last result) of a compiled callable, after one warm-up call.
+
+    Each call's result is dropped before the next call starts: a long-context prefill returns a KV
+    cache of tens of GB (batch 32 x 8192 tokens of llama3-8b: 33 GB), and holding two ran the H100
+    out of memory."""
     result = jax.block_until_ready(fn())
     times = []
     for _ in range(reps):
+        result = None
         t0 = time.perf_counter()
         result = jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)

@@ -21,8 +21,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def main_cells(cells, prompt_len):
-    """Cells of the batch sweep: the given prompt length, every plain mode timed."""
-    return sorted((c for c in cells if c["prompt_len"] == prompt_len and "bf16" in c["modes"]), key=lambda c: c["batch"])
+    """Cells of the batch sweep: the given prompt length, by batch (first cell of each batch)."""
+    by_batch = {}
+    for c in cells:
+        if c["prompt_len"] == prompt_len:
+            by_batch.setdefault(c["batch"], c)
+    return [by_batch[b] for b in sorted(by_batch)]
 
 
 def qspec_by_gamma(cells, batch, prompt_len, draft="w4a4"):
@@ -61,23 +65,22 @@ def tables(res) -> str:
                          f"{q['speedup_vs_w4a16']:.3f} | {q['decode_speedup_vs_w4a16']:.3f} | {q['cycle_ms']:.2f} | "
                          f"{q['verify_ms']:.2f} | {q['draft_share']:.2f} |")
     lines += ["", "Verdict (best measured gamma per cell):", "",
-              "| preset | batch | prompt | best gamma | QSpec/W4A16 | t_draft/t_w4a16 | t_verify/t_w4a16 | "
-              "W4A16 step/floor |", "|---|---|---|---|---|---|---|---|"]
+              "| preset | batch | prompt | draft | best gamma | QSpec/W4A16 | decode-only ratio | t_draft/t_w4a16 | "
+              "t_verify/t_w4a16 | W4A16 step/floor |", "|---|---|---|---|---|---|---|---|---|---|"]
     seen = set()
     for c in cells:
-        key = (c["preset"], c["batch"], c["prompt_len"])
-        if key in seen or not c["qspec"]:
-            continue
-        seen.add(key)
-        qs = qspec_by_gamma([x for x in cells if x["preset"] == c["preset"]], c["batch"], c["prompt_len"])
-        if not qs:
-            continue
-        best = max(qs.values(), key=lambda q: q["speedup_vs_w4a16"])
-        w = c["modes"]["w4a16"]
-        lines.append(f"| {c['preset']} | {c['batch']} | {c['prompt_len']} | {best['gamma']} "
-                     f"(of {','.join(map(str, qs))}) | {best['speedup_vs_w4a16']:.2f} | "
-                     f"{c['modes']['w4a4']['step_ms'] / w['step_ms']:.2f} | {best['verify_ms'] / w['step_ms']:.2f} | "
-                     f"{w['step_ms'] / w['step_floor_ms']:.1f} |")
+        for draft in dict.fromkeys(q["draft"] for q in c["qspec"]):
+            key = (c["preset"], c["batch"], c["prompt_len"], draft)
+            if key in seen:
+                continue
+            seen.add(key)
+            qs = qspec_by_gamma([x for x in cells if x["preset"] == c["preset"]], c["batch"], c["prompt_len"], draft)
+            best = max(qs.values(), key=lambda q: q["speedup_vs_w4a16"])
+            w = c["modes"]["w4a16"]
+            lines.append(f"| {c['preset']} | {c['batch']} | {c['prompt_len']} | {draft} | {best['gamma']} "
+                         f"(of {','.join(map(str, qs))}) | {best['speedup_vs_w4a16']:.2f} | "
+                         f"{best['decode_speedup_vs_w4a16']:.2f} | {c['modes'][draft]['step_ms'] / w['step_ms']:.2f} | "
+                         f"{best['verify_ms'] / w['step_ms']:.2f} | {w['step_ms'] / w['step_floor_ms']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -88,14 +91,21 @@ def plot(res, stem):
     batches = [c["batch"] for c in main]
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in ("bf16", "w4a16", "w4a4"):
-        ax.plot(batches, [c["modes"][mode]["tokens_per_s"] for c in main], "o-", label=mode)
-    g = main[0]["qspec"][0]["gamma"] if main and main[0]["qspec"] else None
+    for mode in ("bf16", "w4a16", "w4a4", "w4a8"):
+        if all(mode in c["modes"] for c in main):
+            ax.plot(batches, [c["modes"][mode]["tokens_per_s"] for c in main], "o-", label=mode)
+    first = main[0]["qspec"][0] if main[0]["qspec"] else None
+    g, draft = (first["gamma"], first["draft"]) if first else (None, None)
+
+    def entry(c):
+        return next(q for q in c["qspec"] if q["gamma"] == g and q["draft"] == draft)
+
     if g is not None:
-        ax.plot(batches, [next(q for q in c["qspec"] if q["gamma"] == g)["tokens_per_s"] for c in main], "s--",
-                label=f"qspec (w4a4 draft, gamma {g}, replayed acceptance)")
+        ax.plot(batches, [entry(c)["tokens_per_s"] for c in main], "s--",
+                label=f"qspec ({draft} draft, gamma {g}, replayed acceptance)")
     ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="generated tokens/s",
            title=f"{main[0]['preset']}, prompt {prompt_len}, {main[0]['new_tokens']} new tokens")
+    ax.minorticks_off()
     ax.set_xticks(batches, [str(b) for b in batches])
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -117,16 +127,38 @@ def plot(res, stem):
     fig, ax = plt.subplots(figsize=(6, 4))
     x = range(len(main))
     w = [c["modes"]["w4a16"]["step_ms"] for c in main]
-    split = [per_token_ms(c, next(q for q in c["qspec"] if q["gamma"] == g)) for c in main] if g is not None else []
+    split = [per_token_ms(c, entry(c)) for c in main] if g is not None else []
     ax.bar([i - 0.2 for i in x], w, 0.4, label="W4A16 step")
     if split:
-        ax.bar([i + 0.2 for i in x], [s[0] for s in split], 0.4, label=f"QSpec draft (gamma {g})")
+        ax.bar([i + 0.2 for i in x], [s[0] for s in split], 0.4, label=f"QSpec {draft} draft (gamma {g})")
         ax.bar([i + 0.2 for i in x], [s[1] for s in split], 0.4, bottom=[s[0] for s in split], label="QSpec verify")
     ax.set_xticks(list(x), [str(b) for b in batches])
     ax.set(xlabel="batch", ylabel="ms per generated token (per row)", title="per-token latency")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(stem + "_latency.png", dpi=120)
+
+    lengths = sorted({c["prompt_len"] for c in cells})
+    if len(lengths) > 1:  # a context sweep: how the ratio moves as KV reads grow
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for b in sorted({c["batch"] for c in cells}):
+            row = sorted((c for c in cells if c["batch"] == b and c["qspec"]), key=lambda c: c["prompt_len"])
+            if not row:
+                continue
+            ps = [c["prompt_len"] for c in row]
+            a1.plot(ps, [c["qspec"][0]["decode_speedup_vs_w4a16"] for c in row], "o-", label=f"batch {b}")
+            a2.plot(ps, [c["modes"]["w4a16"]["step_ms"] for c in row], "o-", label=f"W4A16 step, batch {b}")
+            a2.plot(ps, [c["modes"]["w4a16"]["step_floor_ms"] for c in row], ":", label=f"floor, batch {b}")
+        a1.axhline(1.0, color="gray", lw=0.8)
+        a1.set(xscale="log", xlabel="prompt tokens", ylabel="QSpec / W4A16 (decode only)",
+               title=f"{cells[0]['qspec'][0]['draft']} draft, gamma {cells[0]['qspec'][0]['gamma']}")
+        a2.set(xscale="log", xlabel="prompt tokens", ylabel="ms", title="W4A16 decode step vs byte floor")
+        for a in (a1, a2):
+            a.minorticks_off()  # log-axis minor labels would overprint the prompt lengths
+            a.set_xticks(lengths, [str(p) for p in lengths])
+            a.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(stem + "_context.png", dpi=120)
     plt.close("all")
 
 
