@@ -30,7 +30,9 @@ class Tiles:
       (Hopper's wgmma can read it from registers; the second operand must come from shared memory);
     bias_dequant: W4A16 with 16-bit x only, build the dequantized weights from bits (integer ops)
       instead of int -> float conversions, and subtract the resulting offset (w4a16.py);
-    fuse_quant: W4A4 only, quantize activations inside the matmul (else a separate XLA pass).
+    fuse_quant: W4A4 only, quantize activations inside the matmul (else a separate XLA pass);
+    dequant: W4A16 only, for prefill-size M: a Pallas kernel writes the dequantized weight in
+      x's dtype and XLA's 16-bit dot (cuBLAS) multiplies; bm, bn and split are then unused.
     """
 
     bm: int
@@ -43,6 +45,7 @@ class Tiles:
     swap: bool = False
     bias_dequant: bool = False
     fuse_quant: bool = False
+    dequant: bool = False
 
 
 def _pow2_at_least(n: int) -> int:

@@ -233,6 +233,41 @@ def _w4a16_kernel(x_ref, w_ref, s_ref, o_ref, *, half, blocks, unroll, grouped, 
     finish(o_ref, acc.T if swap else acc, rmask, cmask, atomic)
 
 
+def _dequant_kernel(w_ref, s_ref, o_ref, *, half, N):
+    bn = o_ref.shape[1]
+    cmask = col_mask(bn, N)
+    s = load(s_ref, cmask)  # [1, bn]: this block's group scale (or the per-channel scale)
+    wl, wh = unpack_block(w_ref, 0, half, cmask)
+    for rows, w in ((pl.ds(0, half), wl), (pl.ds(half, half), wh)):
+        val = (w.astype(jnp.float32) * s).astype(o_ref.dtype)
+        if cmask is None:
+            o_ref[rows, :] = val
+        else:
+            plt.store(o_ref.at[rows, :], val, mask=cmask)
+
+
+def dequantize_kernel(qw, dtype, *, interpret: bool = False):
+    """dequantize_weight(qw) in `dtype` as one Pallas kernel: [K, N], one program per packing block
+    and 256 (or 128) columns, each weight rounded once from the f32 product q * scale."""
+    K, N, G, gs, pb = weight_layout(qw)
+    half = pb // 2
+    bn = 256 if N % 256 == 0 else 128
+    grouped = G > 1
+    return pl.pallas_call(
+        functools.partial(_dequant_kernel, half=half, N=N),
+        grid=(K // pb, pl.cdiv(N, bn)),
+        in_specs=[
+            pl.BlockSpec((half, bn), lambda b, j: (b, j)),
+            pl.BlockSpec((1, bn), lambda b, j: (b if grouped else 0, j)),
+        ],
+        out_specs=pl.BlockSpec((pb, bn), lambda b, j: (b, j)),
+        out_shape=jax.ShapeDtypeStruct((K, N), dtype),
+        compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="dequantize_int4",
+    )(qw["packed"], qw["scales"])
+
+
 def w4a16_reference(x, qw):
     """Plain-jnp W4A16 with the kernel's math: per-group dot in f32, then the group scale."""
     K, N, G, gs, pb = check_inputs(x, qw, kernel=False)
@@ -285,6 +320,11 @@ def w4a16_matmul(x, qw, *, backend: str = "auto", tiles: Tiles | None = None):
     if backend == "reference":
         return w4a16_reference(x, qw)
     K, N, G, gs, pb, lead, x2, M, tiles, nblocks = plan_call(x, qw, tiles, "w4a16")
+    cdt = compute_dtype(x.dtype)
+    if tiles.dequant:  # prefill-size M: the dot is compute-bound, so cuBLAS on 16-bit weights wins
+        w = dequantize_kernel(qw, cdt, interpret=backend == "interpret")
+        y = jnp.dot(x2.astype(cdt), w, preferred_element_type=jnp.float32, precision=dot_precision(cdt))
+        return y.astype(x.dtype).reshape(*lead, N)
     kernel = functools.partial(
         _w4a16_kernel,
         half=pb // 2,
@@ -293,9 +333,9 @@ def w4a16_matmul(x, qw, *, backend: str = "auto", tiles: Tiles | None = None):
         grouped=G > 1,
         M=M,
         N=N,
-        cdt=compute_dtype(x.dtype),
+        cdt=cdt,
         swap=tiles.swap,
-        bias_dequant=tiles.bias_dequant and compute_dtype(x.dtype) != jnp.float32,
+        bias_dequant=tiles.bias_dequant and cdt != jnp.float32,
     )
     y = launch(kernel, x2, qw, tiles, N, K, G, x.dtype, interpret=backend == "interpret")
     return y.reshape(*lead, N)

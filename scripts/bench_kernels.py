@@ -4,7 +4,8 @@
 For each projection (K, N) and batch M it times, as compiled programs:
   bf16      XLA dot with bf16 weights
   xla_int4  XLA on int4 weights dequantized in the graph (jnp unpack + convert + scale, then dot)
-  w4a16     our W4A16 Pallas kernel
+  w4a16     our W4A16 Pallas kernel (w4a16_kernel / w4a16_dequant: the matmul kernel, or the
+            dequantize-then-XLA-dot path, forced at every M)
   w4a4      our W4A4 kernel (4-bit activations);  w4a8: the same with 8-bit activations
 Each timing is one jitted lax.fori_loop calling the matmul about `iters` times over a rotating set
 of weight copies larger than the 50 MB L2 (separate buffers, called in turn: see time_loop), each
@@ -96,6 +97,13 @@ def method_fn(method: str, backend: str, tiles=None):
         return xla_int4_matmul
     if method == "w4a16":
         return lambda x, w: w4a16_matmul(x, w, backend=backend, tiles=tiles)
+    if method in ("w4a16_kernel", "w4a16_dequant"):  # each W4A16 path forced, whatever the M
+        def fn(x, w):
+            K, N, G = 2 * w["packed"].shape[0], w["packed"].shape[1], w["scales"].shape[0]
+            t = tiles or choose_tiles(x.shape[0], N, K, pack_block(K, G), "w4a16")
+            t = dataclasses.replace(t, dequant=method == "w4a16_dequant")
+            return w4a16_matmul(x, w, backend=backend, tiles=t)
+        return fn
     bits = 4 if method == "w4a4" else 8
     return lambda x, w: w4a4_matmul(x, w, act_bits=bits, backend=backend, tiles=tiles)
 
@@ -321,6 +329,8 @@ def main(argv=None):
                 cell["elapsed_s"] = time.perf_counter() - t_start
                 results.append(cell)
                 print_row(cell, methods)
+                if args.out:  # partial results survive a run cut off by its time limit
+                    write_json(args.out, {"partial": True, "results": results})
             del stacks
 
     elapsed = time.perf_counter() - t_start

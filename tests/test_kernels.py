@@ -37,6 +37,7 @@ from pallas_kernels import (
     w4a4_matmul,
     w4a16_matmul,
 )
+from pallas_kernels.w4a16 import dequantize_kernel
 from pallas_kernels.w4a4 import ACT_CLIP
 
 # On a GPU the compiled Triton kernels are checked too, against the same float64 references.
@@ -232,6 +233,8 @@ def test_w4a16_bf16(rng, backend, dtype, M, K, N, gs):
         (9, 512, 192, -1, Tiles(16, 64, split=2, swap=True)),  # transposed, per channel
         (5, 1024, 200, 64, Tiles(16, 128, split=4, bias_dequant=True, atomic=True)),  # bit-built weights
         (40, 576, 192, -1, Tiles(64, 64, split=3, bias_dequant=True, swap=True)),
+        (70, 576, 200, 64, Tiles(16, 128, dequant=True)),  # dequantize + XLA dot, masked N edge
+        (9, 512, 1600, -1, Tiles(16, 128, dequant=True)),  # per channel
     ],
 )
 def test_w4a16_tile_variants(rng, M, K, N, gs, tiles):
@@ -240,6 +243,20 @@ def test_w4a16_tile_variants(rng, M, K, N, gs, tiles):
     for backend in KERNEL_BACKENDS:
         y = w4a16_matmul(jnp.asarray(x), qw, backend=backend, tiles=tiles)
         assert rel_err(y, x.astype(np.float64) @ np_dequant(qw)) < F32_TOL, backend
+
+
+@pytest.mark.parametrize("K,N,gs", [(576, 200, 64), (512, 1600, -1), (1024, 256, 128)])
+def test_dequantize_kernel(rng, K, N, gs):
+    """The prefill path's dequantization: exact in f32, one rounding of the f32 product in 16 bits."""
+    _, qw = make_weight(rng, K, N, gs)
+    want = np_dequant(qw)
+    for backend in KERNEL_BACKENDS:
+        w = dequantize_kernel(qw, jnp.float32, interpret=backend == "interpret")
+        assert w.shape == (K, N) and np.array_equal(np.asarray(w, np.float64), want.astype(np.float32)), backend
+        wb = dequantize_kernel(qw, jnp.bfloat16, interpret=backend == "interpret")
+        assert wb.dtype == jnp.bfloat16
+        assert np.array_equal(np.asarray(wb.astype(jnp.float32)),
+                              np.asarray(jnp.asarray(want, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32)))
 
 
 def test_w4a16_jit_and_leading_dims(rng):
@@ -416,6 +433,7 @@ def test_triton_lowering(verify_triton_modules, kind, K, N, gs, M):
     variants.append(dataclasses.replace(on, atomic=True, unroll=unroll))  # atomic split-K
     if kind == "w4a16":
         variants.append(dataclasses.replace(auto, swap=True))  # transposed product
+        variants.append(dataclasses.replace(auto, dequant=True))  # dequantize + XLA dot
     if kind != "w4a16":
         variants += [dataclasses.replace(t, fuse_quant=not t.fuse_quant) for t in variants[:2]]
     for dtype in (jnp.bfloat16, jnp.float32) if kind == "w4a16" else (jnp.bfloat16,):
