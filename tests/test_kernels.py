@@ -245,6 +245,18 @@ def test_w4a16_tile_variants(rng, M, K, N, gs, tiles):
         assert rel_err(y, x.astype(np.float64) @ np_dequant(qw)) < F32_TOL, backend
 
 
+def test_prefill_size_m_takes_the_dequantize_path(rng):
+    from pallas_kernels.tiling import DEQUANT_MIN_M
+    for M in (1, 64, DEQUANT_MIN_M - 1):
+        assert not choose_tiles(M, 1024, 4096, 128, "w4a16").dequant
+    assert choose_tiles(DEQUANT_MIN_M, 1024, 4096, 128, "w4a16").dequant
+    assert not choose_tiles(4096, 1024, 4096, 128, "w4a4").dequant  # W4A4 keeps its integer dot
+    _, qw = make_weight(rng, 256, 192, 128)
+    x = rng.standard_normal((DEQUANT_MIN_M + 3, 256)).astype(np.float32)
+    y = w4a16_matmul(jnp.asarray(x), qw, backend="interpret")
+    assert rel_err(y, x.astype(np.float64) @ np_dequant(qw)) < F32_TOL
+
+
 @pytest.mark.parametrize("K,N,gs", [(576, 200, 64), (512, 1600, -1), (1024, 256, 128)])
 def test_dequantize_kernel(rng, K, N, gs):
     """The prefill path's dequantization: exact in f32, one rounding of the f32 product in 16 bits."""
@@ -420,7 +432,7 @@ def test_triton_lowering(verify_triton_modules, kind, K, N, gs, M):
     qw = jax.eval_shape(lambda: quantize_weight(jnp.zeros((K, N)), gs))
     G = qw["scales"].shape[0]
     pb = pack_block(K, G)
-    auto = choose_tiles(M, N, K, pb)
+    auto = dataclasses.replace(choose_tiles(M, N, K, pb), dequant=False)  # the matmul kernel
     nblocks = K // pb
     variants = [
         auto,
