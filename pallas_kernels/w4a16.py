@@ -5,6 +5,10 @@ the packed int8 rows once, unpacks the low and high nibbles with arithmetic shif
 dtype (int4 values are exact in bf16), and runs two dots over the block's contiguous halves. The
 group scale multiplies the f32 partial sum of each group, not every weight element; per-channel
 weights accumulate over all of K and are rescaled once at the end.
+
+From M = 256 rows on (prefill chunks, large verify passes) the product is compute-bound and cuBLAS's
+16-bit MMA beats this kernel's, so `Tiles.dequant` instead writes the weight in x's dtype with a
+small Pallas kernel (`dequantize_kernel`) and hands the product to XLA's dot.
 """
 
 from __future__ import annotations
