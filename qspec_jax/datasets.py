@@ -43,16 +43,28 @@ def sharegpt_prompts(n: int, min_chars: int = 40, max_chars: int = 2000) -> List
     return out
 
 
-def sharegpt_texts(n: int, min_chars: int = 1500) -> List[str]:
-    """Whole English ShareGPT conversations of at least `min_chars` (perplexity text)."""
+def sharegpt_texts(n: int, min_chars: int = 1500, skip: int = 0) -> List[str]:
+    """Whole English ShareGPT conversations of at least `min_chars` (perplexity text), from the
+    `skip`-th record of the file on."""
     out = []
-    for conv in sharegpt_conversations():
+    for i, conv in enumerate(sharegpt_conversations()):
+        if i < skip:
+            continue
         text = "\n\n".join(t.get("value", "") for t in conv.get("conversations") or [] if t.get("value"))
         if len(text) >= min_chars and text.isascii():
             out.append(text)
             if len(out) == n:
                 break
     return out
+
+
+CALIBRATION_SKIP = 256  # records; the evaluation scripts' prompts and texts all come from before it
+
+
+def sharegpt_calibration_texts(n: int, min_chars: int = 1500) -> List[str]:
+    """ShareGPT conversations from record CALIBRATION_SKIP on: calibration text (GPTQ) that no
+    measured number is computed on."""
+    return sharegpt_texts(n, min_chars, skip=CALIBRATION_SKIP)
 
 
 def humaneval_problems(n: int) -> List[dict]:

@@ -15,6 +15,8 @@ import time
 import numpy as np
 
 MODE_CHOICES = ("qspec", "bf16", "w4a16", "w4a4", "w4a8")
+CALIBRATION_TOKENS = 8192  # GPTQ calibration: 32 ShareGPT rows of 256 tokens
+CALIBRATION_ROW = 256
 
 
 def parse_args(argv=None):
@@ -30,6 +32,8 @@ def parse_args(argv=None):
     ap.add_argument("--draft", default="w4a4", choices=("w4a4", "w4a8"), help="QSpec draft mode")
     ap.add_argument("--group-size", type=int, default=None, help="int4 weight group size (-1: per channel)")
     ap.add_argument("--no-rotate", action="store_true", help="skip the QuaRot-style rotation (hurts w4a4)")
+    ap.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS,
+                    help="ShareGPT tokens for GPTQ weight rounding at conversion (0: round to nearest)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -77,23 +81,44 @@ def validate_args(args):
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.calibration_tokens < 0 or args.calibration_tokens % CALIBRATION_ROW:
+        raise ValueError(f"--calibration-tokens must be a multiple of {CALIBRATION_ROW} (0: off), "
+                         f"got {args.calibration_tokens}")
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
-def load_params(model: str, *, quantized: bool, group_size=None, rotate=True, dtype=None, cache_dir="checkpoints"):
+def load_params(model: str, *, quantized: bool, group_size=None, rotate=True, dtype=None, cache_dir="checkpoints",
+                calibration_tokens: int = CALIBRATION_TOKENS):
     """(config, params) for `model`: float, or the shared int4 pytree (converted once, then cached).
 
+    calibration_tokens > 0: the int4 weights are rounded with GPTQ on that many tokens of ShareGPT
+    text (conversations the evaluation scripts do not use), when the model has a tokenizer;
+    0 or a model without one (generated presets): round to nearest.
     Either way q/k/v and gate/up come back fused (model.fuse_projections): fewer, wider matmuls.
     """
     from qspec_jax.model import fuse_projections
 
     config, params = _load_params(model, quantized=quantized, group_size=group_size, rotate=rotate,
-                                  dtype=dtype, cache_dir=cache_dir)
+                                  dtype=dtype, cache_dir=cache_dir, calibration_tokens=calibration_tokens)
     return config, fuse_projections(params)
 
 
-def _load_params(model, *, quantized, group_size, rotate, dtype, cache_dir):
+def calibration_batch(model: str, config, n_tokens: int):
+    """[n_tokens / 256, 256] token ids of ShareGPT calibration text, or None (no tokenizer / n = 0)."""
+    from qspec_jax.datasets import sharegpt_calibration_texts
+    from qspec_jax.gptq import calibration_tokens
+    from qspec_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model) if n_tokens else None
+    if tokenizer is None:
+        return None
+    rows = n_tokens // CALIBRATION_ROW
+    return calibration_tokens(tokenizer, sharegpt_calibration_texts(4 * rows), rows, CALIBRATION_ROW,
+                              config.bos_token_id)
+
+
+def _load_params(model, *, quantized, group_size, rotate, dtype, cache_dir, calibration_tokens):
     import jax.numpy as jnp
 
     from qspec_jax import checkpoint, quantize
@@ -102,14 +127,20 @@ def _load_params(model, *, quantized, group_size, rotate, dtype, cache_dir):
     if not quantized:
         return config, params if dtype is None else _cast_floats(params, dtype)
     name = os.path.basename(os.path.normpath(model))
-    qdir = os.path.join(cache_dir, f"{name}-int4-g{group_size or 'auto'}-{'rot' if rotate else 'norot'}")
+    calib = calibration_batch(model, config, calibration_tokens)
+    rounding = f"-gptq{calibration_tokens}" if calib is not None else ""
+    qdir = os.path.join(cache_dir, f"{name}-int4-g{group_size or 'auto'}-{'rot' if rotate else 'norot'}{rounding}")
     if os.path.isdir(qdir):
         try:
             _, qparams = checkpoint.restore_params(qdir)
             return config, _cast_floats(qparams, dtype or jnp.float32)
         except Exception as e:  # a broken cache is rebuilt, not fatal
             print(f"warning: ignoring unreadable cache {qdir} ({e}); re-quantizing", file=sys.stderr)
-    qparams = quantize.quantize_params(params, config, group_size=group_size, rotate=rotate, dtype=jnp.float32)
+    if calib is not None:
+        print(f"converting {name} to int4 with GPTQ on {calibration_tokens} calibration tokens "
+              f"(once; cached in {qdir})", file=sys.stderr)
+    qparams = quantize.quantize_params(params, config, group_size=group_size, rotate=rotate, dtype=jnp.float32,
+                                       calibration=calib)
     # Cache conversions of real weights only; generated presets are cheaper to rebuild than to store.
     if os.path.isfile(model) or model == "smollm2-135m":
         checkpoint.save_params(qparams, qdir, config=config)
@@ -160,7 +191,7 @@ def run(args) -> int:
     quantized = args.mode != "bf16"
     config, params = load_params(
         args.model, quantized=quantized, group_size=args.group_size, rotate=not args.no_rotate, dtype=dtype,
-        cache_dir=args.cache_dir,
+        cache_dir=args.cache_dir, calibration_tokens=args.calibration_tokens,
     )
     tokenizer = load_tokenizer(args.model)
     token_lists = encode_prompts(tokenizer, prompts, args.chat)

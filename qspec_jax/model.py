@@ -138,6 +138,7 @@ def forward(
     config: LlamaConfig,
     mode: str = "bf16",
     logit_index: Optional[jax.Array] = None,
+    collect_grams: bool = False,
 ):
     """Run the model over `tokens: [B, T]` at `positions: [B, T]` (int32).
 
@@ -145,7 +146,10 @@ def forward(
     reads the whole cache; the caller keeps `positions[:, 0] + T <= cache.max_len`. With `cache=None`
     it is a plain causal forward over the given tokens. `logit_index: [B, n]` picks which of the T
     positions get logits (saves the head's cost in prefill). Returns `(logits f32, cache)`; the
-    cache's `lengths` are left for the caller to set.
+    cache's `lengths` are left for the caller to set. `collect_grams=True` (calibration, see
+    qspec_jax.gptq) also returns the f32 Gram matrices X^T X of every projection input over all
+    B*T rows, per layer: `{"attn": [L, D, D], "o": .., "mlp": .., "down": ..}` (q/k/v share "attn",
+    gate/up share "mlp").
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -164,7 +168,15 @@ def forward(
 
     def layer(carry, lp):
         x, k_all, v_all, i = carry
+        grams = {}
+
+        def observe(kind, inp):  # the Gram matrix of a projection input, for GPTQ calibration
+            if collect_grams:
+                xf = inp.reshape(-1, inp.shape[-1]).astype(jnp.float32)
+                grams[kind] = jnp.dot(xf.T, xf, precision=jax.lax.Precision.HIGHEST)
+
         h = rms_norm(x, lp.get("attn_norm"), config.rms_norm_eps)
+        observe("attn", h)
         if "wqkv" in lp:
             q, k, v = jnp.split(lin(h, lp["wqkv"]), [nh * hd, (nh + nkv) * hd], axis=-1)
         else:
@@ -179,8 +191,10 @@ def forward(
         a = attention(q, k, v, positions, k_pos)
         if rot_o is not None:
             a = rot_o(a)
+        observe("o", a)
         x = x + lin(a, lp["wo"]).astype(dtype)
         h = rms_norm(x, lp.get("mlp_norm"), config.rms_norm_eps)
+        observe("mlp", h)
         if "w_gate_up" in lp:
             gate, up = jnp.split(lin(h, lp["w_gate_up"]), 2, axis=-1)
         else:
@@ -189,11 +203,12 @@ def forward(
         g = g.astype(dtype)
         if rot_down is not None:
             g = rot_down(g)
+        observe("down", g)
         x = x + lin(g, lp["w_down"]).astype(dtype)
-        return (x, k_all, v_all, i + 1), None
+        return (x, k_all, v_all, i + 1), grams
 
     k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
-    (x, k_all, v_all, _), _ = jax.lax.scan(layer, (x, k_all, v_all, jnp.int32(0)), params["layers"])
+    (x, k_all, v_all, _), grams = jax.lax.scan(layer, (x, k_all, v_all, jnp.int32(0)), params["layers"])
     if logit_index is not None:
         x = jnp.take_along_axis(x, logit_index[..., None], axis=1)
     x = rms_norm(x, params.get("final_norm"), config.rms_norm_eps)
@@ -201,4 +216,6 @@ def forward(
     logits = jnp.dot(x, head.astype(dtype), preferred_element_type=jnp.float32)
     if cache is not None:
         cache = cache.replace(k=k_all, v=v_all)
+    if collect_grams:
+        return logits, cache, grams
     return logits, cache

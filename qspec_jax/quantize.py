@@ -171,24 +171,43 @@ def quantize_weight_mse(w, group_size: int) -> dict:
     gs = K if group_size == -1 else group_size
     G = K // gs
     wg = w.reshape(G, gs, N)
+    best_s = mse_scales(wg)
+    q = round_int4(wg, best_s[:, None]).astype(jnp.int8).reshape(K, N)
+    return {"packed": pallas_kernels.pack_int4(q, pallas_kernels.pack_block(K, G)),
+            "scales": best_s.astype(jnp.float32)}
+
+
+def round_int4(w, scale):
+    """clip(round(w / scale), -8, 7) as f32 integer values."""
+    return jnp.clip(jnp.round(w / scale), -8, 7)
+
+
+def mse_scales(wg):
+    """Per (group, output channel) scale of wg [G, gs, N]: the c * max|w| / 7, c in _CLIP_RATIOS,
+    with the least squared rounding error. Returns f32 [G, N]."""
     amax = jnp.max(jnp.abs(wg), axis=1)
     best_s = best_e = None
     for c in _CLIP_RATIOS:
         s = jnp.where(amax == 0, 1.0, amax * (c / pallas_kernels.packing.QMAX_W))
-        e = jnp.sum((jnp.clip(jnp.round(wg / s[:, None]), -8, 7) * s[:, None] - wg) ** 2, axis=1)
+        e = jnp.sum((round_int4(wg, s[:, None]) * s[:, None] - wg) ** 2, axis=1)
         if best_s is None:
             best_s, best_e = s, e
         else:
             best_s, best_e = jnp.where(e < best_e, s, best_s), jnp.minimum(e, best_e)
-    q = jnp.clip(jnp.round(wg / best_s[:, None]), -8, 7).astype(jnp.int8).reshape(K, N)
-    return {"packed": pallas_kernels.pack_int4(q, pallas_kernels.pack_block(K, G)),
-            "scales": best_s.astype(jnp.float32)}
+    return best_s
 
 
 @partial(jax.jit, static_argnames=("group_size", "search"))
 def _quantize_stack(w, group_size, search):
     fn = quantize_weight_mse if search else pallas_kernels.quantize_weight
     return jax.lax.map(partial(fn, group_size=group_size), w)
+
+
+@partial(jax.jit, static_argnames=("group_size",))
+def _gptq_stack(w, grams, group_size):
+    from qspec_jax.gptq import gptq_quantize
+
+    return jax.lax.map(lambda wg: gptq_quantize(wg[0], wg[1], group_size), (w, grams))
 
 
 def quantize_params(
@@ -200,6 +219,7 @@ def quantize_params(
     seed: int = 0,
     dtype=jnp.bfloat16,
     search_scales: bool | None = None,
+    calibration=None,
 ) -> dict:
     """Float params -> the quantized pytree every quantized mode (w4a16, w4a4, w4a8) runs on.
 
@@ -211,6 +231,9 @@ def quantize_params(
     search_scales (default: = rotate): MSE-searched weight scales (`quantize_weight_mse`) instead
     of max|w| / 7; on SmolLM2 it lowers rotated W4A16 perplexity a lot and hurts unrotated weights
     (whose values already sit on the GGUF's 4-bit grid).
+    calibration: token ids [B, T] of unpadded calibration text; when given, the weights are
+    rounded with GPTQ (qspec_jax.gptq) on Hessians from the (rotated) float model over these tokens,
+    with MSE-searched group scales, instead of round-to-nearest.
     """
     if search_scales is None:
         search_scales = rotate
@@ -220,10 +243,19 @@ def quantize_params(
     _check_group_size(group_size, params)
     if rotate:
         params = rotate_params(params, config, seed)
+    grams = None
+    if calibration is not None:
+        from qspec_jax.gptq import INPUT_OF, calibration_grams
+
+        f32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+        grams = calibration_grams(f32, jnp.asarray(calibration, jnp.int32), config)
+        del f32
     out = {k: v for k, v in params.items() if k != "layers"}
     layers = {}
     for name, w in params["layers"].items():
-        if name in PROJECTIONS:
+        if name in PROJECTIONS and grams is not None:
+            layers[name] = _gptq_stack(w, grams[INPUT_OF[name]], group_size)
+        elif name in PROJECTIONS:
             layers[name] = _quantize_stack(w, group_size, search_scales)
         else:
             layers[name] = jnp.asarray(w, dtype)

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from qspec_jax import datasets, speculative  # noqa: E402
 from qspec_jax.evaluation import next_token_nll, perplexity, run_metadata, tokenize_texts  # noqa: E402
-from qspec_jax.generate import load_params  # noqa: E402
+from qspec_jax.generate import CALIBRATION_TOKENS, load_params  # noqa: E402
 
 # SmolLM2 is an instruct model: asked through its chat template, it answers with a code block.
 INSTRUCTION = "Complete the following Python function. Reply with the whole function in one ```python code block.\n\n"
@@ -92,6 +92,8 @@ def main():
     ap.add_argument("--draft", default="w4a4", choices=("w4a4", "w4a8"))
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds per HumanEval test run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS,
+                    help="GPTQ calibration tokens for the int4 weights (0: round to nearest)")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 prompts: keeps the script alive")
     ap.add_argument("--out", default="benchmarks/quality")
     args = ap.parse_args()
@@ -114,7 +116,7 @@ def main():
         from qspec_jax.tokenizer import load_tokenizer
 
         config, fparams = load_params(args.model, quantized=False)
-        _, qparams = load_params(args.model, quantized=True)
+        _, qparams = load_params(args.model, quantized=True, calibration_tokens=args.calibration_tokens)
         tok = load_tokenizer(args.model)
         problems = datasets.humaneval_problems(args.humaneval)
         from qspec_jax.generate import encode_prompts
@@ -153,6 +155,8 @@ def main():
         "extracted from the first fenced block", "batch": args.batch,
         "activations": "float32 on CPU (integer W4A4/W4A8 math is exact: the GPU kernels give the same tokens "
                        "up to bf16 rounding of activations)", "seconds": round(time.time() - t0, 1),
+        "weight_rounding": (f"gptq on {args.calibration_tokens} ShareGPT calibration tokens"
+                            if args.calibration_tokens and not args.smoke else "round to nearest"),
     }
     os.makedirs(args.out, exist_ok=True)
     name = "eval_smoke.json" if args.smoke else f"eval_{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from qspec_jax import datasets, speculative  # noqa: E402
 from qspec_jax.evaluation import git_commit  # noqa: E402
-from qspec_jax.generate import encode_prompts, load_params  # noqa: E402
+from qspec_jax.generate import CALIBRATION_TOKENS, encode_prompts, load_params  # noqa: E402
 
 
 def build_batch(args):
@@ -44,7 +44,8 @@ def build_batch(args):
         return rows, ["random"] * len(rows), config, params
     from qspec_jax.tokenizer import load_tokenizer
 
-    config, params = load_params(args.model, quantized=True, group_size=args.group_size)
+    config, params = load_params(args.model, quantized=True, group_size=args.group_size,
+                                 calibration_tokens=args.calibration_tokens)
     tok = load_tokenizer(args.model)
     code = encode_prompts(tok, datasets.humaneval_prompts(args.humaneval), chat=False)
     chat = encode_prompts(tok, datasets.sharegpt_prompts(args.sharegpt), chat=True)
@@ -60,6 +61,8 @@ def main():
     ap.add_argument("--gammas", default="1,2,3,4,5,6,7")
     ap.add_argument("--drafts", default="w4a4,w4a8")
     ap.add_argument("--group-size", type=int, default=None)
+    ap.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS,
+                    help="GPTQ calibration tokens for the int4 weights (0: round to nearest)")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, few tokens (CI keeps the script alive)")
     ap.add_argument("--out", default="benchmarks/acceptance")
     ap.add_argument("--report", action="store_true", help="only redraw the plot and table from the saved JSON")
@@ -87,6 +90,8 @@ def main():
         "prompt_lengths": [len(r) for r in rows], "padded_width": int(toks.shape[1]),
         "max_new_tokens": args.max_new_tokens, "eos": "disabled (fixed-length rows)", "policy": "greedy",
         "w4a16_seconds_cpu": round(base_s, 2), "group_size": args.group_size or "default",
+        "weight_rounding": (f"gptq on {args.calibration_tokens} ShareGPT calibration tokens"
+                            if args.calibration_tokens and not args.smoke else "round to nearest"),
     }
     runs, traces = [], {}
     # gamma 1, 3, 6 first: the fidelity check needs them; the rest fill in the acceptance curve.

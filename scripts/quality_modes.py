@@ -48,6 +48,8 @@ def main(argv=None):
     ap.add_argument("--group-sizes", default="64,-1", help="comma-separated; -1 = per channel")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0, help="rotation seed")
+    ap.add_argument("--calibration-tokens", type=int, default=8192,
+                    help="GPTQ rows (rotated weights) on this many ShareGPT calibration tokens; 0: none")
     ap.add_argument("--out", default="benchmarks/quality")
     args = ap.parse_args(argv)
     group_sizes = [int(g) for g in args.group_sizes.split(",")]
@@ -62,28 +64,36 @@ def main(argv=None):
     target_mask = mask[:, 1:]  # positions whose next token is real
     src = np.array(sources)
 
-    runs = [("float", None, False)]
-    runs += [(m, g, r) for r in (False, True) for g in group_sizes for m in QUANT_MODES]
-    runs.insert(1, ("float", None, True))
+    calib = None
+    if args.calibration_tokens:
+        from qspec_jax.generate import calibration_batch
+
+        calib = calibration_batch(args.model, config, args.calibration_tokens)
+    runs = [("float", None, False, False)]
+    runs += [(m, g, r, False) for r in (False, True) for g in group_sizes for m in QUANT_MODES]
+    runs.insert(1, ("float", None, True, False))
+    if calib is not None:  # GPTQ rounding, on the rotated weights only
+        runs += [(m, g, True, True) for g in group_sizes for m in QUANT_MODES]
     results = {}
     preds = {}
     bar = tqdm(runs, file=sys.stderr, desc="modes")
     cache = {}
-    for mode, gs, rot in bar:
-        bar.set_postfix_str(f"{mode} gs={gs} rot={rot}")
+    for mode, gs, rot, gptq in bar:
+        bar.set_postfix_str(f"{mode} gs={gs} rot={rot} gptq={gptq}")
         if mode == "float":
             p = rotate_params(params, config, args.seed) if rot else params
             run_mode = "bf16"
         else:
-            if (gs, rot) not in cache:
+            if (gs, rot, gptq) not in cache:
                 cache.clear()
-                cache[(gs, rot)] = quantize_params(params, config, group_size=gs, rotate=rot,
-                                                   seed=args.seed, dtype=jnp.float32)
-            p, run_mode = cache[(gs, rot)], mode
+                cache[(gs, rot, gptq)] = quantize_params(params, config, group_size=gs, rotate=rot,
+                                                         seed=args.seed, dtype=jnp.float32,
+                                                         calibration=calib if gptq else None)
+            p, run_mode = cache[(gs, rot, gptq)], mode
         nll, top = next_token_nll(p, config, run_mode, tokens, args.batch)
-        key = f"{mode}/gs={gs}/rot={int(rot)}" if mode != "float" else f"float/rot={int(rot)}"
+        key = f"{mode}/gs={gs}/rot={int(rot)}{'/gptq' * gptq}" if mode != "float" else f"float/rot={int(rot)}"
         preds[key] = top
-        entry = {"mode": mode, "group_size": gs, "rotate": rot,
+        entry = {"mode": mode, "group_size": gs, "rotate": rot, "gptq": gptq,
                  "ppl": float(math.exp(nll[target_mask].mean()))}
         for s in texts:
             m = target_mask & (src == s)[:, None]
@@ -95,7 +105,7 @@ def main(argv=None):
     for key, entry in results.items():
         entry["agree_float"] = float((preds[key] == ref_top)[target_mask].mean())
         if entry["mode"] in DRAFT_MODES:
-            verify = preds[f"w4a16/gs={entry['group_size']}/rot={int(entry['rotate'])}"]
+            verify = preds[f"w4a16/gs={entry['group_size']}/rot={int(entry['rotate'])}{'/gptq' * entry['gptq']}"]
             same = preds[key] == verify
             entry["agree_w4a16"] = float(same[target_mask].mean())
             for s in texts:
@@ -109,6 +119,8 @@ def main(argv=None):
         "commit": git_commit(),
         "activation_dtype": "float32",
         "weight_scales": "quantize_params default: MSE-searched with rotation, max|w|/7 without",
+        "gptq": (f"rows marked gptq: GPTQ rounding (qspec_jax.gptq) on {args.calibration_tokens} tokens of "
+                 "ShareGPT conversations the evaluation does not use" if calib is not None else "none"),
         "settings": {"max_len": args.max_len, "group_sizes": group_sizes, "seed": args.seed,
                      "batch": args.batch, "bos": config.bos_token_id},
         "counts": {"sequences": {s: len(ts) for s, ts in texts.items()},
@@ -143,14 +155,16 @@ def render_markdown(out: dict) -> str:
         "proxy); `agree float` is agreement with the unquantized model. `gs` = group size "
         "(-1: per output channel; activations then use one scale per token).",
         "",
-        "| mode | rotate | gs | ppl | ppl ShareGPT | ppl HumanEval | agree w4a16 | agree float |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"Rounding: round to nearest, or {out.get('gptq', 'none')}.",
+        "",
+        "| mode | rotate | gs | rounding | ppl | ppl ShareGPT | ppl HumanEval | agree w4a16 | agree float |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in out["results"]:
         agree = f"{100 * r['agree_w4a16']:.1f}%" if "agree_w4a16" in r else ""
         lines.append(
             f"| {r['mode']} | {'yes' if r['rotate'] else 'no'} | {'' if r['group_size'] is None else r['group_size']} "
-            f"| {r['ppl']:.2f} | {r['ppl_sharegpt']:.2f} | {r['ppl_humaneval']:.2f} | {agree} "
+            f"| {'' if r['mode'] == 'float' else 'gptq' if r.get('gptq') else 'nearest'} | {r['ppl']:.2f} | {r['ppl_sharegpt']:.2f} | {r['ppl_humaneval']:.2f} | {agree} "
             f"| {100 * r['agree_float']:.1f}% |"
         )
     lines += ["", "Why W4A4 stays well below W4A8 on this model, and what would lift it: see NOTES.md."]

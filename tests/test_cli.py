@@ -17,7 +17,8 @@ def test_generate_json_with_the_default_model(capsys, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "What is 2 + 2?"}) + "\n")
     code, out, err = run_cli(capsys, "--prompt", "Name a color.", "--prompts-file", str(prompts),
-                             "--max-new-tokens", "6", "--json", "--cache-dir", str(tmp_path / "ckpt"))
+                             "--max-new-tokens", "6", "--json", "--cache-dir", str(tmp_path / "ckpt"),
+                             "--calibration-tokens", "512")  # GPTQ on two rows: the path, kept quick
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["prompt"] for r in rows] == ["Name a color.", "What is 2 + 2?"]
@@ -27,7 +28,7 @@ def test_generate_json_with_the_default_model(capsys, tmp_path):
         assert r["stats"]["cycles"] >= 1 and 0 <= r["stats"]["accepted"] <= r["stats"]["drafted"]
         assert isinstance(r["text"], str)
     # The quantized pytree was cached for the next run.
-    assert any(p.name.startswith("smollm2-135m-int4") for p in (tmp_path / "ckpt").iterdir())
+    assert [p.name for p in (tmp_path / "ckpt").iterdir() if "int4" in p.name] == ["smollm2-135m-int4-gauto-rot-gptq512"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -38,6 +39,7 @@ def test_generate_json_with_the_default_model(capsys, tmp_path):
     (["--prompt", "hi", "--gamma", "0"], "--gamma must be at least 1"),
     (["--prompt", "hi", "--max-new-tokens", "9000"], "exceeds the model's context"),
     (["--prompts-file", "/nonexistent/prompts.txt"], "prompts file not found"),
+    (["--prompt", "hi", "--calibration-tokens", "100"], "must be a multiple of 256"),
 ])
 def test_bad_input_gives_a_clear_error(capsys, tmp_path, argv, message):
     code, out, err = run_cli(capsys, *argv, "--cache-dir", str(tmp_path / "ckpt"))

@@ -1,0 +1,98 @@
+"""GPTQ rounding: exact reduction to round-to-nearest, lower output error than it (float64 NumPy),
+calibration Gram matrices against a NumPy recomputation, and the quantized pytree it builds."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import dequantize_weight
+from qspec_jax.gptq import calibration_grams, gptq_quantize
+from qspec_jax.model import forward
+from qspec_jax.quantize import PROJECTIONS, quantize_params, quantize_weight_mse, rotate_params
+from test_quantize import TINY, tiny_params, tokens_positions
+
+
+@pytest.fixture
+def rng():
+    seed = int(os.environ.get("QSPEC_TEST_SEED", secrets.randbits(32)))
+    print(f"seed={seed}")
+    return np.random.default_rng(seed)
+
+
+def correlated_inputs(rng, n, K):
+    """Inputs with correlated channels and three massive ones, as in a real residual stream."""
+    x = rng.standard_normal((n, K)) @ (np.eye(K) + 0.3 * rng.standard_normal((K, K)))
+    x[:, :3] *= 20
+    return x
+
+
+@pytest.mark.parametrize("gs", [64, -1])
+def test_identity_hessian_is_round_to_nearest(rng, gs):
+    """With uncorrelated unit inputs no error is worth moving: GPTQ must equal MSE-scaled RTN."""
+    K, N = 256, 96
+    w = jnp.asarray(rng.standard_normal((K, N)).astype(np.float32) * 0.05)
+    got = gptq_quantize(w, 7.0 * jnp.eye(K, dtype=jnp.float32), gs)
+    want = quantize_weight_mse(w, gs)
+    assert np.array_equal(np.asarray(got["packed"]), np.asarray(want["packed"]))
+    np.testing.assert_allclose(np.asarray(got["scales"]), np.asarray(want["scales"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("gs", [64, 128, -1])
+def test_gptq_lowers_the_output_error(rng, gs):
+    K, N = 256, 80
+    x = correlated_inputs(rng, 2048, K)
+    w = rng.standard_normal((K, N)).astype(np.float32) * 0.05
+    y = x @ w.astype(np.float64)
+
+    def out_err(qw):
+        return np.linalg.norm(y - x @ np.asarray(dequantize_weight(qw), np.float64)) / np.linalg.norm(y)
+
+    gptq = gptq_quantize(jnp.asarray(w), jnp.asarray((x.T @ x).astype(np.float32)), gs)
+    rtn = quantize_weight_mse(jnp.asarray(w), gs)
+    assert gptq["packed"].shape == rtn["packed"].shape and gptq["scales"].shape == rtn["scales"].shape
+    assert out_err(gptq) < 0.7 * out_err(rtn)
+
+
+def test_dead_inputs_are_zeroed(rng):
+    K, N = 128, 32
+    x = correlated_inputs(rng, 512, K)
+    x[:, 5] = 0  # an input channel the calibration never uses
+    w = jnp.asarray(rng.standard_normal((K, N)).astype(np.float32))
+    q = np.asarray(dequantize_weight(gptq_quantize(w, jnp.asarray((x.T @ x).astype(np.float32)), 64)))
+    assert np.all(q[5] == 0) and np.all(np.isfinite(q))
+
+
+def test_calibration_grams_match_numpy():
+    """Layer 0's attention input is the normed (gain-folded, rotated) embedding: recompute it."""
+    params = rotate_params(tiny_params(), TINY)
+    tok, _ = tokens_positions(3, 11, TINY.vocab_size)
+    grams = calibration_grams(params, tok, TINY)
+    L, D, F = TINY.num_layers, TINY.hidden_size, TINY.intermediate_size
+    assert grams["attn"].shape == (L, D, D) and grams["down"].shape == (L, F, F)
+    x = np.asarray(params["embed"], np.float64)[np.asarray(tok)].reshape(-1, D)
+    h = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + TINY.rms_norm_eps)
+    np.testing.assert_allclose(np.asarray(grams["attn"][0], np.float64), h.T @ h, rtol=1e-4,
+                               atol=1e-4 * np.abs(h.T @ h).max())
+
+
+def test_quantize_params_with_calibration():
+    params = tiny_params()
+    tok, pos = tokens_positions(4, 32, TINY.vocab_size)
+    q = quantize_params(params, TINY, dtype=jnp.float32, calibration=tok)
+    r = quantize_params(params, TINY, dtype=jnp.float32)
+    assert jax.tree.structure(q) == jax.tree.structure(r)
+    for name in PROJECTIONS:
+        for k in ("packed", "scales"):
+            assert q["layers"][name][k].shape == r["layers"][name][k].shape
+            assert q["layers"][name][k].dtype == r["layers"][name][k].dtype
+    assert not np.array_equal(np.asarray(q["layers"]["w_down"]["packed"]),
+                              np.asarray(r["layers"]["w_down"]["packed"]))
+    for mode in ("w4a16", "w4a4"):
+        out, _ = forward(q, tok, pos, None, config=TINY, mode=mode)
+        assert np.all(np.isfinite(np.asarray(out)))
