@@ -12,7 +12,8 @@ Steps (DESIGN.md, "Model and modes"):
    time (qspec_jax.rotation.online_transform) whose inverse T^T is folded into the rows of wo and
    w_down. Rotated activations have no outlier channels, which is what makes 4-bit activations work.
 3. every projection is quantized to symmetric int4 (pallas_kernels' layout; with rotation the
-   scales are MSE-searched, see `quantize_weight_mse`), stacked on the layer axis:
+   scales are MSE-searched, see `quantize_weight_mse`; with `calibration` tokens the rounding is
+   GPTQ's, see qspec_jax.gptq), stacked on the layer axis:
    `{"packed": int8 [L, K//2, N], "scales": f32 [L, G, N]}`.
 
 Why W4A4 quality on SmolLM2 is what it is: benchmarks/quality/NOTES.md.
