@@ -77,7 +77,7 @@ def gptq_quantize(w, gram, group_size: int) -> dict:
     fixed_scale = mse_scales(w[None])[0] if G == 1 else None
     # The rows of a group are rounded one by one (each error spread over the group's later rows);
     # the group's errors then update all later rows in one matmul (the paper's lazy batch update).
-    step = min(gs, 128)
+    step = gs if gs <= 128 else next(d for d in (128, 64, 32, 16, 8, 4, 2, 1) if gs % d == 0)
     rows = jnp.arange(step)
 
     def chunk(c, carry):

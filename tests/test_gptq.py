@@ -43,9 +43,9 @@ def test_identity_hessian_is_round_to_nearest(rng, gs):
     np.testing.assert_allclose(np.asarray(got["scales"]), np.asarray(want["scales"]), rtol=1e-6)
 
 
-@pytest.mark.parametrize("gs", [64, 128, -1])
-def test_gptq_lowers_the_output_error(rng, gs):
-    K, N = 256, 80
+@pytest.mark.parametrize("K,gs", [(256, 64), (256, 128), (320, -1)])  # 320: per channel, K % 128 != 0
+def test_gptq_lowers_the_output_error(rng, K, gs):
+    N = 80
     x = correlated_inputs(rng, 2048, K)
     w = rng.standard_normal((K, N)).astype(np.float32) * 0.05
     y = x @ w.astype(np.float64)
