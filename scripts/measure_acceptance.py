@@ -86,7 +86,7 @@ def main():
 
     meta = {
         "model": "tiny (random, smoke)" if args.smoke else args.model, "device": "cpu (reference kernels: exact W4A4)",
-        "jax": jax.__version__, "commit": git_commit(), "prompts": {n: int((labels == n).sum()) for n in set(labels)},
+        "jax": jax.__version__, "commit": git_commit(), "prompts": {str(n): int((labels == n).sum()) for n in sorted(set(labels))},
         "prompt_lengths": [len(r) for r in rows], "padded_width": int(toks.shape[1]),
         "max_new_tokens": args.max_new_tokens, "eos": "disabled (fixed-length rows)", "policy": "greedy",
         "w4a16_seconds_cpu": round(base_s, 2), "group_size": args.group_size or "default",
@@ -167,7 +167,8 @@ def report(out, meta, runs):
         f.write(
             "# QSpec acceptance and fidelity on SmolLM2-135M\n\n"
             f"Written by `scripts/measure_acceptance.py` on CPU ({meta['device']}), jax {meta['jax']}, commit "
-            f"{meta['commit']}. One batch of {sum(meta['prompts'].values())} real prompts ({meta['prompts']}; "
+            f"{meta['commit']}, int4 weights: {meta.get('weight_rounding', 'round to nearest')}. One batch of "
+            f"{sum(meta['prompts'].values())} real prompts ({', '.join(f'{k} {v}' for k, v in meta['prompts'].items())}; "
             f"lengths {min(meta['prompt_lengths'])}-{max(meta['prompt_lengths'])} tokens, HumanEval code prompts "
             f"raw, ShareGPT first turns through the chat template), {meta['max_new_tokens']} new tokens each, "
             f"greedy, EOS {meta['eos']}. `identical` compares every row token for token with plain W4A16 "
@@ -175,7 +176,9 @@ def report(out, meta, runs):
             "counts: the input of the `replay` policy of `scripts/bench_throughput.py`.\n\n"
             "Caveat: with EOS disabled, rows keep generating past their natural end, where text is often "
             "repetitive and easy to draft; acceptance on the model's own greedy text is also far higher than "
-            "the teacher-forced agreement on human text in `benchmarks/quality/` (67% for w4a4).\n\n"
+            "the teacher-forced agreement on human text in `benchmarks/quality/`, and it depends on how "
+            "predictable the verifier's own text is (see README.md, Results: round-to-nearest weights, whose "
+            "W4A16 text is further from the float model's, accepted w4a4 drafts more often).\n\n"
             + table(runs) + "\n\n![acceptance](acceptance.png)\n"
         )
 
