@@ -243,11 +243,7 @@ def _dequant_kernel(w_ref, s_ref, o_ref, *, half, N):
     s = load(s_ref, cmask)  # [1, bn]: this block's group scale (or the per-channel scale)
     wl, wh = unpack_block(w_ref, 0, half, cmask)
     for rows, w in ((pl.ds(0, half), wl), (pl.ds(half, half), wh)):
-        val = (w.astype(jnp.float32) * s).astype(o_ref.dtype)
-        if cmask is None:
-            o_ref[rows, :] = val
-        else:
-            plt.store(o_ref.at[rows, :], val, mask=cmask)
+        finish(o_ref.at[rows, :], w.astype(jnp.float32) * s, None, cmask, atomic="")
 
 
 def dequantize_kernel(qw, dtype, *, interpret: bool = False):

@@ -118,6 +118,13 @@ def calibration_batch(model: str, config, n_tokens: int):
                               config.bos_token_id)
 
 
+def weight_rounding(calibration_tokens: int) -> str:
+    """How the int4 weights were rounded, for result files."""
+    if calibration_tokens:
+        return f"gptq on {calibration_tokens} ShareGPT calibration tokens"
+    return "round to nearest"
+
+
 def _load_params(model, *, quantized, group_size, rotate, dtype, cache_dir, calibration_tokens):
     import jax.numpy as jnp
 
@@ -127,8 +134,8 @@ def _load_params(model, *, quantized, group_size, rotate, dtype, cache_dir, cali
     if not quantized:
         return config, params if dtype is None else _cast_floats(params, dtype)
     name = os.path.basename(os.path.normpath(model))
-    calib = calibration_batch(model, config, calibration_tokens)
-    rounding = f"-gptq{calibration_tokens}" if calib is not None else ""
+    # Only real weights are cached, and they have tokenizers: the name need not load one to know.
+    rounding = f"-gptq{calibration_tokens}" if calibration_tokens else ""
     qdir = os.path.join(cache_dir, f"{name}-int4-g{group_size or 'auto'}-{'rot' if rotate else 'norot'}{rounding}")
     if os.path.isdir(qdir):
         try:
@@ -136,6 +143,7 @@ def _load_params(model, *, quantized, group_size, rotate, dtype, cache_dir, cali
             return config, _cast_floats(qparams, dtype or jnp.float32)
         except Exception as e:  # a broken cache is rebuilt, not fatal
             print(f"warning: ignoring unreadable cache {qdir} ({e}); re-quantizing", file=sys.stderr)
+    calib = calibration_batch(model, config, calibration_tokens)  # only on a cache miss
     if calib is not None:
         print(f"converting {name} to int4 with GPTQ on {calibration_tokens} calibration tokens "
               f"(once; cached in {qdir})", file=sys.stderr)

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from qspec_jax import datasets, speculative  # noqa: E402
 from qspec_jax.evaluation import next_token_nll, perplexity, run_metadata, tokenize_texts  # noqa: E402
-from qspec_jax.generate import CALIBRATION_TOKENS, load_params  # noqa: E402
+from qspec_jax.generate import CALIBRATION_TOKENS, load_params, weight_rounding  # noqa: E402
 
 # SmolLM2 is an instruct model: asked through its chat template, it answers with a code block.
 INSTRUCTION = "Complete the following Python function. Reply with the whole function in one ```python code block.\n\n"
@@ -155,8 +155,7 @@ def main():
         "extracted from the first fenced block", "batch": args.batch,
         "activations": "float32 on CPU (integer W4A4/W4A8 math is exact: the GPU kernels give the same tokens "
                        "up to bf16 rounding of activations)", "seconds": round(time.time() - t0, 1),
-        "weight_rounding": (f"gptq on {args.calibration_tokens} ShareGPT calibration tokens"
-                            if args.calibration_tokens and not args.smoke else "round to nearest"),
+        "weight_rounding": weight_rounding(0 if args.smoke else args.calibration_tokens),
     }
     os.makedirs(args.out, exist_ok=True)
     name = "eval_smoke.json" if args.smoke else f"eval_{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from qspec_jax import datasets, speculative  # noqa: E402
 from qspec_jax.evaluation import git_commit  # noqa: E402
-from qspec_jax.generate import CALIBRATION_TOKENS, encode_prompts, load_params  # noqa: E402
+from qspec_jax.generate import CALIBRATION_TOKENS, encode_prompts, load_params, weight_rounding  # noqa: E402
 
 
 def build_batch(args):
@@ -90,8 +90,7 @@ def main():
         "prompt_lengths": [len(r) for r in rows], "padded_width": int(toks.shape[1]),
         "max_new_tokens": args.max_new_tokens, "eos": "disabled (fixed-length rows)", "policy": "greedy",
         "w4a16_seconds_cpu": round(base_s, 2), "group_size": args.group_size or "default",
-        "weight_rounding": (f"gptq on {args.calibration_tokens} ShareGPT calibration tokens"
-                            if args.calibration_tokens and not args.smoke else "round to nearest"),
+        "weight_rounding": weight_rounding(0 if args.smoke else args.calibration_tokens),
     }
     runs, traces = [], {}
     # gamma 1, 3, 6 first: the fidelity check needs them; the rest fill in the acceptance curve.

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from qspec_jax import checkpoint  # noqa: E402
 from qspec_jax.datasets import humaneval_texts, sharegpt_texts  # noqa: E402
 from qspec_jax.evaluation import git_commit, next_token_nll, tokenize_texts  # noqa: E402
+from qspec_jax.generate import CALIBRATION_TOKENS, calibration_batch  # noqa: E402
 from qspec_jax.quantize import quantize_params, rotate_params  # noqa: E402
 from qspec_jax.tokenizer import load_tokenizer  # noqa: E402
 
@@ -48,7 +49,7 @@ def main(argv=None):
     ap.add_argument("--group-sizes", default="64,-1", help="comma-separated; -1 = per channel")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0, help="rotation seed")
-    ap.add_argument("--calibration-tokens", type=int, default=8192,
+    ap.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS,
                     help="GPTQ rows (rotated weights) on this many ShareGPT calibration tokens; 0: none")
     ap.add_argument("--out", default="benchmarks/quality")
     args = ap.parse_args(argv)
@@ -64,11 +65,7 @@ def main(argv=None):
     target_mask = mask[:, 1:]  # positions whose next token is real
     src = np.array(sources)
 
-    calib = None
-    if args.calibration_tokens:
-        from qspec_jax.generate import calibration_batch
-
-        calib = calibration_batch(args.model, config, args.calibration_tokens)
+    calib = calibration_batch(args.model, config, args.calibration_tokens)
     runs = [("float", None, False, False)]
     runs += [(m, g, r, False) for r in (False, True) for g in group_sizes for m in QUANT_MODES]
     runs.insert(1, ("float", None, True, False))
