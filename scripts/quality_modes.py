@@ -149,7 +149,8 @@ def render_markdown(out: dict) -> str:
         "",
         "Perplexity (lower is better) and top-1 agreement: `agree w4a16` is the fraction of positions "
         "where the draft mode's greedy token equals w4a16's on the same weights (the draft-acceptance "
-        "proxy); `agree float` is agreement with the unquantized model. `gs` = group size "
+        "proxy); `agree float` is agreement with the float model, which is the dequantized Q4_1 GGUF "
+        "(SmolLM2 ships as Q4_1: there are no higher-precision weights here). `gs` = group size "
         "(-1: per output channel; activations then use one scale per token).",
         "",
         f"Rounding: round to nearest, or {out.get('gptq', 'none')}.",

@@ -11,8 +11,8 @@ stripped kernels over the same packed int8 weights and grid:
   bf16dot_cvt   bf16 x times packed.astype(bf16): one conversion between load and dot
 """
 import dataclasses, functools, json, math, os, sys
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))  # the repository
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "scripts"))  # bench_kernels
 import jax, jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl

@@ -14,12 +14,12 @@ Two dots per byte as before, but one feeds the loaded byte straight to the MMA (
 exact integer math. Each variant is checked against float64 NumPy, then timed with the library
 kernels on the same int4 values (bench_kernels.py harness).
 
-    python scripts/device/paired_probe.py --check           # CPU, interpret mode
-    python scripts/device/paired_probe.py $OUT/probe.json   # GPU
+    python benchmarks/kernels/runs/paired_probe.py --check           # CPU, interpret mode
+    python benchmarks/kernels/runs/paired_probe.py $OUT/probe.json   # GPU
 """
 import dataclasses, functools, json, math, os, sys
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))  # the repository
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "scripts"))  # bench_kernels
 import numpy as np
 import jax, jax.numpy as jnp
 from jax import lax

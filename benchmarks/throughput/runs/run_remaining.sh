@@ -1,6 +1,6 @@
 #!/bin/bash
 # The runs issue 5 still misses (each part writes its JSON as it goes); one call per part:
-#   PART=main|context|llama2-13b bash scripts/device/run_remaining.sh
+#   PART=main|context|llama2-13b bash benchmarks/throughput/runs/run_remaining.sh
 export PYTHONPATH=. XLA_PYTHON_CLIENT_PREALLOCATE=false
 part=${PART:-main}
 if [[ $part == main ]]; then  # the 256-token batch sweep with clipped traces and the dequant prefill (~8 min)

@@ -10,7 +10,7 @@ weights, batch B, cache of S slots) for w4a16 / w4a4 and with parts swapped out:
   matmuls_only  just the 4 projections of each layer (scan over layers), no attention/norms
 """
 import json, os, sys, time
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))  # the repository
 import jax, jax.numpy as jnp, numpy as np
 from qspec_jax import checkpoint, quantize, rotation
 import qspec_jax.model as model
