@@ -14,6 +14,7 @@ import dataclasses
 NUM_SMS = 132  # H100 SXM
 TARGET_PROGRAMS = 256  # about two per SM (sweep, llama3-8b down M=1: split 8 beat split 14)
 MIN_BLOCKS_PER_SPLIT = 4  # below this a program's K loop is too short to pipeline
+GEMV_MAX_M = 8  # W4A16 up to this M: the GEMV kernel (no tensor cores; w4a16_gemv.py)
 DEQUANT_MIN_M = 256  # W4A16 at this M and above: dequantize, then XLA's 16-bit dot (prefill, big verify)
 
 

@@ -22,7 +22,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from .packing import unpack_int4, weight_layout
-from .tiling import Tiles, choose_tiles
+from .tiling import GEMV_MAX_M, Tiles, choose_tiles
+from .w4a16_gemv import GemvTiles, w4a16_gemv
 
 BACKENDS = ("auto", "triton", "interpret", "reference")
 
@@ -314,11 +315,20 @@ def w4a16_matmul(x, qw, *, backend: str = "auto", tiles: Tiles | None = None):
     x: [..., K] (bf16, f16 or f32); qw: {"packed": int8 [K//2, N], "scales": f32 [G, N]}.
     backend: "auto" (triton on GPU, else reference), "triton", "interpret" (the same kernel run
     on CPU) or "reference" (plain jnp). bf16/f16 x runs 16-bit dots; f32 x runs f32 dots.
-    tiles: override the per-shape choice of tiling.choose_tiles (tests, tuning).
+    tiles: override the per-shape choice of tiling.choose_tiles (tests, tuning); a GemvTiles
+    forces the GEMV kernel, a Tiles the tensor-core kernel. By default M <= tiling.GEMV_MAX_M rows
+    run the GEMV kernel (w4a16_gemv.py).
     """
     backend = resolve_backend(backend)
     if backend == "reference":
         return w4a16_reference(x, qw)
+    K = check_inputs(x, qw, kernel=True)[0]
+    lead, x2 = x.shape[:-1], x.reshape(-1, K)
+    if isinstance(tiles, GemvTiles) or (tiles is None and x2.shape[0] <= GEMV_MAX_M):
+        # decode sizes: no tensor cores (w4a16_gemv.py)
+        gemv_tiles = tiles if isinstance(tiles, GemvTiles) else None
+        y = w4a16_gemv(x2, qw, tiles=gemv_tiles, interpret=backend == "interpret")
+        return y.reshape(*lead, y.shape[-1])
     K, N, G, gs, pb, lead, x2, M, tiles, nblocks = plan_call(x, qw, tiles, "w4a16")
     cdt = compute_dtype(x.dtype)
     if tiles.dequant:  # prefill-size M: the dot is compute-bound, so cuBLAS on 16-bit weights wins
