@@ -26,6 +26,8 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from qspec_jax.config import LlamaConfig
+from qspec_jax.int4 import mse_scales, round_int4
+from qspec_jax.model import forward
 
 DAMP = 0.01  # H += DAMP * mean(diag H) * I, the paper's default: keeps the inverse well conditioned
 
@@ -38,8 +40,6 @@ INPUT_OF = {"wq": "attn", "wk": "attn", "wv": "attn", "wo": "o",
 def calibration_grams(params: dict, tokens: jax.Array, config: LlamaConfig) -> dict:
     """{input kind: f32 [L, K, K]} Gram matrices X^T X of every projection input, summed over the
     rows of `tokens` [B, T] (unpadded calibration sequences) run through float `params`."""
-    from qspec_jax.model import forward
-
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     _, _, grams = forward(params, tokens, positions, None, config=config, mode="bf16",
@@ -65,8 +65,6 @@ def gptq_quantize(w, gram, group_size: int) -> dict:
 
     group_size as in pallas_kernels.quantize_weight (-1: one scale per output channel).
     """
-    from qspec_jax.quantize import mse_scales, round_int4
-
     w = jnp.asarray(w, jnp.float32)
     K, N = w.shape
     gs = K if group_size == -1 else group_size
