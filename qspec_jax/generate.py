@@ -43,7 +43,9 @@ def parse_args(argv=None):
                     help="prefill longer prompts this many tokens at a time (0: one pass)")
     ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template")
     ap.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    ap.add_argument("--cache-dir", default="checkpoints", help="where converted checkpoints are kept")
+    ap.add_argument("--cache-dir", default=None,
+                    help="conversion cache folder (default: $QSPEC_JAX_CACHE, else $XDG_CACHE_HOME/qspec_jax, "
+                         "else ~/.cache/qspec_jax)")
     return ap.parse_args(argv)
 
 
@@ -88,7 +90,7 @@ def validate_args(args):
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
-def load_params(model: str, *, quantized: bool, group_size=None, rotate=True, dtype=None, cache_dir="checkpoints",
+def load_params(model: str, *, quantized: bool, group_size=None, rotate=True, dtype=None, cache_dir=None,
                 calibration_tokens: int = CALIBRATION_TOKENS):
     """(config, params) for `model`: float, or the shared int4 pytree (converted once, then cached).
 
@@ -128,30 +130,36 @@ def weight_rounding(calibration_tokens: int) -> str:
 def _load_params(model, *, quantized, group_size, rotate, dtype, cache_dir, calibration_tokens):
     import jax.numpy as jnp
 
-    from qspec_jax import checkpoint, quantize
+    from qspec_jax import checkpoint, conversion_cache, quantize
 
-    config, params = checkpoint.load_model(model, dtype=jnp.float32, cache_dir=cache_dir)
     if not quantized:
+        config, params = checkpoint.load_model(model, dtype=jnp.float32, cache_dir=cache_dir)
         return config, params if dtype is None else _cast_floats(params, dtype)
+    source = checkpoint.model_source(model)
     name = os.path.basename(os.path.normpath(model))
+    root = conversion_cache.resolve_cache_dir(cache_dir)
+
+    def convert():
+        config, params = checkpoint.load_model(model, dtype=jnp.float32, cache_dir=root)
+        calib = calibration_batch(model, config, calibration_tokens)
+        return config, quantize.quantize_params(params, config, group_size=group_size, rotate=rotate,
+                                                dtype=jnp.float32, calibration=calib)
+
+    if source is None:  # generated presets are cheaper to rebuild than to store
+        config, qparams = convert()
+        return config, _cast_floats(qparams, dtype or jnp.float32)
     # Only real weights are cached, and they have tokenizers: the name need not load one to know.
     rounding = f"-gptq{calibration_tokens}" if calibration_tokens else ""
-    qdir = os.path.join(cache_dir, f"{name}-int4-g{group_size or 'auto'}-{'rot' if rotate else 'norot'}{rounding}")
-    if os.path.isdir(qdir):
-        try:
-            _, qparams = checkpoint.restore_params(qdir)
-            return config, _cast_floats(qparams, dtype or jnp.float32)
-        except Exception as e:  # a broken cache is rebuilt, not fatal
-            print(f"warning: ignoring unreadable cache {qdir} ({e}); re-quantizing", file=sys.stderr)
-    calib = calibration_batch(model, config, calibration_tokens)  # only on a cache miss
-    if calib is not None:
-        print(f"converting {name} to int4 with GPTQ on {calibration_tokens} calibration tokens "
-              f"(once; cached in {qdir})", file=sys.stderr)
-    qparams = quantize.quantize_params(params, config, group_size=group_size, rotate=rotate, dtype=jnp.float32,
-                                       calibration=calib)
-    # Cache conversions of real weights only; generated presets are cheaper to rebuild than to store.
-    if os.path.isfile(model) or model == "smollm2-135m":
-        checkpoint.save_params(qparams, qdir, config=config)
+    entry_name = f"{name}-int4-g{group_size or 'auto'}-{'rot' if rotate else 'norot'}{rounding}"
+    fields = conversion_cache.int4_fields(source, root, group_size=group_size, rotate=rotate, calibration=(
+        {"tokens": calibration_tokens, "row": CALIBRATION_ROW} if calibration_tokens else None))
+
+    def tell(entry):
+        if calibration_tokens:
+            print(f"converting {name} to int4 with GPTQ on {calibration_tokens} calibration tokens "
+                  f"(once; cached in {entry})", file=sys.stderr)
+
+    config, qparams = conversion_cache.load_or_convert(root, entry_name, fields, convert, on_convert=tell)
     return config, _cast_floats(qparams, dtype or jnp.float32)
 
 

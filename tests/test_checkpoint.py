@@ -238,11 +238,11 @@ def test_orbax_round_trip_quantized_pytree(tmp_path):
     assert tree_equal(got, tree)
 
 
-# orbax restores arrays concurrently; after the first failure on a damaged cache, the other futures'
-# errors are never retrieved and surface at garbage collection (cosmetic; our error is the one raised).
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_load_model_caches_smollm2(tmp_path, monkeypatch):
-    """First call converts the GGUF and writes the cache; later calls restore it; a damaged cache is rebuilt."""
+def test_load_model_caches_smollm2(tmp_path, monkeypatch, capfd):
+    """First call converts the GGUF and writes the cache; later calls restore it; a damaged cache is
+    rebuilt with one warning line."""
+    from qspec_jax import conversion_cache
+
     real_config = TINY_HF_CONFIG
     real_params = hf_to_params(real_config, random_hf_weights(real_config))
     calls = []
@@ -253,23 +253,29 @@ def test_load_model_caches_smollm2(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "load_gguf", fake_load_gguf)
     cache = tmp_path / "cache"
     config, params = checkpoint.load_model("smollm2-135m", cache_dir=str(cache))
-    assert len(calls) == 1 and checkpoint.is_saved_params(cache / "smollm2-135m")
+    entry = conversion_cache.entry_dir(
+        str(cache), "smollm2-135m", conversion_cache.float_fields(checkpoint.smollm2_gguf_path(), str(cache)))
+    assert len(calls) == 1 and checkpoint.is_saved_params(entry)
+    assert conversion_cache.verify_entry(entry, os.path.basename(entry)) is None
     config2, params2 = checkpoint.load_model("smollm2-135m", cache_dir=str(cache))
     assert len(calls) == 1, "second call must restore from the cache"
     assert config2 == real_config and tree_equal(params2, real_params)
     _, bf16 = checkpoint.load_model("smollm2-135m", cache_dir=str(cache), dtype=jnp.bfloat16)
     assert len(calls) == 1 and all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf16))
+    assert capfd.readouterr().err == ""
     # Damage the cache: delete the orbax data files.
-    state = cache / "smollm2-135m" / "state"
+    state = os.path.join(entry, "state")
     for root, _, files in os.walk(state):
         for f in files:
             if "manifest" in f or root.endswith("d"):
                 os.remove(os.path.join(root, f))
-    with pytest.warns(UserWarning, match="reconverting"):
-        config3, params3 = checkpoint.load_model("smollm2-135m", cache_dir=str(cache))
+    config3, params3 = checkpoint.load_model("smollm2-135m", cache_dir=str(cache))
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 1 and "is damaged" in err[0] and "converting again" in err[0], err
     assert len(calls) == 2 and tree_equal(params3, real_params)
     checkpoint.load_model("smollm2-135m", cache_dir=str(cache))
     assert len(calls) == 2, "the rebuilt cache is used again"
+    assert capfd.readouterr().err == ""
 
 
 def test_load_model_dispatch(tmp_path, tiny_hf_dir):
