@@ -17,32 +17,56 @@ import numpy as np
 MODE_CHOICES = ("qspec", "bf16", "w4a16", "w4a4", "w4a8")
 CALIBRATION_TOKENS = 8192  # GPTQ calibration: 32 ShareGPT rows of 256 tokens
 CALIBRATION_ROW = 256
+# Largest --gamma: at acceptance a a cycle emits at most 1 / (1 - a) tokens on average, so drafts past
+# ~16 are nearly all rejected, while each one costs a draft step and widens the verify pass and cache.
+MAX_GAMMA = 16
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows "(default: X)" after every option that has a real default (not None, [] or False)."""
+
+    def _get_help_string(self, action):
+        text, default = action.help or "", action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS or default == []
+        if "%(default)" not in text and not unset and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m qspec_jax.generate",
         description="Generate text with QSpec: W4A4 drafts, W4A16 verifies, one int4 weight set.",
+        formatter_class=_HelpFormatter,
     )
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    ap.add_argument("--prompts-file", help="prompts, one per line, or JSONL with a 'prompt' field")
-    ap.add_argument("--model", default="smollm2-135m", help="preset name, HF Llama dir, .gguf file or saved checkpoint")
+    ap.add_argument("--prompts-file", metavar="FILE",
+                    help="prompts, one per line; a line starting with '{' is JSON with a 'prompt' string field "
+                         "(JSONL), except in a .txt file, where every line is plain text")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="smollm2-135m, an HF Llama directory or a .gguf file; the size presets (llama2-7b, "
+                         "llama3-8b, llama2-13b, tiny) have generated weights and no tokenizer: they are for "
+                         "scripts/bench_throughput.py, not for text")
     ap.add_argument("--mode", default="qspec", choices=MODE_CHOICES, help="qspec, or a plain autoregressive mode")
-    ap.add_argument("--gamma", type=int, default=3, help="tokens drafted per QSpec cycle")
+    ap.add_argument("--gamma", type=int, default=3,
+                    help=f"tokens drafted per QSpec cycle (qspec mode only), at most {MAX_GAMMA}")
     ap.add_argument("--draft", default="w4a4", choices=("w4a4", "w4a8"), help="QSpec draft mode")
-    ap.add_argument("--group-size", type=int, default=None, help="int4 weight group size (-1: per channel)")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="int4 weight group size (default: 128 where every projection's input size is a "
+                         "multiple of 128, else 64, as for SmolLM2; -1: one scale per output channel)")
     ap.add_argument("--no-rotate", action="store_true", help="skip the QuaRot-style rotation (hurts w4a4)")
     ap.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS,
                     help="ShareGPT tokens for GPTQ weight rounding at conversion (0: round to nearest)")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt, at most")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (sampling only)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     ap.add_argument("--prefill-chunk", type=int, default=512,
                     help="prefill longer prompts this many tokens at a time (0: one pass)")
     ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template")
-    ap.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    ap.add_argument("--json", action="store_true",
+                    help="print one JSON object per prompt, with keys 'prompt', 'text', 'tokens' and 'stats'")
     ap.add_argument("--cache-dir", default=None,
                     help="conversion cache folder (default: $QSPEC_JAX_CACHE, else $XDG_CACHE_HOME/qspec_jax, "
                          "else ~/.cache/qspec_jax)")
@@ -50,35 +74,73 @@ def parse_args(argv=None):
 
 
 def read_prompts(args) -> list:
-    """The prompts from --prompt and --prompts-file, in order; errors on missing or empty ones."""
+    """The prompts from --prompt and --prompts-file, in order; errors on missing or empty ones.
+
+    A prompts file holds one prompt per line (blank lines skipped). A line starting with '{' is a JSON
+    object with a 'prompt' string field (JSONL), except in a `.txt` file, where every line is text.
+    """
     prompts = list(args.prompt)
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise ValueError(f"prompt {i} is empty")
     if args.prompts_file:
-        if not os.path.isfile(args.prompts_file):
-            raise ValueError(f"prompts file not found: {args.prompts_file}")
-        with open(args.prompts_file) as f:
-            for n, line in enumerate(f, 1):
-                line = line.rstrip("\n")
-                if not line.strip():
-                    continue
-                if line.lstrip().startswith("{"):
-                    try:
-                        line = json.loads(line)["prompt"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ValueError(f"{args.prompts_file}:{n}: JSONL lines need a 'prompt' string field") from None
-                prompts.append(line)
+        prompts += _read_prompts_file(args.prompts_file)
     if not prompts:
         raise ValueError("no prompt given: use --prompt TEXT or --prompts-file FILE")
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompt {i} is empty")
+    return prompts
+
+
+def _read_prompts_file(path: str) -> list:
+    if not os.path.isfile(path):
+        raise ValueError(f"prompts file not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    plain_text = path.lower().endswith(".txt")
+    prompts = []
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                             "save the file as UTF-8") from None
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{") and not plain_text:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: line starts with '{{' but is not valid JSON ({e.msg} at column "
+                                 f"{e.colno}); for plain-text prompts starting with '{{' use a .txt file") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                keys = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(f"{path}:{n}: JSON line has no 'prompt' string field (found: {keys})")
+            line = record["prompt"]
+            if not line.strip():
+                raise ValueError(f"{path}:{n}: the prompt is empty")
+        prompts.append(line)
+    if not prompts:
+        raise ValueError(f"prompts file {path} has no prompts (it is empty or blank)")
     return prompts
 
 
 def validate_args(args):
+    """Check the options before anything is loaded. Options a mode does not use are not checked:
+    --gamma outside qspec mode, --top-p when greedy."""
+    from qspec_jax.config import PRESETS
+
+    if args.model in PRESETS and args.model != "smollm2-135m":
+        raise ValueError(
+            f"--model {args.model} is a size preset: generated weights with {args.model}'s shapes and no "
+            f"tokenizer, so it cannot read or write text. It is for speed measurements "
+            f"(python scripts/bench_throughput.py --presets {args.model}). For text use smollm2-135m (the "
+            "default), an HF Llama directory or a .gguf file")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.gamma < 1:
+    if args.mode == "qspec" and args.gamma < 1:
         raise ValueError(f"--gamma must be at least 1, got {args.gamma}")
+    if args.mode == "qspec" and args.gamma > MAX_GAMMA:
+        raise ValueError(f"--gamma must be at most {MAX_GAMMA}, got {args.gamma}: longer drafts are almost all "
+                         "rejected and only add draft steps")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
     if args.temperature < 0:
@@ -86,7 +148,7 @@ def validate_args(args):
     if args.calibration_tokens < 0 or args.calibration_tokens % CALIBRATION_ROW:
         raise ValueError(f"--calibration-tokens must be a multiple of {CALIBRATION_ROW} (0: off), "
                          f"got {args.calibration_tokens}")
-    if not 0 < args.top_p <= 1:
+    if args.temperature > 0 and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
@@ -179,7 +241,8 @@ def _cast_floats(tree, dtype):
 
 def encode_prompts(tokenizer, prompts, chat: bool):
     if tokenizer is None:
-        raise ValueError("this model has no tokenizer (generated weights); use a real checkpoint for text prompts")
+        raise ValueError("this model has no tokenizer (a checkpoint saved by qspec_jax keeps none); for text "
+                         "use smollm2-135m, an HF Llama directory or a .gguf file")
     out = []
     for p in prompts:
         if chat and getattr(tokenizer, "chat_template", None):
@@ -202,6 +265,9 @@ def run(args) -> int:
 
     validate_args(args)
     prompts = read_prompts(args)
+    # The tokenizer before the weights: a model that cannot take text fails in seconds, not minutes.
+    tokenizer = load_tokenizer(args.model)
+    token_lists = encode_prompts(tokenizer, prompts, args.chat)
     on_gpu = jax.default_backend() == "gpu"
     dtype = jnp.bfloat16 if on_gpu else jnp.float32  # CPU XLA has no fast bf16 matmul
     quantized = args.mode != "bf16"
@@ -209,8 +275,6 @@ def run(args) -> int:
         args.model, quantized=quantized, group_size=args.group_size, rotate=not args.no_rotate, dtype=dtype,
         cache_dir=args.cache_dir, calibration_tokens=args.calibration_tokens,
     )
-    tokenizer = load_tokenizer(args.model)
-    token_lists = encode_prompts(tokenizer, prompts, args.chat)
 
     sampling = args.temperature > 0
     settings = dict(
@@ -219,7 +283,7 @@ def run(args) -> int:
         draft_mode=args.draft if args.mode == "qspec" else "w4a16",
         verify_mode="w4a16" if args.mode == "qspec" else args.mode,
         policy="sampling" if sampling else "greedy",
-        temperature=args.temperature if sampling else 1.0, top_p=args.top_p, seed=args.seed,
+        temperature=args.temperature if sampling else 1.0, top_p=args.top_p if sampling else 1.0, seed=args.seed,
         prefill_chunk=args.prefill_chunk,
     )
     batches = [range(i, min(i + args.batch_size, len(prompts))) for i in range(0, len(prompts), args.batch_size)]

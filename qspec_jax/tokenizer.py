@@ -8,10 +8,27 @@ whitespace before a digit tokenizes differently there.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
 from qspec_jax.config import PRESETS
+
+
+class _NoTorchNotice(logging.Filter):
+    """Drops transformers' import-time "PyTorch was not found" advice, and nothing else.
+
+    We use transformers for tokenizers only, which need no torch (a test-only dependency here), so the
+    notice is noise that reads like an error on every CLI run.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found")
+
+
+# Set on transformers' library logger before any import of transformers (the notice is logged on that
+# logger while `import transformers` runs, and the logger object outlives the import).
+logging.getLogger("transformers").addFilter(_NoTorchNotice())
 
 # llama.cpp pre-tokenizer names (tokenizer.ggml.pre) that split each digit off, then apply the GPT-2
 # regex. The same rule appears in llama.cpp's vocab code for all of these.
