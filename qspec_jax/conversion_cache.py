@@ -251,23 +251,35 @@ def _locked(path: str):
         os.close(fd)
 
 
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_saved: list = []
+
+
 @contextlib.contextmanager
 def quiet_orbax():
     """Silence orbax / absl / asyncio logging and unraisable-exception reports for the duration:
-    a failed restore is reported by its exception, once, not by a page of tracebacks."""
-    loggers = [logging.getLogger(n) for n in ("absl", "orbax", "asyncio", "jax")]
-    levels = [lg.level for lg in loggers]
-    hook = sys.unraisablehook
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    sys.unraisablehook = lambda *a, **k: None
+    a failed restore is reported by its exception, once, not by a page of tracebacks. Nests and
+    overlaps across threads: the first to enter saves the settings, the last to leave restores them."""
+    global _quiet_depth
+    names = ("absl", "orbax", "asyncio", "jax")
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_saved[:] = [sys.unraisablehook] + [logging.getLogger(n).level for n in names]
+            for n in names:
+                logging.getLogger(n).setLevel(logging.CRITICAL)
+            sys.unraisablehook = lambda *a, **k: None
+        _quiet_depth += 1
     try:
         yield
     finally:
         gc.collect()  # futures of a failed restore report their errors when collected: here, silenced
-        sys.unraisablehook = hook
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                sys.unraisablehook = _quiet_saved[0]
+                for n, level in zip(names, _quiet_saved[1:]):
+                    logging.getLogger(n).setLevel(level)
 
 
 # --------------------------------------------------------------------------- the cache

@@ -148,8 +148,6 @@ def read_gguf(path: str, keep_arrays: Tuple[str, ...] = (), tensors: bool = True
     except struct.error as e:
         raise ValueError(f"{path}: not a readable GGUF file (truncated metadata: {e})") from None
     except (ValueError, UnicodeDecodeError, OverflowError, MemoryError) as e:
-        if str(e).startswith(path):
-            raise
         raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
