@@ -1,0 +1,377 @@
+"""Decode attention (flash-decoding) over a bf16 KV cache or QuantSpec's hierarchical INT8/INT4 planes.
+
+One program per (batch row, kv head, sequence split). It holds all `rep = H // KV` query heads of its
+kv head and all T query positions of the row (T = gamma + 1 in a verify pass, 1 in a draft step) as
+one [M, hd] block, M = rep*T padded to a power of 2 >= 16 (tt.dot needs 16 rows), so grouped-query
+heads share each K/V load and no KV is repeated. Each program runs an online softmax over its blocks
+of `block_k` slots and writes unnormalized partials (o, m, l); `merge_partials` combines the splits
+(and any other launch, e.g. the full-precision recent buffer) with a logsumexp merge in jnp.
+
+Splits are dynamic: the blocks a row can see (`slot < kv_len` and `position <= max query position`)
+are divided evenly among `splits` programs, so a short row does not leave most programs idle or
+read slots past its length.
+
+Masking: key slot j of the main cache is at position `j`, slot r of the recent buffer at
+`recent_start + r`; a query at position p sees keys at positions <= p, and only main-cache slots
+below `kv_len` (the caller has written the row's new tokens before attending).
+
+Variants:
+- "bf16": plain k, v [B, KV, S, hd] in any float dtype;
+- "int8": both 4-bit planes of a `QuantKV` (the verifier's view);
+- "int4": the upper plane only (the draft's view: half the code bytes of int8, a quarter of bf16).
+
+QuantKV format (written by qspec_jax.hierarchical_kv): an 8-bit code per element split into an upper
+nibble u (asymmetric 4-bit: scale s, minimum m) and a lower nibble l (the residual at scale s/16,
+offset by 8): value = u*s + (l-8)*s/16 + m = (16u + l - 8) * s/16 + m; the INT4 view is u*s + m.
+Planes are packed along head_dim: byte i holds channel i in its low nibble and channel i + hd/2 in
+its high nibble, so a block is two dots over contiguous halves. Keys have one (s, m) per channel per
+group of G tokens, values one per token. Scales are folded into the small operand of each dot (q for
+keys, the probabilities for values) and the minimum enters as a bias, so the codes go to the tensor
+cores as exact small integers and are never dequantized elementwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from .w4a16 import compute_dtype, dot_precision, resolve_backend
+
+VARIANTS = ("bf16", "int8", "int4")
+NEG = -1e30  # finite "minus infinity": a fully masked row keeps m finite and p = 0
+
+
+class QuantKV(NamedTuple):
+    """The quantized planes of one layer's hierarchical cache (see the module docstring)."""
+
+    k_upper: jax.Array  # [B, KV, S, hd/2] uint8: upper nibbles, channel i low / i + hd/2 high
+    k_lower: jax.Array  # [B, KV, S, hd/2] uint8: lower nibbles, same packing
+    k_scale: jax.Array  # [B, KV, S/G, hd] upper-plane scale per channel per group of G tokens
+    k_min: jax.Array  # [B, KV, S/G, hd] minimum per channel per group
+    v_upper: jax.Array  # [B, KV, S, hd/2] uint8
+    v_lower: jax.Array  # [B, KV, S, hd/2] uint8
+    v_scale: jax.Array  # [B, KV, S] upper-plane scale per token
+    v_min: jax.Array  # [B, KV, S] minimum per token
+
+
+def unpack_planes(packed: jax.Array) -> jax.Array:
+    """[..., hd/2] packed nibbles -> [..., hd] int32 codes 0..15."""
+    p = packed.astype(jnp.int32)
+    return jnp.concatenate([p & 15, (p >> 4) & 15], axis=-1)
+
+
+def dequantize_planes(kv: QuantKV, variant: str):
+    """(k, v) f32 [B, KV, S, hd] of the int8 (both planes) or int4 (upper plane) view."""
+    k_scale = jnp.repeat(kv.k_scale.astype(jnp.float32), kv.k_upper.shape[2] // kv.k_scale.shape[2], axis=2)
+    k_min = jnp.repeat(kv.k_min.astype(jnp.float32), kv.k_upper.shape[2] // kv.k_min.shape[2], axis=2)
+    v_scale, v_min = kv.v_scale.astype(jnp.float32)[..., None], kv.v_min.astype(jnp.float32)[..., None]
+
+    def value(upper, lower, s, m):
+        u = unpack_planes(upper).astype(jnp.float32)
+        if variant == "int4":
+            return u * s + m
+        return (16 * u + unpack_planes(lower).astype(jnp.float32) - 8) * (s / 16) + m
+
+    return value(kv.k_upper, kv.k_lower, k_scale, k_min), value(kv.v_upper, kv.v_lower, v_scale, v_min)
+
+
+# ---------------------------------------------------------------- kernel
+
+
+def _decode_kernel(
+    row_pos_ref,  # [M] int32: query position of each query row, -1 on padding rows
+    n_ref,  # [] int32: slots [0, n) may be read
+    off_ref,  # [] int32: position of slot 0
+    q_ref,  # [M, hd]
+    *refs,  # bf16: k, v [S, hd]; int8: ku, kl [S, hd/2], ks, km [S/G, hd], vu, vl [S, hd/2], vs, vm [S];
+    #         int4: the same without kl and vl; then outputs o [M, hd] f32, m [M], l [M]
+    variant: str,
+    bk: int,
+    group: int,
+    splits: int,
+    sm_scale: float,
+    cdt,
+):
+    *kv_refs, o_ref, m_ref, l_ref = refs
+    M, hd = q_ref.shape
+    hd2 = hd // 2
+    prec = dot_precision(cdt)
+    row_pos = row_pos_ref[...]
+    n, off = n_ref[...], off_ref[...]
+    end = jnp.minimum(n, jnp.max(row_pos) - off + 1)  # slots past `end` are masked for every row
+    total = (jnp.maximum(end, 0) + bk - 1) // bk
+    per = (total + splits - 1) // splits
+    first = pl.program_id(2) * per
+    count = jnp.clip(total - first, 0, per)
+
+    def dot(a, b):  # a @ b.T, f32 accumulation
+        return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                               precision=prec)
+
+    def pdot(p, v):  # p @ v
+        return jnp.dot(p, v, preferred_element_type=jnp.float32, precision=prec)
+
+    def codes(u_ref, l_ref, rows):  # [bk, hd/2] x 2: low-half and high-half channel codes (int32)
+        u = u_ref.at[rows, :][...].astype(jnp.int32)
+        if variant == "int4":
+            return u & 15, (u >> 4) & 15
+        lo = l_ref.at[rows, :][...].astype(jnp.int32)
+        return 16 * (u & 15) + (lo & 15) - 8, 16 * ((u >> 4) & 15) + ((lo >> 4) & 15) - 8
+
+    cs = 1.0 if variant == "int4" else 1.0 / 16  # code scale: value = code * cs * s + m
+    if variant == "bf16":
+        k_ref, v_ref = kv_refs
+        q = q_ref[...].astype(cdt)
+    else:
+        if variant == "int8":
+            ku_ref, kl_ref, ks_ref, km_ref, vu_ref, vl_ref, vs_ref, vm_ref = kv_refs
+        else:
+            ku_ref, ks_ref, km_ref, vu_ref, vs_ref, vm_ref = kv_refs
+            kl_ref = vl_ref = None
+        q_lo = q_ref.at[:, pl.ds(0, hd2)][...].astype(jnp.float32)  # [M, hd/2]
+        q_hi = q_ref.at[:, pl.ds(hd2, hd2)][...].astype(jnp.float32)
+
+    def body(i, carry):
+        o_lo, o_hi, m_prev, l_prev = carry
+        t0 = (first + i) * bk
+        rows = pl.ds(t0, bk)
+        slots = t0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+        mask = (slots < n) & (off + slots <= row_pos[:, None])  # [M, bk]
+        if variant == "bf16":
+            s = dot(q, k_ref.at[rows, :][...].astype(cdt)) * sm_scale
+        else:
+            g = t0 // group  # block_k divides the group: one (scale, min) row per block
+            half = lambda r, h: r.at[pl.ds(g, 1), pl.ds(h * hd2, hd2)][...].astype(jnp.float32)  # [1, hd/2]
+            c_lo, c_hi = codes(ku_ref, kl_ref, rows)
+            s = dot((q_lo * (half(ks_ref, 0) * (cs * sm_scale))).astype(cdt), c_lo.astype(cdt))
+            s += dot((q_hi * (half(ks_ref, 1) * (cs * sm_scale))).astype(cdt), c_hi.astype(cdt))
+            bias = jnp.sum(q_lo * half(km_ref, 0), axis=1) + jnp.sum(q_hi * half(km_ref, 1), axis=1)
+            s += (bias * sm_scale)[:, None]
+        s = jnp.where(mask, s, NEG)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        corr = jnp.exp(m_prev - m_next)
+        p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)  # [M, bk] f32
+        l_next = l_prev * corr + jnp.sum(p, axis=1)
+        if variant == "bf16":
+            v = v_ref.at[rows, :][...].astype(cdt)  # [bk, hd]
+            return o_lo * corr[:, None] + pdot(p.astype(cdt), v), o_hi, m_next, l_next
+        vs = vs_ref.at[rows][...].astype(jnp.float32)[None, :]  # [1, bk]
+        vm = vm_ref.at[rows][...].astype(jnp.float32)[None, :]
+        ps = (p * (vs * cs)).astype(cdt)
+        pm = jnp.sum(p * vm, axis=1)[:, None]  # [M, 1]: the minimum's share
+        c_lo, c_hi = codes(vu_ref, vl_ref, rows)
+        o_lo = o_lo * corr[:, None] + pdot(ps, c_lo.astype(cdt)) + pm
+        o_hi = o_hi * corr[:, None] + pdot(ps, c_hi.astype(cdt)) + pm
+        return o_lo, o_hi, m_next, l_next
+
+    width = hd if variant == "bf16" else hd2
+    init = (
+        jnp.zeros((M, width), jnp.float32),
+        jnp.zeros((M, hd2 if variant != "bf16" else 1), jnp.float32),
+        jnp.full((M,), NEG, jnp.float32),
+        jnp.zeros((M,), jnp.float32),
+    )
+    o_lo, o_hi, m, l = lax.fori_loop(0, count, body, init)
+    if variant == "bf16":
+        o_ref[...] = o_lo
+    else:
+        o_ref.at[:, pl.ds(0, hd2)][...] = o_lo
+        o_ref.at[:, pl.ds(hd2, hd2)][...] = o_hi
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def pick_block_k(S: int, group: Optional[int], block_k: Optional[int]) -> int:
+    """The K block: given, or the largest power of 2 <= 128 dividing S (and the group)."""
+    limit = S if group is None else math.gcd(S, group)
+    if block_k is None:
+        block_k = 128
+        while block_k > 16 and limit % block_k:
+            block_k //= 2
+    if block_k < 16 or block_k & (block_k - 1) or limit % block_k:
+        raise ValueError(
+            f"block_k must be a power of 2 >= 16 dividing the cache length {S}"
+            + ("" if group is None else f" and the key group {group}") + f"; got {block_k}"
+        )
+    return block_k
+
+
+def pick_splits(batch: int, kv_heads: int, blocks: int) -> int:
+    """Enough programs to fill an H100/H200 (132 SMs) about twice, at most one per block."""
+    return max(1, min(blocks, -(-264 // (batch * kv_heads))))
+
+
+def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_k=None, splits=None,
+                       num_warps=4, num_stages=2, interpret=False):
+    """One launch: unnormalized partials over the slots [0, n) of `kv`, slot j at position off + j.
+
+    q_rows: [B, KV, M, hd] query blocks; row_pos: [B, M] int32 query positions (-1 for padding);
+    kv: (k, v) [B, KV, S, hd] for "bf16" or a QuantKV; n, off: [B] int32.
+    Returns o [B, KV, P, M, hd] f32 (unnormalized), m and l [B, KV, P, M] f32.
+    """
+    B, KV, M, hd = q_rows.shape
+    if variant == "bf16":
+        k, v = kv
+        S, group = k.shape[2], None
+        operands = [k, v]
+        specs = [pl.BlockSpec((None, None, S, hd), lambda b, h, s: (b, h, 0, 0))] * 2
+    else:
+        S = kv.k_upper.shape[2]
+        group = S // kv.k_scale.shape[2]
+        names = ["k_upper", "k_lower", "k_scale", "k_min", "v_upper", "v_lower", "v_scale", "v_min"]
+        if variant == "int4":
+            names = [x for x in names if not x.endswith("_lower")]
+        operands = [getattr(kv, x) for x in names]
+        specs = [pl.BlockSpec((None, None, *a.shape[2:]), lambda b, h, s, nd=a.ndim: (b, h) + (0,) * (nd - 2))
+                 for a in operands]
+    bk = pick_block_k(S, group, block_k)
+    P = splits or pick_splits(B, KV, S // bk)
+    scalar = pl.BlockSpec((None,), lambda b, h, s: (b,))
+    cdt = compute_dtype(q_rows.dtype)
+    kernel = functools.partial(_decode_kernel, variant=variant, bk=bk, group=group or bk, splits=P,
+                               sm_scale=sm_scale, cdt=cdt)
+    return pl.pallas_call(
+        kernel,
+        grid=(B, KV, P),
+        in_specs=[pl.BlockSpec((None, M), lambda b, h, s: (b, 0)), scalar, scalar,
+                  pl.BlockSpec((None, None, M, hd), lambda b, h, s: (b, h, 0, 0)), *specs],
+        out_specs=[
+            pl.BlockSpec((None, None, None, M, hd), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, M), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, None, M), lambda b, h, s: (b, h, s, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, KV, P, M, hd), jnp.float32),
+            jax.ShapeDtypeStruct((B, KV, P, M), jnp.float32),
+            jax.ShapeDtypeStruct((B, KV, P, M), jnp.float32),
+        ],
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"decode_attention_{variant}",
+    )(row_pos, n.astype(jnp.int32), off.astype(jnp.int32), q_rows, *operands)
+
+
+def merge_partials(parts):
+    """Logsumexp merge of [(o, m, l), ...] partials (split axis 2) -> normalized [B, KV, M, hd] f32."""
+    o = jnp.concatenate([p[0] for p in parts], axis=2)
+    m = jnp.concatenate([p[1] for p in parts], axis=2)
+    l = jnp.concatenate([p[2] for p in parts], axis=2)
+    m_max = jnp.max(m, axis=2, keepdims=True)
+    w = jnp.exp(m - m_max)  # [B, KV, P, M]
+    l_sum = jnp.sum(l * w, axis=2)
+    o_sum = jnp.sum(o * w[..., None], axis=2)
+    return jnp.where(l_sum[..., None] > 0, o_sum / jnp.where(l_sum > 0, l_sum, 1.0)[..., None], 0.0)
+
+
+# ---------------------------------------------------------------- API
+
+
+def _check(q, q_pos, kv, variant, recent):
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    B, T, H, hd = q.shape
+    if q_pos.shape != (B, T):
+        raise ValueError(f"q_pos has shape {q_pos.shape}, expected {(B, T)}")
+    if variant == "bf16":
+        if isinstance(kv, QuantKV):
+            raise ValueError("variant 'bf16' takes (k, v) arrays, not QuantKV planes")
+        KV, S = kv[0].shape[1], kv[0].shape[2]
+        if kv[0].shape != (B, KV, S, hd) or kv[1].shape != kv[0].shape:
+            raise ValueError(f"k, v must be [B, KV, S, hd] = [{B}, KV, S, {hd}], got {kv[0].shape}, {kv[1].shape}")
+    else:
+        if not isinstance(kv, QuantKV):
+            raise ValueError(f"variant {variant!r} takes QuantKV planes")
+        KV, S = kv.k_upper.shape[1], kv.k_upper.shape[2]
+        if kv.k_upper.shape != (B, KV, S, hd // 2) or S % kv.k_scale.shape[2]:
+            raise ValueError(f"k_upper must be [{B}, KV, S, {hd // 2}] with S a multiple of the group, "
+                             f"got {kv.k_upper.shape} and k_scale {kv.k_scale.shape}")
+    if H % KV:
+        raise ValueError(f"{H} query heads are not a multiple of {KV} kv heads")
+    if hd < 32 or hd & (hd - 1):
+        raise ValueError(f"head_dim must be a power of 2 >= 32, got {hd}")
+    if recent is not None and (recent[0].shape[:2] != (B, KV) or recent[0].shape[3] != hd):
+        raise ValueError(f"recent k, v must be [{B}, {KV}, R, {hd}], got {recent[0].shape}")
+    return B, T, H, KV, hd
+
+
+def decode_attention(
+    q,  # [B, T, H, hd]
+    q_pos,  # [B, T] int32 positions of the queries
+    kv,  # (k, v) [B, KV, S, hd] for "bf16"; QuantKV for "int8" / "int4"
+    kv_len,  # [B] int32: slots [0, kv_len) of kv may be read; slot j is at position j
+    *,
+    variant: str = "bf16",
+    recent=None,  # optional (k, v) [B, KV, R, hd] full precision, slot r at position recent_start + r
+    recent_start=None,  # [B] int32
+    sm_scale: Optional[float] = None,
+    block_k: Optional[int] = None,
+    splits: Optional[int] = None,
+    backend: str = "auto",
+):
+    """Attention of T query positions per row over the cache (+ the recent buffer): [B, T, H, hd].
+
+    A query at position p sees the keys at positions <= p (main-cache slots below kv_len, recent
+    slots at recent_start + r). backend: "auto" (triton on GPU, else reference), "triton",
+    "interpret", "reference".
+    """
+    B, T, H, KV, hd = _check(q, q_pos, kv, variant, recent)
+    sm_scale = 1.0 / math.sqrt(hd) if sm_scale is None else sm_scale
+    backend = resolve_backend(backend)
+    if backend == "reference":
+        return decode_attention_reference(q, q_pos, kv, kv_len, variant=variant, recent=recent,
+                                          recent_start=recent_start, sm_scale=sm_scale)
+    rep = H // KV
+    M = max(16, _pow2_at_least(rep * T))
+    # Query rows of a kv head: row r*T + t is query head (kv head, r) at position t.
+    q_rows = q.reshape(B, T, KV, rep, hd).transpose(0, 2, 3, 1, 4).reshape(B, KV, rep * T, hd)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, M - rep * T), (0, 0)))
+    row_pos = jnp.pad(jnp.tile(q_pos.astype(jnp.int32), (1, rep)), ((0, 0), (0, M - rep * T)), constant_values=-1)
+    run = functools.partial(attention_partials, q_rows, row_pos, sm_scale=sm_scale,
+                            interpret=backend == "interpret")
+    parts = [run(kv, kv_len, jnp.zeros((B,), jnp.int32), variant=variant, block_k=block_k, splits=splits)]
+    if recent is not None:
+        R = recent[0].shape[2]
+        parts.append(run(recent, jnp.full((B,), R, jnp.int32), recent_start, variant="bf16", splits=1))
+    out = merge_partials(parts)[:, :, : rep * T]  # [B, KV, rep*T, hd]
+    return out.reshape(B, KV, rep, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd).astype(q.dtype)
+
+
+def decode_attention_reference(q, q_pos, kv, kv_len, *, variant="bf16", recent=None, recent_start=None,
+                               sm_scale=None):
+    """Plain jnp of the same math in f32: dequantize, mask by position, softmax."""
+    B, T, H, KV, hd = _check(q, q_pos, kv, variant, recent)
+    sm_scale = 1.0 / math.sqrt(hd) if sm_scale is None else sm_scale
+    k, v = (kv if variant == "bf16" else dequantize_planes(kv, variant))
+    k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+    S = k.shape[2]
+    k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    valid = k_pos < kv_len[:, None]
+    if recent is not None:
+        R = recent[0].shape[2]
+        k = jnp.concatenate([k, recent[0].astype(jnp.float32)], axis=2)
+        v = jnp.concatenate([v, recent[1].astype(jnp.float32)], axis=2)
+        k_pos = jnp.concatenate([k_pos, recent_start[:, None] + jnp.arange(R, dtype=jnp.int32)], axis=1)
+        valid = jnp.concatenate([valid, jnp.ones((B, R), bool)], axis=1)
+    rep = H // KV
+    qf = q.astype(jnp.float32).reshape(B, T, KV, rep, hd)
+    hp = lax.Precision.HIGHEST
+    s = jnp.einsum("btgrd,bgsd->bgrts", qf, k, precision=hp) * sm_scale
+    mask = valid[:, None, None, None, :] & (k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None])
+    s = jnp.where(mask, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(l > 0, l, 1.0)
+    out = jnp.einsum("bgrts,bgsd->btgrd", p, v, precision=hp)
+    return out.reshape(B, T, H, hd).astype(q.dtype)

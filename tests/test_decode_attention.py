@@ -1,0 +1,250 @@
+"""Decode attention kernels (bf16 / int8 / int4 planes + recent buffer) against float64 NumPy.
+
+Every case draws fresh random inputs (seed printed, pin with QSPEC_TEST_SEED). The kernels run in
+interpret mode on CPU and compiled (backend="triton") on a GPU; the plain-jnp reference runs too.
+The NumPy check decodes the planes itself (nibble layout and formula from the module docstring)
+and computes masked softmax attention in float64. Tolerances are max-abs errors over outputs of
+size ~1: f32 inputs 2e-5 (f32 accumulation, scales folded into q and p in f32), bf16 inputs 3e-2
+(q, probabilities and scaled queries rounded to bf16 before the dots).
+"""
+
+import os
+import secrets
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.decode_attention import QuantKV, decode_attention, decode_attention_reference
+from test_kernels import TRITON_TARGETS, _export_cuda, verify_triton_modules  # noqa: F401 (fixture)
+
+KERNEL_BACKENDS = ["interpret"] + (["triton"] if jax.default_backend() == "gpu" else [])
+BACKENDS = KERNEL_BACKENDS + ["reference"]
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+@pytest.fixture
+def rng():
+    seed = int(os.environ.get("QSPEC_TEST_SEED", secrets.randbits(32)))
+    print(f"seed={seed}")
+    return np.random.default_rng(seed)
+
+
+def np_unpack(packed):
+    p = np.asarray(packed).astype(np.int64)
+    return np.concatenate([p & 15, p >> 4], axis=-1)
+
+
+def np_dequant(kv: QuantKV, variant):
+    """float64 (k, v) [B, KV, S, hd] decoded independently of the package."""
+    S = kv.k_upper.shape[2]
+    G = S // kv.k_scale.shape[2]
+    ks = np.repeat(np.asarray(kv.k_scale, np.float64), G, axis=2)
+    km = np.repeat(np.asarray(kv.k_min, np.float64), G, axis=2)
+    vs, vm = np.asarray(kv.v_scale, np.float64)[..., None], np.asarray(kv.v_min, np.float64)[..., None]
+
+    def val(u, l, s, m):
+        u = np_unpack(u)
+        if variant == "int4":
+            return u * s + m
+        return u * s + (np_unpack(l) - 8) * s / 16 + m
+
+    return val(kv.k_upper, kv.k_lower, ks, km), val(kv.v_upper, kv.v_lower, vs, vm)
+
+
+def np_attention(q, q_pos, k, v, k_pos, k_valid):
+    """float64 masked attention. q [B, T, H, hd]; k, v [B, KV, S, hd]; k_pos, k_valid [B, S]."""
+    q = np.asarray(q, np.float64)
+    B, T, H, hd = q.shape
+    KV = k.shape[1]
+    qg = q.reshape(B, T, KV, H // KV, hd)
+    s = np.einsum("btgrd,bgsd->btgrs", qg, k) / np.sqrt(hd)
+    mask = k_valid[:, None, None, None, :] & (k_pos[:, None, None, None, :] <= np.asarray(q_pos)[:, :, None, None, None])
+    s = np.where(mask, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("btgrs,bgsd->btgrd", p, v).reshape(B, T, H, hd)
+
+
+def f64(x):
+    return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+
+
+def random_planes(rng, B, KV, S, hd, G, scale_dtype=jnp.float16):
+    u8 = lambda: jnp.asarray(rng.integers(0, 256, (B, KV, S, hd // 2)), jnp.uint8)
+    return QuantKV(
+        u8(), u8(),
+        jnp.asarray(rng.uniform(0.02, 0.15, (B, KV, S // G, hd)), scale_dtype),
+        jnp.asarray(rng.uniform(-1.2, -0.8, (B, KV, S // G, hd)), scale_dtype),
+        u8(), u8(),
+        jnp.asarray(rng.uniform(0.02, 0.15, (B, KV, S)), scale_dtype),
+        jnp.asarray(rng.uniform(-1.2, -0.8, (B, KV, S)), scale_dtype),
+    )
+
+
+# (B, T, H, KV, hd, S): draft step (T=1) and verify passes (T = gamma+1 = 4, 5); SmolLM2's 9/3
+# heads at hd 64 (rep*T = 15 -> 16 rows), Llama-3's 4x grouping at hd 128 (T=5: 20 -> 32 rows), MHA.
+SHAPES = [
+    (2, 1, 9, 3, 64, 128),
+    (3, 5, 9, 3, 64, 256),
+    (2, 5, 8, 2, 128, 128),
+    (1, 4, 4, 4, 32, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("B,T,H,KV,hd,S", SHAPES)
+def test_bf16_kv_matches_float64(rng, dtype, B, T, H, KV, hd, S):
+    q = jnp.asarray(rng.standard_normal((B, T, H, hd)), dtype)
+    k = jnp.asarray(rng.standard_normal((B, KV, S, hd)), dtype)
+    v = jnp.asarray(rng.standard_normal((B, KV, S, hd)), dtype)
+    lens = jnp.asarray(rng.integers(0, S - T + 1, B), jnp.int32)  # rows at different lengths
+    lens = lens.at[0].set(S - T)  # one row filling the cache
+    q_pos = lens[:, None] + jnp.arange(T, dtype=jnp.int32)  # the caller has written the T new tokens
+    kv_len = lens + T
+    k_pos = np.broadcast_to(np.arange(S), (B, S))
+    want = np_attention(f64(q), q_pos, f64(k), f64(v), k_pos, k_pos < np.asarray(kv_len)[:, None])
+    for backend in BACKENDS:
+        out = decode_attention(q, q_pos, (k, v), kv_len, backend=backend)
+        assert out.shape == (B, T, H, hd) and out.dtype == dtype
+        err = np.abs(f64(out) - want).max()
+        assert err < TOL[dtype], (backend, err)
+
+
+@pytest.mark.parametrize("block_k,splits", [(16, 1), (16, 7), (32, 3), (64, 64)])
+def test_bf16_tilings(rng, block_k, splits):
+    """Dynamic splits: more splits than blocks, one split, uneven division."""
+    B, T, H, KV, hd, S = 2, 3, 6, 2, 64, 256
+    q = jnp.asarray(rng.standard_normal((B, T, H, hd)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((B, KV, S, hd)), jnp.float32) for _ in range(2))
+    lens = jnp.asarray([37, 200], jnp.int32)
+    q_pos = lens[:, None] + jnp.arange(T, dtype=jnp.int32)
+    k_pos = np.broadcast_to(np.arange(S), (B, S))
+    want = np_attention(f64(q), q_pos, f64(k), f64(v), k_pos, k_pos < np.asarray(lens + T)[:, None])
+    for backend in KERNEL_BACKENDS:
+        out = decode_attention(q, q_pos, (k, v), lens + T, block_k=block_k, splits=splits, backend=backend)
+        assert np.abs(f64(out) - want).max() < TOL[jnp.float32], backend
+
+
+def test_keys_past_kv_len_and_position_are_masked(rng):
+    """Garbage (huge values) in slots past kv_len or past the query's position changes nothing."""
+    B, T, H, KV, hd, S = 2, 4, 4, 2, 64, 128
+    q = jnp.asarray(rng.standard_normal((B, T, H, hd)), jnp.float32)
+    k, v = (rng.standard_normal((B, KV, S, hd)).astype(np.float32) for _ in range(2))
+    lens = np.array([10, 60])
+    kv_len = jnp.asarray(lens + T, jnp.int32)
+    q_pos = jnp.asarray(lens[:, None] + np.arange(T), jnp.int32)
+    k_pos = np.broadcast_to(np.arange(S), (B, S))
+    want = np_attention(f64(q), q_pos, k.astype(np.float64), v.astype(np.float64), k_pos, k_pos < np.asarray(kv_len)[:, None])
+    for b in range(B):
+        k[b, :, lens[b] + T:] = 1e4
+        v[b, :, lens[b] + T:] = 1e4
+    for backend in BACKENDS:
+        out = decode_attention(q, q_pos, (jnp.asarray(k), jnp.asarray(v)), kv_len, backend=backend)
+        assert np.abs(f64(out) - want).max() < TOL[jnp.float32], backend
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("B,T,H,KV,hd,S", SHAPES[:3])
+def test_quantized_planes_with_recent_buffer(rng, variant, dtype, B, T, H, KV, hd, S):
+    G, R = 64, 96
+    kv = random_planes(rng, B, KV, S, hd, G)
+    rk, rv = (jnp.asarray(rng.standard_normal((B, KV, R, hd)), dtype) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((B, T, H, hd)), dtype)
+    q_len = jnp.asarray(rng.integers(0, S // G + 1, B) * G, jnp.int32)  # 0 .. S: empty and full planes
+    q_len = q_len.at[0].set(0)
+    buffered = jnp.asarray(rng.integers(0, R - T + 1, B), jnp.int32)  # accepted tokens in the buffer
+    lens = q_len + buffered
+    q_pos = lens[:, None] + jnp.arange(T, dtype=jnp.int32)
+    k_deq, v_deq = np_dequant(kv, variant)
+    k_all = np.concatenate([k_deq, f64(rk)], axis=2)
+    v_all = np.concatenate([v_deq, f64(rv)], axis=2)
+    k_pos = np.concatenate([np.broadcast_to(np.arange(S), (B, S)), np.asarray(q_len)[:, None] + np.arange(R)], axis=1)
+    valid = np.concatenate([np.arange(S) < np.asarray(q_len)[:, None], np.ones((B, R), bool)], axis=1)
+    want = np_attention(f64(q), q_pos, k_all, v_all, k_pos, valid)
+    for backend in BACKENDS:
+        out = decode_attention(q, q_pos, kv, q_len, variant=variant, recent=(rk, rv), recent_start=q_len,
+                               backend=backend)
+        assert out.shape == (B, T, H, hd) and out.dtype == dtype
+        err = np.abs(f64(out) - want).max()
+        assert err < TOL[dtype], (backend, err)
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+def test_quantized_tilings_and_f32_scales(rng, variant):
+    B, T, H, KV, hd, S, G, R = 2, 5, 6, 2, 64, 512, 128, 32
+    kv = random_planes(rng, B, KV, S, hd, G, scale_dtype=jnp.float32)
+    rk, rv = (jnp.asarray(rng.standard_normal((B, KV, R, hd)), jnp.float32) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((B, T, H, hd)), jnp.float32)
+    q_len = jnp.asarray([128, 384], jnp.int32)
+    q_pos = q_len[:, None] + 20 + jnp.arange(T, dtype=jnp.int32)
+    want = np.asarray(decode_attention_reference(q, q_pos, kv, q_len, variant=variant, recent=(rk, rv),
+                                                 recent_start=q_len), np.float64)
+    for block_k, splits in [(16, 5), (64, 2), (128, 1), (32, 64)]:
+        for backend in KERNEL_BACKENDS:
+            out = decode_attention(q, q_pos, kv, q_len, variant=variant, recent=(rk, rv), recent_start=q_len,
+                                   block_k=block_k, splits=splits, backend=backend)
+            assert np.abs(f64(out) - want).max() < TOL[jnp.float32], (backend, block_k, splits)
+
+
+def test_int4_reads_no_lower_plane(rng):
+    """The draft's view does not depend on the lower plane."""
+    B, T, H, KV, hd, S, G = 1, 1, 4, 2, 64, 128, 64
+    kv = random_planes(rng, B, KV, S, hd, G)
+    other = kv._replace(k_lower=jnp.zeros_like(kv.k_lower), v_lower=jnp.full_like(kv.v_lower, 255))
+    q = jnp.asarray(rng.standard_normal((B, T, H, hd)), jnp.float32)
+    q_len, q_pos = jnp.asarray([S], jnp.int32), jnp.asarray([[S]], jnp.int32)
+    for backend in KERNEL_BACKENDS:
+        a = decode_attention(q, q_pos, kv, q_len, variant="int4", backend=backend)
+        b = decode_attention(q, q_pos, other, q_len, variant="int4", backend=backend)
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+        c = decode_attention(q, q_pos, other, q_len, variant="int8", backend=backend)
+        assert not np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_jit_and_bad_inputs(rng):
+    B, T, H, KV, hd, S = 1, 2, 4, 2, 64, 64
+    q = jnp.asarray(rng.standard_normal((B, T, H, hd)), jnp.float32)
+    k = v = jnp.asarray(rng.standard_normal((B, KV, S, hd)), jnp.float32)
+    q_pos = jnp.asarray([[3, 4]], jnp.int32)
+    f = jax.jit(lambda q, p, k, v, n: decode_attention(q, p, (k, v), n, backend="interpret"))
+    assert f(q, q_pos, k, v, jnp.asarray([5])).shape == (B, T, H, hd)
+    with pytest.raises(ValueError, match="variant"):
+        decode_attention(q, q_pos, (k, v), jnp.asarray([5]), variant="int3")
+    with pytest.raises(ValueError, match="QuantKV"):
+        decode_attention(q, q_pos, (k, v), jnp.asarray([5]), variant="int8")
+    with pytest.raises(ValueError, match="not a multiple"):
+        decode_attention(jnp.zeros((B, T, 3, hd)), q_pos, (k, v), jnp.asarray([5]))
+    with pytest.raises(ValueError, match="block_k"):
+        decode_attention(q, q_pos, (k, v), jnp.asarray([5]), block_k=48, backend="interpret")
+    with pytest.raises(ValueError, match="q_pos"):
+        decode_attention(q, q_pos[:, :1], (k, v), jnp.asarray([5]))
+
+
+# ---------------------------------------------------------------- Triton lowering (no GPU)
+
+
+@pytest.mark.parametrize("variant", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("B,T,H,KV,hd,S", [(1, 1, 32, 8, 128, 8192), (4, 5, 9, 3, 64, 1024), (2, 4, 32, 8, 128, 2048)])
+def test_triton_lowering(verify_triton_modules, variant, B, T, H, KV, hd, S):
+    sd = jax.ShapeDtypeStruct
+    G, R = 128, 256
+    q, q_pos, n = sd((B, T, H, hd), jnp.bfloat16), sd((B, T), jnp.int32), sd((B,), jnp.int32)
+    recent = (sd((B, KV, R, hd), jnp.bfloat16),) * 2
+    if variant == "bf16":
+        kv = (sd((B, KV, S, hd), jnp.bfloat16),) * 2
+        fn = lambda q, p, kv, n, recent: decode_attention(q, p, kv, n, backend="triton")
+        launches = 1
+    else:
+        u8, sc = sd((B, KV, S, hd // 2), jnp.uint8), sd((B, KV, S // G, hd), jnp.float16)
+        kv = QuantKV(u8, u8, sc, sc, u8, u8, sd((B, KV, S), jnp.float16), sd((B, KV, S), jnp.float16))
+        fn = lambda q, p, kv, n, recent: decode_attention(q, p, kv, n, variant=variant, recent=recent,
+                                                          recent_start=n, backend="triton")
+        launches = 2  # the planes and the recent buffer
+    for dtype in (jnp.bfloat16, jnp.float32):
+        n0 = len(verify_triton_modules)
+        exp = _export_cuda(fn, sd(q.shape, dtype), q_pos, kv, n, recent)
+        assert len(verify_triton_modules) == n0 + launches, "no Triton kernel was lowered"
+        assert any(t in exp.mlir_module() for t in TRITON_TARGETS)

@@ -1,0 +1,209 @@
+"""The hierarchical KV cache: quantization round trips and error bounds, the write / flush life cycle
+with rows at different lengths (drafts overwritten by the verifier), and attention over it.
+
+Fresh random inputs per test (seed printed, pin with QSPEC_TEST_SEED). Planes are decoded by NumPy
+independently of the package (tests/test_decode_attention.np_dequant).
+"""
+
+import os
+import secrets
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qspec_jax import hierarchical_kv as hkv
+from test_decode_attention import KERNEL_BACKENDS, f64, np_attention, np_dequant, np_unpack
+
+
+@pytest.fixture
+def rng():
+    seed = int(os.environ.get("QSPEC_TEST_SEED", secrets.randbits(32)))
+    print(f"seed={seed}")
+    return np.random.default_rng(seed)
+
+
+def kv_like(rng, shape, offset=0.0, outliers=True):
+    """Keys-like data: per-channel offsets and a few outlier channels (why keys are quantized per
+    channel: over a token they would set the range)."""
+    x = rng.standard_normal(shape)
+    x += offset * rng.standard_normal(shape[-1])  # per-channel offset
+    if outliers:
+        x[..., :: max(1, shape[-1] // 4)] *= 8
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("scale_dtype", [jnp.float16, jnp.float32])
+@pytest.mark.parametrize("axis", [2, 3])
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_quantize_planes_round_trip_and_bounds(rng, scale_dtype, axis, offset):
+    """Per element: INT4 error <= s/2, INT8 <= s/16 (s/32 unless the residual code clips); relative
+    Frobenius error INT8 < 1e-2, INT4 < 0.15. Large per-channel offsets (|m| >> range) stay exact to
+    the bound because m is rounded down and s up before the codes are computed."""
+    x = kv_like(rng, (2, 3, 64, 64), offset if axis == 2 else 0.0, outliers=axis == 2)
+    u, l, s, m = hkv.quantize_planes(jnp.asarray(x), axis, scale_dtype)
+    assert u.dtype == jnp.uint8 and u.shape == (2, 3, 64, 32) and s.dtype == scale_dtype
+    uc, lc = np_unpack(u), np_unpack(l)
+    sf, mf = np.asarray(s, np.float64), np.asarray(m, np.float64)
+    int4 = uc * sf + mf
+    int8 = uc * sf + (lc - 8) * sf / 16 + mf
+    x64 = x.astype(np.float64)
+    assert (np.abs(int4 - x64) <= sf / 2 * (1 + 1e-5) + 1e-6 * np.abs(x64)).all()
+    assert (np.abs(int8 - x64) <= sf / 16 * (1 + 1e-5) + 1e-6 * np.abs(x64)).all()
+    clipped = lc == 15
+    assert (np.abs(int8 - x64)[~clipped] <= np.broadcast_to(sf / 32, x.shape)[~clipped] * (1 + 1e-4) + 1e-6 * np.abs(x64)[~clipped]).all()
+    centered = x64 - x64.mean(axis=axis, keepdims=True)
+    rel = lambda y: np.linalg.norm(y - x64) / np.linalg.norm(centered)
+    assert rel(int8) < 1e-2 and rel(int4) < 0.15, (rel(int8), rel(int4))
+    # The package's own decode agrees with NumPy's.
+    from pallas_kernels.decode_attention import unpack_planes
+    np.testing.assert_array_equal(np.asarray(unpack_planes(u)), uc)
+
+
+def test_quantize_constant_and_extremes():
+    x = np.zeros((1, 1, 16, 32), np.float32)
+    x[0, 0, :, 1] = 3.0  # constant channel: s -> 1, exact
+    u, l, s, m = hkv.quantize_planes(jnp.asarray(x), 2)
+    deq = np_unpack(u) * np.asarray(s, np.float64) + (np_unpack(l) - 8) * np.asarray(s, np.float64) / 16 + np.asarray(m, np.float64)
+    np.testing.assert_array_equal(deq, x)
+    # The extremes of a group are represented: min -> (u=0, l=8), max within the bound.
+    y = np.linspace(-2, 5, 32, dtype=np.float32).reshape(1, 1, 1, 32)
+    u, l, s, m = hkv.quantize_planes(jnp.asarray(y), 3)
+    assert np_unpack(u).min() == 0 and np_unpack(u).max() == 15
+
+
+def test_quantize_group_layout(rng):
+    """Keys: one (s, m) per channel over the group's tokens; values: one per token."""
+    k = jnp.asarray(kv_like(rng, (2, 2, 32, 64)))
+    v = jnp.asarray(kv_like(rng, (2, 2, 32, 64)))
+    q = hkv.quantize_group(k, v)
+    assert q["k_scale"].shape == (2, 2, 64) and q["v_scale"].shape == (2, 2, 32)
+    np.testing.assert_allclose(np.asarray(q["k_min"], np.float64), np.asarray(k).min(axis=2), rtol=2e-3)
+    np.testing.assert_allclose(np.asarray(q["v_min"], np.float64), np.asarray(v).min(axis=3), rtol=2e-3)
+
+
+def np_dense(cache, lengths, variant):
+    """float64 (k, v, positions, valid) [B, KV, S+R, hd] of what attention may read: planes below
+    q_len, then the buffer's slots at q_len + r below `lengths`."""
+    kd, vd = np_dequant(cache.planes(), variant)
+    B, S = kd.shape[0], kd.shape[2]
+    ql, R = np.asarray(cache.q_len), cache.window
+    k = np.concatenate([kd, f64(cache.k_recent)], axis=2)
+    v = np.concatenate([vd, f64(cache.v_recent)], axis=2)
+    pos = np.concatenate([np.broadcast_to(np.arange(S), (B, S)), ql[:, None] + np.arange(R)], axis=1)
+    valid = np.concatenate([np.arange(S) < ql[:, None], ql[:, None] + np.arange(R) < np.asarray(lengths)[:, None]], axis=1)
+    return k, v, pos, valid
+
+
+def check_cache(cache, truth_k, truth_v, lengths, headroom):
+    """Buffer entries equal the truth exactly; plane entries within the INT8 / INT4 bounds of it."""
+    G, R = cache.group, cache.window
+    ql, lengths = np.asarray(cache.q_len), np.asarray(lengths)
+    assert (ql % G == 0).all() and (ql <= lengths).all()
+    assert (lengths - ql + headroom <= R).all(), (lengths, ql)
+    kr, vr = f64(cache.k_recent), f64(cache.v_recent)
+    ks = np.repeat(f64(cache.k_scale), G, axis=2)
+    vs = f64(cache.v_scale)[..., None]
+    for variant, frac in (("int8", 1 / 16), ("int4", 1 / 2)):
+        kd, vd = np_dequant(cache.planes(), variant)
+        for b in range(len(ql)):
+            n = lengths[b] - ql[b]
+            np.testing.assert_array_equal(kr[b, :, :n], truth_k[b, :, ql[b]:lengths[b]])
+            np.testing.assert_array_equal(vr[b, :, :n], truth_v[b, :, ql[b]:lengths[b]])
+            q = ql[b]
+            assert (np.abs(kd[b, :, :q] - truth_k[b, :, :q]) <= ks[b, :, :q] * frac * 1.0001 + 1e-5).all(), variant
+            assert (np.abs(vd[b, :, :q] - truth_v[b, :, :q]) <= vs[b, :, :q] * frac * 1.0001 + 1e-5).all(), variant
+
+
+def test_life_cycle_rows_at_different_lengths(rng):
+    """Prefill ragged prompts, then draft / verify / accept / flush cycles in which every row accepts
+    its own number of tokens. Drafts are junk that the verifier must overwrite; flushed groups must
+    equal quantize_group of the true (accepted) tokens."""
+    B, KV, hd, G, R, gamma, max_len = 3, 2, 64, 16, 40, 3, 256
+    h = gamma + 1
+    cache = hkv.create(B, KV, hd, max_len, group=G, window=R)
+    hkv.check_capacity(cache, h, max_len)
+    truth_k = kv_like(rng, (B, KV, max_len + h, hd)).astype(jnp.bfloat16).astype(np.float64)
+    truth_v = kv_like(rng, (B, KV, max_len + h, hd)).astype(jnp.bfloat16).astype(np.float64)
+    lengths = np.array([5, 40, 70])  # 0, 1 and 3 groups due at once
+    P = 70
+    prefill = jax.jit(hkv.prefill, static_argnums=4)
+    cache = prefill(cache, jnp.asarray(truth_k[:, :, :P], jnp.bfloat16), jnp.asarray(truth_v[:, :, :P], jnp.bfloat16),
+                    jnp.asarray(lengths), h)
+    check_cache(cache, truth_k, truth_v, lengths, h)
+    write, flush = jax.jit(hkv.write), jax.jit(hkv.flush, static_argnums=2)
+    flushes = 0
+    for cycle in range(40):
+        starts = jnp.asarray(lengths, jnp.int32)
+        for i in range(gamma):  # draft steps write junk at len + i
+            junk = jnp.asarray(rng.standard_normal((B, KV, 1, hd)) * 100, jnp.bfloat16)
+            cache = write(cache, junk, junk, starts + i)
+        sl = lambda t: jnp.asarray(np.stack([t[b, :, lengths[b]:lengths[b] + h] for b in range(B)]), jnp.bfloat16)
+        cache = write(cache, sl(truth_k), sl(truth_v), starts)  # the verify pass overwrites the drafts
+        lengths = np.minimum(lengths + rng.integers(1, h + 1, B), max_len - h)
+        before = np.asarray(cache.q_len)
+        cache = flush(cache, jnp.asarray(lengths), h)
+        flushed = np.asarray(cache.q_len) != before
+        flushes += flushed.sum()
+        for b in np.nonzero(flushed)[0]:  # the new group equals a direct quantization of the truth
+            g0 = before[b]
+            grp = lambda t: jnp.asarray(t[b:b + 1, :, g0:g0 + G], jnp.bfloat16)
+            want = hkv.quantize_group(grp(truth_k), grp(truth_v))
+            for name in ("k_upper", "k_lower", "v_upper", "v_lower", "v_scale", "v_min"):
+                np.testing.assert_array_equal(np.asarray(getattr(cache, name)[b, :, g0:g0 + G]), np.asarray(want[name][0]))
+            for name in ("k_scale", "k_min"):
+                np.testing.assert_array_equal(np.asarray(getattr(cache, name)[b, :, g0 // G]), np.asarray(want[name][0]))
+        check_cache(cache, truth_k, truth_v, lengths, h)
+    assert flushes >= 8
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+def test_attention_over_the_cache(rng, variant):
+    """Verify-pass attention (gamma + 1 causal queries) over a prefilled cache: kernel and reference
+    equal float64 attention over the cache's own contents; against the unquantized K/V the INT8 view
+    is close and the INT4 view further off but bounded."""
+    B, KV, H, hd, G, R, T, max_len = 2, 2, 6, 64, 32, 64, 4, 256
+    cache = hkv.create(B, KV, hd, max_len, group=G, window=R, dtype=jnp.float32, scale_dtype=jnp.float32)
+    k = kv_like(rng, (B, KV, 200, hd), 2.0)
+    v = kv_like(rng, (B, KV, 200, hd), outliers=False)
+    lengths = np.array([150, 61])
+    cache = hkv.prefill(cache, jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths), T)
+    assert list(np.asarray(cache.q_len)) == [96, 32]
+    # The verify pass writes its T tokens (positions len .. len+T-1) before attending.
+    new = lambda x: jnp.asarray(np.stack([x[b, :, lengths[b]:lengths[b] + T] for b in range(B)]))
+    cache = hkv.write(cache, new(k), new(v), jnp.asarray(lengths))
+    q = jnp.asarray(rng.standard_normal((B, T, H, hd)), jnp.float32)
+    q_pos = jnp.asarray(lengths[:, None] + np.arange(T), jnp.int32)
+    kd, vd, pos, valid = np_dense(cache, lengths + T, variant)
+    want = np_attention(f64(q), q_pos, kd, vd, pos, valid)
+    k_pos = np.broadcast_to(np.arange(200), (B, 200))
+    exact = np_attention(f64(q), q_pos, k.astype(np.float64), v.astype(np.float64), k_pos, np.ones((B, 200), bool))
+    for backend in KERNEL_BACKENDS + ["reference"]:
+        out = f64(hkv.attention(cache, q, q_pos, variant=variant, backend=backend))
+        assert np.abs(out - want).max() < 2e-5, backend
+        rel = np.linalg.norm(out - exact) / np.linalg.norm(exact)
+        assert rel < (0.02 if variant == "int8" else 0.25), (backend, rel)
+
+
+def test_flush_inside_jit_loop_and_bad_config():
+    """flush and write trace inside a lax.fori_loop (as in the generate program)."""
+    B, KV, hd, G, R = 2, 1, 32, 16, 32
+    cache = hkv.create(B, KV, hd, 128, group=G, window=R)
+
+    def step(i, c):
+        cache, lengths = c
+        x = jnp.full((B, KV, 2, hd), i, jnp.bfloat16)
+        cache = hkv.write(cache, x, x, lengths)
+        lengths = lengths + jnp.asarray([2, 1])
+        return hkv.flush(cache, lengths, 2), lengths
+
+    cache, lengths = jax.jit(lambda c: jax.lax.fori_loop(0, 40, step, (c, jnp.zeros((B,), jnp.int32))))(cache)
+    assert list(np.asarray(lengths)) == [80, 40]
+    assert list(np.asarray(cache.q_len)) == [64, 16]
+    with pytest.raises(ValueError, match="headroom"):
+        hkv.check_capacity(cache, 17, 100)
+    with pytest.raises(ValueError, match="window"):
+        hkv.flush(hkv.create(1, 1, 32, 64, group=16, window=20), jnp.zeros((1,), jnp.int32), 8)
+    with pytest.raises(ValueError, match="fit"):
+        hkv.check_capacity(cache, 4, 1000)
