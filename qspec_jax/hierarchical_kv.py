@@ -23,7 +23,7 @@ Life cycle, all inside the compiled generate program:
 - `write` puts new K/V (draft steps or the verify pass) into the buffer at their positions: writes
   are always at positions >= length >= q_len, so the verify pass overwrites the draft's entries
   in the buffer, and drafts never reach the planes;
-- `flush`, after acceptance has set the lengths, quantizes the oldest group of each row whose
+- `flush` (or `flush_layers` for all layers under one cond), after acceptance has set the lengths, quantizes the oldest group of each row whose
   buffer could not hold the next cycle's `headroom` (= gamma + 1) new tokens, and shifts that row's
   buffer down by G. Only accepted tokens are quantized. With headroom <= G <= R - headroom, one
   group per cycle keeps `length - q_len + headroom <= R`: the buffer holds between R - headroom - G
@@ -190,24 +190,29 @@ def _store_group(cache: HierarchicalKV, q: dict, at: jax.Array) -> dict:
 def flush(cache: HierarchicalKV, lengths: jax.Array, headroom: int) -> HierarchicalKV:
     """Quantize the oldest buffered group of every row with lengths - q_len + headroom > R, shift its
     buffer down by G and advance its q_len. Runs the work only when some row needs it (lax.cond)."""
-    G, R, S = cache.group, cache.window, cache.max_len
+    return flush_layers((cache,), lengths, headroom)[0]
+
+
+def flush_layers(caches: tuple, lengths: jax.Array, headroom: int) -> tuple:
+    """`flush` of every layer's cache under one lax.cond (all layers share lengths and q_len)."""
+    G, R = caches[0].group, caches[0].window
     if not 1 <= headroom <= G or R < G + headroom:
         raise ValueError(f"flush needs 1 <= headroom ({headroom}) <= group ({G}) <= window ({R}) - headroom")
-    due = lengths - cache.q_len + headroom > R  # [B]
+    due = lengths - caches[0].q_len + headroom > R  # [B]
+    return jax.lax.cond(jnp.any(due), lambda cs: tuple(_flush_rows(c, due) for c in cs), lambda cs: cs, tuple(caches))
 
-    def run(cache):
-        scale_dtype = cache.k_scale.dtype
-        q = quantize_group(cache.k_recent[:, :, :G], cache.v_recent[:, :, :G], scale_dtype)
-        planes = _store_group(cache, q, jnp.where(due, cache.q_len, S))
 
-        def shift(buf):
-            rolled = jnp.concatenate([buf[:, :, G:], buf[:, :, :G]], axis=2)
-            return jnp.where(due[:, None, None, None], rolled, buf)
+def _flush_rows(cache: HierarchicalKV, due: jax.Array) -> HierarchicalKV:
+    G, S = cache.group, cache.max_len
+    q = quantize_group(cache.k_recent[:, :, :G], cache.v_recent[:, :, :G], cache.k_scale.dtype)
+    planes = _store_group(cache, q, jnp.where(due, cache.q_len, S))
 
-        return cache.replace(**planes, k_recent=shift(cache.k_recent), v_recent=shift(cache.v_recent),
-                             q_len=cache.q_len + jnp.where(due, G, 0))
+    def shift(buf):
+        rolled = jnp.concatenate([buf[:, :, G:], buf[:, :, :G]], axis=2)
+        return jnp.where(due[:, None, None, None], rolled, buf)
 
-    return jax.lax.cond(jnp.any(due), run, lambda c: c, cache)
+    return cache.replace(**planes, k_recent=shift(cache.k_recent), v_recent=shift(cache.v_recent),
+                         q_len=cache.q_len + jnp.where(due, G, 0))
 
 
 def prefill(cache: HierarchicalKV, k: jax.Array, v: jax.Array, lengths: jax.Array, headroom: int) -> HierarchicalKV:

@@ -187,20 +187,25 @@ def test_attention_over_the_cache(rng, variant):
 
 
 def test_flush_inside_jit_loop_and_bad_config():
-    """flush and write trace inside a lax.fori_loop (as in the generate program)."""
+    """write and flush_layers trace inside a lax.fori_loop (as in the generate program)."""
     B, KV, hd, G, R = 2, 1, 32, 16, 32
-    cache = hkv.create(B, KV, hd, 128, group=G, window=R)
+    caches = (hkv.create(B, KV, hd, 128, group=G, window=R),) * 2  # two layers
 
     def step(i, c):
-        cache, lengths = c
+        caches, lengths = c
         x = jnp.full((B, KV, 2, hd), i, jnp.bfloat16)
-        cache = hkv.write(cache, x, x, lengths)
+        caches = tuple(hkv.write(c, x, -x, lengths) for c in caches)
         lengths = lengths + jnp.asarray([2, 1])
-        return hkv.flush(cache, lengths, 2), lengths
+        return hkv.flush_layers(caches, lengths, 2), lengths
 
-    cache, lengths = jax.jit(lambda c: jax.lax.fori_loop(0, 40, step, (c, jnp.zeros((B,), jnp.int32))))(cache)
+    caches, lengths = jax.jit(lambda c: jax.lax.fori_loop(0, 40, step, (c, jnp.zeros((B,), jnp.int32))))(caches)
     assert list(np.asarray(lengths)) == [80, 40]
-    assert list(np.asarray(cache.q_len)) == [64, 16]
+    for cache in caches:
+        assert list(np.asarray(cache.q_len)) == [64, 16]
+        kd, vd = np_dequant(cache.planes(), "int8")  # position p of row 0 was written in step p // 2
+        np.testing.assert_allclose(kd[0, 0, :64, 0], np.arange(64) // 2, atol=0.03)  # s = 7/15 per group
+        np.testing.assert_allclose(vd[0, 0, :64, 0], -(np.arange(64) // 2), atol=0.03)
+        assert float(cache.k_recent[0, 0, 0, 0]) == 32 and float(cache.k_recent[1, 0, 0, 0]) == 16
     with pytest.raises(ValueError, match="headroom"):
         hkv.check_capacity(cache, 17, 100)
     with pytest.raises(ValueError, match="window"):
