@@ -14,7 +14,10 @@ import dataclasses
 NUM_SMS = 132  # H100 SXM
 TARGET_PROGRAMS = 256  # about two per SM (sweep, llama3-8b down M=1: split 8 beat split 14)
 MIN_BLOCKS_PER_SPLIT = 4  # below this a program's K loop is too short to pipeline
-GEMV_MAX_M = 8  # W4A16 up to this M: the GEMV kernel (no tensor cores; w4a16_gemv.py)
+# W4A16 up to this M: the GEMV kernel (no tensor cores; w4a16_gemv.py). On the H200 it beat the
+# tensor-core kernel at M = 1 on gate_up and down (50.9 vs 77.9, 33.5 vs 39.4 us) and lost from
+# M = 4 on (gate_up 164 vs 73 us): its FMAs grow with M, the MMA's do not.
+GEMV_MAX_M = 1
 DEQUANT_MIN_M = 256  # W4A16 at this M and above: dequantize, then XLA's 16-bit dot (prefill, big verify)
 
 

@@ -44,16 +44,15 @@ class GemvTiles(NamedTuple):
 
 
 def choose_gemv_tiles(M: int, N: int, K: int, pb: int) -> GemvTiles:
-    """A plan with about 4 programs per SM (H200: 132) whose K ranges hold >= 4 packing blocks."""
-    bn = 256 if N % 256 == 0 and M == 1 else 128
+    """128 columns per program and K cut into up to 16 ranges (>= 2 packing blocks each).
+
+    H200 sweep (benchmarks/engine/h200_kernels.json, Llama-3-8B, M = 1): bn 128 with split 16 was
+    fastest on gate_up (50.9 us) and down (33.5 us); the per-block reduction won where a K range is
+    short (gate_up, K = 4096), the final one where it is long (down, K = 14336).
+    """
     nblocks = K // pb
-    split = 1
-    for d in range(1, nblocks + 1):
-        if nblocks % d == 0 and nblocks // d >= 4:
-            split = d
-            if -(-N // bn) * d >= 512:
-                break
-    return GemvTiles(bn=bn, split=split)
+    split = max(d for d in range(1, 17) if nblocks % d == 0 and nblocks // d >= 2) if nblocks >= 2 else 1
+    return GemvTiles(bn=128, split=split, reduce_each_block=M > 1 or nblocks // split < 4)
 
 
 def nibbles_as_f32(p):
