@@ -126,6 +126,10 @@ def sweep_tiles(M: int, K: int, N: int, pb: int, kind: str) -> list[Tiles]:
                   for bm in (16, 32, 64, 128) if bm != auto.bm and bm <= max(16, M)]
     if kind == "w4a16":
         cands += [rep(auto, swap=True), rep(auto, swap=True, unroll=2, atomic=True)]
+        # bit-built dequantization, and gemlite's decode configs (16x64 tiles, deep split-K, 1 stage)
+        cands += [rep(auto, bias_dequant=True), rep(auto, bias_dequant=True, unroll=2, atomic=True)]
+        cands += [rep(auto, bm=16, bn=64, split=s, atomic=True, num_stages=1, bias_dequant=b)
+                  for s in (8, 16) for b in (False, True) if M <= 16]
     out = []
     for t in cands:
         if t in out or nblocks % t.split or (nblocks // t.split) % t.unroll:
@@ -150,7 +154,7 @@ def run_sweep(args, models, ms, backend, key, rotate) -> list[dict]:
             for M in ms:
                 x = jax.random.normal(jax.random.fold_in(key, M), (M, K), jnp.bfloat16)
                 noop = time_loop(method_fn("noop", backend), x, ws, args.iters, args.repeats)
-                for m in ("w4a16", "w4a4"):
+                for m in args.kinds.split(","):
                     res = []
                     cands = sweep_tiles(M, K, N, pb, m)
                     for t in cands:
@@ -269,6 +273,7 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true",
                    help="time w4a16/w4a4 over candidate tiles instead of the method table")
     p.add_argument("--projs", default=None, help="with --sweep: comma list of projection names")
+    p.add_argument("--kinds", default="w4a16,w4a4", help="with --sweep: kernels to sweep")
     args = p.parse_args(argv)
 
     backend, rotate = args.backend, ROTATE_BYTES
