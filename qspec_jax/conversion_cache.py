@@ -8,7 +8,8 @@ what they were made from, verified when read, written atomically, shared safely 
 - Key: sha256 of the cache format version and `fields`, a JSON dict of everything the result
   depends on: the source's identity (`source_identity`: sha256 of its content, remembered per
   path by size, mtime, ctime and inode so an unchanged file is hashed once), every conversion
-  setting, and the sha256 of the converting code (`code_identity`). An entry is
+  setting, and the sha256 of the converting code (`code_identity` of FLOAT_CODE / INT4_CODE /
+  GPTQ_CODE; CONVERTER_VERSION covers the rest). An entry is
   `cache_dir/<name>/<key>/`: two sources with one file name, or one source before and after an
   edit, get different keys.
 - Integrity: `manifest.json` in the entry lists every file written with its size and sha256; a read
@@ -139,11 +140,15 @@ def code_identity(modules: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-# The code each conversion runs: an edit to any of it makes new keys.
+# The code each conversion runs: an edit to any of it makes new keys. The calibration forward pass
+# (qspec_jax.model) and the tokenizer are left out: they change often for reasons that leave the
+# GPTQ Hessians alone. A change there (or anywhere unhashed) that does change conversions must
+# bump CONVERTER_VERSION.
+CONVERTER_VERSION = 1
 FLOAT_CODE = ("qspec_jax.config", "qspec_jax.layout", "qspec_jax.gguf_format", "qspec_jax.hf_format")
 INT4_CODE = FLOAT_CODE + ("qspec_jax.quantize", "qspec_jax.int4", "qspec_jax.rotation", "qspec_jax.gptq",
                           "pallas_kernels.packing")
-GPTQ_CODE = INT4_CODE + ("qspec_jax.model", "qspec_jax.kv_cache", "qspec_jax.datasets", "qspec_jax.tokenizer")
+GPTQ_CODE = INT4_CODE + ("qspec_jax.datasets",)
 
 
 def float_fields(source: str, cache_dir: Optional[str] = None) -> dict:
@@ -172,8 +177,9 @@ def int4_fields(source: str, cache_dir: Optional[str] = None, *, group_size, rot
 
 
 def entry_key(fields: dict) -> str:
-    """The key of an entry: sha256 of the cache format and `fields` as canonical JSON."""
-    blob = json.dumps({"format": CACHE_FORMAT, "fields": fields}, sort_keys=True, separators=(",", ":"))
+    """The key of an entry: sha256 of the cache format, CONVERTER_VERSION and `fields` as canonical JSON."""
+    blob = json.dumps({"format": CACHE_FORMAT, "converter": CONVERTER_VERSION, "fields": fields},
+                      sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
