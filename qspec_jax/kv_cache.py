@@ -60,3 +60,65 @@ def write_layer(layer_cache: jax.Array, new: jax.Array, starts: jax.Array) -> ja
     # Advanced indices (rows, slots) around a slice put [batch, T] first: values [B, T, KV, hd].
     values = new.transpose(0, 2, 1, 3).astype(layer_cache.dtype)
     return layer_cache.at[rows, :, slots, :].set(values, mode="drop")
+
+
+@struct.dataclass
+class HierarchicalKVCache:
+    """QuantSpec's INT8 KV cache (see qspec_jax/hierarchical_kv.py): one `HierarchicalKV` per layer
+    (two 4-bit planes + a full-precision recent buffer) plus each row's length.
+
+    `model.forward` reads it through its static `kv_view`: "int8" (both planes: the verifier and
+    plain decoding) or "int4" (the upper plane only: the draft). New K/V always go to the recent
+    buffer; `flush` (after acceptance has set `lengths`) moves the oldest accepted group into the
+    planes. A prompt is prefilled by a plain causal pass and `from_prompt`.
+    """
+
+    layers: tuple  # num_layers x HierarchicalKV
+    lengths: jax.Array  # [batch] int32
+
+    @classmethod
+    def from_prompt(cls, config: LlamaConfig, k: tuple, v: tuple, lengths: jax.Array, max_len: int, *,
+                    headroom: int, group: int = 128, window: int = 256, dtype=jnp.bfloat16) -> "HierarchicalKVCache":
+        """A cache of `max_len` positions per row filled from a prompt's per-layer k, v
+        [B, KV, P, hd] (e.g. a bf16 `KVCache`'s buffers after a causal prefill); `headroom` is the
+        most tokens a cycle writes (gamma + 1)."""
+        from qspec_jax import hierarchical_kv as hkv
+
+        b = k[0].shape[0]
+        layers = tuple(
+            hkv.prefill(hkv.create(b, config.num_kv_heads, config.head_dim, max_len, group=group, window=window,
+                                   dtype=dtype), ki, vi, lengths, headroom)
+            for ki, vi in zip(k, v)
+        )
+        return cls(layers=layers, lengths=lengths)
+
+    @property
+    def max_len(self) -> int:
+        return self.layers[0].max_len
+
+    @property
+    def batch(self) -> int:
+        return self.layers[0].k_upper.shape[0]
+
+
+def check_hierarchical(config: LlamaConfig, batch: int, max_len: int, *, headroom: int, group: int, window: int):
+    """Host-side capacity check of a `HierarchicalKVCache` before generation (clear ValueError)."""
+    from qspec_jax import hierarchical_kv as hkv
+
+    shapes = jax.eval_shape(lambda: hkv.create(batch, config.num_kv_heads, config.head_dim, max_len,
+                                               group=group, window=window))
+    try:
+        hkv.check_capacity(shapes, headroom, max_len)
+    except ValueError as e:
+        raise ValueError(f"kv='int8' (group {group}, window {window}, gamma + 1 = {headroom}): {e}") from None
+
+
+def flush(cache, headroom: int):
+    """After acceptance has set `cache.lengths`: flush a `HierarchicalKVCache` (quantize each row's
+    oldest buffered group when the next cycle's `headroom` tokens would not fit); a bf16 `KVCache`
+    is returned unchanged."""
+    if not isinstance(cache, HierarchicalKVCache):
+        return cache
+    from qspec_jax import hierarchical_kv as hkv
+
+    return cache.replace(layers=hkv.flush_layers(cache.layers, cache.lengths, headroom))

@@ -8,6 +8,11 @@
 Embedding, norms, attention and the head stay in float in every mode.
 
 Rows are right-padded and a token at position p is cached in slot p (see kv_cache.py).
+
+The cache is a bf16 `KVCache` or QuantSpec's `HierarchicalKVCache` (INT8 = two 4-bit planes + a
+full-precision recent buffer); the static `kv_view` says how a forward reads the latter: "int8"
+(both planes: the verifier, plain decoding) or "int4" (upper plane only: the draft). `mode` alone
+cannot say which: a W4A16 verify and a W4A16 draft would read different views.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from qspec_jax.config import LlamaConfig
-from qspec_jax.kv_cache import KVCache, write_layer
+from qspec_jax import hierarchical_kv as hkv
+from qspec_jax.kv_cache import HierarchicalKVCache, KVCache, write_layer
 
 MODES = ("bf16", "w4a16", "w4a4", "w4a8")
+KV_VIEWS = ("int8", "int4")  # how a forward reads a HierarchicalKVCache (ignored by a bf16 KVCache)
 
 
 def is_quantized(w) -> bool:
@@ -167,10 +174,11 @@ def forward(
     params: dict,
     tokens: jax.Array,
     positions: jax.Array,
-    cache: Optional[KVCache],
+    cache,  # Optional[KVCache | HierarchicalKVCache]
     *,
     config: LlamaConfig,
     mode: str = "bf16",
+    kv_view: str = "int8",
     logit_index: Optional[jax.Array] = None,
     collect_grams: bool = False,
 ):
@@ -184,9 +192,17 @@ def forward(
     qspec_jax.gptq) also returns the f32 Gram matrices X^T X of every projection input over all
     B*T rows, per layer: `{"attn": [L, D, D], "o": .., "mlp": .., "down": ..}` (q/k/v share "attn",
     gate/up share "mlp").
+
+    With a `HierarchicalKVCache` (decode and verify steps; prompts are prefilled with a plain causal
+    pass, see `HierarchicalKVCache.from_prompt`), each layer writes its new K/V into the recent
+    buffer at `positions[:, 0] + arange(T)` and attends over the `kv_view` ("int8" / "int4") planes
+    plus the buffer (pallas_kernels.decode_attention). `kv_view` is ignored with a bf16 `KVCache`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if kv_view not in KV_VIEWS:
+        raise ValueError(f"unknown kv_view {kv_view!r}; expected one of {KV_VIEWS}")
+    hier = isinstance(cache, HierarchicalKVCache)
     dtype = params["embed"].dtype
     b, t = tokens.shape
     nh, nkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
@@ -195,7 +211,9 @@ def forward(
     lin = partial(linear, mode=mode)
     rot_o, rot_down = _online_rotation(params, "o_proj"), _online_rotation(params, "down_proj")
     starts = positions[:, 0]
-    if cache is not None:
+    if hier:
+        k_pos = None
+    elif cache is not None:
         k_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
     else:
         k_pos = positions
@@ -217,10 +235,14 @@ def forward(
         q = apply_rope(q.reshape(b, t, nh, hd), positions, inv_freq)
         k = apply_rope(k.reshape(b, t, nkv, hd), positions, inv_freq).transpose(0, 2, 1, 3)
         v = v.reshape(b, t, nkv, hd).transpose(0, 2, 1, 3)
-        if k_cache is not None:
-            k = k_cache = write_layer(k_cache, k, starts)
-            v = v_cache = write_layer(v_cache, v, starts)
-        a = attention(q, k, v, positions, k_pos)
+        if hier:  # k_cache is this layer's HierarchicalKV, v_cache None
+            k_cache = hkv.write(k_cache, k, v, starts)
+            a = hkv.attention(k_cache, q, positions, variant=kv_view).reshape(b, t, nh * hd)
+        else:
+            if k_cache is not None:
+                k = k_cache = write_layer(k_cache, k, starts)
+                v = v_cache = write_layer(v_cache, v, starts)
+            a = attention(q, k, v, positions, k_pos)
         if rot_o is not None:
             a = rot_o(a)
         observe("o", a)
@@ -243,7 +265,9 @@ def forward(
     # lax.scan over stacked weights made XLA copy every layer's weights and KV slice each step.
     nl = config.num_layers
     ks, vs = [None] * nl, [None] * nl
-    if cache is not None:
+    if hier:
+        ks = list(cache.layers)
+    elif cache is not None:
         ks, vs = list(cache.k), list(cache.v)
     all_grams = []
     for i, lp in enumerate(layer_params(params, nl)):
@@ -254,7 +278,9 @@ def forward(
     x = rms_norm(x, params.get("final_norm"), config.rms_norm_eps)
     head = params["lm_head"] if "lm_head" in params else params["embed"].T
     logits = jnp.dot(x, head.astype(dtype), preferred_element_type=jnp.float32)
-    if cache is not None:
+    if hier:
+        cache = cache.replace(layers=tuple(ks))
+    elif cache is not None:
         cache = cache.replace(k=tuple(ks), v=tuple(vs))
     if collect_grams:
         return logits, cache, {kind: jnp.stack([g[kind] for g in all_grams]) for kind in all_grams[0]}
