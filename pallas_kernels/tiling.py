@@ -106,8 +106,9 @@ def choose_tiles(M: int, N: int, K: int, pb: int, kind: str = "w4a16") -> Tiles:
         # is 3-6% faster at M = 128; quantizing activations in a separate pass beat the fused
         # quantizer at every M measured (gate_up M = 16: 56 vs 75 us, M = 64: 112 vs 171 us).
         # H200 sweep (benchmarks/engine/h200_sweep.json): bit-built dequantization also wins at
-        # M = 16 (qkv 28.0 -> 23.4 us, down 42.8 -> 40.2 us).
-        bias_dequant=w4a16 and M <= 64,
+        # M = 16 (qkv 28.0 -> 23.4 us, down 42.8 -> 40.2 us); at M = 4 on gate_up it lost (H200 run 4:
+        # 90.9 us against 72.9 without it in run 1).
+        bias_dequant=w4a16 and 16 <= M <= 64,
         swap=w4a16 and M > 64,
         fuse_quant=False,
         # H100 (benchmarks/kernels/h100_dequant.json, llama3-8b): from M = 256 on, dequantizing to
