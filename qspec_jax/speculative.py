@@ -6,7 +6,9 @@ A cycle, for every row at once:
      those same slots with the verifier's K/V;
   3. acceptance: the longest drafted prefix the verifier agrees with, plus the verifier's own next
      token (a correction, or a bonus token when everything was accepted).
-The whole generation (prefill, then a `lax.while_loop` over cycles) is one jitted function. With
+Each step is a module-level function (`draft`, `verify`, `accept`, then `advance` for the
+bookkeeping) over a named carry, `LoopState`. The whole generation (prefill, then a
+`lax.while_loop` over cycles) is one jitted function, `generate_jit`. With
 `gamma=0` there are no drafts and a cycle is one plain decode step in `verify_mode`: that is how the
 autoregressive baselines (bf16, w4a16, w4a4, w4a8) run, through the same loop.
 
@@ -26,7 +28,7 @@ from flax import struct
 
 from qspec_jax.config import LlamaConfig
 from qspec_jax.kv_cache import KVCache
-from qspec_jax.model import MODES, forward
+from qspec_jax.model import MODES, forward, unstack_layers
 from qspec_jax.sampling import greedy_accept, probabilities, sample, speculative_accept
 
 POLICIES = ("greedy", "sampling", "replay")
@@ -34,10 +36,13 @@ POLICIES = ("greedy", "sampling", "replay")
 
 @struct.dataclass
 class GenerationResult:
-    """Generated tokens and statistics, all per row.
+    """Generated tokens and statistics, all per row (device arrays; `summary()` totals them).
 
     tokens: [B, max_new_tokens] int32, -1 past `num_tokens`; num_tokens: [B];
     drafted / accepted: drafted and accepted draft tokens; cycles: verify passes after prefill;
+    accepted_at: [B, gamma] cycles whose draft at position j was accepted (a draft counts only with
+    all drafts before it, so the counts never rise with j; they sum to `accepted`);
+    gamma_cycles: [B, gamma + 1] cycles run at each gamma 0..gamma (one bucket while gamma is fixed);
     trace: [B, max_new_tokens] accepted count of each cycle (-1 where the row was not active),
     the input of the `replay` policy.
     """
@@ -48,6 +53,8 @@ class GenerationResult:
     accepted: jax.Array
     cycles: jax.Array
     trace: jax.Array
+    accepted_at: jax.Array
+    gamma_cycles: jax.Array
 
     def acceptance_rate(self) -> np.ndarray:
         """Accepted over drafted tokens per row (NaN where nothing was drafted)."""
@@ -55,10 +62,26 @@ class GenerationResult:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(drafted > 0, np.asarray(self.accepted) / drafted, np.nan)
 
+    def mean_accepted_length(self) -> np.ndarray:
+        """Accepted drafts per cycle, per row (NaN where nothing was drafted). One more than this is
+        what some engines call the mean acceptance length (the verifier's own token included)."""
+        cycles = np.asarray(self.cycles, np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(np.asarray(self.drafted) > 0, np.asarray(self.accepted) / cycles, np.nan)
+
     def summary(self) -> dict:
-        """Totals over the batch: drafted, accepted, cycles, acceptance rate, tokens per cycle."""
+        """Totals over the batch, JSON-friendly (ints, floats, None, lists, str-keyed dicts).
+
+        acceptance_rate: accepted / drafted; tokens_per_cycle: tokens emitted per cycle (cut at EOS
+        and budget); mean_accepted_length: accepted drafts per cycle; accepted_at_position[j]: cycles
+        that accepted the draft at position j; acceptance_at_position[j]: that over the cycles that
+        drafted a position j; gamma_histogram: {gamma: cycles run at it}.
+        """
         drafted, accepted = int(np.sum(self.drafted)), int(np.sum(self.accepted))
         cycles, new = int(np.sum(self.cycles)), int(np.sum(self.num_tokens))
+        at = np.sum(np.asarray(self.accepted_at), axis=0)  # [gamma]
+        per_gamma = np.sum(np.asarray(self.gamma_cycles), axis=0)  # [gamma + 1]
+        drafted_at = np.cumsum(per_gamma[::-1])[::-1][1:]  # cycles that ran at a gamma > j
         return {
             "new_tokens": new,
             "drafted": drafted,
@@ -67,7 +90,53 @@ class GenerationResult:
             "acceptance_rate": accepted / drafted if drafted else None,
             # the first token comes from prefill, every later one from a cycle
             "tokens_per_cycle": (new - len(np.asarray(self.num_tokens))) / cycles if cycles else None,
+            "mean_accepted_length": accepted / cycles if drafted else None,
+            "accepted_at_position": [int(a) for a in at],
+            "acceptance_at_position": [float(a) / d if d else None for a, d in zip(at, drafted_at)],
+            "gamma_histogram": {str(g): int(c) for g, c in enumerate(per_gamma) if c},
         }
+
+
+@struct.dataclass
+class LoopState:
+    """The carry of the generation loop: what a cycle reads and returns (B rows, N = max_new_tokens).
+
+    The counters are per row and count only cycles the row was active in.
+    """
+
+    cache: KVCache  # lengths: slots holding the verifier's K/V (the prompt and every emitted token but `pending`)
+    pending: jax.Array  # [B] int32: the last emitted token, not yet in the cache; the next cycle's first input
+    out: jax.Array  # [B, N + gamma + 1] int32: emitted tokens (-1 unwritten); the tail takes a last cycle's overhang
+    n_out: jax.Array  # [B] int32: tokens emitted so far, at most N
+    done: jax.Array  # [B] bool: the row emitted EOS or its N tokens; it is masked from then on
+    key: jax.Array  # PRNG key of the draft samples and the acceptance draws
+    step: jax.Array  # [] int32: cycles run, the column of `trace` the next cycle writes
+    accepted_at: jax.Array  # [B, gamma] int32: cycles that accepted the draft at position j
+    gamma_cycles: jax.Array  # [B, gamma + 1] int32: cycles run at each gamma
+    trace: jax.Array  # [B, N] int32: accepted count of each cycle, -1 where the row was not active
+
+    @classmethod
+    def start(cls, cache, first, key, *, gamma: int, max_new_tokens: int, eos_ids: tuple) -> "LoopState":
+        """The state after prefill: `first` [B] emitted and pending, `cache.lengths` = prompt lengths."""
+        b = first.shape[0]
+        n_out = jnp.ones((b,), jnp.int32)
+        return cls(
+            cache=cache, pending=first, n_out=n_out, key=key, step=jnp.int32(0),
+            out=jnp.full((b, max_new_tokens + gamma + 1), -1, jnp.int32).at[:, 0].set(first),
+            done=is_eos(first, eos_ids) | (n_out >= max_new_tokens),
+            accepted_at=jnp.zeros((b, gamma), jnp.int32), gamma_cycles=jnp.zeros((b, gamma + 1), jnp.int32),
+            trace=jnp.full((b, max_new_tokens), -1, jnp.int32),
+        )
+
+    def result(self) -> GenerationResult:
+        n = self.trace.shape[1]
+        tokens = jnp.where(jnp.arange(n) < self.n_out[:, None], self.out[:, :n], -1)
+        gammas = jnp.arange(self.gamma_cycles.shape[1], dtype=jnp.int32)
+        return GenerationResult(
+            tokens=tokens, num_tokens=self.n_out, drafted=self.gamma_cycles @ gammas,
+            accepted=jnp.sum(self.accepted_at, axis=1), cycles=jnp.sum(self.gamma_cycles, axis=1),
+            trace=self.trace, accepted_at=self.accepted_at, gamma_cycles=self.gamma_cycles,
+        )
 
 
 def cache_length(prompt_len: int, max_new_tokens: int, gamma: int) -> int:
@@ -85,6 +154,13 @@ def _choose(key, logits, policy, temperature, top_p):
 def _write_rows(buf, block, starts):
     """buf[b, starts[b] : starts[b] + block.shape[1]] = block[b], per row."""
     return jax.vmap(lambda row, blk, s: jax.lax.dynamic_update_slice(row, blk, (s,)))(buf, block, starts)
+
+
+def is_eos(tokens: jax.Array, eos_ids: tuple) -> jax.Array:
+    """Boolean mask of `tokens` that are in the static `eos_ids` (all False when it is empty)."""
+    if not eos_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
 
 
 def prefill(params, prompts, prompt_lens, cache, *, config, mode, chunk):
@@ -118,6 +194,90 @@ def prefill(params, prompts, prompt_lens, cache, *, config, mode, chunk):
     return out, cache
 
 
+def draft(params, cache, pending, key, temperature, *, config, mode, gamma, sampling, top_p):
+    """`gamma` draft steps in `mode` from each row's pending token, each writing its K/V at the
+    row's next slot. Returns (drafts [B, gamma] int32, q, cache, key): q [B, gamma, V] are the draft
+    distributions when `sampling` (the drafts are drawn from them), else None (drafts are argmaxes)."""
+    if gamma == 0:
+        return jnp.zeros((pending.shape[0], 0), jnp.int32), None, cache, key
+
+    def step(carry, j):
+        cache, tok, key = carry
+        logits, cache = forward(params, tok[:, None], (cache.lengths + j)[:, None], cache, config=config, mode=mode)
+        if not sampling:
+            nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+            return (cache, nxt, key), (nxt, None)
+        key, k = jax.random.split(key)
+        q = probabilities(logits[:, 0], temperature, top_p)
+        nxt = sample(k, q)
+        return (cache, nxt, key), (nxt, q)
+
+    (cache, _, key), (drafts, q) = jax.lax.scan(step, (cache, pending, key), jnp.arange(gamma))
+    return drafts.T, None if q is None else jnp.swapaxes(q, 0, 1), cache, key
+
+
+def verify(params, cache, pending, drafts, *, config, mode):
+    """One forward in `mode` over each row's pending token and its drafts at the row's next
+    `gamma + 1` slots (overwriting the drafts' K/V). Returns (logits [B, gamma + 1, V], cache)."""
+    block = jnp.concatenate([pending[:, None], drafts], axis=1)
+    positions = cache.lengths[:, None] + jnp.arange(block.shape[1], dtype=jnp.int32)
+    return forward(params, block, positions, cache, config=config, mode=mode)
+
+
+def accept(key, drafts, q, logits, temperature, forced, *, policy, top_p):
+    """Per row, how many drafts to keep and the verifier's next token: (n_accepted [B], next [B]).
+
+    drafts [B, g], q their distributions (sampling only), logits [B, g + 1, V] the verifier's.
+    greedy: the drafted prefix that matches the verifier's argmax; sampling: speculative sampling
+    at temperature / top_p (output distributed as the verifier's sampling); replay: the `forced`
+    counts [B] (clipped to 0..g), then the verifier's argmax after them.
+    """
+    g = drafts.shape[1]
+    if policy == "sampling":
+        p = probabilities(logits, temperature, top_p)
+        if g == 0:
+            return jnp.zeros(drafts.shape[:1], jnp.int32), sample(key, p[:, 0])
+        return speculative_accept(key, drafts, q, p)
+    if policy == "replay":
+        n_acc = jnp.clip(forced, 0, g)
+        target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return n_acc, jnp.take_along_axis(target, n_acc[:, None], axis=1)[:, 0]
+    return greedy_accept(drafts, logits)
+
+
+def advance(state: LoopState, drafts, n_acc, nxt, *, eos_ids: tuple, max_new_tokens: int) -> LoopState:
+    """Bookkeeping after acceptance: each active row emits its accepted drafts and then `nxt`, cut
+    after an EOS and at its budget; its cache length grows by what it emitted, so a finished row's
+    later (masked) writes stay inside the `cache_length` slots."""
+    b, g = drafts.shape
+    active = ~state.done
+    idx = jnp.arange(g + 1)
+    emitted = jnp.where(idx < n_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])  # [B, g+1]
+    stops = is_eos(emitted, eos_ids) & (idx <= n_acc[:, None])
+    hit_eos = jnp.any(stops, axis=1)
+    count = jnp.where(hit_eos, jnp.argmax(stops, axis=1) + 1, n_acc + 1)
+    count = jnp.where(active, jnp.minimum(count, max_new_tokens - state.n_out), 0)
+    n_out = state.n_out + count
+    return state.replace(
+        cache=state.cache.replace(lengths=state.cache.lengths + count),
+        pending=jnp.where(active, nxt, state.pending),
+        out=_write_rows(state.out, jnp.where(active[:, None], emitted, -1), jnp.where(active, state.n_out, max_new_tokens)),
+        n_out=n_out,
+        done=state.done | (active & (hit_eos | (n_out >= max_new_tokens))),
+        step=state.step + 1,
+        accepted_at=state.accepted_at + (active[:, None] & (jnp.arange(g) < n_acc[:, None])),
+        gamma_cycles=state.gamma_cycles.at[:, g].add(active.astype(jnp.int32)),
+        trace=state.trace.at[:, state.step].set(jnp.where(active, n_acc, -1)),
+    )
+
+
+def replay_counts(replay_trace, state: LoopState):
+    """The `replay` policy's accepted count for each row's next cycle: its trace, cycled."""
+    cycles = jnp.sum(state.gamma_cycles, axis=1)
+    length = jnp.maximum(jnp.sum(replay_trace >= 0, axis=1), 1)
+    return jnp.take_along_axis(replay_trace, (cycles % length)[:, None], axis=1)[:, 0]
+
+
 @partial(
     jax.jit,
     static_argnames=(
@@ -129,92 +289,35 @@ def generate_jit(
     config: LlamaConfig, max_new_tokens: int, gamma: int, draft_mode: str, verify_mode: str,
     policy: str, top_p: float, eos_ids: tuple, prefill_chunk: int = 0,
 ) -> GenerationResult:
-    """The compiled program behind `generate` (inputs already validated; see there)."""
+    """The compiled program behind `generate` (inputs already validated; see there): prefill, then
+    draft -> verify -> accept cycles in one `lax.while_loop` until every row is done."""
     b, p = prompts.shape
-    g = gamma
-    max_len = cache_length(p, max_new_tokens, g)
+    max_len = cache_length(p, max_new_tokens, gamma)
     if 0 < prefill_chunk < p:  # room for the padded last chunk
         max_len = max(max_len, -(-p // prefill_chunk) * prefill_chunk)
     cache = KVCache.create(config, b, max_len, params["embed"].dtype)
-    eos = jnp.asarray(eos_ids if eos_ids else (-2,), jnp.int32)  # -2 never occurs
 
     # Prefill in the verifier's mode; logits only at each row's last prompt token.
     logits, cache = prefill(params, prompts, prompt_lens, cache, config=config, mode=verify_mode, chunk=prefill_chunk)
-    cache = cache.replace(lengths=prompt_lens)
     key, k0 = jax.random.split(key)
     first = _choose(k0, logits, policy, temperature, top_p)
-    out = jnp.full((b, max_new_tokens + g + 1), -1, jnp.int32).at[:, 0].set(first)
-    n_out = jnp.ones((b,), jnp.int32)
-    done = jnp.isin(first, eos) | (n_out >= max_new_tokens)
-    zeros = jnp.zeros((b,), jnp.int32)
-    trace = jnp.full((b, max_new_tokens), -1, jnp.int32)
-    replay_len = jnp.maximum(jnp.sum(replay_trace >= 0, axis=1), 1)
+    state = LoopState.start(cache.replace(lengths=prompt_lens), first, key, gamma=gamma,
+                            max_new_tokens=max_new_tokens, eos_ids=eos_ids)
 
-    def draft_step(carry, j):
-        cache, tok, key = carry
-        pos = (cache.lengths + j)[:, None]
-        logits, cache = forward(params, tok[:, None], pos, cache, config=config, mode=draft_mode)
-        logits = logits[:, 0]
-        if policy == "sampling":
-            key, k = jax.random.split(key)
-            q = probabilities(logits, temperature, top_p)
-            nxt = sample(k, q)
-        else:
-            q = jnp.zeros((b, 0), jnp.float32)  # distributions are only needed for sampling
-            nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return (cache, nxt, key), (nxt, q)
-
-    def cycle(state):
-        cache, pending, out, n_out, done, key, step, drafted, accepted, cycles, trace = state
-        active = ~done
-        if g > 0:
-            (cache, _, key), (drafts, qs) = jax.lax.scan(draft_step, (cache, pending, key), jnp.arange(g))
-            drafts, qs = drafts.T, jnp.swapaxes(qs, 0, 1)
-        else:
-            drafts, qs = jnp.zeros((b, 0), jnp.int32), None
-        block = jnp.concatenate([pending[:, None], drafts], axis=1)  # [B, g+1]
-        positions = cache.lengths[:, None] + jnp.arange(g + 1, dtype=jnp.int32)
-        vlogits, cache = forward(params, block, positions, cache, config=config, mode=verify_mode)
-
+    def cycle(state: LoopState) -> LoopState:
+        drafts, q, cache, key = draft(params, state.cache, state.pending, state.key, temperature, config=config,
+                                      mode=draft_mode, gamma=gamma, sampling=policy == "sampling", top_p=top_p)
+        logits, cache = verify(params, cache, state.pending, drafts, config=config, mode=verify_mode)
         key, k = jax.random.split(key)
-        if policy == "sampling" and g > 0:
-            n_acc, nxt = speculative_accept(k, drafts, qs, probabilities(vlogits, temperature, top_p))
-        elif policy == "sampling":
-            n_acc, nxt = zeros, _choose(k, vlogits[:, 0], policy, temperature, top_p)
-        else:
-            n_acc, nxt = greedy_accept(drafts, vlogits)
-            if policy == "replay":
-                n_acc = jnp.clip(jnp.take_along_axis(replay_trace, (cycles % replay_len)[:, None], axis=1)[:, 0], 0, g)
-                nxt = jnp.take_along_axis(jnp.argmax(vlogits, axis=-1).astype(jnp.int32), n_acc[:, None], axis=1)[:, 0]
+        forced = replay_counts(replay_trace, state) if policy == "replay" else None
+        n_acc, nxt = accept(k, drafts, q, logits, temperature, forced, policy=policy, top_p=top_p)
+        state = state.replace(cache=cache, key=key)
+        return advance(state, drafts, n_acc, nxt, eos_ids=eos_ids, max_new_tokens=max_new_tokens)
 
-        # Emitted this cycle: the accepted drafts, then the verifier's token; cut at EOS and budget.
-        idx = jnp.arange(g + 1)
-        drafts_ext = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
-        emitted = jnp.where(idx < n_acc[:, None], drafts_ext, nxt[:, None])
-        is_eos = jnp.isin(emitted, eos) & (idx <= n_acc[:, None])
-        hit_eos = jnp.any(is_eos, axis=1)
-        count = jnp.where(hit_eos, jnp.argmax(is_eos, axis=1) + 1, n_acc + 1)
-        count = jnp.where(active, jnp.minimum(count, max_new_tokens - n_out), 0)
-        out = _write_rows(out, jnp.where(active[:, None], emitted, -1), jnp.where(active, n_out, max_new_tokens))
-        n_out = n_out + count
-        cache = cache.replace(lengths=jnp.where(active, cache.lengths + n_acc + 1, cache.lengths))
-        pending = jnp.where(active, nxt, pending)
-        trace = trace.at[:, step].set(jnp.where(active, n_acc, -1))
-        done = done | (active & (hit_eos | (n_out >= max_new_tokens)))
-        drafted = drafted + jnp.where(active, g, 0)
-        accepted = accepted + jnp.where(active, n_acc, 0)
-        cycles = cycles + active.astype(jnp.int32)
-        return cache, pending, out, n_out, done, key, step + 1, drafted, accepted, cycles, trace
+    def running(state: LoopState):
+        return jnp.any(~state.done) & (state.step < max_new_tokens)
 
-    def not_finished(state):
-        done, step = state[4], state[6]
-        return jnp.any(~done) & (step < max_new_tokens)
-
-    state = (cache, first, out, n_out, done, key, jnp.int32(0), zeros, zeros, zeros, trace)
-    state = jax.lax.while_loop(not_finished, cycle, state)
-    _, _, out, n_out, _, _, _, drafted, accepted, cycles, trace = state
-    tokens = jnp.where(jnp.arange(max_new_tokens) < n_out[:, None], out[:, :max_new_tokens], -1)
-    return GenerationResult(tokens, n_out, drafted, accepted, cycles, trace)
+    return jax.lax.while_loop(running, cycle, state).result()
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1):
@@ -290,7 +393,8 @@ def prepare(
         replay_trace = jnp.zeros((b, 1), jnp.int32)
     eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
     args = (
-        params, jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lens, jnp.int32), jax.random.PRNGKey(seed),
+        unstack_layers(params),  # per-layer buffers: the compiled loop reads weights where they lie
+        jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lens, jnp.int32), jax.random.PRNGKey(seed),
         jnp.float32(temperature), replay_trace,
     )
     static = dict(
