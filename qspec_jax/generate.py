@@ -64,6 +64,9 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     ap.add_argument("--prefill-chunk", type=int, default=512,
                     help="prefill longer prompts this many tokens at a time (0: one pass)")
+    ap.add_argument("--kv", default="bf16", choices=("bf16", "int8"),
+                    help="KV cache: bf16, or QuantSpec's hierarchical int8 (two 4-bit planes + a full-precision "
+                         "recent buffer; qspec drafts read the int4 upper plane)")
     ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template")
     ap.add_argument("--json", action="store_true",
                     help="print one JSON object per prompt, with keys 'prompt', 'text', 'tokens' and 'stats'")
@@ -284,7 +287,7 @@ def run(args) -> int:
         verify_mode="w4a16" if args.mode == "qspec" else args.mode,
         policy="sampling" if sampling else "greedy",
         temperature=args.temperature if sampling else 1.0, top_p=args.top_p if sampling else 1.0, seed=args.seed,
-        prefill_chunk=args.prefill_chunk,
+        prefill_chunk=args.prefill_chunk, kv=args.kv,
     )
     batches = [range(i, min(i + args.batch_size, len(prompts))) for i in range(0, len(prompts), args.batch_size)]
     bar = tqdm(total=len(prompts), desc=f"generating ({args.mode})", unit="prompt", file=sys.stderr,

@@ -12,6 +12,13 @@ bookkeeping) over a named carry, `LoopState`. The whole generation (prefill, the
 `gamma=0` there are no drafts and a cycle is one plain decode step in `verify_mode`: that is how the
 autoregressive baselines (bf16, w4a16, w4a4, w4a8) run, through the same loop.
 
+KV cache (`kv`, static): "bf16" (`KVCache`), or "int8", QuantSpec's hierarchical cache
+(`HierarchicalKVCache`: two 4-bit planes + a full-precision recent buffer per layer). With "int8" the
+prompt is prefilled with plain causal attention and then quantized, the drafts read the INT4 view
+(upper plane), the verify pass (and gamma=0 plain decoding) the INT8 view, and the cache is flushed
+after each acceptance, so only accepted tokens are quantized. Greedy QSpec on the int8 cache equals
+plain greedy decoding on the int8 cache.
+
 Rows are right-padded; each row keeps its own length, accepts its own count and stops on EOS or
 its token budget, after which it is masked.
 """
@@ -27,11 +34,12 @@ import numpy as np
 from flax import struct
 
 from qspec_jax.config import LlamaConfig
-from qspec_jax.kv_cache import KVCache
+from qspec_jax.kv_cache import HierarchicalKVCache, KVCache, check_hierarchical, flush
 from qspec_jax.model import MODES, forward, unstack_layers
 from qspec_jax.sampling import greedy_accept, probabilities, sample, speculative_accept
 
 POLICIES = ("greedy", "sampling", "replay")
+KV_CACHES = ("bf16", "int8")
 
 
 @struct.dataclass
@@ -203,7 +211,8 @@ def draft(params, cache, pending, key, temperature, *, config, mode, gamma, samp
 
     def step(carry, j):
         cache, tok, key = carry
-        logits, cache = forward(params, tok[:, None], (cache.lengths + j)[:, None], cache, config=config, mode=mode)
+        logits, cache = forward(params, tok[:, None], (cache.lengths + j)[:, None], cache, config=config, mode=mode,
+                                kv_view="int4")  # a hierarchical cache's draft view (ignored by bf16)
         if not sampling:
             nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
             return (cache, nxt, key), (nxt, None)
@@ -221,7 +230,7 @@ def verify(params, cache, pending, drafts, *, config, mode):
     `gamma + 1` slots (overwriting the drafts' K/V). Returns (logits [B, gamma + 1, V], cache)."""
     block = jnp.concatenate([pending[:, None], drafts], axis=1)
     positions = cache.lengths[:, None] + jnp.arange(block.shape[1], dtype=jnp.int32)
-    return forward(params, block, positions, cache, config=config, mode=mode)
+    return forward(params, block, positions, cache, config=config, mode=mode, kv_view="int8")
 
 
 def accept(key, drafts, q, logits, temperature, forced, *, policy, top_p):
@@ -282,12 +291,14 @@ def replay_counts(replay_trace, state: LoopState):
     jax.jit,
     static_argnames=(
         "config", "max_new_tokens", "gamma", "draft_mode", "verify_mode", "policy", "top_p", "eos_ids", "prefill_chunk",
+        "kv", "kv_group", "kv_window",
     ),
 )
 def generate_jit(
     params, prompts, prompt_lens, key, temperature, replay_trace, *,
     config: LlamaConfig, max_new_tokens: int, gamma: int, draft_mode: str, verify_mode: str,
-    policy: str, top_p: float, eos_ids: tuple, prefill_chunk: int = 0,
+    policy: str, top_p: float, eos_ids: tuple, prefill_chunk: int = 0, kv: str = "bf16", kv_group: int = 128,
+    kv_window: int = 256,
 ) -> GenerationResult:
     """The compiled program behind `generate` (inputs already validated; see there): prefill, then
     draft -> verify -> accept cycles in one `lax.while_loop` until every row is done."""
@@ -295,10 +306,18 @@ def generate_jit(
     max_len = cache_length(p, max_new_tokens, gamma)
     if 0 < prefill_chunk < p:  # room for the padded last chunk
         max_len = max(max_len, -(-p // prefill_chunk) * prefill_chunk)
-    cache = KVCache.create(config, b, max_len, params["embed"].dtype)
+    dtype = params["embed"].dtype
+    if kv == "int8":  # prefill into a bf16 cache of the prompt's slots, then quantize it
+        pre_len = -(-p // prefill_chunk) * prefill_chunk if 0 < prefill_chunk < p else p
+        cache = KVCache.create(config, b, pre_len, dtype)
+    else:
+        cache = KVCache.create(config, b, max_len, dtype)
 
     # Prefill in the verifier's mode; logits only at each row's last prompt token.
     logits, cache = prefill(params, prompts, prompt_lens, cache, config=config, mode=verify_mode, chunk=prefill_chunk)
+    if kv == "int8":
+        cache = HierarchicalKVCache.from_prompt(config, cache.k, cache.v, prompt_lens, cache_length(p, max_new_tokens, gamma),
+                                                headroom=gamma + 1, group=kv_group, window=kv_window, dtype=dtype)
     key, k0 = jax.random.split(key)
     first = _choose(k0, logits, policy, temperature, top_p)
     state = LoopState.start(cache.replace(lengths=prompt_lens), first, key, gamma=gamma,
@@ -312,7 +331,8 @@ def generate_jit(
         forced = replay_counts(replay_trace, state) if policy == "replay" else None
         n_acc, nxt = accept(k, drafts, q, logits, temperature, forced, policy=policy, top_p=top_p)
         state = state.replace(cache=cache, key=key)
-        return advance(state, drafts, n_acc, nxt, eos_ids=eos_ids, max_new_tokens=max_new_tokens)
+        state = advance(state, drafts, n_acc, nxt, eos_ids=eos_ids, max_new_tokens=max_new_tokens)
+        return state.replace(cache=flush(state.cache, gamma + 1))  # int8: quantize accepted groups; bf16: as is
 
     def running(state: LoopState):
         return jnp.any(~state.done) & (state.step < max_new_tokens)
@@ -340,7 +360,7 @@ def generate(params: dict, prompts: jax.Array, prompt_lens: jax.Array, **setting
     prompts: [B, P] int32 right-padded token ids (see `pad_prompts`); prompt_lens: [B] lengths.
     Settings (keywords, see `prepare`): config, max_new_tokens, gamma=3, draft_mode="w4a4",
     verify_mode="w4a16", policy="greedy", temperature=1.0, top_p=1.0, seed=0, eos_ids=None,
-    replay_trace=None, prefill_chunk=512. Compiled once per shapes and static settings; a second call with the same
+    replay_trace=None, prefill_chunk=512, kv="bf16", kv_group=128, kv_window=256. Compiled once per shapes and static settings; a second call with the same
     padded shapes does not recompile.
     """
     args, static = prepare(params, prompts, prompt_lens, **settings)
@@ -364,6 +384,9 @@ def prepare(
     eos_ids: Optional[Sequence[int]] = None,
     replay_trace: Optional[jax.Array] = None,
     prefill_chunk: int = 512,
+    kv: str = "bf16",
+    kv_group: int = 128,
+    kv_window: int = 256,
 ):
     """Validate a generation request; return `(args, static_kwargs)` for `generate_jit`.
 
@@ -378,6 +401,9 @@ def prepare(
     eos_ids default to the config's; pass () to never stop early.
     prefill_chunk: prompts longer than this are prefilled `prefill_chunk` positions at a time
     (bounds prefill memory for long prompts); 0 prefills the whole prompt in one pass.
+    kv: "bf16" or "int8" (QuantSpec's hierarchical cache, see the module docstring): keys quantized
+    per channel over groups of `kv_group` tokens, the last `kv_window` - (gamma + 1) .. - kv_group
+    accepted tokens kept in full precision; needs gamma + 1 <= kv_group <= kv_window - (gamma + 1).
     """
     b, p = _validate(
         prompts, prompt_lens, config, max_new_tokens, gamma, draft_mode, verify_mode, policy, temperature, top_p,
@@ -391,6 +417,11 @@ def prepare(
             raise ValueError(f"replay_trace must be [batch={b}, cycles], got shape {replay_trace.shape}")
     else:
         replay_trace = jnp.zeros((b, 1), jnp.int32)
+    if kv not in KV_CACHES:
+        raise ValueError(f"unknown kv {kv!r}; expected one of {KV_CACHES}")
+    if kv == "int8":  # on the host: a cycle's writes must fit the recent buffer
+        check_hierarchical(config, b, cache_length(p, max_new_tokens, gamma), headroom=int(gamma) + 1,
+                           group=int(kv_group), window=int(kv_window))
     eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
     args = (
         unstack_layers(params),  # per-layer buffers: the compiled loop reads weights where they lie
@@ -400,6 +431,7 @@ def prepare(
     static = dict(
         config=config, max_new_tokens=int(max_new_tokens), gamma=int(gamma), draft_mode=draft_mode,
         verify_mode=verify_mode, policy=policy, top_p=float(top_p), eos_ids=eos, prefill_chunk=int(prefill_chunk),
+        kv=kv, kv_group=int(kv_group) if kv == "int8" else 128, kv_window=int(kv_window) if kv == "int8" else 256,
     )
     return args, static
 

@@ -104,3 +104,81 @@ def test_bad_kv_view(tiny_qparams):
     toks = jnp.zeros((1, 1), jnp.int32)
     with pytest.raises(ValueError, match="kv_view"):
         _forward(tiny_qparams, toks, toks, None, config=TINY, mode="w4a16", kv_view="int2")
+
+
+# ---------------------------------------------------------------- generation with kv="int8"
+
+from qspec_jax.speculative import generate, pad_prompts  # noqa: E402
+
+
+def _plain(params, toks, lens, config, n, **kw):
+    return generate(params, toks, lens, config=config, max_new_tokens=n, gamma=0, verify_mode="w4a16", **kw)
+
+
+@pytest.mark.parametrize("draft", ["w4a4", "w4a8"])
+def test_greedy_qspec_equals_w4a16_int8_tiny(tiny_qparams, draft):
+    """Contract 3 on the int8 cache, where QSpec and plain decoding quantize the same groups at the
+    same positions (prefill quantizes a group of the long row, no flush during generation): greedy
+    QSpec, drafting on the INT4 view, emits exactly plain greedy W4A16 on the INT8 view."""
+    rng = np.random.default_rng(SEED)
+    toks, lens = pad_prompts([list(rng.integers(3, TINY.vocab_size, n)) for n in (49, 20, 5)])
+    kv = dict(kv="int8", kv_group=16, kv_window=48, eos_ids=())
+    base = _plain(tiny_qparams, toks, lens, TINY, 10, **kv)
+    for gamma in (1, 3):  # q_len at prefill: 16 for headroom 1..4; no row reaches a flush in 10 tokens
+        res = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=10, gamma=gamma, draft_mode=draft, **kv)
+        np.testing.assert_array_equal(np.asarray(res.tokens), np.asarray(base.tokens), err_msg=f"gamma={gamma}")
+        s = res.summary()
+        assert s["new_tokens"] == 3 * 10 and 0 < s["drafted"]
+
+
+def test_qspec_int8_with_flushes_tiny(tiny_qparams):
+    """With flushes during generation, QSpec flushes when a cycle's gamma + 1 tokens would not fit
+    (plain decoding: 1 token), so a token can be read from the buffer by one and from the INT8
+    planes by the other: equality is not guaranteed, only near-equality (random weights have near
+    ties). The outputs must still agree on most tokens, and stay close to the bf16 cache's."""
+    rng = np.random.default_rng(SEED)
+    toks, lens = pad_prompts([list(rng.integers(3, TINY.vocab_size, n)) for n in (3, 40, 17, 1)])
+    kv = dict(kv="int8", kv_group=16, kv_window=32, eos_ids=())
+    base = np.asarray(_plain(tiny_qparams, toks, lens, TINY, 48, **kv).tokens)
+    bf16 = np.asarray(_plain(tiny_qparams, toks, lens, TINY, 48, eos_ids=()).tokens)
+    assert np.mean(base == bf16) > 0.5
+    for gamma in (1, 3, 6):
+        res = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=48, gamma=gamma, draft_mode="w4a4",
+                       **{**kv, "kv_window": max(32, 16 + gamma + 1)})
+        agree = np.mean(np.asarray(res.tokens) == base)
+        assert agree > 0.75, (gamma, agree)
+        assert 0 < res.summary()["accepted"]
+
+
+def test_int8_chunked_prefill_and_capacity(tiny_qparams):
+    """A chunked prefill gives the same int8 generation; a cache that cannot take a cycle is refused
+    on the host with a clear message."""
+    rng = np.random.default_rng(SEED + 2)
+    toks, lens = pad_prompts([list(rng.integers(3, TINY.vocab_size, n)) for n in (37, 9)])
+    kw = dict(config=TINY, max_new_tokens=16, gamma=3, kv="int8", kv_group=16, kv_window=32, eos_ids=())
+    one = generate(tiny_qparams, toks, lens, prefill_chunk=0, **kw)
+    chunked = generate(tiny_qparams, toks, lens, prefill_chunk=16, **kw)
+    np.testing.assert_array_equal(np.asarray(one.tokens), np.asarray(chunked.tokens))
+    with pytest.raises(ValueError, match="kv='int8'.*window"):
+        generate(tiny_qparams, toks, lens, **{**kw, "kv_window": 18})
+    with pytest.raises(ValueError, match="unknown kv"):
+        generate(tiny_qparams, toks, lens, **{**kw, "kv": "int4"})
+
+
+def test_greedy_qspec_equals_w4a16_int8_on_smollm2(smollm2, smollm2_tokenizer):
+    """The real model on the int8 cache (group 64, window 128: the longer prompts quantize groups at
+    prefill and flush more during generation): greedy QSpec == plain greedy W4A16, token for token."""
+    from qspec_jax.datasets import humaneval_prompts, sharegpt_prompts
+
+    config, params = smollm2
+    qp = quantize.quantize_params(params, config, dtype=jnp.float32)
+    code = humaneval_prompts(4)
+    texts = code + sharegpt_prompts(3) + ["\n".join(code[:3])]  # the last, ~300 tokens, quantizes at prefill
+    toks, lens = pad_prompts([smollm2_tokenizer.encode(t) for t in texts], multiple=64)
+    assert int(np.max(np.asarray(lens))) > 128  # some rows quantize groups at prefill
+    kv = dict(kv="int8", kv_group=64, kv_window=128)
+    base = _plain(qp, toks, lens, config, 48, eos_ids=(), **kv)
+    for draft, gamma in (("w4a4", 3), ("w4a8", 5)):
+        res = generate(qp, toks, lens, config=config, max_new_tokens=48, gamma=gamma, draft_mode=draft, eos_ids=(), **kv)
+        np.testing.assert_array_equal(np.asarray(res.tokens), np.asarray(base.tokens), err_msg=f"{draft} g={gamma}")
+        assert res.summary()["acceptance_rate"] > 0.3
