@@ -182,3 +182,12 @@ def test_greedy_qspec_equals_w4a16_int8_on_smollm2(smollm2, smollm2_tokenizer):
         res = generate(qp, toks, lens, config=config, max_new_tokens=48, gamma=gamma, draft_mode=draft, eos_ids=(), **kv)
         np.testing.assert_array_equal(np.asarray(res.tokens), np.asarray(base.tokens), err_msg=f"{draft} g={gamma}")
         assert res.summary()["acceptance_rate"] > 0.3
+
+
+def test_cli_kv_flag():
+    from qspec_jax.generate import parse_args
+
+    assert parse_args(["--prompt", "x"]).kv == "bf16"
+    assert parse_args(["--prompt", "x", "--kv", "int8"]).kv == "int8"
+    with pytest.raises(SystemExit):
+        parse_args(["--prompt", "x", "--kv", "int4"])
