@@ -112,7 +112,7 @@ class LoopState:
     The counters are per row and count only cycles the row was active in.
     """
 
-    cache: KVCache  # lengths: slots holding the verifier's K/V (the prompt and every emitted token but `pending`)
+    cache: KVCache  # or HierarchicalKVCache; lengths: slots with the verifier's K/V (all but `pending`)
     pending: jax.Array  # [B] int32: the last emitted token, not yet in the cache; the next cycle's first input
     out: jax.Array  # [B, N + gamma + 1] int32: emitted tokens (-1 unwritten); the tail takes a last cycle's overhang
     n_out: jax.Array  # [B] int32: tokens emitted so far, at most N
@@ -137,6 +137,7 @@ class LoopState:
         )
 
     def result(self) -> GenerationResult:
+        """Tokens cut at each row's count; drafted / accepted / cycles totalled from the counts."""
         n = self.trace.shape[1]
         tokens = jnp.where(jnp.arange(n) < self.n_out[:, None], self.out[:, :n], -1)
         gammas = jnp.arange(self.gamma_cycles.shape[1], dtype=jnp.int32)
@@ -267,10 +268,11 @@ def advance(state: LoopState, drafts, n_acc, nxt, *, eos_ids: tuple, max_new_tok
     count = jnp.where(hit_eos, jnp.argmax(stops, axis=1) + 1, n_acc + 1)
     count = jnp.where(active, jnp.minimum(count, max_new_tokens - state.n_out), 0)
     n_out = state.n_out + count
+    at = jnp.where(active, state.n_out, max_new_tokens)  # a finished row writes -1s into the overhang
     return state.replace(
         cache=state.cache.replace(lengths=state.cache.lengths + count),
         pending=jnp.where(active, nxt, state.pending),
-        out=_write_rows(state.out, jnp.where(active[:, None], emitted, -1), jnp.where(active, state.n_out, max_new_tokens)),
+        out=_write_rows(state.out, jnp.where(active[:, None], emitted, -1), at),
         n_out=n_out,
         done=state.done | (active & (hit_eos | (n_out >= max_new_tokens))),
         step=state.step + 1,

@@ -54,7 +54,8 @@ def test_greedy_qspec_equals_w4a16_tiny(tiny_qparams, draft, rng):
     toks, lens = pad_prompts(random_prompts([3, 17, 8, 1], TINY.vocab_size, rng))
     base = plain(tiny_qparams, toks, lens, TINY, 40, eos_ids=())
     for gamma in (1, 3, 6):
-        res = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=40, gamma=gamma, draft_mode=draft, eos_ids=())
+        res = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=40, gamma=gamma, draft_mode=draft,
+                       eos_ids=())
         np.testing.assert_array_equal(np.asarray(res.tokens), np.asarray(base.tokens), err_msg=f"gamma={gamma}")
         s = res.summary()
         assert s["new_tokens"] == 4 * 40
