@@ -18,6 +18,8 @@ MIN_BLOCKS_PER_SPLIT = 4  # below this a program's K loop is too short to pipeli
 # tensor-core kernel at M = 1 on gate_up and down (50.9 vs 77.9, 33.5 vs 39.4 us) and lost from
 # M = 4 on (gate_up 164 vs 73 us): its FMAs grow with M, the MMA's do not.
 GEMV_MAX_M = 1
+# W4A16 MMA sizes: convert nibbles with inline PTX (Tiles.asm_dequant) instead of jnp bit ops.
+ASM_DEQUANT = False
 DEQUANT_MIN_M = 256  # W4A16 at this M and above: dequantize, then XLA's 16-bit dot (prefill, big verify)
 
 
@@ -35,6 +37,7 @@ class Tiles:
       (Hopper's wgmma can read it from registers; the second operand must come from shared memory);
     bias_dequant: W4A16 with 16-bit x only, build the dequantized weights from bits (integer ops)
       instead of int -> float conversions, and subtract the resulting offset (w4a16.py);
+    asm_dequant: bias_dequant with the conversion done by inline PTX (w4a16.py), 16-bit x only;
     fuse_quant: W4A4 only, quantize activations inside the matmul (else a separate XLA pass);
     dequant: W4A16 only, for prefill-size M: a Pallas kernel writes the dequantized weight in
       x's dtype and XLA's 16-bit dot (cuBLAS) multiplies; bm, bn and split are then unused.
@@ -49,6 +52,7 @@ class Tiles:
     atomic: bool = False
     swap: bool = False
     bias_dequant: bool = False
+    asm_dequant: bool = False
     fuse_quant: bool = False
     dequant: bool = False
 
@@ -109,6 +113,7 @@ def choose_tiles(M: int, N: int, K: int, pb: int, kind: str = "w4a16") -> Tiles:
         # M = 16 (qkv 28.0 -> 23.4 us, down 42.8 -> 40.2 us); at M = 4 on gate_up it lost (H200 run 4:
         # 90.9 us against 72.9 without it in run 1).
         bias_dequant=w4a16 and 16 <= M <= 64,
+        asm_dequant=w4a16 and ASM_DEQUANT and M < DEQUANT_MIN_M,
         swap=w4a16 and M > 64,
         fuse_quant=False,
         # H100 (benchmarks/kernels/h100_dequant.json, llama3-8b): from M = 256 on, dequantizing to

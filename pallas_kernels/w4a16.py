@@ -22,7 +22,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from .packing import unpack_int4, weight_layout
-from .tiling import GEMV_MAX_M, Tiles, choose_tiles
+from . import tiling
+from .tiling import Tiles, choose_tiles
 from .w4a16_gemv import GemvTiles, w4a16_gemv
 
 BACKENDS = ("auto", "triton", "interpret", "reference")
@@ -185,7 +186,9 @@ def unpack_block(w_ref, b, half: int, mask):
 # bits of 2^7 (bf16) or 2^10 (f16) gives exactly BASE + u as a float, with integer ops only (no
 # int -> float conversion, which runs at a quarter of the integer rate); the dot then carries an
 # offset of BIAS * sum(x) that is subtracted once per block.
-_BIAS_BITS = {jnp.dtype(jnp.bfloat16): (0x4300, 136.0), jnp.dtype(jnp.float16): (0x6400, 1032.0)}
+# OR-ing u (0..15) into these bits gives BASE + u exactly: (bits, BASE) of 128.0 / 1024.0.
+FLOAT_BASE = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
+_BIAS_BITS = {dt: (bits, base + 8) for dt, (bits, base) in FLOAT_BASE.items()}  # signed: u = n + 8
 
 
 def bias_dequant_block(w_ref, b, half: int, mask, cdt):
@@ -200,8 +203,40 @@ def bias_dequant_block(w_ref, b, half: int, mask, cdt):
     return as_float(p), as_float(p >> 4), bias
 
 
+# The same bits built by inline PTX (Tiles.asm_dequant), four packed bytes per instance: two `prmt`
+# spread bytes 0,1 (and 2,3) into the low halves of 16-bit lanes (shifted right by 4 first for the
+# high nibbles), and one `lop3` per pair of lanes computes (lanes & 0x000F000F) ^ (MAGIC | 8)
+# (Marlin's trick): 4-5 instructions for 4 16-bit values, where the jnp bit ops above cost a few
+# 32-bit instructions per value. One asm per nibble plane: Pallas lowers only single-result asm.
+# Interpret mode cannot run PTX and uses the jnp bit ops.
+_ASM_DEQUANT = """{
+.reg .b32 z, s, t0, t1;
+mov.b32 z, 0;
+shr.u32 s, $2, SHIFT;
+prmt.b32 t0, s, z, 0x4140;
+prmt.b32 t1, s, z, 0x4342;
+lop3.b32 $0, t0, 0x000F000F, MAGIC, 0x6A;
+lop3.b32 $1, t1, 0x000F000F, MAGIC, 0x6A;
+}"""
+
+
+def asm_dequant_block(w_ref, b, half: int, mask, cdt):
+    """bias_dequant_block's values (n + BIAS as cdt, and BIAS) converted by inline PTX."""
+    bits, bias = _BIAS_BITS[jnp.dtype(cdt)]
+    p = load(w_ref.at[pl.ds(b * half, half), :], mask)
+    magic = f"{(bits | 8) * 0x10001:#010x}"  # the same 16-bit pattern in both lanes
+
+    def plane(shift):  # shifting the packed word by 4 moves every byte's high nibble down
+        [out] = plt.elementwise_inline_asm(
+            _ASM_DEQUANT.replace("MAGIC", magic).replace("SHIFT", str(shift)), args=[p],
+            constraints="=r,=r,r", pack=4, result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, cdt)])
+        return out
+
+    return plane(0), plane(4), bias
+
+
 def _w4a16_kernel(x_ref, w_ref, s_ref, o_ref, *, half, blocks, unroll, grouped, M, N, cdt,
-                  atomic, swap, bias_dequant):
+                  atomic, swap, bias_dequant, asm_dequant=False):
     bm, bn = o_ref.shape
     rmask, cmask = row_mask(bm, M), col_mask(bn, N)
     prec = dot_precision(cdt)
@@ -221,7 +256,8 @@ def _w4a16_kernel(x_ref, w_ref, s_ref, o_ref, *, half, blocks, unroll, grouped, 
         xl = load(x_ref.at[:, pl.ds(k0, half)], rmask).astype(cdt)
         xh = load(x_ref.at[:, pl.ds(k0 + half, half)], rmask).astype(cdt)
         if bias_dequant:
-            wl, wh, bias = bias_dequant_block(w_ref, b, half, cmask, cdt)
+            dequant_block = asm_dequant_block if asm_dequant else bias_dequant_block
+            wl, wh, bias = dequant_block(w_ref, b, half, cmask, cdt)
             part = dot(xl, wl) + dot(xh, wh)
             xsum = jnp.sum(xl.astype(jnp.float32), axis=1) + jnp.sum(xh.astype(jnp.float32), axis=1)
             part = part - bias * (xsum[None, :] if swap else xsum[:, None])
@@ -324,7 +360,7 @@ def w4a16_matmul(x, qw, *, backend: str = "auto", tiles: Tiles | None = None):
         return w4a16_reference(x, qw)
     K = check_inputs(x, qw, kernel=True)[0]
     lead, x2 = x.shape[:-1], x.reshape(-1, K)
-    if isinstance(tiles, GemvTiles) or (tiles is None and x2.shape[0] <= GEMV_MAX_M):
+    if isinstance(tiles, GemvTiles) or (tiles is None and x2.shape[0] <= tiling.GEMV_MAX_M):
         # decode sizes: no tensor cores (w4a16_gemv.py)
         gemv_tiles = tiles if isinstance(tiles, GemvTiles) else None
         y = w4a16_gemv(x2, qw, tiles=gemv_tiles, interpret=backend == "interpret")
@@ -345,7 +381,8 @@ def w4a16_matmul(x, qw, *, backend: str = "auto", tiles: Tiles | None = None):
         N=N,
         cdt=cdt,
         swap=tiles.swap,
-        bias_dequant=tiles.bias_dequant and cdt != jnp.float32,
+        bias_dequant=(tiles.bias_dequant or tiles.asm_dequant) and cdt != jnp.float32,
+        asm_dequant=tiles.asm_dequant and backend == "triton",
     )
     y = launch(kernel, x2, qw, tiles, N, K, G, x.dtype, interpret=backend == "interpret")
     return y.reshape(*lead, N)

@@ -23,6 +23,7 @@ Parts (each writes into one JSON, saved after every part):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -38,7 +39,7 @@ import numpy as np  # noqa: E402
 
 from bench_kernels import MODELS, int4_bytes, make_weights, projections, time_loop  # noqa: E402
 from pallas_kernels import choose_tiles, pack_block, w4a4_matmul, w4a16_matmul
-from pallas_kernels.tiling import GEMV_MAX_M  # noqa: E402
+from pallas_kernels import tiling  # noqa: E402
 from pallas_kernels.w4a16_gemv import GemvTiles, w4a16_gemv  # noqa: E402
 from qspec_jax import checkpoint, quantize  # noqa: E402
 from qspec_jax.config import get_preset  # noqa: E402
@@ -48,6 +49,7 @@ from qspec_jax.model import forward, fuse_projections, unstack_layers  # noqa: E
 
 DATASHEET_BPS = {"H200": 4.8e12, "H100": 3.35e12}
 KERNEL_MS = (1, 4, 8, 16, 64, 128, 256)
+NO_PEERS = [False]  # --no-peers: time ours only (a re-run of variants beside an earlier full run)
 
 
 def xla_int4_channel(x, w):
@@ -74,11 +76,19 @@ def ours(method, tiles=None):
         return mma
     if method == "w4a16_gemv":
         return lambda x, w: w4a16_gemv(x, w, tiles=tiles)
+    if method == "w4a16_asm":  # the tensor-core kernel with inline-PTX nibble conversion, any M
+        def asm(x, w):
+            K, N, G = 2 * w["packed"].shape[0], w["packed"].shape[1], w["scales"].shape[0]
+            t = choose_tiles(x.shape[0], N, K, pack_block(K, G))
+            return w4a16_matmul(x, w, tiles=dataclasses.replace(t, asm_dequant=True, dequant=False))
+        return asm
     bits = 4 if method == "w4a4" else 8
     return lambda x, w: w4a4_matmul(x, w, act_bits=bits)
 
 
 def torch_available():
+    if NO_PEERS[0]:
+        return False
     try:
         import torch
 
@@ -103,9 +113,14 @@ def kernel_cells(args, rotate, cells, save):
             us = {}
             us["noop"] = 1e6 * time_loop(lambda x, w: x, x, q4, args.iters, args.repeats)
             for m in args.methods:
-                if m == "w4a16_mma" and M > GEMV_MAX_M:
+                if m == "w4a16_mma" and M > tiling.GEMV_MAX_M:
                     continue  # the same kernel as w4a16 there
                 us[m] = 1e6 * time_loop(ours(m), x, q4, args.iters, args.repeats)
+            if NO_PEERS[0]:
+                cells.append({"proj": proj, "K": K, "N": N, "M": M, "weight_bytes_int4": wbytes, "us": us})
+                save()
+                print(f"{proj:8} M={M:4d} " + " ".join(f"{k}={v:.1f}" for k, v in us.items()), flush=True)
+                continue
             us["xla_bf16"] = 1e6 * time_loop(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype),
                                              x, bf, args.iters, args.repeats)
             us["xla_int4_channel"] = 1e6 * time_loop(xla_int4_channel, x, i4, args.iters, args.repeats)
@@ -187,8 +202,12 @@ def step_cells(args, copy_bps):
     print(f"weights ready in {time.perf_counter() - t0:.0f} s", flush=True)
     cells = []
     max_len, ctx, steps = args.context + 64, args.context, 16
+    runs = [(m, v) for m in args.modes for v in (args.step_variants if m == "w4a16" else ["default"])]
     for batch in args.batches:
-        for mode in args.modes:
+        for mode, variant in runs:
+            # variants of the W4A16 dispatch (read by choose_tiles / w4a16_matmul at trace time)
+            tiling.ASM_DEQUANT = variant in ("asm", "asm_mma1")
+            tiling.GEMV_MAX_M = 0 if variant == "asm_mma1" else 1
             params = fparams if mode == "bf16" else qparams
             prog = step_program(config, mode, batch, max_len, ctx, steps)
             cache = KVCache.create(config, batch, max_len, jnp.bfloat16)
@@ -207,11 +226,11 @@ def step_cells(args, copy_bps):
             wbytes = sum(x.nbytes for x in leaves) + (0 if "lm_head" in params else params["embed"].nbytes)
             kv_read = 2 * config.num_layers * batch * config.num_kv_heads * ctx * config.head_dim * 2
             floor = (wbytes + kv_read) / copy_bps
-            cell = {"batch": batch, "mode": mode, "step_ms": 1e3 * step_s, "compile_s": compile_s,
+            cell = {"batch": batch, "mode": mode if variant == "default" else f"{mode}_{variant}", "step_ms": 1e3 * step_s, "compile_s": compile_s,
                     "weight_bytes": wbytes, "kv_bytes_read": kv_read, "floor_ms": 1e3 * floor,
                     "over_floor": step_s / floor, "tokens_per_s": batch / step_s}
             cells.append(cell)
-            print(f"step B={batch} {mode}: {1e3 * step_s:.2f} ms (floor {1e3 * floor:.2f}, "
+            print(f"step B={batch} {cell['mode']}: {1e3 * step_s:.2f} ms (floor {1e3 * floor:.2f}, "
                   f"{step_s / floor:.2f}x), compile {compile_s:.0f} s", flush=True)
             del cache, compiled
         if torch_available():
@@ -268,11 +287,15 @@ def main(argv=None):
     ap.add_argument("--methods", default="w4a16,w4a16_mma,w4a8")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--modes", default="w4a16,bf16,w4a8,w4a4")
+    ap.add_argument("--step-variants", default="default",
+                    help="W4A16 dispatch variants in the step: default, asm (inline-PTX conversion), "
+                         "asm_mma1 (asm, and the tensor-core kernel at M = 1 too)")
     ap.add_argument("--context", type=int, default=456, help="KV positions attention reads in the step")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--iters", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, one M, reference kernels")
+    ap.add_argument("--no-peers", action="store_true", help="time our kernels and modes only")
     ap.add_argument("--summary", nargs="*", help="result JSONs to merge into the issue-10 summary at --out")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -287,6 +310,8 @@ def main(argv=None):
     args.batches = [int(b) for b in args.batches.split(",")]
     args.modes = args.modes.split(",")
     args.methods = args.methods.split(",")
+    args.step_variants = args.step_variants.split(",")
+    NO_PEERS[0] = args.no_peers
     rotate = 256 * 2**20
     if args.smoke:
         args.model, args.preset, args.ms, args.batches, args.context = "tiny", "tiny", [1], [2], 24
