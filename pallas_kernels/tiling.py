@@ -18,8 +18,12 @@ MIN_BLOCKS_PER_SPLIT = 4  # below this a program's K loop is too short to pipeli
 # tensor-core kernel at M = 1 on gate_up and down (50.9 vs 77.9, 33.5 vs 39.4 us) and lost from
 # M = 4 on (gate_up 164 vs 73 us): its FMAs grow with M, the MMA's do not.
 GEMV_MAX_M = 1
-# W4A16 MMA sizes: convert nibbles with inline PTX (Tiles.asm_dequant) instead of jnp bit ops.
-ASM_DEQUANT = False
+# W4A16 MMA sizes up to ASM_DEQUANT_MAX_M: convert nibbles with inline PTX (Tiles.asm_dequant)
+# instead of jnp bit ops. H200 (benchmarks/engine/h200_step_asm.json): the batch-16 decode step
+# 5.78 -> 5.51 ms; at M = 64 the kernel table was mixed (gate_up 91.8 -> 82.5 us, o 21.0 -> 37.1),
+# so verify sizes keep the jnp path.
+ASM_DEQUANT = True
+ASM_DEQUANT_MAX_M = 32
 DEQUANT_MIN_M = 256  # W4A16 at this M and above: dequantize, then XLA's 16-bit dot (prefill, big verify)
 
 
@@ -113,7 +117,7 @@ def choose_tiles(M: int, N: int, K: int, pb: int, kind: str = "w4a16") -> Tiles:
         # M = 16 (qkv 28.0 -> 23.4 us, down 42.8 -> 40.2 us); at M = 4 on gate_up it lost (H200 run 4:
         # 90.9 us against 72.9 without it in run 1).
         bias_dequant=w4a16 and 16 <= M <= 64,
-        asm_dequant=w4a16 and ASM_DEQUANT and M < DEQUANT_MIN_M,
+        asm_dequant=w4a16 and ASM_DEQUANT and M <= ASM_DEQUANT_MAX_M,
         swap=w4a16 and M > 64,
         fuse_quant=False,
         # H100 (benchmarks/kernels/h100_dequant.json, llama3-8b): from M = 256 on, dequantizing to
