@@ -22,6 +22,16 @@ CALIBRATION_ROW = 256
 MAX_GAMMA = 16
 
 
+def gamma_arg(text: str):
+    """--gamma: 'auto' (the speculation policy, qspec_jax/policy.py) or an integer (checked in validate_args)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Shows "(default: X)" after every option that has a real default (not None, [] or False)."""
 
@@ -48,9 +58,13 @@ def parse_args(argv=None):
                          "llama3-8b, llama2-13b, tiny) have generated weights and no tokenizer: they are for "
                          "scripts/bench_throughput.py, not for text")
     ap.add_argument("--mode", default="qspec", choices=MODE_CHOICES, help="qspec, or a plain autoregressive mode")
-    ap.add_argument("--gamma", type=int, default=3,
-                    help=f"tokens drafted per QSpec cycle (qspec mode only), at most {MAX_GAMMA}")
-    ap.add_argument("--draft", default="w4a4", choices=("w4a4", "w4a8"), help="QSpec draft mode")
+    ap.add_argument("--gamma", type=gamma_arg, default="auto",
+                    help="tokens drafted per QSpec cycle (qspec mode only): 'auto' (the speculation policy picks "
+                         "gamma and draft per batch from the device's cost table and the acceptance seen so far; "
+                         f"0 = plain W4A16 where drafting does not pay) or an integer, at most {MAX_GAMMA}")
+    ap.add_argument("--draft", default=None, choices=("w4a4", "w4a8"),
+                    help="QSpec draft mode (default: w4a4 with an integer --gamma; with --gamma auto the policy "
+                         "chooses between w4a8 and w4a4 unless this is given)")
     ap.add_argument("--group-size", type=int, default=None,
                     help="int4 weight group size (default: 128 where every projection's input size is a "
                          "multiple of 128, else 64, as for SmolLM2; -1: one scale per output channel)")
@@ -139,9 +153,9 @@ def validate_args(args):
             "default), an HF Llama directory or a .gguf file")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.mode == "qspec" and args.gamma < 1:
+    if args.mode == "qspec" and args.gamma != "auto" and args.gamma < 1:
         raise ValueError(f"--gamma must be at least 1, got {args.gamma}")
-    if args.mode == "qspec" and args.gamma > MAX_GAMMA:
+    if args.mode == "qspec" and args.gamma != "auto" and args.gamma > MAX_GAMMA:
         raise ValueError(f"--gamma must be at most {MAX_GAMMA}, got {args.gamma}: longer drafts are almost all "
                          "rejected and only add draft steps")
     if args.batch_size < 1:
@@ -263,7 +277,7 @@ def run(args) -> int:
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from qspec_jax import speculative
+    from qspec_jax import policy, speculative
     from qspec_jax.tokenizer import load_tokenizer
 
     validate_args(args)
@@ -280,10 +294,13 @@ def run(args) -> int:
     )
 
     sampling = args.temperature > 0
+    qspec = args.mode == "qspec"
+    # One policy for the whole run: each batch's choice uses the acceptance observed in the batches before.
+    auto = policy.AutoGamma.for_device() if qspec and args.gamma == "auto" else None
     settings = dict(
         config=config, max_new_tokens=args.max_new_tokens,
-        gamma=args.gamma if args.mode == "qspec" else 0,
-        draft_mode=args.draft if args.mode == "qspec" else "w4a16",
+        gamma=args.gamma if qspec else 0,
+        draft_mode=(args.draft or ("w4a4" if auto is None else None)) if qspec else "w4a16",
         verify_mode="w4a16" if args.mode == "qspec" else args.mode,
         policy="sampling" if sampling else "greedy",
         temperature=args.temperature if sampling else 1.0, top_p=args.top_p if sampling else 1.0, seed=args.seed,
@@ -295,12 +312,18 @@ def run(args) -> int:
     for rows in batches:
         # Pad to a multiple of 64 so batches of similar length share one compiled program.
         toks, lens = speculative.pad_prompts([token_lists[i] for i in rows], multiple=64)
-        args_, static = speculative.prepare(params, toks, lens, **settings)
+        batch_settings, choice = settings, None
+        if auto is not None:  # on the host, before compiling: the loop runs the chosen static gamma
+            batch_settings, choice = speculative.resolve_auto(toks, lens, settings, auto)
+        args_, static = speculative.prepare(params, toks, lens, **batch_settings)
         t0 = time.perf_counter()
         compiled = speculative.generate_jit.lower(*args_, **static).compile()
         t1 = time.perf_counter()
         result = jax.block_until_ready(compiled(*args_))
         seconds = time.perf_counter() - t1
+        if choice is not None:
+            result = result.replace(policy=choice)
+            auto.update(result)
         _print_batch(args, tokenizer, [prompts[i] for i in rows], result, seconds, t1 - t0)
         bar.update(len(rows))
     bar.close()
@@ -312,6 +335,7 @@ def _print_batch(args, tokenizer, prompts, result, seconds, compile_seconds):
     n = np.asarray(result.num_tokens)
     rate = result.acceptance_rate()
     batch_tokens = int(n.sum())
+    batch_summary = result.summary() if args.mode == "qspec" else None  # acceptance per position, over the batch
     for i, prompt in enumerate(prompts):
         ids = [int(t) for t in tokens[i, : n[i]]]
         text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -325,8 +349,14 @@ def _print_batch(args, tokenizer, prompts, result, seconds, compile_seconds):
         }
         if args.mode == "qspec":
             drafted, accepted, cycles = (int(np.asarray(a)[i]) for a in (result.drafted, result.accepted, result.cycles))
+            chosen = result.policy
             stats.update(
-                gamma=args.gamma, draft=args.draft,
+                gamma=chosen.gamma if chosen is not None else args.gamma,
+                draft=(chosen.draft if chosen is not None else args.draft or "w4a4"),
+                policy_source=chosen.policy_source if chosen is not None else "fixed (--gamma)",
+                predicted_speedup=chosen.predicted_speedup if chosen is not None else None,
+                accepted_at_position=[int(a) for a in np.asarray(result.accepted_at)[i]],
+                batch_summary=batch_summary,
                 acceptance_rate=None if np.isnan(rate[i]) else round(float(rate[i]), 4),
                 drafted=drafted, accepted=accepted, cycles=cycles,
                 tokens_per_cycle=round((int(n[i]) - 1) / cycles, 3) if cycles else None,

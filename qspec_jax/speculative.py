@@ -52,7 +52,8 @@ class GenerationResult:
     all drafts before it, so the counts never rise with j; they sum to `accepted`);
     gamma_cycles: [B, gamma + 1] cycles run at each gamma 0..gamma (one bucket while gamma is fixed);
     trace: [B, max_new_tokens] accepted count of each cycle (-1 where the row was not active),
-    the input of the `replay` policy.
+    the input of the `replay` policy;
+    policy: the `policy.Choice` behind `gamma="auto"` (static data, not an array), else None.
     """
 
     tokens: jax.Array
@@ -63,6 +64,7 @@ class GenerationResult:
     trace: jax.Array
     accepted_at: jax.Array
     gamma_cycles: jax.Array
+    policy: Optional[object] = struct.field(pytree_node=False, default=None)
 
     def acceptance_rate(self) -> np.ndarray:
         """Accepted over drafted tokens per row (NaN where nothing was drafted)."""
@@ -83,7 +85,8 @@ class GenerationResult:
         acceptance_rate: accepted / drafted; tokens_per_cycle: tokens emitted per cycle (cut at EOS
         and budget); mean_accepted_length: accepted drafts per cycle; accepted_at_position[j]: cycles
         that accepted the draft at position j; acceptance_at_position[j]: that over the cycles that
-        drafted a position j; gamma_histogram: {gamma: cycles run at it}.
+        drafted a position j; gamma_histogram: {gamma: cycles run at it}; policy: what gamma="auto"
+        chose (gamma, draft, predicted_speedup, policy_source, batch, context), else None.
         """
         drafted, accepted = int(np.sum(self.drafted)), int(np.sum(self.accepted))
         cycles, new = int(np.sum(self.cycles)), int(np.sum(self.num_tokens))
@@ -102,6 +105,7 @@ class GenerationResult:
             "accepted_at_position": [int(a) for a in at],
             "acceptance_at_position": [float(a) / d if d else None for a, d in zip(at, drafted_at)],
             "gamma_histogram": {str(g): int(c) for g, c in enumerate(per_gamma) if c},
+            "policy": None if self.policy is None else self.policy.as_dict(),
         }
 
 
@@ -356,7 +360,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int
     return jnp.asarray(arr), jnp.asarray(lens, jnp.int32)
 
 
-def generate(params: dict, prompts: jax.Array, prompt_lens: jax.Array, **settings) -> GenerationResult:
+def generate(params: dict, prompts: jax.Array, prompt_lens: jax.Array, *, auto=None, **settings) -> GenerationResult:
     """Generate up to `max_new_tokens` per row with QSpec (or plain decoding when `gamma=0`).
 
     prompts: [B, P] int32 right-padded token ids (see `pad_prompts`); prompt_lens: [B] lengths.
@@ -364,9 +368,40 @@ def generate(params: dict, prompts: jax.Array, prompt_lens: jax.Array, **setting
     verify_mode="w4a16", policy="greedy", temperature=1.0, top_p=1.0, seed=0, eos_ids=None,
     replay_trace=None, prefill_chunk=512, kv="bf16", kv_group=128, kv_window=256. Compiled once per shapes and static settings; a second call with the same
     padded shapes does not recompile.
+
+    gamma="auto": gamma and the draft are chosen on the host before compiling by `auto` (a
+    `policy.AutoGamma`; default: the current device's), from its cost table and acceptance estimates
+    (`policy.py`); an explicit draft_mode restricts the choice to that draft. Gamma 0 (plain
+    verify_mode decoding) when no setting is predicted to pay. The loop is the same static-gamma loop,
+    so greedy output is still plain W4A16's. The result's `policy` (and summary()) records the choice;
+    pass the result to `auto.update` to learn acceptance from it.
     """
+    choice = None
+    if isinstance(settings.get("gamma"), str) and settings["gamma"] == "auto":
+        settings, choice = resolve_auto(prompts, prompt_lens, settings, auto)
     args, static = prepare(params, prompts, prompt_lens, **settings)
-    return generate_jit(*args, **static)
+    result = generate_jit(*args, **static)
+    return result if choice is None else result.replace(policy=choice)
+
+
+def resolve_auto(prompts, prompt_lens, settings: dict, auto=None):
+    """`settings` with gamma="auto" replaced by the policy's integer gamma and draft; returns
+    (settings, policy.Choice). Needs the w4a16 verifier and a greedy or sampling policy."""
+    from qspec_jax import policy as policy_lib
+
+    settings = dict(settings)
+    if settings.get("verify_mode", "w4a16") != "w4a16":
+        raise ValueError("gamma='auto' chooses QSpec settings for the w4a16 verifier, not "
+                         f"{settings['verify_mode']!r}")
+    if settings.get("policy", "greedy") == "replay":
+        raise ValueError("gamma='auto' cannot replay a trace: a replay trace is recorded at one fixed gamma")
+    lens = np.asarray(prompt_lens)
+    batch = int(np.shape(prompts)[0]) if np.ndim(prompts) == 2 else 0
+    context = int(lens.max()) + int(settings.get("max_new_tokens", 0)) // 2 if lens.size else 0
+    choice = policy_lib.resolve(auto, batch, context, settings.get("draft_mode"))
+    settings["gamma"] = choice.gamma
+    settings["draft_mode"] = choice.draft or settings.get("draft_mode") or "w4a16"
+    return settings, choice
 
 
 def prepare(
@@ -450,8 +485,11 @@ def _validate(
             raise ValueError(f"unknown {name} {mode!r}; expected one of {MODES}")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not isinstance(gamma, (int, np.integer)) or gamma < 0:
-        raise ValueError(f"gamma must be a non-negative integer, got {gamma!r}")
+    if isinstance(gamma, str) and gamma == "auto":
+        raise ValueError("gamma='auto' is resolved by `generate` (or `resolve_auto`) before `prepare`, which "
+                         "takes the resolved integer")
+    if not isinstance(gamma, (int, np.integer)) or isinstance(gamma, bool) or gamma < 0:
+        raise ValueError(f"gamma must be a non-negative integer or 'auto', got {gamma!r}")
     if policy == "sampling" and not temperature > 0:
         raise ValueError(f"sampling needs temperature > 0, got {temperature}")
     if not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 0:

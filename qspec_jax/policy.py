@@ -1,0 +1,364 @@
+"""Speculation policy (issue 12): choose `gamma` and the draft mode where speculation pays.
+
+A QSpec cycle drafts `gamma` tokens (`gamma` draft steps) and verifies them in one W4A16 pass over
+`gamma + 1` positions; it emits E[n] tokens on average. Against plain W4A16 decoding (one step per
+token) the speedup is
+
+    S(gamma, draft) = E[n] * t_plain / (gamma * t_draft + t_verify(gamma))
+
+with E[n] = 1 + sum_{j=1..gamma} prod_{i<=j} a_i, a_i the acceptance rate at draft position i given
+that every draft before it was accepted (one rate a for every position: (1 - a^(gamma+1)) / (1 - a)).
+`choose` takes the argmax over gamma in 0..MAX_POLICY_GAMMA and the drafts; gamma 0 (plain W4A16,
+S = 1) wins unless some setting predicts S > 1 + MARGIN.
+
+Costs (`t_plain`, `t_draft`, `t_verify` per batch) come from a per-device JSON table under
+benchmarks/policy/ (`scripts/build_cost_table.py` builds it from the committed H200 measurements);
+between measured batches they are interpolated linearly, outside them clamped. Acceptance starts at a
+prior per draft fitted to the real-model measurements (benchmarks/acceptance/acceptance.json) and
+`AutoGamma.update` moves it toward the per-position rates a run observed (`GenerationResult.
+accepted_at` / `gamma_cycles`). A device without a table (the CPU) gets DEFAULT_GAMMA / DEFAULT_DRAFT,
+the best fixed setting measured on the real model, and the choice says so in `policy_source`.
+
+The choice is made on the host before compiling: the compiled loop runs one static gamma. Switching
+gamma between cycles inside the loop (a `lax.switch`) is not implemented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TABLE_DIR = os.path.join(ROOT, "benchmarks", "policy")
+ACCEPTANCE_FILE = os.path.join(ROOT, "benchmarks", "acceptance", "acceptance.json")
+DRAFTS = ("w4a8", "w4a4")
+MAX_POLICY_GAMMA = 8  # the chooser's range; the CLI's integer --gamma goes up to generate.MAX_GAMMA
+MARGIN = 0.02  # speculate only when the predicted speedup is above 1 + MARGIN
+# No cost table (CPU, unmeasured GPUs): the best fixed setting measured on SmolLM2 (benchmarks/acceptance:
+# w4a8 at gamma 3 accepted 0.99, 3.9 tokens per cycle, identical output to W4A16).
+DEFAULT_GAMMA, DEFAULT_DRAFT = 3, "w4a8"
+PRIOR_STRENGTH = 50.0  # pseudo-trials per position behind the prior rate
+FALLBACK_RATES = {"w4a8": 0.98, "w4a4": 0.88}  # used only when acceptance.json is missing
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """What the policy chose and why (hashable: it rides on a GenerationResult as static data)."""
+
+    gamma: int
+    draft: Optional[str]  # None with gamma 0 (plain decoding in the verifier's mode)
+    predicted_speedup: Optional[float]  # vs plain W4A16; None without a cost table
+    policy_source: str  # the cost table used, or why the default was taken
+    batch: int = 0
+    context: int = 0
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Expected tokens per cycle and speedup
+
+
+def expected_tokens(rates: Sequence[float], gamma: int) -> float:
+    """E[n] tokens per cycle at `gamma`: 1 + sum_{j<gamma} prod_{i<=j} rates[i] (rates per position,
+    each conditional on the drafts before it being accepted; a scalar means one rate everywhere)."""
+    if np.ndim(rates) == 0:
+        rates = [float(rates)] * gamma
+    if len(rates) < gamma:
+        raise ValueError(f"{len(rates)} rates for gamma {gamma}")
+    return 1.0 + float(np.sum(np.cumprod(np.asarray(rates[:gamma], np.float64)))) if gamma else 1.0
+
+
+def expected_tokens_single(a: float, gamma: int) -> float:
+    """E[n] with one rate: (1 - a^(gamma+1)) / (1 - a) (gamma + 1 at a = 1)."""
+    return gamma + 1.0 if a == 1 else (1.0 - a ** (gamma + 1)) / (1.0 - a)
+
+
+def speedup(rates, gamma: int, t_plain: float, t_draft: float, t_verify: float) -> float:
+    """Predicted tokens per second of QSpec over plain W4A16 (1.0 at gamma 0 by definition)."""
+    if gamma == 0:
+        return 1.0
+    return expected_tokens(rates, gamma) * t_plain / (gamma * t_draft + t_verify)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cost tables
+
+
+class CostTable:
+    """Step costs of one device kind (ms), interpolated linearly in batch and clamped at the ends.
+
+    JSON layout: {"device_kind", "context", "batches": [b...], "plain_ms": [..], "draft_ms": {draft: [..]},
+    "verify_ms": [[gamma 0..G] per batch], "estimated": [...], "sources": {...}, "notes": [...]}.
+    """
+
+    def __init__(self, table: dict, source: str = "table"):
+        self.table, self.source = table, source
+        self.device_kind = table["device_kind"]
+        self.batches = np.asarray(table["batches"], np.float64)
+        self.plain = np.asarray(table["plain_ms"], np.float64)
+        self.draft = {d: np.asarray(v, np.float64) for d, v in table["draft_ms"].items()}
+        self.verify = np.asarray(table["verify_ms"], np.float64)  # [batches, gammas]
+        self.max_gamma = self.verify.shape[1] - 1
+
+    @classmethod
+    def load(cls, path: str) -> "CostTable":
+        with open(path) as f:
+            return cls(json.load(f), source=os.path.relpath(path, ROOT))
+
+    def _at(self, values, batch):
+        return float(np.interp(batch, self.batches, values))  # np.interp clamps outside the range
+
+    def t_plain(self, batch: int) -> float:
+        return self._at(self.plain, batch)
+
+    def t_draft(self, draft: str, batch: int) -> float:
+        return self._at(self.draft[draft], batch)
+
+    def t_verify(self, gamma: int, batch: int) -> float:
+        if gamma > self.max_gamma:
+            raise ValueError(f"the cost table covers gamma 0..{self.max_gamma}, not {gamma}")
+        return self._at(self.verify[:, gamma], batch)
+
+
+def _normalize(kind: str) -> str:
+    return "".join(c for c in kind.lower() if c.isalnum())
+
+
+def find_table(device_kind: str, table_dir: str = TABLE_DIR) -> Optional[CostTable]:
+    """The cost table whose device_kind matches (case and punctuation ignored), or None."""
+    for path in sorted(glob.glob(os.path.join(table_dir, "*_costs.json"))):
+        with open(path) as f:
+            kind = json.load(f).get("device_kind", "")
+        if _normalize(kind) == _normalize(device_kind):
+            return CostTable.load(path)
+    return None
+
+
+def current_device_kind() -> str:
+    import jax
+
+    dev = jax.devices()[0]
+    return dev.device_kind if dev.platform != "cpu" else "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Acceptance prior
+
+
+def fit_rate(points: Sequence[tuple]) -> float:
+    """The single per-position rate a whose E[n](gamma) best fits measured (gamma, tokens_per_cycle,
+    weight) points (weighted least squares over a grid: robust and dependency-free)."""
+    grid = np.linspace(0.0, 0.9999, 10000)
+    err = np.zeros_like(grid)
+    for g, tpc, w in points:
+        e = (1 - grid ** (g + 1)) / (1 - grid)
+        err += w * (e - tpc) ** 2
+    return float(grid[int(np.argmin(err))])
+
+
+def acceptance_prior(path: str = ACCEPTANCE_FILE) -> dict:
+    """{draft: per-position rate} fitted to the real-model runs (tokens per cycle at each gamma)."""
+    if not os.path.exists(path):
+        return dict(FALLBACK_RATES)
+    with open(path) as f:
+        runs = json.load(f)["runs"]
+    prior = {}
+    for d in DRAFTS:
+        pts = [(r["gamma"], r["all"]["tokens_per_cycle"], r["all"]["cycles"]) for r in runs if r["draft"] == d]
+        prior[d] = fit_rate(pts) if pts else FALLBACK_RATES[d]
+    return prior
+
+
+# ---------------------------------------------------------------------------------------------------
+# The chooser
+
+
+def choose(table: Optional[CostTable], rates: dict, batch: int, context: int = 0, *,
+           drafts: Sequence[str] = DRAFTS, max_gamma: int = MAX_POLICY_GAMMA, margin: float = MARGIN,
+           device_kind: str = "") -> Choice:
+    """argmax over gamma 0..max_gamma and `drafts` of the predicted speedup; gamma 0 unless the best
+    beats 1 + margin. `rates`: {draft: per-position rates (list) or one rate}. No table: the default."""
+    if table is None:
+        draft = DEFAULT_DRAFT if DEFAULT_DRAFT in drafts else drafts[0]
+        return Choice(DEFAULT_GAMMA, draft, None, f"default (no cost table for device kind {device_kind!r})",
+                      int(batch), int(context))
+    max_gamma = min(max_gamma, table.max_gamma)
+    best = (-1.0, 0, None)  # the best speculative setting, paying or not
+    t_plain = table.t_plain(batch)
+    for d in drafts:
+        r = rates[d]
+        r = [float(r)] * max_gamma if np.ndim(r) == 0 else list(r)
+        for g in range(1, max_gamma + 1):
+            s = speedup(r, g, t_plain, table.t_draft(d, batch), table.t_verify(g, batch))
+            if s > best[0]:
+                best = (s, g, d)
+    s, g, d = best
+    src = table.source
+    if s <= 1.0 + margin:
+        return Choice(0, None, 1.0, f"{src} (best speculative setting: gamma {g} {d}, predicted {s:.3f}x)",
+                      int(batch), int(context))
+    return Choice(g, d, round(s, 4), src, int(batch), int(context))
+
+
+class AutoGamma:
+    """Chooses (gamma, draft) per batch and learns acceptance from finished runs.
+
+    Per draft and position j < MAX_POLICY_GAMMA it keeps accepted / reached counts on top of the prior
+    (PRIOR_STRENGTH pseudo-trials at the prior rate). A position's rate is its own counts shrunk toward
+    the draft's pooled observed rate, so positions a run never reached follow what earlier ones showed.
+    """
+
+    def __init__(self, table: Optional[CostTable] = None, prior: Optional[dict] = None, *,
+                 device_kind: Optional[str] = None, drafts: Sequence[str] = DRAFTS,
+                 max_gamma: int = MAX_POLICY_GAMMA, margin: float = MARGIN, strength: float = PRIOR_STRENGTH):
+        self.table, self.drafts = table, tuple(drafts)
+        self.device_kind = device_kind if device_kind is not None else (table.device_kind if table else "")
+        self.max_gamma, self.margin, self.strength = max_gamma, margin, float(strength)
+        self.prior = dict(prior) if prior is not None else acceptance_prior()
+        self.accepted = {d: np.zeros(max_gamma) for d in self.drafts}
+        self.reached = {d: np.zeros(max_gamma) for d in self.drafts}
+
+    @classmethod
+    def for_device(cls, device_kind: Optional[str] = None, **kw) -> "AutoGamma":
+        """The policy for `device_kind` (default: the first JAX device's), with its table if one exists."""
+        kind = current_device_kind() if device_kind is None else device_kind
+        return cls(find_table(kind), device_kind=kind, **kw)
+
+    def rates(self, draft: str) -> list:
+        """Current per-position acceptance estimates of `draft` (length max_gamma)."""
+        k, a0 = self.strength, float(self.prior[draft])
+        acc, reach = self.accepted[draft], self.reached[draft]
+        pooled = (acc.sum() + k * a0) / (reach.sum() + k)
+        return [float((acc[j] + k * pooled) / (reach[j] + k)) for j in range(self.max_gamma)]
+
+    def choose(self, batch: int, context: int = 0, drafts: Optional[Sequence[str]] = None) -> tuple:
+        """(gamma, draft) for a batch; `last_choice` keeps the full `Choice`."""
+        c = self.choice(batch, context, drafts)
+        return c.gamma, c.draft
+
+    def choice(self, batch: int, context: int = 0, drafts: Optional[Sequence[str]] = None) -> Choice:
+        drafts = tuple(drafts) if drafts else self.drafts
+        rates = {d: self.rates(d) for d in drafts}
+        self.last_choice = choose(self.table, rates, batch, context, drafts=drafts, max_gamma=self.max_gamma,
+                                  margin=self.margin, device_kind=self.device_kind)
+        return self.last_choice
+
+    def update(self, result, draft: Optional[str] = None) -> None:
+        """Add a finished run's per-position counts to `draft`'s (default: the draft the result's
+        policy choice names). Runs without drafts (gamma 0) teach nothing."""
+        choice = getattr(result, "policy", None)
+        draft = draft or (choice.draft if choice is not None else None)
+        if draft is None:
+            return
+        at = np.sum(np.asarray(result.accepted_at), axis=0).astype(np.float64)  # [gamma]
+        per_gamma = np.sum(np.asarray(result.gamma_cycles), axis=0).astype(np.float64)  # [gamma + 1]
+        drafted_at = np.cumsum(per_gamma[::-1])[::-1][1:]  # cycles that drafted position j
+        # Cycles that reached position j: drafted it and accepted every draft before it.
+        reached = np.minimum(drafted_at, np.concatenate([drafted_at[:1], at[:-1]])) if at.size else at
+        n = min(at.size, self.max_gamma)
+        self.accepted[draft][:n] += at[:n]
+        self.reached[draft][:n] += reached[:n]
+
+
+def resolve(auto: Optional[AutoGamma], batch: int, context: int, draft_mode: Optional[str] = None) -> Choice:
+    """The choice for one request: `auto` (default: the policy of the current device), restricted to
+    `draft_mode` when the caller fixed one."""
+    auto = auto if auto is not None else AutoGamma.for_device()
+    return auto.choice(batch, context, drafts=(draft_mode,) if draft_mode else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building a cost table from the committed engine measurements (scripts/build_cost_table.py)
+
+PROJECTIONS = ("qkv", "o", "gate_up", "down")
+
+
+def kernel_sum(kernels: list, method: str = "w4a16") -> dict:
+    """{M: sum over one layer's four projections of `method` microseconds, minus the harness's no-op}
+    (the harness overhead is not in a compiled step)."""
+    out = {}
+    for k in kernels:
+        if k["proj"] in PROJECTIONS:
+            out[k["M"]] = out.get(k["M"], 0.0) + max(k["us"][method] - k["us"].get("noop", 0.0), 0.0)
+    return dict(sorted(out.items()))
+
+
+def monotone(sums: dict) -> dict:
+    """Running maximum over M: the measured sums are noisy (M = 4 above M = 8 and 16 on the H200), and
+    a wider matmul never costs less."""
+    out, top = {}, 0.0
+    for m, v in sorted(sums.items()):
+        top = max(top, v)
+        out[m] = top
+    return out
+
+
+def _interp_m(sums: dict, m: float) -> float:
+    """Kernel sum at M, linear between measured M, linear extrapolation past the largest, clamped below."""
+    ms, vals = np.asarray(list(sums), np.float64), np.asarray(list(sums.values()), np.float64)
+    if m > ms[-1]:
+        return float(vals[-1] + (m - ms[-1]) * (vals[-1] - vals[-2]) / (ms[-1] - ms[-2]))
+    return float(np.interp(m, ms, vals))
+
+
+def build_cost_table(step_file: str, kernel_file: str, *, max_gamma: int = MAX_POLICY_GAMMA,
+                     drafts: Sequence[str] = DRAFTS, context: int = 456) -> dict:
+    """A cost table (see `CostTable`) from a `bench_engine.py --parts step` file holding w4a16 and the
+    drafts' step times at one or more batches (one run, so their ratios are meaningful) and a
+    `--parts kernels` file. Plain and draft steps are measured. The verify pass over gamma + 1
+    positions per row is an ESTIMATE: the measured W4A16 step at the batch, scaled by the W4A16
+    kernel time (four projections, no-op subtracted) at M = batch * (gamma + 1) over M = batch."""
+    with open(step_file) as f:
+        step = json.load(f)
+    with open(kernel_file) as f:
+        kern = json.load(f)
+    rows = {(s["batch"], s["mode"]): s["step_ms"] for s in step["step"]}
+    batches = sorted({b for b, m in rows if m == "w4a16" and all((b, d) in rows for d in drafts)})
+    if not batches:
+        raise ValueError(f"{step_file} has no batch with w4a16 and {', '.join(drafts)} step times")
+    raw = kernel_sum(kern["kernels"])
+    sums = monotone(raw)
+    verify, detail = [], []
+    for b in batches:
+        row = []
+        for g in range(max_gamma + 1):
+            m = b * (g + 1)
+            ms = rows[(b, "w4a16")] * _interp_m(sums, m) / _interp_m(sums, b)
+            row.append(round(ms, 4))
+            detail.append({"batch": b, "gamma": g, "M": m, "ms": round(ms, 4), "estimate": g > 0,
+                           "extrapolated_past_measured_M": m > max(sums)})
+        verify.append(row)
+    rel = lambda p: os.path.relpath(os.path.abspath(p), ROOT)  # noqa: E731
+    return {
+        "device_kind": step["meta"]["device"],
+        "context": context,
+        "batches": batches,
+        "plain_ms": [round(rows[(b, "w4a16")], 4) for b in batches],
+        "draft_ms": {d: [round(rows[(b, d)], 4) for b in batches] for d in drafts},
+        "verify_ms": verify,
+        "measured": ["plain_ms", "draft_ms", "verify_ms[:, 0] (= plain_ms)"],
+        "estimated": ["verify_ms[:, 1:] (every gamma > 0 entry; see verify_detail)"],
+        "verify_detail": detail,
+        "kernel_sum_us": {str(m): round(v, 3) for m, v in raw.items()},
+        "kernel_sum_us_monotone": {str(m): round(v, 3) for m, v in sums.items()},
+        "sources": {"step": rel(step_file), "step_commit": step["meta"].get("commit"),
+                    "kernels": rel(kernel_file), "kernels_commit": kern["meta"].get("commit")},
+        "notes": [
+            "Decode steps: Llama-3-8B shapes, generated int4 weights, attention over a context of "
+            f"{context} tokens; the table holds that one context (the policy does not scale with context).",
+            "verify_ms at gamma > 0 is an ESTIMATE, not a measurement: w4a16 step(batch) x K(batch*(gamma+1)) / "
+            "K(batch), K = sum of the qkv, o, gate_up and down W4A16 kernel times of one layer minus the "
+            "harness no-op, made non-decreasing in M (running maximum: kernel_sum_us_monotone), linear in M "
+            "between measured M. It ignores the growth of attention, norms and "
+            "the lm_head with more positions, so it is, if anything, low (favours speculation).",
+            "Between batches the policy interpolates linearly; outside them it clamps.",
+        ],
+    }

@@ -1,0 +1,234 @@
+"""The speculation policy (issue 12): E[n], the chooser, learning acceptance, the committed H200
+table, gamma="auto" through `generate` (greedy fidelity, sampling exactness) and the CLI."""
+
+import itertools
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qspec_jax import checkpoint, policy, quantize
+from qspec_jax.config import get_preset
+from qspec_jax.generate import MAX_GAMMA, parse_args, validate_args
+from qspec_jax.policy import AutoGamma, CostTable, choose, expected_tokens, expected_tokens_single
+from qspec_jax.speculative import GenerationResult, generate, pad_prompts, prepare
+
+TINY = get_preset("tiny")
+
+
+def synthetic_table(t_plain=1.0, t_draft=0.3, verify_growth=0.05, max_gamma=8, batches=(1,)):
+    """A cost table with a cheap (or not) draft; the verify pass grows by verify_growth per position."""
+    n = len(batches)
+    return CostTable({
+        "device_kind": "synthetic", "batches": list(batches), "plain_ms": [t_plain] * n,
+        "draft_ms": {"w4a8": [t_draft] * n, "w4a4": [t_draft] * n},
+        "verify_ms": [[t_plain * (1 + verify_growth * g) for g in range(max_gamma + 1)]] * n,
+    }, source="synthetic")
+
+
+def brute_force_tokens(rates, gamma):
+    """E[tokens per cycle] by enumerating every accept/reject pattern of the gamma drafts."""
+    total = 0.0
+    for pattern in itertools.product((0, 1), repeat=gamma):
+        p = np.prod([rates[j] if x else 1 - rates[j] for j, x in enumerate(pattern)])
+        lead = next((j for j, x in enumerate(pattern) if not x), gamma)  # accepted prefix
+        total += p * (lead + 1)  # the accepted drafts and the verifier's own token
+    return total
+
+
+def test_expected_tokens_matches_enumeration():
+    rng = np.random.default_rng(0)
+    for gamma in range(0, 7):
+        rates = list(rng.uniform(0.2, 1.0, gamma))
+        assert expected_tokens(rates, gamma) == pytest.approx(brute_force_tokens(rates, gamma), rel=1e-12)
+        for a in (0.0, 0.5, 0.9, 1.0):
+            assert expected_tokens([a] * gamma, gamma) == pytest.approx(expected_tokens_single(a, gamma))
+            assert expected_tokens(a, gamma) == pytest.approx(brute_force_tokens([a] * gamma, gamma))
+
+
+def test_chooser_speculates_only_where_it_pays():
+    rates = {"w4a8": 0.99, "w4a4": 0.9}
+    # A draft step as slow as the verifier's step: nothing pays, whatever the acceptance.
+    for t_draft in (1.0, 1.2):
+        c = choose(synthetic_table(t_draft=t_draft), rates, batch=1)
+        assert (c.gamma, c.draft, c.predicted_speedup) == (0, None, 1.0)
+    # Cheap drafts and high acceptance: speculate, at the argmax of the predicted speedup.
+    table = synthetic_table(t_draft=0.1)
+    c = choose(table, rates, batch=1)
+    best = max(((policy.speedup(rates[d], g, 1.0, 0.1, table.t_verify(g, 1)), g, d)
+                for d in policy.DRAFTS for g in range(1, 9)))
+    assert c.gamma > 0 and (c.gamma, c.draft) == (best[1], best[2])
+    assert c.predicted_speedup == pytest.approx(best[0], rel=1e-3) and c.predicted_speedup > 2
+    # Low acceptance pulls gamma down; none at all pulls it to 0.
+    assert 0 < choose(table, {"w4a8": 0.6, "w4a4": 0.5}, 1).gamma < c.gamma
+    assert choose(table, {"w4a8": 0.0, "w4a4": 0.0}, 1).gamma == 0
+
+
+def test_a_speedup_inside_the_margin_is_not_taken():
+    # t_draft 0.95, perfect acceptance, flat verify: S(1) = 2 / 1.95 = 1.026, S(8) = 9 / 8.6 = 1.047.
+    table = synthetic_table(t_draft=0.95, verify_growth=0.0)
+    assert choose(table, {"w4a8": 1.0, "w4a4": 1.0}, 1, margin=0.02).gamma == 8
+    assert choose(table, {"w4a8": 1.0, "w4a4": 1.0}, 1, margin=0.05).gamma == 0
+
+
+def test_costs_interpolate_in_batch_and_clamp():
+    t = CostTable({"device_kind": "x", "batches": [1, 16], "plain_ms": [4.0, 6.0],
+                   "draft_ms": {"w4a8": [4.0, 5.0], "w4a4": [4.0, 5.0]},
+                   "verify_ms": [[4.0, 5.0], [6.0, 9.0]]})
+    assert t.t_plain(1) == 4.0 and t.t_plain(16) == 6.0 and t.t_plain(64) == 6.0 and t.t_plain(0) == 4.0
+    assert t.t_plain(8.5) == pytest.approx(5.0) and t.t_verify(1, 8.5) == pytest.approx(7.0)
+    with pytest.raises(ValueError, match="gamma 0..1"):
+        t.t_verify(2, 1)
+
+
+def fake_result(accepted_at, gamma_cycles, draft=None):
+    g = len(accepted_at)
+    z = np.zeros((1, 1), np.int32)
+    choice = policy.Choice(g, draft, None, "test") if draft else None
+    return GenerationResult(tokens=z, num_tokens=z[:, 0], drafted=z[:, 0], accepted=z[:, 0], cycles=z[:, 0],
+                            trace=z, accepted_at=np.asarray([accepted_at]), gamma_cycles=np.asarray([gamma_cycles]),
+                            policy=choice)
+
+
+def test_update_moves_the_estimate_toward_observed_rates():
+    auto = AutoGamma(synthetic_table(t_draft=0.1), prior={"w4a8": 0.98, "w4a4": 0.86})
+    before = auto.rates("w4a4")
+    assert before == pytest.approx([0.86] * policy.MAX_POLICY_GAMMA)
+    g0, _ = auto.choose(1)
+    # 400 cycles at gamma 3, w4a4: position 0 accepted 200 times (0.5), then 100 (0.5), 50 (0.5).
+    auto.update(fake_result([200, 100, 50], [0, 0, 0, 400], draft="w4a4"))
+    after = auto.rates("w4a4")
+    assert all(0.5 < a < b for a, b in zip(after, before))  # every position moved toward 0.5
+    assert after[0] == pytest.approx((200 + 50 * ((350 + 50 * 0.86) / (700 + 50))) / (400 + 50))  # reached: 400, 200, 100
+    assert after[7] < 0.6  # positions never drafted follow the pooled observed rate
+    assert auto.rates("w4a8") == pytest.approx([0.98] * policy.MAX_POLICY_GAMMA)  # the other draft is untouched
+    # The draft can also be named; more evidence moves it further, and the choice follows.
+    for _ in range(5):
+        auto.update(fake_result([200, 100, 50], [0, 0, 0, 400]), draft="w4a8")
+    assert auto.rates("w4a8")[0] < 0.55
+    gamma, draft = auto.choose(1)
+    assert gamma < g0 or gamma == 0
+    # A plain run (gamma 0) teaches nothing.
+    snapshot = auto.rates("w4a4")
+    auto.update(fake_result([], [10], draft=None))
+    assert auto.rates("w4a4") == snapshot
+
+
+def test_no_table_default():
+    auto = AutoGamma.for_device("cpu")
+    assert auto.table is None and auto.choose(4, 100) == (policy.DEFAULT_GAMMA, policy.DEFAULT_DRAFT) == (3, "w4a8")
+    c = auto.last_choice
+    assert c.predicted_speedup is None and c.policy_source.startswith("default") and "cpu" in c.policy_source
+    assert auto.choose(4, 100, drafts=("w4a4",)) == (3, "w4a4")
+    assert policy.find_table("some unmeasured gpu") is None
+
+
+def test_acceptance_prior_from_the_real_model():
+    prior = policy.acceptance_prior()
+    assert 0.95 < prior["w4a8"] < 1.0 and 0.8 < prior["w4a4"] < 0.9
+    with open(policy.ACCEPTANCE_FILE) as f:
+        runs = json.load(f)["runs"]
+    for r in runs:  # the single-rate model reproduces every measured tokens-per-cycle within 6%
+        e = expected_tokens_single(prior[r["draft"]], r["gamma"])
+        assert e == pytest.approx(r["all"]["tokens_per_cycle"], rel=0.06), (r["draft"], r["gamma"])
+
+
+def test_h200_table_is_reproducible_labelled_and_chooses_plain_decoding():
+    path = os.path.join(policy.TABLE_DIR, "h200_costs.json")
+    with open(path) as f:
+        committed = json.load(f)
+    engine = os.path.join(policy.ROOT, "benchmarks", "engine")
+    built = policy.build_cost_table(os.path.join(engine, "h200_step_run2.json"),
+                                    os.path.join(engine, "h200_kernels.json"))
+    assert json.loads(json.dumps(built)) == committed
+    assert all(d["estimate"] == (d["gamma"] > 0) for d in committed["verify_detail"])
+    assert any("ESTIMATE" in n for n in committed["notes"]) and committed["estimated"]
+    table = policy.find_table("NVIDIA H200")
+    assert table is not None and table.batches.tolist() == [1, 16]
+    auto = AutoGamma(table)
+    for batch in (1, 16):  # the draft step costs about a W4A16 step on the H200: drafting cannot pay
+        assert auto.choose(batch, 456) == (0, None), auto.last_choice
+        assert auto.last_choice.policy_source.startswith("benchmarks/policy/h200_costs.json")
+
+
+# --- gamma="auto" through generate ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_qparams():
+    params = checkpoint.random_params(TINY, seed=7, dtype=jnp.float32)
+    return quantize.quantize_params(params, TINY, rotate=True, seed=7, dtype=jnp.float32)
+
+
+def test_generate_auto_greedy_equals_w4a16(tiny_qparams):
+    rng = np.random.default_rng(1)
+    toks, lens = pad_prompts([list(rng.integers(3, TINY.vocab_size, n)) for n in (3, 17, 8)])
+    base = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=24, gamma=0, eos_ids=())
+    cheap = AutoGamma(synthetic_table(t_draft=0.1, max_gamma=5), max_gamma=5)
+    plain = AutoGamma(synthetic_table(t_draft=1.5))
+    for auto in (None, cheap, plain):  # the CPU default (3, w4a8), a speculating choice, gamma 0
+        res = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=24, gamma="auto", eos_ids=(), auto=auto)
+        np.testing.assert_array_equal(np.asarray(res.tokens), np.asarray(base.tokens))
+        s = res.summary()
+        assert s["policy"]["gamma"] == res.policy.gamma and s["gamma_histogram"] == {
+            str(res.policy.gamma): int(np.sum(res.cycles))}
+        if auto is not None:
+            auto.update(res)
+    assert res.policy.gamma == 0 and res.policy.draft is None and res.summary()["drafted"] == 0
+    assert cheap.last_choice.gamma > 0 and cheap.accepted[cheap.last_choice.draft].sum() > 0  # it learned
+    # draft_mode restricts the choice; prepare takes only the resolved integer.
+    res = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=8, gamma="auto", draft_mode="w4a4",
+                   eos_ids=())
+    assert (res.policy.gamma, res.policy.draft) == (3, "w4a4")
+    with pytest.raises(ValueError, match="resolved"):
+        prepare(tiny_qparams, toks, lens, config=TINY, max_new_tokens=8, gamma="auto")
+    with pytest.raises(ValueError, match="gamma must be"):
+        prepare(tiny_qparams, toks, lens, config=TINY, max_new_tokens=8, gamma="three")
+    with pytest.raises(ValueError, match="w4a16 verifier"):
+        generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=8, gamma="auto", verify_mode="w4a8")
+
+
+def test_speculative_sampling_with_auto_keeps_the_verifier_distribution():
+    """tests/test_speculative.py's chi-square check of the whole loop, with gamma chosen by the policy
+    (a synthetic table that picks gamma 2 with the w4a4 draft, as the fixed-gamma test runs)."""
+    from test_speculative import MICRO, PROMPT, assert_distributed, next_probs  # its helpers
+
+    params = checkpoint.random_params(MICRO, seed=1234, dtype=jnp.float32)
+    params["lm_head"] = params["lm_head"] * 10
+    qp = quantize.quantize_params(params, MICRO, rotate=True, seed=1234, dtype=jnp.float32)
+    temperature, top_p, v, n = 0.7, 0.8, MICRO.vocab_size, 6000
+    auto = AutoGamma(synthetic_table(t_draft=0.1, max_gamma=2), max_gamma=2, drafts=("w4a4",))
+    toks, lens = pad_prompts([PROMPT] * n)
+    res = generate(qp, toks, lens, config=MICRO, max_new_tokens=4, gamma="auto", policy="sampling",
+                   temperature=temperature, top_p=top_p, seed=3, eos_ids=(), auto=auto)
+    assert (res.policy.gamma, res.policy.draft) == (2, "w4a4")
+    assert res.summary()["acceptance_rate"] < 0.9  # the draft differs: rejections happen
+    pairs = [(a, b) for a in range(v) for b in range(v)]
+    p1 = next_probs(qp, [()], temperature, top_p)[0]
+    p12 = p1[:, None] * next_probs(qp, [(a,) for a in range(v)], temperature, top_p)
+    p3 = next_probs(qp, pairs, temperature, top_p).reshape(v, v, v)
+    p4 = next_probs(qp, [(a, b, c) for a, b in pairs for c in range(v)], temperature, top_p).reshape(v, v, v, v)
+    p34 = np.einsum("ab,abc,abcd->cd", p12, p3, p4)
+    t = np.asarray(res.tokens)
+    assert_distributed("(t1, t2)", np.bincount(t[:, 0] * v + t[:, 1], minlength=v * v), p12 * n)
+    assert_distributed("(t3, t4)", np.bincount(t[:, 2] * v + t[:, 3], minlength=v * v), p34 * n)
+
+
+# --- the CLI --------------------------------------------------------------------------------------
+
+
+def test_cli_gamma_auto_is_the_default_and_integers_still_parse(capsys):
+    args = parse_args([])
+    assert args.gamma == "auto" and args.draft is None
+    validate_args(args)
+    assert parse_args(["--gamma", "AUTO"]).gamma == "auto"
+    assert parse_args(["--gamma", "5", "--draft", "w4a8"]).gamma == 5
+    validate_args(parse_args(["--gamma", str(MAX_GAMMA)]))
+    for bad, message in ((str(MAX_GAMMA + 1), "at most"), ("0", "at least 1")):
+        with pytest.raises(ValueError, match=message):
+            validate_args(parse_args(["--gamma", bad]))
+    with pytest.raises(SystemExit):
+        parse_args(["--gamma", "lots"])
+    assert "expected 'auto' or an integer" in capsys.readouterr().err
