@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-MODE_CHOICES = ("qspec", "bf16", "w4a16", "w4a4", "w4a8")
+MODE_CHOICES = ("qspec", "quantspec", "bf16", "w4a16", "w4a4", "w4a8")
 CALIBRATION_TOKENS = 8192  # GPTQ calibration: 32 ShareGPT rows of 256 tokens
 CALIBRATION_ROW = 256
 # Largest --gamma: at acceptance a a cycle emits at most 1 / (1 - a) tokens on average, so drafts past
@@ -57,9 +57,13 @@ def parse_args(argv=None):
                     help="smollm2-135m, an HF Llama directory or a .gguf file; the size presets (llama2-7b, "
                          "llama3-8b, llama2-13b, tiny) have generated weights and no tokenizer: they are for "
                          "scripts/bench_throughput.py, not for text")
-    ap.add_argument("--mode", default="qspec", choices=MODE_CHOICES, help="qspec, or a plain autoregressive mode")
+    ap.add_argument("--mode", default="qspec", choices=MODE_CHOICES,
+                    help="qspec; quantspec (QuantSpec's own system: bf16 weights verify on the INT8 KV cache, a "
+                         "W4A16 draft on the int4 weights drafts on its INT4 view; always --kv int8, gamma 3 "
+                         "with --gamma auto; it holds the bf16 and the int4 weights both, ~1.25x the bf16 weight "
+                         "memory); or a plain autoregressive mode")
     ap.add_argument("--gamma", type=gamma_arg, default="auto",
-                    help="tokens drafted per QSpec cycle (qspec mode only): 'auto' (the speculation policy picks "
+                    help="tokens drafted per cycle (qspec; quantspec: an integer, auto = 3): 'auto' (the speculation policy picks "
                          "gamma and draft per batch from the device's cost table and the acceptance seen so far; "
                          f"0 = plain W4A16 where drafting does not pay) or an integer, at most {MAX_GAMMA}")
     ap.add_argument("--draft", default=None, choices=("w4a4", "w4a8"),
@@ -80,7 +84,7 @@ def parse_args(argv=None):
                     help="prefill longer prompts this many tokens at a time (0: one pass)")
     ap.add_argument("--kv", default="bf16", choices=("bf16", "int8"),
                     help="KV cache: bf16, or QuantSpec's hierarchical int8 (two 4-bit planes + a full-precision "
-                         "recent buffer; qspec drafts read the int4 upper plane)")
+                         "recent buffer; qspec drafts read the int4 upper plane); quantspec always runs on int8")
     ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template")
     ap.add_argument("--json", action="store_true",
                     help="print one JSON object per prompt, with keys 'prompt', 'text', 'tokens' and 'stats'")
@@ -140,6 +144,14 @@ def _read_prompts_file(path: str) -> list:
     return prompts
 
 
+def quantspec_gamma(gamma):
+    """--mode quantspec's gamma: the speculation policy prices only the w4a16 verifier, so 'auto' is
+    the fixed speculative.QUANTSPEC_GAMMA."""
+    from qspec_jax.speculative import QUANTSPEC_GAMMA
+
+    return QUANTSPEC_GAMMA if gamma == "auto" else gamma
+
+
 def validate_args(args):
     """Check the options before anything is loaded. Options a mode does not use are not checked:
     --gamma outside qspec mode, --top-p when greedy."""
@@ -153,9 +165,10 @@ def validate_args(args):
             "default), an HF Llama directory or a .gguf file")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.mode == "qspec" and args.gamma != "auto" and args.gamma < 1:
+    drafting = args.mode in ("qspec", "quantspec")
+    if drafting and args.gamma != "auto" and args.gamma < 1:
         raise ValueError(f"--gamma must be at least 1, got {args.gamma}")
-    if args.mode == "qspec" and args.gamma != "auto" and args.gamma > MAX_GAMMA:
+    if drafting and args.gamma != "auto" and args.gamma > MAX_GAMMA:
         raise ValueError(f"--gamma must be at most {MAX_GAMMA}, got {args.gamma}: longer drafts are almost all "
                          "rejected and only add draft steps")
     if args.batch_size < 1:
@@ -292,20 +305,29 @@ def run(args) -> int:
         args.model, quantized=quantized, group_size=args.group_size, rotate=not args.no_rotate, dtype=dtype,
         cache_dir=args.cache_dir, calibration_tokens=args.calibration_tokens,
     )
+    quantspec = args.mode == "quantspec"
+    if quantspec:  # QuantSpec: the float weights verify, the int4 pytree (loaded above) drafts
+        draft_params = params
+        _, params = load_params(args.model, quantized=False, dtype=dtype, cache_dir=args.cache_dir)
+    kv = "int8" if quantspec else args.kv
 
     sampling = args.temperature > 0
     qspec = args.mode == "qspec"
+    if quantspec:  # the speculation policy prices the w4a16 verifier only: a fixed gamma here
+        gamma = quantspec_gamma(args.gamma)
     # One policy for the whole run: each batch's choice uses the acceptance observed in the batches before.
     auto = policy.AutoGamma.for_device() if qspec and args.gamma == "auto" else None
     settings = dict(
         config=config, max_new_tokens=args.max_new_tokens,
-        gamma=args.gamma if qspec else 0,
+        gamma=args.gamma if qspec else gamma if quantspec else 0,
         draft_mode=(args.draft or ("w4a4" if auto is None else None)) if qspec else "w4a16",
-        verify_mode="w4a16" if args.mode == "qspec" else args.mode,
+        verify_mode="w4a16" if args.mode == "qspec" else "bf16" if quantspec else args.mode,
         policy="sampling" if sampling else "greedy",
         temperature=args.temperature if sampling else 1.0, top_p=args.top_p if sampling else 1.0, seed=args.seed,
-        prefill_chunk=args.prefill_chunk, kv=args.kv,
+        prefill_chunk=args.prefill_chunk, kv=kv,
     )
+    if quantspec:
+        settings["draft_params"] = draft_params
     batches = [range(i, min(i + args.batch_size, len(prompts))) for i in range(0, len(prompts), args.batch_size)]
     bar = tqdm(total=len(prompts), desc=f"generating ({args.mode})", unit="prompt", file=sys.stderr,
                disable=len(batches) < 2 and not sys.stderr.isatty())
@@ -335,7 +357,8 @@ def _print_batch(args, tokenizer, prompts, result, seconds, compile_seconds):
     n = np.asarray(result.num_tokens)
     rate = result.acceptance_rate()
     batch_tokens = int(n.sum())
-    batch_summary = result.summary() if args.mode == "qspec" else None  # acceptance per position, over the batch
+    drafting = args.mode in ("qspec", "quantspec")
+    batch_summary = result.summary() if drafting else None  # acceptance per position, over the batch
     for i, prompt in enumerate(prompts):
         ids = [int(t) for t in tokens[i, : n[i]]]
         text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -347,13 +370,16 @@ def _print_batch(args, tokenizer, prompts, result, seconds, compile_seconds):
             "compile_seconds": round(compile_seconds, 2),
             "mode": args.mode,
         }
-        if args.mode == "qspec":
+        if drafting:
             drafted, accepted, cycles = (int(np.asarray(a)[i]) for a in (result.drafted, result.accepted, result.cycles))
             chosen = result.policy
             stats.update(
-                gamma=chosen.gamma if chosen is not None else args.gamma,
-                draft=(chosen.draft if chosen is not None else args.draft or "w4a4"),
-                policy_source=chosen.policy_source if chosen is not None else "fixed (--gamma)",
+                gamma=chosen.gamma if chosen is not None else (
+                    quantspec_gamma(args.gamma) if args.mode == "quantspec" else args.gamma),
+                draft=(chosen.draft if chosen is not None else "w4a16" if args.mode == "quantspec"
+                       else args.draft or "w4a4"),
+                policy_source=chosen.policy_source if chosen is not None else (
+                    "fixed (quantspec)" if args.mode == "quantspec" else "fixed (--gamma)"),
                 predicted_speedup=chosen.predicted_speedup if chosen is not None else None,
                 accepted_at_position=[int(a) for a in np.asarray(result.accepted_at)[i]],
                 batch_summary=batch_summary,

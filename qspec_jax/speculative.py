@@ -301,13 +301,14 @@ def replay_counts(replay_trace, state: LoopState):
     ),
 )
 def generate_jit(
-    params, prompts, prompt_lens, key, temperature, replay_trace, *,
+    params, prompts, prompt_lens, key, temperature, replay_trace, draft_params=None, *,
     config: LlamaConfig, max_new_tokens: int, gamma: int, draft_mode: str, verify_mode: str,
     policy: str, top_p: float, eos_ids: tuple, prefill_chunk: int = 0, kv: str = "bf16", kv_group: int = 128,
     kv_window: int = 256,
 ) -> GenerationResult:
     """The compiled program behind `generate` (inputs already validated; see there): prefill, then
-    draft -> verify -> accept cycles in one `lax.while_loop` until every row is done."""
+    draft -> verify -> accept cycles in one `lax.while_loop` until every row is done. The drafts run
+    on `draft_params` when given (QuantSpec: int4 drafts, a float verifier), else on `params`."""
     b, p = prompts.shape
     max_len = cache_length(p, max_new_tokens, gamma)
     if 0 < prefill_chunk < p:  # room for the padded last chunk
@@ -330,7 +331,8 @@ def generate_jit(
                             max_new_tokens=max_new_tokens, eos_ids=eos_ids)
 
     def cycle(state: LoopState) -> LoopState:
-        drafts, q, cache, key = draft(params, state.cache, state.pending, state.key, temperature, config=config,
+        drafter = params if draft_params is None else draft_params  # QuantSpec: its own int4 weights
+        drafts, q, cache, key = draft(drafter, state.cache, state.pending, state.key, temperature, config=config,
                                       mode=draft_mode, gamma=gamma, sampling=policy == "sampling", top_p=top_p)
         logits, cache = verify(params, cache, state.pending, drafts, config=config, mode=verify_mode)
         key, k = jax.random.split(key)
@@ -366,8 +368,10 @@ def generate(params: dict, prompts: jax.Array, prompt_lens: jax.Array, *, auto=N
     prompts: [B, P] int32 right-padded token ids (see `pad_prompts`); prompt_lens: [B] lengths.
     Settings (keywords, see `prepare`): config, max_new_tokens, gamma=3, draft_mode="w4a4",
     verify_mode="w4a16", policy="greedy", temperature=1.0, top_p=1.0, seed=0, eos_ids=None,
-    replay_trace=None, prefill_chunk=512, kv="bf16", kv_group=128, kv_window=256. Compiled once per shapes and static settings; a second call with the same
-    padded shapes does not recompile.
+    replay_trace=None, prefill_chunk=512, kv="bf16", kv_group=128, kv_window=256, draft_params=None
+    (a second weight pytree for the drafts; default: the drafts share `params`; see `quantspec`).
+    Compiled once per shapes and static settings; a second call with the same padded shapes does
+    not recompile.
 
     gamma="auto": gamma and the draft are chosen on the host before compiling by `auto` (a
     `policy.AutoGamma`; default: the current device's), from its cost table and acceptance estimates
@@ -382,6 +386,26 @@ def generate(params: dict, prompts: jax.Array, prompt_lens: jax.Array, *, auto=N
     args, static = prepare(params, prompts, prompt_lens, **settings)
     result = generate_jit(*args, **static)
     return result if choice is None else result.replace(policy=choice)
+
+
+QUANTSPEC_GAMMA = 3  # the CLI's fixed-gamma default; gamma="auto" prices only the w4a16 verifier
+
+
+def quantspec(float_params: dict, int4_params: dict, prompts: jax.Array, prompt_lens: jax.Array,
+              **settings) -> GenerationResult:
+    """QuantSpec's own system: the bf16 (float-weight) model verifies on the INT8 view of the
+    hierarchical KV cache, a W4A16 draft on the int4 weights drafts on its INT4 view.
+
+    Holds both weight copies (about 1.25x the bf16 model's weight memory, against QSpec's one int4
+    pytree). float_params and int4_params must be the same model (`quantize.quantize_params` of it;
+    its rotation leaves the K/V the cache holds unchanged). `settings` as `generate`'s; defaults
+    verify_mode="bf16", draft_mode="w4a16", kv="int8", gamma=3. Greedy output is plain greedy bf16
+    decoding on the same cache kind, token for token.
+    """
+    if "draft_params" in settings:
+        raise ValueError("quantspec takes the draft weights as int4_params, not draft_params")
+    settings = {"verify_mode": "bf16", "draft_mode": "w4a16", "kv": "int8", "gamma": QUANTSPEC_GAMMA, **settings}
+    return generate(float_params, prompts, prompt_lens, draft_params=int4_params, **settings)
 
 
 def resolve_auto(prompts, prompt_lens, settings: dict, auto=None):
@@ -424,6 +448,7 @@ def prepare(
     kv: str = "bf16",
     kv_group: int = 128,
     kv_window: int = 256,
+    draft_params: Optional[dict] = None,
 ):
     """Validate a generation request; return `(args, static_kwargs)` for `generate_jit`.
 
@@ -441,6 +466,9 @@ def prepare(
     kv: "bf16" or "int8" (QuantSpec's hierarchical cache, see the module docstring): keys quantized
     per channel over groups of `kv_group` tokens, the last `kv_window` - (gamma + 1) .. - kv_group
     accepted tokens kept in full precision; needs gamma + 1 <= kv_group <= kv_window - (gamma + 1).
+    draft_params: weights the drafts run `draft_mode` on (prefill and verify still run `verify_mode`
+    on `params`); the same model (config and shapes), e.g. its int4 pytree beside float `params`.
+    None (default): the drafts share `params` and the program is QSpec's single-pytree one.
     """
     b, p = _validate(
         prompts, prompt_lens, config, max_new_tokens, gamma, draft_mode, verify_mode, policy, temperature, top_p,
@@ -465,12 +493,47 @@ def prepare(
         jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lens, jnp.int32), jax.random.PRNGKey(seed),
         jnp.float32(temperature), replay_trace,
     )
+    if draft_params is not None:  # a 7th argument only when given: the shared-pytree program is unchanged
+        _check_draft_params(params, draft_params, config)
+        args += (unstack_layers(draft_params),)
     static = dict(
         config=config, max_new_tokens=int(max_new_tokens), gamma=int(gamma), draft_mode=draft_mode,
         verify_mode=verify_mode, policy=policy, top_p=float(top_p), eos_ids=eos, prefill_chunk=int(prefill_chunk),
         kv=kv, kv_group=int(kv_group) if kv == "int8" else 128, kv_window=int(kv_window) if kv == "int8" else 256,
     )
     return args, static
+
+
+def _model_shape(params: dict, config: LlamaConfig) -> dict:
+    """What the drafts and the verifier must agree on to share one KV cache: the embedding's shape,
+    the layer count and each layer's K/V width (float or int4 weights, stacked or per layer, fused or not)."""
+    layers = params.get("layers") if isinstance(params, dict) else None
+    if layers is None or "embed" not in params:
+        return {"structure": "not a model weight pytree (no 'embed' / 'layers')"}
+    if isinstance(layers, (list, tuple)):
+        n, first = len(layers), (layers[0] if layers else {})
+    else:
+        n, first = int(jax.tree_util.tree_leaves(layers)[0].shape[0]), layers
+
+    def width(name):
+        w = first.get(name)
+        return None if w is None else int((w["packed"] if isinstance(w, dict) else w).shape[-1])
+
+    kv = 2 * width("wk") if "wk" in first else (width("wqkv") or 0) - config.num_heads * config.head_dim
+    return {"embed": tuple(np.shape(params["embed"])), "layers": n, "kv width": kv}
+
+
+def _check_draft_params(params: dict, draft_params: dict, config: LlamaConfig) -> None:
+    """Refuse draft weights that are not the verifier's model: they share its KV cache."""
+    want = {"embed": (config.vocab_size, config.hidden_size), "layers": config.num_layers,
+            "kv width": 2 * config.num_kv_heads * config.head_dim}
+    for name, tree in (("params", params), ("draft_params", draft_params)):
+        got = _model_shape(tree, config)
+        if got != want:
+            bad = ", ".join(f"{k} {got.get(k)} (config: {want.get(k)})" for k in sorted(set(got) | set(want))
+                            if got.get(k) != want.get(k))
+            raise ValueError(f"{name} do not match the config (drafts and verifier share one KV cache, so they "
+                             f"must be the same model, e.g. its float and int4 weights): {bad}")
 
 
 def _validate(
