@@ -13,7 +13,11 @@ read slots past its length.
 
 Masking: key slot j of the main cache is at position `j`, slot r of the recent buffer at
 `recent_start + r`; a query at position p sees keys at positions <= p, and only main-cache slots
-below `kv_len` (the caller has written the row's new tokens before attending).
+below `kv_len` (the caller has written the row's new tokens before attending). With
+`cut=(G, D)` (the hierarchical cache) each query row also has its own cut
+c(p) = G * floor(max(p + 1 - D, 0) / G): it reads positions < c(p) from the main cache (planes) and
+positions in [c(p), p] from the recent buffer, so what a query sees depends on its position only,
+not on how far the cache's maintenance has got or which other queries share its block.
 
 Variants:
 - "bf16": plain k, v [B, KV, S, hd] in any float dtype;
@@ -98,6 +102,9 @@ def _decode_kernel(
     splits: int,
     sm_scale: float,
     cdt,
+    cut_side: Optional[str] = None,  # None; "below": slots at positions < c(p); "from": positions >= c(p)
+    cut_group: int = 1,
+    cut_delay: int = 0,
 ):
     *kv_refs, o_ref, m_ref, l_ref = refs
     M, hd = q_ref.shape
@@ -105,7 +112,16 @@ def _decode_kernel(
     prec = dot_precision(cdt)
     row_pos = row_pos_ref[...]
     n, off = n_ref[...], off_ref[...]
+
+    def cut_of(pos):  # c(p) = G * floor(max(p + 1 - D, 0) / G); non-negative, so lax.div is floor
+        x = jnp.maximum(pos + (1 - cut_delay), 0)
+        return lax.div(x, jnp.full_like(x, cut_group)) * cut_group
+
     end = jnp.minimum(n, jnp.max(row_pos) - off + 1)  # slots past `end` are masked for every row
+    if cut_side is not None:
+        row_cut = cut_of(row_pos)[:, None]  # [M, 1]
+        if cut_side == "below":  # c is monotone: the last query row's cut bounds every row's
+            end = jnp.minimum(end, cut_of(jnp.max(row_pos)) - off)
     total = (jnp.maximum(end, 0) + bk - 1) // bk
     per = (total + splits - 1) // splits
     first = pl.program_id(2) * per
@@ -156,6 +172,10 @@ def _decode_kernel(
         rows = pl.ds(t0, bk)
         slots = t0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         mask = (slots < n) & (off + slots <= row_pos[:, None])  # [M, bk]
+        if cut_side == "below":
+            mask &= off + slots < row_cut
+        elif cut_side == "from":
+            mask &= off + slots >= row_cut
         if variant == "bf16":
             s = dot(q, k_ref.at[rows, :][...].astype(cdt)) * sm_scale
         else:
@@ -230,8 +250,10 @@ def pick_splits(batch: int, kv_heads: int, blocks: int) -> int:
 
 
 def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_k=None, splits=None,
-                       num_warps=4, num_stages=2, interpret=False):
+                       num_warps=4, num_stages=2, interpret=False, cut=None, cut_side=None):
     """One launch: unnormalized partials over the slots [0, n) of `kv`, slot j at position off + j.
+    With cut=(G, D) and cut_side "below" / "from", a query row at position p reads only the positions
+    below / from its cut c(p) (module docstring).
 
     q_rows: [B, KV, M, hd] query blocks; row_pos: [B, M] int32 query positions (-1 for padding);
     kv: (k, v) [B, KV, S, hd] for "bf16" or a QuantKV; n, off: [B] int32.
@@ -256,8 +278,11 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_
     P = splits or pick_splits(B, KV, S // bk)
     scalar = pl.BlockSpec((None,), lambda b, h, s: (b,))
     cdt = compute_dtype(q_rows.dtype)
+    if (cut is None) != (cut_side is None) or cut_side not in (None, "below", "from"):
+        raise ValueError(f"cut (G, D) and cut_side ('below' / 'from') go together, got {cut}, {cut_side!r}")
     kernel = functools.partial(_decode_kernel, variant=variant, bk=bk, group=group or bk, splits=P,
-                               sm_scale=sm_scale, cdt=cdt)
+                               sm_scale=sm_scale, cdt=cdt, cut_side=cut_side,
+                               cut_group=int(cut[0]) if cut else 1, cut_delay=int(cut[1]) if cut else 0)
     return pl.pallas_call(
         kernel,
         grid=(B, KV, P),
@@ -294,7 +319,13 @@ def merge_partials(parts):
 # ---------------------------------------------------------------- API
 
 
-def _check(q, q_pos, kv, variant, recent):
+def cut_positions(pos, cut):
+    """c(p) = G * floor(max(p + 1 - D, 0) / G) for cut = (G, D), elementwise on int32 positions."""
+    G, D = cut
+    return jnp.maximum(pos + 1 - D, 0) // G * G
+
+
+def _check(q, q_pos, kv, variant, recent, cut=None):
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     B, T, H, hd = q.shape
@@ -319,6 +350,8 @@ def _check(q, q_pos, kv, variant, recent):
         raise ValueError(f"head_dim must be a power of 2 >= 32, got {hd}")
     if recent is not None and (recent[0].shape[:2] != (B, KV) or recent[0].shape[3] != hd):
         raise ValueError(f"recent k, v must be [{B}, {KV}, R, {hd}], got {recent[0].shape}")
+    if cut is not None and (recent is None or len(cut) != 2 or int(cut[0]) < 1 or int(cut[1]) < 1):
+        raise ValueError(f"cut must be (group >= 1, delay >= 1) with a recent buffer, got {cut}")
     return B, T, H, KV, hd
 
 
@@ -331,6 +364,7 @@ def decode_attention(
     variant: str = "bf16",
     recent=None,  # optional (k, v) [B, KV, R, hd] full precision, slot r at position recent_start + r
     recent_start=None,  # [B] int32
+    cut=None,  # optional (G, D): per-query split between kv (positions < c(p)) and recent (>= c(p))
     sm_scale: Optional[float] = None,
     block_k: Optional[int] = None,
     splits: Optional[int] = None,
@@ -339,15 +373,17 @@ def decode_attention(
     """Attention of T query positions per row over the cache (+ the recent buffer): [B, T, H, hd].
 
     A query at position p sees the keys at positions <= p (main-cache slots below kv_len, recent
-    slots at recent_start + r). backend: "auto" (triton on GPU, else reference), "triton",
-    "interpret", "reference".
+    slots at recent_start + r). With cut=(G, D), a query at p reads main-cache positions below
+    c(p) = G * floor(max(p + 1 - D, 0) / G) and recent positions from c(p) to p (the hierarchical
+    cache; the caller keeps c(p) <= kv_len and the buffer holding [c(p), p]). backend: "auto"
+    (triton on GPU, else reference), "triton", "interpret", "reference".
     """
-    B, T, H, KV, hd = _check(q, q_pos, kv, variant, recent)
+    B, T, H, KV, hd = _check(q, q_pos, kv, variant, recent, cut)
     sm_scale = 1.0 / math.sqrt(hd) if sm_scale is None else sm_scale
     backend = resolve_backend(backend)
     if backend == "reference":
         return decode_attention_reference(q, q_pos, kv, kv_len, variant=variant, recent=recent,
-                                          recent_start=recent_start, sm_scale=sm_scale)
+                                          recent_start=recent_start, cut=cut, sm_scale=sm_scale)
     rep = H // KV
     M = max(16, _pow2_at_least(rep * T))
     # Query rows of a kv head: row r*T + t is query head (kv head, r) at position t.
@@ -356,18 +392,21 @@ def decode_attention(
     row_pos = jnp.pad(jnp.tile(q_pos.astype(jnp.int32), (1, rep)), ((0, 0), (0, M - rep * T)), constant_values=-1)
     run = functools.partial(attention_partials, q_rows, row_pos, sm_scale=sm_scale,
                             interpret=backend == "interpret")
-    parts = [run(kv, kv_len, jnp.zeros((B,), jnp.int32), variant=variant, block_k=block_k, splits=splits)]
+    sides = ("below", "from") if cut is not None else (None, None)
+    parts = [run(kv, kv_len, jnp.zeros((B,), jnp.int32), variant=variant, block_k=block_k, splits=splits,
+                 cut=cut, cut_side=sides[0])]
     if recent is not None:
         R = recent[0].shape[2]
-        parts.append(run(recent, jnp.full((B,), R, jnp.int32), recent_start, variant="bf16", splits=1))
+        parts.append(run(recent, jnp.full((B,), R, jnp.int32), recent_start, variant="bf16", splits=1,
+                         cut=cut, cut_side=sides[1]))
     out = merge_partials(parts)[:, :, : rep * T]  # [B, KV, rep*T, hd]
     return out.reshape(B, KV, rep, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd).astype(q.dtype)
 
 
 def decode_attention_reference(q, q_pos, kv, kv_len, *, variant="bf16", recent=None, recent_start=None,
-                               sm_scale=None):
-    """Plain jnp of the same math in f32: dequantize, mask by position, softmax."""
-    B, T, H, KV, hd = _check(q, q_pos, kv, variant, recent)
+                               cut=None, sm_scale=None):
+    """Plain jnp of the same math in f32: dequantize, mask by position (and cut), softmax."""
+    B, T, H, KV, hd = _check(q, q_pos, kv, variant, recent, cut)
     sm_scale = 1.0 / math.sqrt(hd) if sm_scale is None else sm_scale
     k, v = (kv if variant == "bf16" else dequantize_planes(kv, variant))
     k, v = k.astype(jnp.float32), v.astype(jnp.float32)
@@ -385,6 +424,11 @@ def decode_attention_reference(q, q_pos, kv, kv_len, *, variant="bf16", recent=N
     hp = lax.Precision.HIGHEST
     s = jnp.einsum("btgrd,bgsd->bgrts", qf, k, precision=hp) * sm_scale
     mask = valid[:, None, None, None, :] & (k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None])
+    if cut is not None:  # main-cache keys below the query's cut, buffer keys from it
+        c = cut_positions(q_pos.astype(jnp.int32), cut)[:, None, None, :, None]  # [B, 1, 1, T, 1]
+        in_buf = (jnp.arange(k.shape[2]) >= S)[None, None, None, None, :]
+        kp = k_pos[:, None, None, None, :]
+        mask &= jnp.where(in_buf, kp >= c, kp < c)
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)

@@ -14,20 +14,30 @@ Format (the kernel side is pallas_kernels/decode_attention.py, which reads it):
   the codes are exact for the stored (s, m) and no value falls outside [m, m + 15 s].
   Error bounds per element: INT4 s/2; INT8 s/32, or s/16 where the residual's code is clipped at 15.
 - Recent buffer: k_recent, v_recent [B, KV, R, hd] in the model dtype; slot r holds position
-  q_len + r, where q_len [B] (a multiple of G) is the row's quantized length. Planes are valid for
-  positions [0, q_len), the buffer for [q_len, length). Rows sit at different lengths, so q_len and
-  the buffer's base differ per row.
+  r_start + r. q_len [B] (a multiple of G) is the row's quantized length: planes are valid for
+  positions [0, q_len), the buffer for [r_start, length), and r_start <= q_len, so the two overlap.
 
-Life cycle, all inside the compiled generate program:
-- `prefill` quantizes all full groups of the prompt that the buffer cannot keep;
+What a query reads depends on its position p only (so a verify block of gamma + 1 queries and
+gamma + 1 single decode steps read the same values, and greedy QSpec equals plain greedy decoding on
+this cache by construction): with a fixed delay D (`delay`, G // 2 by default, independent of gamma)
+its cut is c(p) = G * floor(max(p + 1 - D, 0) / G); keys at positions < c(p) come from the planes
+(int8 or int4 view), keys in [c(p), p] from the full-precision buffer. A query therefore sees its last
+D .. D + G - 1 tokens in full precision.
+
+Life cycle, all inside the compiled generate program; the cache state (q_len, r_start) is a function
+of the row's length alone, however lengths advance:
+- `prefill` quantizes all full groups of the prompt (q_len = G * floor(length / G)) and keeps
+  positions [c(length), length) in the buffer (r_start = c(length));
 - `write` puts new K/V (draft steps or the verify pass) into the buffer at their positions: writes
-  are always at positions >= length >= q_len, so the verify pass overwrites the draft's entries
-  in the buffer, and drafts never reach the planes;
-- `flush` (or `flush_layers` for all layers under one cond), after acceptance has set the lengths, quantizes the oldest group of each row whose
-  buffer could not hold the next cycle's `headroom` (= gamma + 1) new tokens, and shifts that row's
-  buffer down by G. Only accepted tokens are quantized. With headroom <= G <= R - headroom, one
-  group per cycle keeps `length - q_len + headroom <= R`: the buffer holds between R - headroom - G
-  and R - headroom accepted tokens in full precision (QuantSpec keeps 128-256).
+  are always at positions >= length, so the verify pass overwrites the draft's entries in the
+  buffer, and drafts never reach the planes;
+- `flush` (or `flush_layers` for all layers), after acceptance has set the lengths, quantizes group
+  g as soon as all its tokens are accepted (length >= (g+1) G), eagerly, and drops a group from the
+  buffer once no current or future query reads it in full precision (c(length) >= its end: the next
+  cycle's earliest query is at position length). Only accepted tokens are quantized.
+- Capacity (`check_capacity`, on the host): a cycle writes `headroom` = gamma + 1 tokens, so
+  headroom <= D (the block's last query's cut stays within the planes), headroom <= G and
+  R >= G + D + headroom - 2 (the buffer spans [c(length), length + headroom)).
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from pallas_kernels.decode_attention import QuantKV, decode_attention, dequantize_planes
+from pallas_kernels.decode_attention import QuantKV, cut_positions, decode_attention, dequantize_planes
 
 
 @struct.dataclass
@@ -51,9 +61,11 @@ class HierarchicalKV:
     v_lower: jax.Array  # [B, KV, S, hd/2] uint8
     v_scale: jax.Array  # [B, KV, S]
     v_min: jax.Array  # [B, KV, S]
-    k_recent: jax.Array  # [B, KV, R, hd] model dtype; slot r = position q_len + r
+    k_recent: jax.Array  # [B, KV, R, hd] model dtype; slot r = position r_start + r
     v_recent: jax.Array  # [B, KV, R, hd]
-    q_len: jax.Array  # [B] int32, a multiple of G
+    q_len: jax.Array  # [B] int32, a multiple of G: planes valid for positions < q_len
+    r_start: jax.Array  # [B] int32, a multiple of G, <= q_len: position of buffer slot 0
+    delay: int = struct.field(pytree_node=False, default=1)  # D: a query at p cuts at c(p)
 
     @property
     def group(self) -> int:
@@ -67,16 +79,33 @@ class HierarchicalKV:
     def max_len(self) -> int:
         return self.k_upper.shape[2]
 
+    @property
+    def cut(self) -> tuple:
+        """(G, D): a query at p reads the planes below c(p) = G * floor(max(p + 1 - D, 0) / G)."""
+        return (self.group, self.delay)
+
+    def cuts(self, positions: jax.Array) -> jax.Array:
+        return cut_positions(positions, self.cut)
+
     def planes(self) -> QuantKV:
         return QuantKV(self.k_upper, self.k_lower, self.k_scale, self.k_min,
                        self.v_upper, self.v_lower, self.v_scale, self.v_min)
 
 
+def default_delay(group: int) -> int:
+    """D = G // 2 (at least 1): queries see their last G/2 .. 3G/2 - 1 tokens in full precision, and
+    window 256 at group 128 takes gamma + 1 up to 64."""
+    return max(1, group // 2)
+
+
 def create(batch: int, kv_heads: int, head_dim: int, max_len: int, *, group: int = 128, window: int = 256,
-           dtype=jnp.bfloat16, scale_dtype=jnp.float16) -> HierarchicalKV:
-    """An empty cache; the planes hold max_len rounded up to a multiple of `group` slots."""
-    if head_dim % 2 or group < 1 or window < group:
-        raise ValueError(f"need an even head_dim and window >= group, got {head_dim}, {window}, {group}")
+           delay: int = None, dtype=jnp.bfloat16, scale_dtype=jnp.float16) -> HierarchicalKV:
+    """An empty cache; the planes hold max_len rounded up to a multiple of `group` slots. `delay`
+    (D, default `default_delay(group)`) fixes every query's cut (module docstring)."""
+    delay = default_delay(group) if delay is None else int(delay)
+    if head_dim % 2 or group < 1 or delay < 1 or window < group + delay - 1:
+        raise ValueError(f"need an even head_dim, delay >= 1 and window >= group + delay - 1, got "
+                         f"head_dim {head_dim}, window {window}, group {group}, delay {delay}")
     S = -(-max_len // group) * group
     B, KV, hd = batch, kv_heads, head_dim
     plane = jnp.zeros((B, KV, S, hd // 2), jnp.uint8)
@@ -86,17 +115,26 @@ def create(batch: int, kv_heads: int, head_dim: int, max_len: int, *, group: int
         v_upper=plane, v_lower=plane,
         v_scale=jnp.ones((B, KV, S), scale_dtype), v_min=jnp.zeros((B, KV, S), scale_dtype),
         k_recent=jnp.zeros((B, KV, window, hd), dtype), v_recent=jnp.zeros((B, KV, window, hd), dtype),
-        q_len=jnp.zeros((B,), jnp.int32),
+        q_len=jnp.zeros((B,), jnp.int32), r_start=jnp.zeros((B,), jnp.int32), delay=delay,
     )
 
 
+def capacity_error(group: int, window: int, delay: int, headroom: int):
+    """Why a cache of this group / window / delay cannot take cycles of `headroom` tokens, or None."""
+    G, R, D = group, window, delay
+    if not 1 <= headroom <= min(G, D) or R < G + D + headroom - 2:
+        return (f"hierarchical cache needs 1 <= headroom ({headroom}) <= min(group ({G}), delay ({D})) and "
+                f"window ({R}) >= group + delay + headroom - 2 = {G + D + headroom - 2}")
+    return None
+
+
 def check_capacity(cache: HierarchicalKV, headroom: int, max_total: int):
-    """Host-side check before generation: the buffer takes a cycle's `headroom` new tokens next to
-    one unflushed group, and no position reaches past the planes plus the buffer."""
-    G, R = cache.group, cache.window
-    if not 1 <= headroom <= G or R < G + headroom:
-        raise ValueError(f"hierarchical cache needs 1 <= headroom ({headroom}) <= group ({G}) and "
-                         f"window ({R}) >= group + headroom")
+    """Host-side check before generation: a cycle's `headroom` new tokens fit the buffer next to the
+    positions [c(length), length) that queries still read in full precision, every query's cut stays
+    within the quantized groups, and no position reaches past the planes."""
+    err = capacity_error(cache.group, cache.window, cache.delay, headroom)
+    if err:
+        raise ValueError(err)
     if max_total > cache.max_len:
         raise ValueError(f"{max_total} tokens do not fit a cache of {cache.max_len} slots")
 
@@ -156,13 +194,13 @@ def dequantize_int4(cache: HierarchicalKV):
 
 
 def write(cache: HierarchicalKV, k_new: jax.Array, v_new: jax.Array, starts: jax.Array) -> HierarchicalKV:
-    """Write k_new, v_new [B, KV, T, hd] at positions starts[b] + t (>= the row's q_len) into the
-    recent buffer, slot = position - q_len. One scatter per array; slots past the buffer are dropped
+    """Write k_new, v_new [B, KV, T, hd] at positions starts[b] + t (>= the row's length) into the
+    recent buffer, slot = position - r_start. One scatter per array; slots past the buffer are dropped
     (check_capacity and flush keep them from occurring)."""
     b, _, t, _ = k_new.shape
     rows = jnp.arange(b)[:, None]
-    slots = (starts - cache.q_len)[:, None] + jnp.arange(t)  # [B, T]
-    slots = jnp.where(slots >= 0, slots, cache.window)  # a write below q_len is a bug: drop it
+    slots = (starts - cache.r_start)[:, None] + jnp.arange(t)  # [B, T]
+    slots = jnp.where(slots >= 0, slots, cache.window)  # a write below r_start is a bug: drop it
 
     def put(buf, new):  # advanced indices (rows, slots) around a slice: values [B, T, KV, hd]
         return buf.at[rows, :, slots, :].set(new.transpose(0, 2, 1, 3).astype(buf.dtype), mode="drop")
@@ -187,43 +225,67 @@ def _store_group(cache: HierarchicalKV, q: dict, at: jax.Array) -> dict:
     return out
 
 
-def flush(cache: HierarchicalKV, lengths: jax.Array, headroom: int) -> HierarchicalKV:
-    """Quantize the oldest buffered group of every row with lengths - q_len + headroom > R, shift its
-    buffer down by G and advance its q_len. Runs the work only when some row needs it (lax.cond)."""
+def flush(cache: HierarchicalKV, lengths: jax.Array, headroom: int = 1) -> HierarchicalKV:
+    """After acceptance has set `lengths`: quantize each row's next group once all its tokens are
+    accepted, and drop the buffer's oldest group once no query at or past `lengths` reads it
+    (module docstring). `headroom` (gamma + 1) is only checked. Work runs under lax.cond."""
     return flush_layers((cache,), lengths, headroom)[0]
 
 
-def flush_layers(caches: tuple, lengths: jax.Array, headroom: int) -> tuple:
-    """`flush` of every layer's cache under one lax.cond (all layers share lengths and q_len)."""
-    G, R = caches[0].group, caches[0].window
-    if not 1 <= headroom <= G or R < G + headroom:
-        raise ValueError(f"flush needs 1 <= headroom ({headroom}) <= group ({G}) <= window ({R}) - headroom")
-    due = lengths - caches[0].q_len + headroom > R  # [B]
-    return jax.lax.cond(jnp.any(due), lambda cs: tuple(_flush_rows(c, due) for c in cs), lambda cs: cs, tuple(caches))
+def flush_layers(caches: tuple, lengths: jax.Array, headroom: int = 1) -> tuple:
+    """`flush` of every layer's cache (all layers share lengths, q_len and r_start): one lax.cond
+    for the quantization, one for the buffer shift. Lengths advance by at most headroom <= G per
+    call, so at most one group per row is due for each."""
+    c0 = caches[0]
+    err = capacity_error(c0.group, c0.window, c0.delay, headroom)
+    if err:
+        raise ValueError(f"flush: {err}")
+    G = c0.group
+    due_q = lengths >= c0.q_len + G  # [B]: group q_len / G is complete
+    caches = jax.lax.cond(jnp.any(due_q), lambda cs: tuple(_quantize_rows(c, due_q) for c in cs),
+                          lambda cs: cs, tuple(caches))
+    due_s = c0.cuts(lengths) >= c0.r_start + G  # [B]: no query at >= lengths reads the oldest group
+    return jax.lax.cond(jnp.any(due_s), lambda cs: tuple(_shift_rows(c, due_s) for c in cs),
+                        lambda cs: cs, caches)
 
 
-def _flush_rows(cache: HierarchicalKV, due: jax.Array) -> HierarchicalKV:
+def _quantize_rows(cache: HierarchicalKV, due: jax.Array) -> HierarchicalKV:
+    """Quantize the buffered group at positions [q_len, q_len + G) of the `due` rows into the planes."""
     G, S = cache.group, cache.max_len
-    q = quantize_group(cache.k_recent[:, :, :G], cache.v_recent[:, :, :G], cache.k_scale.dtype)
+    idx = ((cache.q_len - cache.r_start)[:, None] + jnp.arange(G))[:, None, :, None]  # [B, 1, G, 1]
+    idx = jnp.clip(idx, 0, cache.window - 1)
+    take = lambda buf: jnp.take_along_axis(buf, idx, axis=2)
+    q = quantize_group(take(cache.k_recent), take(cache.v_recent), cache.k_scale.dtype)
     planes = _store_group(cache, q, jnp.where(due, cache.q_len, S))
+    return cache.replace(**planes, q_len=cache.q_len + jnp.where(due, G, 0))
+
+
+def _shift_rows(cache: HierarchicalKV, due: jax.Array) -> HierarchicalKV:
+    """Drop the oldest buffered group of the `due` rows: shift their buffer down by G."""
+    G = cache.group
 
     def shift(buf):
         rolled = jnp.concatenate([buf[:, :, G:], buf[:, :, :G]], axis=2)
         return jnp.where(due[:, None, None, None], rolled, buf)
 
-    return cache.replace(**planes, k_recent=shift(cache.k_recent), v_recent=shift(cache.v_recent),
-                         q_len=cache.q_len + jnp.where(due, G, 0))
+    return cache.replace(k_recent=shift(cache.k_recent), v_recent=shift(cache.v_recent),
+                         r_start=cache.r_start + jnp.where(due, G, 0))
 
 
-def prefill(cache: HierarchicalKV, k: jax.Array, v: jax.Array, lengths: jax.Array, headroom: int) -> HierarchicalKV:
+def prefill(cache: HierarchicalKV, k: jax.Array, v: jax.Array, lengths: jax.Array, headroom: int = 1) -> HierarchicalKV:
     """Fill an empty cache from a prompt's k, v [B, KV, P, hd] (row b valid for positions < lengths[b]).
 
-    Each row keeps its last tokens in the buffer and quantizes the groups before them: q_len is the
-    smallest multiple of G with lengths - q_len + headroom <= R.
+    Each row quantizes all its full groups (q_len = G * floor(lengths / G)) and keeps positions
+    [c(lengths), lengths) in the buffer (r_start = c(lengths)): the state `flush` would have reached.
+    `headroom` (gamma + 1) is only checked.
     """
     B, KV, P, hd = k.shape
     G, R, S = cache.group, cache.window, cache.max_len
-    q_len = -(-jnp.maximum(lengths + headroom - R, 0) // G) * G  # [B]
+    err = capacity_error(G, R, cache.delay, headroom)
+    if err:
+        raise ValueError(f"prefill: {err}")
+    q_len = lengths // G * G  # [B]
+    r_start = cache.cuts(lengths)
     n_groups = min(-(-P // G), S // G)
     if n_groups:
         pad = n_groups * G - P
@@ -240,14 +302,15 @@ def prefill(cache: HierarchicalKV, k: jax.Array, v: jax.Array, lengths: jax.Arra
         for name in ("v_scale", "v_min"):
             planes[name] = getattr(cache, name).at[:, :, : n_groups * G].set(q[name].reshape(B, KV, n_groups * G))
         cache = cache.replace(**planes)
-    pos = q_len[:, None] + jnp.arange(R)  # [B, R]: buffer slot r holds position q_len + r
+    pos = r_start[:, None] + jnp.arange(R)  # [B, R]: buffer slot r holds position r_start + r
     idx = jnp.clip(pos, 0, P - 1)[:, None, :, None]
 
     def gather(x, buf):
         got = jnp.take_along_axis(x, idx, axis=2).astype(buf.dtype)
         return jnp.where((pos < P)[:, None, :, None], got, 0)
 
-    return cache.replace(k_recent=gather(k, cache.k_recent), v_recent=gather(v, cache.v_recent), q_len=q_len)
+    return cache.replace(k_recent=gather(k, cache.k_recent), v_recent=gather(v, cache.v_recent), q_len=q_len,
+                         r_start=r_start)
 
 
 # ---------------------------------------------------------------- attention
@@ -256,10 +319,10 @@ def prefill(cache: HierarchicalKV, k: jax.Array, v: jax.Array, lengths: jax.Arra
 def attention(cache: HierarchicalKV, q: jax.Array, q_pos: jax.Array, *, variant: str = "int8",
               backend: str = "auto", **tiling) -> jax.Array:
     """Decode attention of q [B, T, H, hd] at positions q_pos [B, T] over the planes (int8: the
-    verifier, int4: the draft) and the full-precision buffer; the new tokens must already be
-    written. Returns [B, T, H, hd]."""
+    verifier, int4: the draft) and the full-precision buffer, each query split at its own cut c(p)
+    (module docstring); the new tokens must already be written. Returns [B, T, H, hd]."""
     if variant not in ("int8", "int4"):
         raise ValueError(f"the hierarchical cache is read as 'int8' or 'int4', got {variant!r}")
     return decode_attention(q, q_pos, cache.planes(), cache.q_len, variant=variant,
-                            recent=(cache.k_recent, cache.v_recent), recent_start=cache.q_len,
-                            backend=backend, **tiling)
+                            recent=(cache.k_recent, cache.v_recent), recent_start=cache.r_start,
+                            cut=cache.cut, backend=backend, **tiling)

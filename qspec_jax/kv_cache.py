@@ -68,9 +68,11 @@ class HierarchicalKVCache:
     (two 4-bit planes + a full-precision recent buffer) plus each row's length.
 
     `model.forward` reads it through its static `kv_view`: "int8" (both planes: the verifier and
-    plain decoding) or "int4" (the upper plane only: the draft). New K/V always go to the recent
-    buffer; `flush` (after acceptance has set `lengths`) moves the oldest accepted group into the
-    planes. A prompt is prefilled by a plain causal pass and `from_prompt`.
+    plain decoding) or "int4" (the upper plane only: the draft). A query at position p reads the
+    planes below its cut c(p) = G * floor(max(p + 1 - D, 0) / G) and the buffer from there, so what
+    it sees depends on p only. New K/V always go to the recent buffer; `flush` (after acceptance
+    has set `lengths`) quantizes each group once all its tokens are accepted and drops it from the
+    buffer once no query needs it there. A prompt is prefilled by a plain causal pass and `from_prompt`.
     """
 
     layers: tuple  # num_layers x HierarchicalKV
@@ -78,16 +80,17 @@ class HierarchicalKVCache:
 
     @classmethod
     def from_prompt(cls, config: LlamaConfig, k: tuple, v: tuple, lengths: jax.Array, max_len: int, *,
-                    headroom: int, group: int = 128, window: int = 256, dtype=jnp.bfloat16) -> "HierarchicalKVCache":
+                    headroom: int, group: int = 128, window: int = 256, delay=None,
+                    dtype=jnp.bfloat16) -> "HierarchicalKVCache":
         """A cache of `max_len` positions per row filled from a prompt's per-layer k, v
         [B, KV, P, hd] (e.g. a bf16 `KVCache`'s buffers after a causal prefill); `headroom` is the
-        most tokens a cycle writes (gamma + 1)."""
+        most tokens a cycle writes (gamma + 1), only checked; `delay` D defaults to group // 2."""
         from qspec_jax import hierarchical_kv as hkv
 
         b = k[0].shape[0]
         layers = tuple(
             hkv.prefill(hkv.create(b, config.num_kv_heads, config.head_dim, max_len, group=group, window=window,
-                                   dtype=dtype), ki, vi, lengths, headroom)
+                                   delay=delay, dtype=dtype), ki, vi, lengths, headroom)
             for ki, vi in zip(k, v)
         )
         return cls(layers=layers, lengths=lengths)
@@ -101,22 +104,23 @@ class HierarchicalKVCache:
         return self.layers[0].k_upper.shape[0]
 
 
-def check_hierarchical(config: LlamaConfig, batch: int, max_len: int, *, headroom: int, group: int, window: int):
+def check_hierarchical(config: LlamaConfig, batch: int, max_len: int, *, headroom: int, group: int, window: int,
+                       delay=None):
     """Host-side capacity check of a `HierarchicalKVCache` before generation (clear ValueError)."""
     from qspec_jax import hierarchical_kv as hkv
 
-    shapes = jax.eval_shape(lambda: hkv.create(batch, config.num_kv_heads, config.head_dim, max_len,
-                                               group=group, window=window))
     try:
+        shapes = jax.eval_shape(lambda: hkv.create(batch, config.num_kv_heads, config.head_dim, max_len,
+                                                   group=group, window=window, delay=delay))
         hkv.check_capacity(shapes, headroom, max_len)
     except ValueError as e:
         raise ValueError(f"kv='int8' (group {group}, window {window}, gamma + 1 = {headroom}): {e}") from None
 
 
 def flush(cache, headroom: int):
-    """After acceptance has set `cache.lengths`: flush a `HierarchicalKVCache` (quantize each row's
-    oldest buffered group when the next cycle's `headroom` tokens would not fit); a bf16 `KVCache`
-    is returned unchanged."""
+    """After acceptance has set `cache.lengths`: maintain a `HierarchicalKVCache` (quantize each
+    row's newly completed group, drop buffered groups no query reads any more; `headroom` = gamma + 1
+    is only checked); a bf16 `KVCache` is returned unchanged."""
     if not isinstance(cache, HierarchicalKVCache):
         return cache
     from qspec_jax import hierarchical_kv as hkv

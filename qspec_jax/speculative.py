@@ -16,8 +16,9 @@ KV cache (`kv`, static): "bf16" (`KVCache`), or "int8", QuantSpec's hierarchical
 (`HierarchicalKVCache`: two 4-bit planes + a full-precision recent buffer per layer). With "int8" the
 prompt is prefilled with plain causal attention and then quantized, the drafts read the INT4 view
 (upper plane), the verify pass (and gamma=0 plain decoding) the INT8 view, and the cache is flushed
-after each acceptance, so only accepted tokens are quantized. Greedy QSpec on the int8 cache equals
-plain greedy decoding on the int8 cache.
+after each acceptance, so only accepted tokens are quantized. What a query reads from it depends on
+its position only (planes below a cut c(p), the buffer from there), so greedy QSpec on the int8 cache
+equals plain greedy decoding on the int8 cache token for token.
 
 Rows are right-padded; each row keeps its own length, accepts its own count and stops on EOS or
 its token budget, after which it is masked.
@@ -464,8 +465,9 @@ def prepare(
     prefill_chunk: prompts longer than this are prefilled `prefill_chunk` positions at a time
     (bounds prefill memory for long prompts); 0 prefills the whole prompt in one pass.
     kv: "bf16" or "int8" (QuantSpec's hierarchical cache, see the module docstring): keys quantized
-    per channel over groups of `kv_group` tokens, the last `kv_window` - (gamma + 1) .. - kv_group
-    accepted tokens kept in full precision; needs gamma + 1 <= kv_group <= kv_window - (gamma + 1).
+    per channel over groups of `kv_group` tokens; a query reads its last D .. D + kv_group - 1 tokens
+    (D = kv_group // 2) in full precision; needs gamma + 1 <= D and
+    kv_window >= kv_group + D + gamma - 1 (qspec_jax/hierarchical_kv.py).
     draft_params: weights the drafts run `draft_mode` on (prefill and verify still run `verify_mode`
     on `params`); the same model (config and shapes), e.g. its int4 pytree beside float `params`.
     None (default): the drafts share `params` and the program is QSpec's single-pytree one.

@@ -189,6 +189,46 @@ def test_quantized_tilings_and_f32_scales(rng, variant):
             assert np.abs(f64(out) - want).max() < TOL[jnp.float32], (backend, block_k, splits)
 
 
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+@pytest.mark.parametrize("G,D,T", [(64, 32, 5), (32, 32, 4), (16, 1, 1), (32, 8, 8)])
+def test_per_query_cut(rng, variant, G, D, T):
+    """cut=(G, D): a query at p reads plane slots below c(p) = G*floor(max(p+1-D, 0)/G) and buffer
+    positions in [c(p), p], whatever the buffer's start and whichever queries share its block. Each
+    row's block starts at its own offset within a group so rows straddle cut boundaries; planes and
+    buffer overlap (both hold positions [r_start, q_len)), with different values there."""
+    B, H, KV, hd, S, R = 3, 6, 2, 64, 256, 256
+    kv = random_planes(rng, B, KV, S, hd, G)
+    rk, rv = (jnp.asarray(rng.standard_normal((B, KV, R, hd)), jnp.float32) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((B, T, H, hd)), jnp.float32)
+    lens = np.array([0, G + D - 1 + int(rng.integers(0, G)), 2 * G + int(rng.integers(0, G))])
+    cut = lambda p: np.maximum(p + 1 - D, 0) // G * G
+    q_len = lens // G * G
+    r_start = np.minimum(cut(lens), q_len) - G * rng.integers(0, 2, B)  # earlier than needed is fine
+    r_start = np.maximum(r_start, 0)
+    assert (cut(lens + T - 1) <= q_len).all()  # T <= D: the block's last cut is within the planes
+    q_pos = lens[:, None] + np.arange(T)
+    k_deq, v_deq = np_dequant(kv, variant)
+    k_all = np.concatenate([k_deq, f64(rk)], axis=2)
+    v_all = np.concatenate([v_deq, f64(rv)], axis=2)
+    out_of = {}
+    for t in range(T):  # float64 attention of each query on its own with its own visible set
+        p = q_pos[:, t]
+        k_pos = np.concatenate([np.broadcast_to(np.arange(S), (B, S)), r_start[:, None] + np.arange(R)], axis=1)
+        valid = np.concatenate([(np.arange(S) < np.minimum(q_len, cut(p))[:, None]),
+                                (r_start[:, None] + np.arange(R) >= cut(p)[:, None])], axis=1)
+        out_of[t] = np_attention(f64(q[:, t:t + 1]), q_pos[:, t:t + 1], k_all, v_all, k_pos, valid)
+    want = np.concatenate([out_of[t] for t in range(T)], axis=1)
+    for backend in BACKENDS:
+        out = decode_attention(q, jnp.asarray(q_pos, jnp.int32), kv, jnp.asarray(q_len, jnp.int32), variant=variant,
+                               recent=(rk, rv), recent_start=jnp.asarray(r_start, jnp.int32), cut=(G, D),
+                               backend=backend)
+        err = np.abs(f64(out) - want).max()
+        assert err < TOL[jnp.float32], (backend, err)
+    with pytest.raises(ValueError, match="cut"):
+        decode_attention(q, jnp.asarray(q_pos, jnp.int32), kv, jnp.asarray(q_len, jnp.int32), variant=variant,
+                         cut=(G, D))
+
+
 def test_int4_reads_no_lower_plane(rng):
     """The draft's view does not depend on the lower plane."""
     B, T, H, KV, hd, S, G = 1, 1, 4, 2, 64, 128, 64
@@ -241,7 +281,7 @@ def test_triton_lowering(verify_triton_modules, variant, B, T, H, KV, hd, S):
         u8, sc = sd((B, KV, S, hd // 2), jnp.uint8), sd((B, KV, S // G, hd), jnp.float16)
         kv = QuantKV(u8, u8, sc, sc, u8, u8, sd((B, KV, S), jnp.float16), sd((B, KV, S), jnp.float16))
         fn = lambda q, p, kv, n, recent: decode_attention(q, p, kv, n, variant=variant, recent=recent,
-                                                          recent_start=n, backend="triton")
+                                                          recent_start=n, cut=(G, G // 2), backend="triton")
         launches = 2  # the planes and the recent buffer
     for dtype in (jnp.bfloat16, jnp.float32):
         n0 = len(verify_triton_modules)

@@ -83,34 +83,42 @@ def test_quantize_group_layout(rng):
     np.testing.assert_allclose(np.asarray(q["v_min"], np.float64), np.asarray(v).min(axis=3), rtol=2e-3)
 
 
-def np_dense(cache, lengths, variant):
-    """float64 (k, v, positions, valid) [B, KV, S+R, hd] of what attention may read: planes below
-    q_len, then the buffer's slots at q_len + r below `lengths`."""
+def np_cut(cache, p):
+    """c(p) = G * floor(max(p + 1 - D, 0) / G), in NumPy."""
+    return np.maximum(np.asarray(p) + 1 - cache.delay, 0) // cache.group * cache.group
+
+
+def np_dense(cache, q_pos, variant):
+    """float64 (k, v, positions, valid) of what attention may read for queries at q_pos [B]: plane
+    slots below the query's cut c(p), then the buffer's slots at r_start + r from c(p) on."""
     kd, vd = np_dequant(cache.planes(), variant)
     B, S = kd.shape[0], kd.shape[2]
-    ql, R = np.asarray(cache.q_len), cache.window
+    rs, R, c = np.asarray(cache.r_start), cache.window, np_cut(cache, q_pos)
+    assert (c <= np.asarray(cache.q_len)).all() and (rs <= c).all()
     k = np.concatenate([kd, f64(cache.k_recent)], axis=2)
     v = np.concatenate([vd, f64(cache.v_recent)], axis=2)
-    pos = np.concatenate([np.broadcast_to(np.arange(S), (B, S)), ql[:, None] + np.arange(R)], axis=1)
-    valid = np.concatenate([np.arange(S) < ql[:, None], ql[:, None] + np.arange(R) < np.asarray(lengths)[:, None]], axis=1)
+    pos = np.concatenate([np.broadcast_to(np.arange(S), (B, S)), rs[:, None] + np.arange(R)], axis=1)
+    valid = np.concatenate([np.arange(S) < c[:, None], rs[:, None] + np.arange(R) >= c[:, None]], axis=1)
     return k, v, pos, valid
 
 
 def check_cache(cache, truth_k, truth_v, lengths, headroom):
-    """Buffer entries equal the truth exactly; plane entries within the INT8 / INT4 bounds of it."""
+    """The state is a function of the lengths (q_len = G floor(len / G), r_start = c(len)); buffer
+    entries equal the truth exactly; plane entries within the INT8 / INT4 bounds of it."""
     G, R = cache.group, cache.window
-    ql, lengths = np.asarray(cache.q_len), np.asarray(lengths)
-    assert (ql % G == 0).all() and (ql <= lengths).all()
-    assert (lengths - ql + headroom <= R).all(), (lengths, ql)
+    ql, rs, lengths = np.asarray(cache.q_len), np.asarray(cache.r_start), np.asarray(lengths)
+    np.testing.assert_array_equal(ql, lengths // G * G)
+    np.testing.assert_array_equal(rs, np_cut(cache, lengths))
+    assert (lengths - rs + headroom <= R).all(), (lengths, rs)
     kr, vr = f64(cache.k_recent), f64(cache.v_recent)
     ks = np.repeat(f64(cache.k_scale), G, axis=2)
     vs = f64(cache.v_scale)[..., None]
     for variant, frac in (("int8", 1 / 16), ("int4", 1 / 2)):
         kd, vd = np_dequant(cache.planes(), variant)
         for b in range(len(ql)):
-            n = lengths[b] - ql[b]
-            np.testing.assert_array_equal(kr[b, :, :n], truth_k[b, :, ql[b]:lengths[b]])
-            np.testing.assert_array_equal(vr[b, :, :n], truth_v[b, :, ql[b]:lengths[b]])
+            n = lengths[b] - rs[b]
+            np.testing.assert_array_equal(kr[b, :, :n], truth_k[b, :, rs[b]:lengths[b]])
+            np.testing.assert_array_equal(vr[b, :, :n], truth_v[b, :, rs[b]:lengths[b]])
             q = ql[b]
             assert (np.abs(kd[b, :, :q] - truth_k[b, :, :q]) <= ks[b, :, :q] * frac * 1.0001 + 1e-5).all(), variant
             assert (np.abs(vd[b, :, :q] - truth_v[b, :, :q]) <= vs[b, :, :q] * frac * 1.0001 + 1e-5).all(), variant
@@ -119,21 +127,22 @@ def check_cache(cache, truth_k, truth_v, lengths, headroom):
 def test_life_cycle_rows_at_different_lengths(rng):
     """Prefill ragged prompts, then draft / verify / accept / flush cycles in which every row accepts
     its own number of tokens. Drafts are junk that the verifier must overwrite; flushed groups must
-    equal quantize_group of the true (accepted) tokens."""
-    B, KV, hd, G, R, gamma, max_len = 3, 2, 64, 16, 40, 3, 256
+    equal quantize_group of the true (accepted) tokens. Every group is quantized once complete and
+    dropped from the buffer once no query at or past the length reads it there."""
+    B, KV, hd, G, R, gamma, max_len = 3, 2, 64, 16, 28, 3, 256
     h = gamma + 1
     cache = hkv.create(B, KV, hd, max_len, group=G, window=R)
     hkv.check_capacity(cache, h, max_len)
     truth_k = kv_like(rng, (B, KV, max_len + h, hd)).astype(jnp.bfloat16).astype(np.float64)
     truth_v = kv_like(rng, (B, KV, max_len + h, hd)).astype(jnp.bfloat16).astype(np.float64)
-    lengths = np.array([5, 40, 70])  # 0, 1 and 3 groups due at once
+    lengths = np.array([5, 40, 70])  # 0, 2 and 4 groups quantized at prefill
     P = 70
     prefill = jax.jit(hkv.prefill, static_argnums=4)
     cache = prefill(cache, jnp.asarray(truth_k[:, :, :P], jnp.bfloat16), jnp.asarray(truth_v[:, :, :P], jnp.bfloat16),
                     jnp.asarray(lengths), h)
     check_cache(cache, truth_k, truth_v, lengths, h)
     write, flush = jax.jit(hkv.write), jax.jit(hkv.flush, static_argnums=2)
-    flushes = 0
+    flushes, shifts = 0, 0
     for cycle in range(40):
         starts = jnp.asarray(lengths, jnp.int32)
         for i in range(gamma):  # draft steps write junk at len + i
@@ -142,10 +151,11 @@ def test_life_cycle_rows_at_different_lengths(rng):
         sl = lambda t: jnp.asarray(np.stack([t[b, :, lengths[b]:lengths[b] + h] for b in range(B)]), jnp.bfloat16)
         cache = write(cache, sl(truth_k), sl(truth_v), starts)  # the verify pass overwrites the drafts
         lengths = np.minimum(lengths + rng.integers(1, h + 1, B), max_len - h)
-        before = np.asarray(cache.q_len)
+        before, rs_before = np.asarray(cache.q_len), np.asarray(cache.r_start)
         cache = flush(cache, jnp.asarray(lengths), h)
         flushed = np.asarray(cache.q_len) != before
         flushes += flushed.sum()
+        shifts += (np.asarray(cache.r_start) != rs_before).sum()
         for b in np.nonzero(flushed)[0]:  # the new group equals a direct quantization of the truth
             g0 = before[b]
             grp = lambda t: jnp.asarray(t[b:b + 1, :, g0:g0 + G], jnp.bfloat16)
@@ -155,7 +165,7 @@ def test_life_cycle_rows_at_different_lengths(rng):
             for name in ("k_scale", "k_min"):
                 np.testing.assert_array_equal(np.asarray(getattr(cache, name)[b, :, g0 // G]), np.asarray(want[name][0]))
         check_cache(cache, truth_k, truth_v, lengths, h)
-    assert flushes >= 8
+    assert flushes >= 8 and shifts >= 8
 
 
 @pytest.mark.parametrize("variant", ["int8", "int4"])
@@ -163,20 +173,20 @@ def test_attention_over_the_cache(rng, variant):
     """Verify-pass attention (gamma + 1 causal queries) over a prefilled cache: kernel and reference
     equal float64 attention over the cache's own contents; against the unquantized K/V the INT8 view
     is close and the INT4 view further off but bounded."""
-    B, KV, H, hd, G, R, T, max_len = 2, 2, 6, 64, 32, 64, 4, 256
+    B, KV, H, hd, G, R, T, max_len = 2, 2, 6, 64, 32, 64, 4, 256  # delay 16
     cache = hkv.create(B, KV, hd, max_len, group=G, window=R, dtype=jnp.float32, scale_dtype=jnp.float32)
     k = kv_like(rng, (B, KV, 200, hd), 2.0)
     v = kv_like(rng, (B, KV, 200, hd), outliers=False)
-    lengths = np.array([150, 61])
+    lengths = np.array([173, 46])  # both blocks straddle a cut change: c(173) = 128, c(176) = 160; 0 -> 32
     cache = hkv.prefill(cache, jnp.asarray(k), jnp.asarray(v), jnp.asarray(lengths), T)
-    assert list(np.asarray(cache.q_len)) == [96, 32]
+    assert list(np.asarray(cache.q_len)) == [160, 32] and list(np.asarray(cache.r_start)) == [128, 0]
     # The verify pass writes its T tokens (positions len .. len+T-1) before attending.
     new = lambda x: jnp.asarray(np.stack([x[b, :, lengths[b]:lengths[b] + T] for b in range(B)]))
     cache = hkv.write(cache, new(k), new(v), jnp.asarray(lengths))
     q = jnp.asarray(rng.standard_normal((B, T, H, hd)), jnp.float32)
     q_pos = jnp.asarray(lengths[:, None] + np.arange(T), jnp.int32)
-    kd, vd, pos, valid = np_dense(cache, lengths + T, variant)
-    want = np_attention(f64(q), q_pos, kd, vd, pos, valid)
+    want = np.concatenate([np_attention(f64(q[:, t:t + 1]), q_pos[:, t:t + 1], *np_dense(cache, np.asarray(q_pos[:, t]), variant))
+                           for t in range(T)], axis=1)  # each query over its own visible set
     k_pos = np.broadcast_to(np.arange(200), (B, 200))
     exact = np_attention(f64(q), q_pos, k.astype(np.float64), v.astype(np.float64), k_pos, np.ones((B, 200), bool))
     for backend in KERNEL_BACKENDS + ["reference"]:
@@ -201,11 +211,11 @@ def test_flush_inside_jit_loop_and_bad_config():
     caches, lengths = jax.jit(lambda c: jax.lax.fori_loop(0, 40, step, (c, jnp.zeros((B,), jnp.int32))))(caches)
     assert list(np.asarray(lengths)) == [80, 40]
     for cache in caches:
-        assert list(np.asarray(cache.q_len)) == [64, 16]
+        assert list(np.asarray(cache.q_len)) == [80, 32] and list(np.asarray(cache.r_start)) == [64, 32]
         kd, vd = np_dequant(cache.planes(), "int8")  # position p of row 0 was written in step p // 2
-        np.testing.assert_allclose(kd[0, 0, :64, 0], np.arange(64) // 2, atol=0.03)  # s = 7/15 per group
-        np.testing.assert_allclose(vd[0, 0, :64, 0], -(np.arange(64) // 2), atol=0.03)
-        assert float(cache.k_recent[0, 0, 0, 0]) == 32 and float(cache.k_recent[1, 0, 0, 0]) == 16
+        np.testing.assert_allclose(kd[0, 0, :80, 0], np.arange(80) // 2, atol=0.03)  # s = 7/15 per group
+        np.testing.assert_allclose(vd[0, 0, :80, 0], -(np.arange(80) // 2), atol=0.03)
+        assert float(cache.k_recent[0, 0, 0, 0]) == 32 and float(cache.k_recent[1, 0, 0, 0]) == 32
     with pytest.raises(ValueError, match="headroom"):
         hkv.check_capacity(cache, 17, 100)
     with pytest.raises(ValueError, match="window"):
