@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 
 import numpy as np
@@ -134,3 +135,26 @@ def tiny_hf_dir(tmp_path_factory):
     """A tiny random Llama (untied, GQA, Llama-3 RoPE scaling) saved as an HF safetensors directory."""
     path = tmp_path_factory.mktemp("tiny_hf")
     return write_hf_dir(path, TINY_HF_CONFIG, random_hf_weights(TINY_HF_CONFIG))
+
+
+# One seed for the tests that build random tiny models; pin it with QSPEC_TEST_SEED to reproduce.
+TEST_SEED = int(os.environ.get("QSPEC_TEST_SEED", secrets.randbits(30)))
+
+
+@pytest.fixture(autouse=True)
+def print_test_seed():
+    """Printed with every test (pytest shows it on failure)."""
+    print(f"QSPEC_TEST_SEED={TEST_SEED}")
+
+
+@pytest.fixture(scope="session")
+def tiny_float_and_int4():
+    """(float params, their rotated int4 pytree) of the `tiny` preset, drawn from TEST_SEED."""
+    import jax.numpy as jnp
+
+    from qspec_jax import quantize
+    from qspec_jax.config import get_preset
+
+    tiny = get_preset("tiny")
+    params = checkpoint.random_params(tiny, seed=TEST_SEED, dtype=jnp.float32)
+    return params, quantize.quantize_params(params, tiny, rotate=True, seed=TEST_SEED, dtype=jnp.float32)

@@ -2,15 +2,13 @@
 (int8 / int4 views) against a bf16 KVCache holding the same (dequantized) values, and generation
 with kv="int8" (greedy QSpec == plain greedy W4A16 on the same cache, tiny model and SmolLM2)."""
 
-import os
-import secrets
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qspec_jax import checkpoint, quantize
+from qspec_jax import quantize
 from qspec_jax import hierarchical_kv as hkv
 from qspec_jax.config import get_preset
 from qspec_jax.kv_cache import HierarchicalKVCache, KVCache, flush
@@ -18,19 +16,14 @@ from qspec_jax.model import forward as _forward
 
 forward = jax.jit(_forward, static_argnames=("config", "mode", "kv_view"))
 
+from conftest import TEST_SEED as SEED  # noqa: E402  (printed with every test)
+
 TINY = get_preset("tiny")
-SEED = int(os.environ.get("QSPEC_TEST_SEED", secrets.randbits(30)))
-
-
-@pytest.fixture(autouse=True)
-def print_seed():
-    print(f"QSPEC_TEST_SEED={SEED}")
 
 
 @pytest.fixture(scope="module")
-def tiny_qparams():
-    params = checkpoint.random_params(TINY, seed=SEED, dtype=jnp.float32)
-    return quantize.quantize_params(params, TINY, rotate=True, seed=SEED, dtype=jnp.float32)
+def tiny_qparams(tiny_float_and_int4):
+    return tiny_float_and_int4[1]
 
 
 def _prefilled(params, toks, lens, max_len, *, group, window, headroom):

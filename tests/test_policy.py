@@ -193,7 +193,7 @@ def test_generate_auto_greedy_equals_w4a16(tiny_qparams):
 def test_speculative_sampling_with_auto_keeps_the_verifier_distribution():
     """tests/test_speculative.py's chi-square check of the whole loop, with gamma chosen by the policy
     (a synthetic table that picks gamma 2 with the w4a4 draft, as the fixed-gamma test runs)."""
-    from test_speculative import MICRO, PROMPT, assert_distributed, next_probs  # its helpers
+    from test_speculative import MICRO, PROMPT, assert_distributed, verifier_token_pairs  # its helpers
 
     params = checkpoint.random_params(MICRO, seed=1234, dtype=jnp.float32)
     params["lm_head"] = params["lm_head"] * 10
@@ -205,12 +205,7 @@ def test_speculative_sampling_with_auto_keeps_the_verifier_distribution():
                    temperature=temperature, top_p=top_p, seed=3, eos_ids=(), auto=auto)
     assert (res.policy.gamma, res.policy.draft) == (2, "w4a4")
     assert res.summary()["acceptance_rate"] < 0.9  # the draft differs: rejections happen
-    pairs = [(a, b) for a in range(v) for b in range(v)]
-    p1 = next_probs(qp, [()], temperature, top_p)[0]
-    p12 = p1[:, None] * next_probs(qp, [(a,) for a in range(v)], temperature, top_p)
-    p3 = next_probs(qp, pairs, temperature, top_p).reshape(v, v, v)
-    p4 = next_probs(qp, [(a, b, c) for a, b in pairs for c in range(v)], temperature, top_p).reshape(v, v, v, v)
-    p34 = np.einsum("ab,abc,abcd->cd", p12, p3, p4)
+    p12, _, p34 = verifier_token_pairs(qp, temperature, top_p)
     t = np.asarray(res.tokens)
     assert_distributed("(t1, t2)", np.bincount(t[:, 0] * v + t[:, 1], minlength=v * v), p12 * n)
     assert_distributed("(t3, t4)", np.bincount(t[:, 2] * v + t[:, 3], minlength=v * v), p34 * n)

@@ -7,31 +7,24 @@ for token, on the bf16 KV cache and on the int8 hierarchical cache (what a query
 latter depends on its position only, see tests/test_kv_modes.py)."""
 
 import dataclasses
-import os
-import secrets
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qspec_jax import checkpoint, quantize
+from qspec_jax import checkpoint
 from qspec_jax.config import get_preset
 from qspec_jax.speculative import generate, generate_jit, pad_prompts, prepare, quantspec
 
+from conftest import TEST_SEED as SEED  # noqa: E402  (printed with every test)
+
 TINY = get_preset("tiny")
-SEED = int(os.environ.get("QSPEC_TEST_SEED", secrets.randbits(30)))
-
-
-@pytest.fixture(autouse=True)
-def print_seed():
-    print(f"QSPEC_TEST_SEED={SEED}")
 
 
 @pytest.fixture(scope="module")
-def tiny_params():
+def tiny_params(tiny_float_and_int4):
     """(float params, their rotated int4 pytree): one model, two weight copies."""
-    params = checkpoint.random_params(TINY, seed=SEED, dtype=jnp.float32)
-    return params, quantize.quantize_params(params, TINY, rotate=True, seed=SEED, dtype=jnp.float32)
+    return tiny_float_and_int4
 
 
 def _prompts(lengths, seed=SEED):

@@ -373,19 +373,26 @@ def test_speculative_accept_on_separated_distributions():
         assert abs(np.sum(n_acc >= k) - n * prob) < 5 * math.sqrt(n * prob * (1 - prob)), f"n_acc >= {k}"
 
 
-def test_speculative_sampling_keeps_the_verifier_distribution(micro_qparams):
-    """The whole loop at temperature 0.7, top-p 0.8, gamma 2, on a draft that differs visibly from
-    the verifier: the first four tokens (prefill token, two drafted positions and the first cycle's
-    bonus position) are distributed exactly as plain w4a16 sampling, enumerated over the vocabulary."""
-    qp, temperature, top_p = micro_qparams, 0.7, 0.8
+def verifier_token_pairs(qp, temperature, top_p):
+    """Plain w4a16 sampling's exact distributions of (t1, t2), of t3 given (t1, t2), and of (t3, t4),
+    enumerated over MICRO's vocabulary: what the sampling tests compare the loop's tokens with."""
     v = MICRO.vocab_size
     pairs = [(a, b) for a in range(v) for b in range(v)]
     p1 = next_probs(qp, [()], temperature, top_p)[0]
     p12 = p1[:, None] * next_probs(qp, [(a,) for a in range(v)], temperature, top_p)
     p3 = next_probs(qp, pairs, temperature, top_p).reshape(v, v, v)
     p4 = next_probs(qp, [(a, b, c) for a, b in pairs for c in range(v)], temperature, top_p).reshape(v, v, v, v)
-    p34 = np.einsum("ab,abc,abcd->cd", p12, p3, p4)
-    q3 = next_probs(qp, pairs, temperature, top_p, mode="w4a4").reshape(v, v, v)
+    return p12, p3, np.einsum("ab,abc,abcd->cd", p12, p3, p4)
+
+
+def test_speculative_sampling_keeps_the_verifier_distribution(micro_qparams):
+    """The whole loop at temperature 0.7, top-p 0.8, gamma 2, on a draft that differs visibly from
+    the verifier: the first four tokens (prefill token, two drafted positions and the first cycle's
+    bonus position) are distributed exactly as plain w4a16 sampling, enumerated over the vocabulary."""
+    qp, temperature, top_p = micro_qparams, 0.7, 0.8
+    v = MICRO.vocab_size
+    p12, p3, p34 = verifier_token_pairs(qp, temperature, top_p)
+    q3 = next_probs(qp, [(a, b) for a in range(v) for b in range(v)], temperature, top_p, mode="w4a4").reshape(v, v, v)
     assert np.sum(p12[..., None] * 0.5 * np.abs(q3 - p3)) > 0.1  # the draft differs visibly
 
     n = 12000
