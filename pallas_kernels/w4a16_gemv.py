@@ -99,7 +99,7 @@ def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, half, blocks, grouped, M, N, red
         if s_end is not None:
             acc = acc * s_end
         mask = cmask
-        if interpret and mask is not None:  # interpret mode's atomic add takes no mask; blocks are padded
+        if interpret and cmask is not None:  # interpret mode's atomic add takes no mask; blocks are padded
             acc, mask = jnp.where(mask, acc, 0), None
         plt.atomic_add(o_ref, (pl.ds(m, 1), pl.ds(0, bn)), acc, mask=mask)
 

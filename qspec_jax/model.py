@@ -93,7 +93,7 @@ def unstack_layers(params: dict) -> dict:
     if isinstance(layers, (list, tuple)):
         return params
     n = jax.tree_util.tree_leaves(layers)[0].shape[0]
-    return {**params, "layers": tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], layers) for i in range(n))}
+    return {**params, "layers": tuple(layer_params(params, n))}
 
 
 def layer_params(params: dict, num_layers: int) -> list:

@@ -116,22 +116,18 @@ def kernel_cells(args, rotate, cells, save):
                 if m == "w4a16_mma" and M > tiling.GEMV_MAX_M:
                     continue  # the same kernel as w4a16 there
                 us[m] = 1e6 * time_loop(ours(m), x, q4, args.iters, args.repeats)
-            if NO_PEERS[0]:
-                cells.append({"proj": proj, "K": K, "N": N, "M": M, "weight_bytes_int4": wbytes, "us": us})
-                save()
-                print(f"{proj:8} M={M:4d} " + " ".join(f"{k}={v:.1f}" for k, v in us.items()), flush=True)
-                continue
-            us["xla_bf16"] = 1e6 * time_loop(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype),
-                                             x, bf, args.iters, args.repeats)
-            us["xla_int4_channel"] = 1e6 * time_loop(xla_int4_channel, x, i4, args.iters, args.repeats)
-            if use_torch:
-                import torch_peer
+            if not NO_PEERS[0]:
+                us["xla_bf16"] = 1e6 * time_loop(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype),
+                                                 x, bf, args.iters, args.repeats)
+                us["xla_int4_channel"] = 1e6 * time_loop(xla_int4_channel, x, i4, args.iters, args.repeats)
+                if use_torch:
+                    import torch_peer
 
-                for kind in ("tinygemm", "cublas_bf16"):
-                    try:
-                        us[f"torch_{kind}"] = torch_peer.time_linear(kind, M, K, N, args.group_size)
-                    except Exception as e:  # a peer that does not run here is reported, not fatal
-                        print(f"  torch {kind} M={M}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                    for kind in ("tinygemm", "cublas_bf16"):
+                        try:
+                            us[f"torch_{kind}"] = torch_peer.time_linear(kind, M, K, N, args.group_size)
+                        except Exception as e:  # a peer that does not run here is reported, not fatal
+                            print(f"  torch {kind} M={M}: {type(e).__name__}: {str(e)[:160]}", flush=True)
             cell = {"proj": proj, "K": K, "N": N, "M": M, "weight_bytes_int4": wbytes, "us": us}
             cells.append(cell)
             save()
