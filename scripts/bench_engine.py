@@ -66,22 +66,22 @@ def int4_channel_weights(key, K, N, copies):
     return out
 
 
+def default_tiles(x, w):
+    """The tensor-core kernel's default tiles for x @ w (what choose_tiles picks for this shape)."""
+    K, N, G = 2 * w["packed"].shape[0], w["packed"].shape[1], w["scales"].shape[0]
+    return choose_tiles(x.shape[0], N, K, pack_block(K, G))
+
+
 def ours(method, tiles=None):
     if method == "w4a16":
         return lambda x, w: w4a16_matmul(x, w, tiles=tiles)
     if method == "w4a16_mma":  # the tensor-core kernel forced at any M (decode sizes use the GEMV)
-        def mma(x, w):
-            K, N, G = 2 * w["packed"].shape[0], w["packed"].shape[1], w["scales"].shape[0]
-            return w4a16_matmul(x, w, tiles=choose_tiles(x.shape[0], N, K, pack_block(K, G)))
-        return mma
+        return lambda x, w: w4a16_matmul(x, w, tiles=default_tiles(x, w))
     if method == "w4a16_gemv":
         return lambda x, w: w4a16_gemv(x, w, tiles=tiles)
     if method == "w4a16_asm":  # the tensor-core kernel with inline-PTX nibble conversion, any M
-        def asm(x, w):
-            K, N, G = 2 * w["packed"].shape[0], w["packed"].shape[1], w["scales"].shape[0]
-            t = choose_tiles(x.shape[0], N, K, pack_block(K, G))
-            return w4a16_matmul(x, w, tiles=dataclasses.replace(t, asm_dequant=True, dequant=False))
-        return asm
+        return lambda x, w: w4a16_matmul(
+            x, w, tiles=dataclasses.replace(default_tiles(x, w), asm_dequant=True, dequant=False))
     bits = 4 if method == "w4a4" else 8
     return lambda x, w: w4a4_matmul(x, w, act_bits=bits)
 
