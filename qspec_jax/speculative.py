@@ -328,8 +328,39 @@ def generate_jit(
                                                 headroom=gamma + 1, group=kv_group, window=kv_window, dtype=dtype)
     key, k0 = jax.random.split(key)
     first = _choose(k0, logits, policy, temperature, top_p)
-    state = LoopState.start(cache.replace(lengths=prompt_lens), first, key, gamma=gamma,
-                            max_new_tokens=max_new_tokens, eos_ids=eos_ids)
+    return decode(params, cache.replace(lengths=prompt_lens), first, key, temperature, replay_trace, draft_params,
+                  config=config, max_new_tokens=max_new_tokens, gamma=gamma, draft_mode=draft_mode,
+                  verify_mode=verify_mode, policy=policy, top_p=top_p, eos_ids=eos_ids)
+
+
+DECODE_STATIC = ("config", "max_new_tokens", "gamma", "draft_mode", "verify_mode", "policy", "top_p", "eos_ids")
+
+
+def decode(
+    params, cache, first, key, temperature, replay_trace, draft_params=None, *,
+    config: LlamaConfig, max_new_tokens: int, gamma: int, draft_mode: str, verify_mode: str,
+    policy: str, top_p: float, eos_ids: tuple,
+) -> GenerationResult:
+    """The decode half of a generation: draft -> verify -> accept cycles in one `lax.while_loop`,
+    from a prefilled cache, until every row is done.
+
+    params (and draft_params) as `prepare` returns them (per-layer buffers, `model.unstack_layers`);
+    cache: a `KVCache` or `HierarchicalKVCache` whose `lengths` are the rows' prompt lengths and
+    with room for `cache_length(prompt, max_new_tokens, gamma)` slots; first: [B] the token each row
+    emitted from its prompt (it counts as the first of `max_new_tokens`); replay_trace: [B, C]
+    (policy "replay", else ignored). `generate_jit` is `prefill` followed by this; `decode_jit`
+    compiles it alone (see there).
+    """
+    return decode_loop(params, cache, first, key, temperature, replay_trace, draft_params, config=config,
+                       max_new_tokens=max_new_tokens, gamma=gamma, draft_mode=draft_mode, verify_mode=verify_mode,
+                       policy=policy, top_p=top_p, eos_ids=eos_ids).result()
+
+
+def decode_loop(params, cache, first, key, temperature, replay_trace, draft_params=None, **static) -> LoopState:
+    """`decode`'s while loop, returning its final `LoopState` (cache included)."""
+    config, max_new_tokens, gamma, eos_ids = (static[k] for k in ("config", "max_new_tokens", "gamma", "eos_ids"))
+    draft_mode, verify_mode, policy, top_p = (static[k] for k in ("draft_mode", "verify_mode", "policy", "top_p"))
+    state = LoopState.start(cache, first, key, gamma=gamma, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
 
     def cycle(state: LoopState) -> LoopState:
         drafter = params if draft_params is None else draft_params  # QuantSpec: its own int4 weights
@@ -346,7 +377,17 @@ def generate_jit(
     def running(state: LoopState):
         return jnp.any(~state.done) & (state.step < max_new_tokens)
 
-    return jax.lax.while_loop(running, cycle, state).result()
+    return jax.lax.while_loop(running, cycle, state)
+
+
+@partial(jax.jit, static_argnames=DECODE_STATIC, donate_argnames=("cache",))
+def decode_jit(params, cache, first, key, temperature, replay_trace, draft_params=None, **static):
+    """`decode` compiled alone: (GenerationResult, the final cache). The cache is donated and the
+    loop works in its buffers (returned as the final cache), so a cache of most of the device's
+    memory is not copied. Long-context speed runs time this over a cache built directly instead of
+    prefilled (scripts/bench_long_context.py); research code can continue from the returned cache."""
+    state = decode_loop(params, cache, first, key, temperature, replay_trace, draft_params, **static)
+    return state.result(), state.cache
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1):

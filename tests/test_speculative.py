@@ -19,7 +19,8 @@ from qspec_jax.config import LlamaConfig, get_preset
 from qspec_jax.kv_cache import KVCache, write_layer
 from qspec_jax.model import forward
 from qspec_jax.sampling import probabilities, speculative_accept
-from qspec_jax.speculative import cache_length, generate, generate_jit, pad_prompts, prefill, prepare
+from qspec_jax.model import unstack_layers
+from qspec_jax.speculative import cache_length, decode_jit, generate, generate_jit, pad_prompts, prefill, prepare
 
 TINY = get_preset("tiny")
 SEED = int(os.environ.get("QSPEC_TEST_SEED", secrets.randbits(30)))
@@ -61,6 +62,31 @@ def test_greedy_qspec_equals_w4a16_tiny(tiny_qparams, draft, rng):
         assert s["new_tokens"] == 4 * 40
         assert 0 < s["drafted"] and 0 <= s["accepted"] <= s["drafted"]
         assert np.all(np.asarray(res.cycles) >= math.ceil(39 / (gamma + 1)))
+
+
+def test_decode_from_a_prefilled_cache_continues_generate(tiny_qparams, rng):
+    """decode_jit over a cache prefilled by hand gives generate's tokens, and returns the cache it
+    wrote: the verifier's K/V of every emitted token but the last, at the right positions."""
+    toks, lens = pad_prompts(random_prompts([5, 11], TINY.vocab_size, rng))
+    n, gamma = 12, 3
+    ref = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=n, gamma=gamma, draft_mode="w4a8", eos_ids=())
+    params = unstack_layers(tiny_qparams)
+    cache = KVCache.create(TINY, 2, cache_length(toks.shape[1], n, gamma), jnp.float32)
+    logits, cache = prefill(params, toks, lens, cache, config=TINY, mode="w4a16", chunk=0)
+    first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # The cache is donated, lengths included: give it its own copy of lens.
+    res, final = decode_jit(params, cache.replace(lengths=jnp.array(lens)), first, jax.random.PRNGKey(1), jnp.float32(1.0),
+                            jnp.zeros((2, 1), jnp.int32), config=TINY, max_new_tokens=n, gamma=gamma,
+                            draft_mode="w4a8", verify_mode="w4a16", policy="greedy", top_p=1.0, eos_ids=())
+    np.testing.assert_array_equal(np.asarray(res.tokens), np.asarray(ref.tokens))
+    np.testing.assert_array_equal(np.asarray(final.lengths), np.asarray(lens) + n - 1)
+    # The returned cache holds the verifier's K/V: a plain W4A16 forward of prompt + tokens agrees.
+    row = 1
+    seq = np.concatenate([np.asarray(toks[row, : int(lens[row])]), np.asarray(res.tokens[row, : n - 1])])
+    pos = jnp.arange(len(seq), dtype=jnp.int32)[None]
+    full = KVCache.create(TINY, 1, len(seq), jnp.float32)
+    _, full = forward(params, jnp.asarray(seq)[None], pos, full, config=TINY, mode="w4a16")
+    np.testing.assert_allclose(np.asarray(final.k[0][row, :, : len(seq)]), np.asarray(full.k[0][0]), atol=2e-5)
 
 
 def test_batched_rows_equal_single_rows(tiny_qparams, rng):

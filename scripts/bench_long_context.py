@@ -1,0 +1,320 @@
+"""Long-context decode speed per mode and KV cache (issue 11): QSpec on the hierarchical INT8/INT4
+cache, QuantSpec, and the plain baselines, on Llama-3-8B shapes with generated weights.
+
+A 32k-token prefill of a batch of 16 takes far longer than its decode, and its time is not part of
+the decode ratio the issue asks for, so each mode's cache is built directly as a prefill would
+leave it (random K/V for the context's positions; the int8 cache quantized from them by the same
+`hierarchical_kv.prefill` a real prefill ends with) and only the decode loop is timed:
+`speculative.decode_jit`, the while loop `generate` runs after its prefill, compiled ahead of time,
+one warm-up call, then the median of `reps` calls, each on a freshly built cache (the call donates
+it). Acceptance is replayed per cycle from traces recorded on the real SmolLM2 (`replay` policy):
+QSpec on the int8 cache and QuantSpec from benchmarks/kv/traces_int8kv.json
+(scripts/measure_kv_quality.py: the drafts read the INT4 view there too), QSpec on bf16 KV from
+benchmarks/acceptance/traces.json. The real model's context is 8192 tokens (its traces are from
+prompts under 8k), so acceptance at 32k is the same replayed traces.
+
+Modes (name: weights, verify / draft, cache):
+  w4a16_bf16kv, w4a16_int8kv   int4, plain W4A16 decoding
+  bf16_bf16kv, bf16_int8kv     bf16, plain bf16 decoding
+  qspec_{w4a8,w4a4}_{bf16,int8}kv_g{G}   int4, W4A16 verifies, the draft mode drafts G tokens
+  quantspec_g{G}               bf16 verifies on INT8, W4A16 on int4 weights drafts on the INT4 view
+
+    python scripts/bench_long_context.py --out benchmarks/kv/h200_long_context.json   # GPU
+    python scripts/bench_long_context.py --smoke --out /tmp/lc.json                    # CPU, tiny
+    python scripts/bench_long_context.py --summarize benchmarks/kv/h200_long_context.json \\
+        --summary benchmarks/kv/h200_summary.json         # the issue's ratio maps from a results file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from qspec_jax import checkpoint, hierarchical_kv, quantize, speculative  # noqa: E402
+from qspec_jax.config import get_preset  # noqa: E402
+from qspec_jax.evaluation import copy_bandwidth, run_metadata  # noqa: E402
+from qspec_jax.kv_cache import HierarchicalKVCache, KVCache  # noqa: E402
+from qspec_jax.model import fuse_projections, unstack_layers  # noqa: E402
+
+# The issue's target cells (batch x context): G1/G2 at batch 16, G3 at 1 x 8k and 4 x 32k.
+DEFAULT_CELLS = "16x8192:w4a16_bf16kv,w4a16_int8kv,qspec_w4a8_int8kv_g3,qspec_w4a4_int8kv_g3;" \
+                "1x8192:bf16_bf16kv,quantspec_g3,w4a16_bf16kv,qspec_w4a8_int8kv_g3;" \
+                "16x32768:w4a16_bf16kv,w4a16_int8kv,qspec_w4a8_int8kv_g3,qspec_w4a4_int8kv_g3;" \
+                "4x32768:bf16_bf16kv,quantspec_g3,w4a16_bf16kv,qspec_w4a8_int8kv_g3"
+
+
+def parse_mode(name: str) -> dict:
+    """The generation settings behind a mode name (module docstring)."""
+    parts = name.split("_")
+    if name in ("w4a16_bf16kv", "w4a16_int8kv", "bf16_bf16kv", "bf16_int8kv"):
+        return dict(weights="bf16" if parts[0] == "bf16" else "int4", verify_mode=parts[0], draft_mode=parts[0],
+                    gamma=0, kv=parts[1][:-2], trace=None)
+    if parts[0] == "qspec" and len(parts) == 4 and parts[1] in ("w4a8", "w4a4") and parts[2] in ("bf16kv", "int8kv"):
+        gamma = int(parts[3][1:])
+        return dict(weights="int4", verify_mode="w4a16", draft_mode=parts[1], gamma=gamma, kv=parts[2][:-2],
+                    trace=(parts[2][:-2], f"{parts[1]}_g{gamma}"))
+    if parts[0] == "quantspec" and len(parts) == 2:
+        gamma = int(parts[1][1:])
+        return dict(weights="bf16", verify_mode="bf16", draft_mode="w4a16", gamma=gamma, kv="int8",
+                    trace=("int8", f"quantspec_w4a16_g{gamma}"))
+    raise ValueError(f"unknown mode {name!r} (see the module docstring)")
+
+
+def parse_cells(text: str) -> list:
+    """"BxS:mode,mode;BxS:..." -> [(batch, context, [modes])]."""
+    cells = []
+    for item in filter(None, text.split(";")):
+        shape, modes = item.split(":")
+        b, s = (int(x) for x in shape.lower().split("x"))
+        cells.append((b, s, [m for m in modes.split(",") if m]))
+        for m in cells[-1][2]:
+            parse_mode(m)  # fail before any GPU time is spent
+    return cells
+
+
+def build_cache(config, kind, batch, context, max_len, *, key, group, window, headroom, dtype):
+    """A cache as a prefill of `context` tokens per row leaves it: random K/V (unit normal, the
+    scale of real post-RoPE keys does not change the bytes read), one layer at a time."""
+    shape = (batch, config.num_kv_heads, context, config.head_dim)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    ks, vs = [], []
+    for i in range(config.num_layers):
+        k, v = _random_kv(jax.random.fold_in(key, i), shape, max_len if kind == "bf16" else context, dtype)
+        if kind == "int8":
+            k, v = _quantized_layer(k, v, lengths, max_len=max_len, group=group, window=window,
+                                    headroom=headroom, kv_heads=config.num_kv_heads), None
+        ks.append(k)
+        vs.append(v)
+    if kind == "int8":
+        return HierarchicalKVCache(layers=tuple(ks), lengths=lengths)
+    return KVCache(k=tuple(ks), v=tuple(vs), lengths=lengths)
+
+
+@partial(jax.jit, static_argnums=(1, 2, 3))
+def _random_kv(key, shape, slots, dtype):
+    k1, k2 = jax.random.split(key)
+    full = shape[:2] + (slots,) + shape[3:]
+    return jax.random.normal(k1, full, dtype), jax.random.normal(k2, full, dtype)
+
+
+@partial(jax.jit, static_argnames=("max_len", "group", "window", "headroom", "kv_heads"))
+def _quantized_layer(k, v, lengths, *, max_len, group, window, headroom, kv_heads):
+    cache = hierarchical_kv.create(k.shape[0], kv_heads, k.shape[3], max_len, group=group, window=window,
+                                   dtype=k.dtype)
+    return hierarchical_kv.prefill(cache, k, v, lengths, headroom)
+
+
+def load_traces(path, required):
+    if not os.path.exists(path):
+        if required:
+            raise SystemExit(f"no acceptance traces at {path} (scripts/measure_kv_quality.py / measure_acceptance.py)")
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def replay_trace(traces, kind, key, batch, fallback):
+    """[batch, cycles] counts recorded at this setting, rows cycled; (trace, where it came from)."""
+    data = traces.get(kind)
+    if data is None or key not in data["traces"]:
+        if fallback is None or key.split("_g")[-1] not in ("1", "2", "3", "4"):
+            raise SystemExit(f"no trace {key!r} for the {kind} cache (have {sorted(data['traces']) if data else []})")
+        data, source = fallback, f"FALLBACK {fallback['path']}:w4a8_g{key.split('_g')[-1]} (smoke only)"
+        key = f"w4a8_g{key.split('_g')[-1]}"
+    else:
+        source = f"{data['path']}:{key}"
+    t = np.asarray(data["traces"][key], np.int32)
+    return jnp.asarray(t[np.arange(batch) % t.shape[0]]), source
+
+
+def step_bytes(params, config, batch, context, kind):
+    """Bytes a plain decode step must read: the weights (not the embedding table) and the KV
+    prefix attention reads (bf16: 2 bytes an element; int8: both 4-bit planes plus their scales)."""
+    weights = sum(leaf.nbytes for name, tree in params.items() if name != "embed" for leaf in jax.tree.leaves(tree))
+    if "lm_head" not in params:
+        weights += params["embed"].nbytes
+    elems = 2 * config.num_layers * batch * config.num_kv_heads * context * config.head_dim
+    return weights, elems * (2 if kind == "bf16" else 1)
+
+
+def time_mode(name, weights, config, batch, context, new_tokens, reps, traces, fallback, group, window):
+    s = parse_mode(name)
+    params, draft_params = (weights["bf16"], weights["int4"]) if s["weights"] == "bf16" else (weights["int4"], None)
+    if name.startswith("bf16_"):
+        draft_params = None
+    max_len = speculative.cache_length(context, new_tokens, s["gamma"])
+    if s["kv"] == "int8":
+        max_len = -(-max_len // group) * group
+    key = jax.random.key(batch * 7919 + context)
+    first = jax.random.randint(key, (batch,), 3, config.vocab_size, jnp.int32)
+    if s["trace"] is not None:
+        trace, source = replay_trace(traces, *s["trace"], batch, fallback)
+        policy = "replay"
+    else:
+        trace, source, policy = jnp.zeros((batch, 1), jnp.int32), None, "greedy"
+    static = dict(config=config, max_new_tokens=new_tokens, gamma=s["gamma"], draft_mode=s["draft_mode"],
+                  verify_mode=s["verify_mode"], policy=policy, top_p=1.0, eos_ids=())
+    cache = lambda: build_cache(config, s["kv"], batch, context, max_len, key=key, group=group,  # noqa: E731
+                                window=window, headroom=s["gamma"] + 1, dtype=jnp.bfloat16)
+    args = lambda c: (params, c, first, jax.random.key(1), jnp.float32(1.0), trace)  # noqa: E731
+    extra = () if draft_params is None else (draft_params,)
+    t0 = time.perf_counter()
+    compiled = speculative.decode_jit.lower(*args(jax.eval_shape(cache)), *extra, **static).compile()
+    compile_s = time.perf_counter() - t0
+    times, result = [], None
+    for _ in range(reps + 1):  # the first call warms up
+        c = jax.block_until_ready(cache())
+        result = None
+        t0 = time.perf_counter()
+        result, c = jax.block_until_ready(compiled(*args(c), *extra))
+        times.append(time.perf_counter() - t0)
+        del c  # the final cache (the donated input's buffers)
+    summ = result.summary()
+    seconds = float(np.median(times[1:]))
+    return {
+        "mode": name, **{k: v for k, v in s.items() if k != "trace"}, "seconds": seconds,
+        "ms_per_token": 1e3 * seconds / (new_tokens - 1), "tokens_per_s": batch * (new_tokens - 1) / seconds,
+        "compile_s": compile_s, "cycles": int(np.max(np.asarray(result.cycles))),
+        "acceptance_rate": summ["acceptance_rate"], "tokens_per_cycle": summ["tokens_per_cycle"],
+        "acceptance_source": source, "all_times_s": times,
+    }
+
+
+def summarize(results: dict) -> dict:
+    """The issue's ratio maps (decode only): each a map from "BxS" to baseline time / mode time."""
+    maps = {"qspec_int8kv_vs_w4a16_bf16kv": {}, "qspec_int8kv_vs_w4a16_int8kv": {}, "quantspec_vs_bf16": {}}
+    best = {}
+    for cell in results["cells"]:
+        key = f"{cell['batch']}x{cell['context']}"
+        t = {m["mode"]: m["seconds"] for m in cell["modes"]}
+        qspec = {m: v for m, v in t.items() if m.startswith("qspec_") and "_int8kv_" in m}
+        quant = {m: v for m, v in t.items() if m.startswith("quantspec_")}
+        if qspec:
+            name = min(qspec, key=qspec.get)
+            best[key] = {"qspec_int8kv": name}
+            for base, out in (("w4a16_bf16kv", "qspec_int8kv_vs_w4a16_bf16kv"),
+                              ("w4a16_int8kv", "qspec_int8kv_vs_w4a16_int8kv")):
+                if base in t:
+                    maps[out][key] = t[base] / qspec[name]
+        if quant and "bf16_bf16kv" in t:
+            name = min(quant, key=quant.get)
+            best.setdefault(key, {})["quantspec"] = name
+            maps["quantspec_vs_bf16"][key] = t["bf16_bf16kv"] / quant[name]
+    return {**maps, "best_setting": best}
+
+
+def write_summary(results: dict, path: str):
+    """Merge the ratio maps into the summary JSON at `path` (keeping its other measured keys)."""
+    summary = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            summary = json.load(f)
+    meta = results["meta"]
+    summary.update(summarize(results))
+    summary["e2e"] = {"source": os.path.basename(path.replace("h200_summary", "h200_long_context")),
+                      "commit": meta.get("commit"), "ratios": "decode only (module docstring of "
+                      "scripts/bench_long_context.py); median seconds of the baseline over the mode's"}
+    summary.setdefault("device", meta.get("device"))
+    summary.setdefault("jax", meta.get("jax"))
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama3-8b")
+    ap.add_argument("--cells", default=DEFAULT_CELLS, help="BxS:mode,mode;BxS:... (modes: module docstring)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="tokens per row, the first one included")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--kv-group", type=int, default=128)
+    ap.add_argument("--kv-window", type=int, default=256)
+    ap.add_argument("--traces-int8", default="benchmarks/kv/traces_int8kv.json")
+    ap.add_argument("--traces-bf16", default="benchmarks/acceptance/traces.json")
+    ap.add_argument("--smoke", action="store_true", help="tiny preset, short contexts: CPU check that it runs")
+    ap.add_argument("--out", help="results JSON (written after every mode)")
+    ap.add_argument("--summary", help="merge the issue's ratio maps into this summary JSON")
+    ap.add_argument("--summarize", help="only rebuild --summary from this results JSON")
+    args = ap.parse_args(argv)
+    if args.summarize:
+        with open(args.summarize) as f:
+            print(json.dumps(write_summary(json.load(f), args.summary), indent=1))
+        return
+    if not args.out:
+        ap.error("--out is required")
+    if args.smoke:
+        args.preset, args.new_tokens, args.reps, args.kv_group, args.kv_window = "tiny", 6, 1, 16, 32
+        args.cells = "2x48:w4a16_bf16kv,w4a16_int8kv,qspec_w4a8_int8kv_g3,bf16_bf16kv,quantspec_g3"
+    cells = parse_cells(args.cells)
+    traces = {"bf16": load_traces(args.traces_bf16, True), "int8": load_traces(args.traces_int8, not args.smoke)}
+    for kind, path in (("bf16", args.traces_bf16), ("int8", args.traces_int8)):
+        if traces[kind] is not None:
+            traces[kind]["path"] = path
+    fallback = traces["bf16"] if args.smoke else None
+    config = get_preset(args.preset)
+    bandwidth = copy_bandwidth(2**24 if args.smoke else 2**30)
+    try:  # the device's best copy (PyTorch memcpy) when torch with CUDA is there
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import torch_peer
+
+        bandwidth = max(bandwidth, torch_peer.copy_bandwidth())
+    except Exception:  # noqa: BLE001 - no torch or no GPU: XLA's copy
+        pass
+    t0 = time.perf_counter()
+    fparams = checkpoint.random_params(config, seed=0, dtype=jnp.bfloat16)
+    weights = {"int4": unstack_layers(fuse_projections(quantize.quantize_params(fparams, config, dtype=jnp.bfloat16)))}
+    if any(parse_mode(m)["weights"] == "bf16" for _, _, modes in cells for m in modes):
+        weights["bf16"] = unstack_layers(fuse_projections(fparams))
+    del fparams
+    jax.block_until_ready(weights)
+    print(f"{args.preset}: weights in {time.perf_counter() - t0:.0f} s; copy bandwidth {bandwidth / 1e12:.2f} TB/s",
+          flush=True)
+    results = {"meta": {**run_metadata(), "preset": args.preset, "weights": "generated from a seed (speed only)",
+                        "new_tokens": args.new_tokens, "reps": args.reps, "kv_group": args.kv_group,
+                        "kv_window": args.kv_window, "copy_bytes_per_s": bandwidth, "argv": sys.argv[1:],
+                        "timing": "decode loop only (speculative.decode_jit) over a directly built cache; "
+                                  "median of reps after AOT compile and one warm-up call",
+                        "acceptance": "replayed per cycle (acceptance_source per mode)"},
+               "cells": []}
+    for batch, context, modes in cells:
+        cell = {"batch": batch, "context": context, "modes": []}
+        results["cells"].append(cell)
+        for name in modes:
+            try:
+                m = time_mode(name, weights, config, batch, context, args.new_tokens, args.reps, traces, fallback,
+                              args.kv_group, args.kv_window)
+            except SystemExit:
+                raise
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: recorded, the run goes on
+                print(f"B={batch} S={context} {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                cell["modes"].append({"mode": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                continue
+            s = parse_mode(name)
+            if s["gamma"] == 0:
+                wb, kvb = step_bytes(weights[s["weights"]], config, batch, context, s["kv"])
+                m["step_floor_ms"] = 1e3 * (wb + kvb) / bandwidth
+            cell["modes"].append(m)
+            print(f"B={batch} S={context} {name}: {m['ms_per_token']:.2f} ms/token "
+                  f"({m['tokens_per_s']:.0f} tok/s, floor {m.get('step_floor_ms', float('nan')):.2f} ms), "
+                  f"accept {m['acceptance_rate']}, compile {m['compile_s']:.0f} s", flush=True)
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+        cell["modes"] = [m for m in cell["modes"] if "error" not in m] + [m for m in cell["modes"] if "error" in m]
+    if args.summary:
+        print(json.dumps(write_summary(results, args.summary), indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
