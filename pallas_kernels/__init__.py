@@ -15,7 +15,7 @@ from .packing import (
     weight_layout,
 )
 from .tiling import Tiles, choose_tiles
-from .w4a16 import w4a16_matmul, w4a16_reference
+from .w4a16 import resolve_backend, w4a16_matmul, w4a16_reference
 from .w4a4 import quantize_activations, w4a4_matmul, w4a4_reference
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "pack_int4",
     "quantize_activations",
     "quantize_weight",
+    "resolve_backend",
     "unpack_int4",
     "w4a16_matmul",
     "w4a16_reference",

@@ -30,6 +30,12 @@ from qspec_jax import hierarchical_kv as hkv
 from qspec_jax.kv_cache import HierarchicalKVCache, KVCache, write_layer
 
 MODES = ("bf16", "w4a16", "w4a4", "w4a8")
+# Decode and verify passes (T <= this many new positions) over a bf16 cache read it through the
+# flash-decoding kernel on the GPU (pallas_kernels/decode_attention.py), which reads only the slots
+# below each row's length; prefill chunks and the CPU use the einsum `attention`. 0 turns the
+# kernel off (scripts/bench_long_context.py's "+einsum" modes measure the difference).
+KERNEL_ATTENTION_MAX_T = 32
+KERNEL_ATTENTION_BACKEND = "auto"  # "auto": the kernel on GPU only; tests set "interpret" to run it on CPU
 KV_VIEWS = ("int8", "int4")  # how a forward reads a HierarchicalKVCache (ignored by a bf16 KVCache)
 
 
@@ -211,6 +217,9 @@ def forward(
     lin = partial(linear, mode=mode)
     rot_o, rot_down = _online_rotation(params, "o_proj"), _online_rotation(params, "down_proj")
     starts = positions[:, 0]
+    backend = pallas_kernels.resolve_backend(KERNEL_ATTENTION_BACKEND)
+    use_kernel = (cache is not None and not hier and t <= KERNEL_ATTENTION_MAX_T and cache.max_len % 16 == 0
+                  and backend != "reference")
     if hier:
         k_pos = None
     elif cache is not None:
@@ -242,7 +251,11 @@ def forward(
             if k_cache is not None:
                 k = k_cache = write_layer(k_cache, k, starts)
                 v = v_cache = write_layer(v_cache, v, starts)
-            a = attention(q, k, v, positions, k_pos)
+            if use_kernel:
+                a = pallas_kernels.decode_attention(q, positions, (k, v), starts + t, backend=backend)
+                a = a.reshape(b, t, nh * hd)
+            else:
+                a = attention(q, k, v, positions, k_pos)
         if rot_o is not None:
             a = rot_o(a)
         observe("o", a)

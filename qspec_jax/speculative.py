@@ -158,6 +158,15 @@ def cache_length(prompt_len: int, max_new_tokens: int, gamma: int) -> int:
     return prompt_len + max_new_tokens + gamma + 1
 
 
+CACHE_MULTIPLE = 128  # the decode-attention kernel reads the cache in blocks of up to 128 slots
+
+
+def cache_slots(prompt_len: int, max_new_tokens: int, gamma: int) -> int:
+    """Slots a bf16 cache is allocated with: `cache_length` rounded up to CACHE_MULTIPLE, so the
+    decode-attention kernel's blocks tile it (the slots past `cache_length` are never written)."""
+    return -(-cache_length(prompt_len, max_new_tokens, gamma) // CACHE_MULTIPLE) * CACHE_MULTIPLE
+
+
 def _choose(key, logits, policy, temperature, top_p):
     """Verifier's pick for a single position: argmax, or a sample under the sampling policy."""
     if policy == "sampling":
@@ -311,7 +320,7 @@ def generate_jit(
     draft -> verify -> accept cycles in one `lax.while_loop` until every row is done. The drafts run
     on `draft_params` when given (QuantSpec: int4 drafts, a float verifier), else on `params`."""
     b, p = prompts.shape
-    max_len = cache_length(p, max_new_tokens, gamma)
+    max_len = cache_slots(p, max_new_tokens, gamma)
     if 0 < prefill_chunk < p:  # room for the padded last chunk
         max_len = max(max_len, -(-p // prefill_chunk) * prefill_chunk)
     dtype = params["embed"].dtype

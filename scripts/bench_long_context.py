@@ -18,6 +18,7 @@ Modes (name: weights, verify / draft, cache):
   bf16_bf16kv, bf16_int8kv     bf16, plain bf16 decoding
   qspec_{w4a8,w4a4}_{bf16,int8}kv_g{G}   int4, W4A16 verifies, the draft mode drafts G tokens
   quantspec_g{G}               bf16 verifies on INT8, W4A16 on int4 weights drafts on the INT4 view
+  MODE+einsum                  MODE with XLA's einsum attention over a bf16 cache instead of the kernel
 
     python scripts/bench_long_context.py --out benchmarks/kv/h200_long_context.json   # GPU
     python scripts/bench_long_context.py --smoke --out /tmp/lc.json                    # CPU, tiny
@@ -40,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from qspec_jax import checkpoint, hierarchical_kv, quantize, speculative  # noqa: E402
+from qspec_jax import checkpoint, hierarchical_kv, model, quantize, speculative  # noqa: E402
 from qspec_jax.config import get_preset  # noqa: E402
 from qspec_jax.evaluation import copy_bandwidth, run_metadata  # noqa: E402
 from qspec_jax.kv_cache import HierarchicalKVCache, KVCache  # noqa: E402
@@ -55,6 +56,8 @@ DEFAULT_CELLS = "16x8192:w4a16_bf16kv,w4a16_int8kv,qspec_w4a8_int8kv_g3,qspec_w4
 
 def parse_mode(name: str) -> dict:
     """The generation settings behind a mode name (module docstring)."""
+    if name.endswith("+einsum"):  # the same mode with XLA's einsum attention over a bf16 cache
+        return {**parse_mode(name[: -len("+einsum")]), "einsum": True}
     parts = name.split("_")
     if name in ("w4a16_bf16kv", "w4a16_int8kv", "bf16_bf16kv", "bf16_int8kv"):
         return dict(weights="bf16" if parts[0] == "bf16" else "int4", verify_mode=parts[0], draft_mode=parts[0],
@@ -152,9 +155,7 @@ def time_mode(name, weights, config, batch, context, new_tokens, reps, traces, f
     params, draft_params = (weights["bf16"], weights["int4"]) if s["weights"] == "bf16" else (weights["int4"], None)
     if name.startswith("bf16_"):
         draft_params = None
-    max_len = speculative.cache_length(context, new_tokens, s["gamma"])
-    if s["kv"] == "int8":
-        max_len = -(-max_len // group) * group
+    max_len = (speculative.cache_length if s["kv"] == "int8" else speculative.cache_slots)(context, new_tokens, s["gamma"])
     key = jax.random.key(batch * 7919 + context)
     first = jax.random.randint(key, (batch,), 3, config.vocab_size, jnp.int32)
     if s["trace"] is not None:
@@ -169,7 +170,14 @@ def time_mode(name, weights, config, batch, context, new_tokens, reps, traces, f
     args = lambda c: (params, c, first, jax.random.key(1), jnp.float32(1.0), trace)  # noqa: E731
     extra = () if draft_params is None else (draft_params,)
     t0 = time.perf_counter()
-    compiled = speculative.decode_jit.lower(*args(jax.eval_shape(cache)), *extra, **static).compile()
+    kernel_t = model.KERNEL_ATTENTION_MAX_T
+    model.KERNEL_ATTENTION_MAX_T = 0 if s.get("einsum") else kernel_t  # read when the forward is traced
+    speculative.decode_jit.clear_cache()  # so the flag's value, not a cached trace, decides
+    try:
+        compiled = speculative.decode_jit.lower(*args(jax.eval_shape(cache)), *extra, **static).compile()
+    finally:
+        model.KERNEL_ATTENTION_MAX_T = kernel_t
+        speculative.decode_jit.clear_cache()
     compile_s = time.perf_counter() - t0
     times, result = [], None
     for _ in range(reps + 1):  # the first call warms up
@@ -183,6 +191,7 @@ def time_mode(name, weights, config, batch, context, new_tokens, reps, traces, f
     seconds = float(np.median(times[1:]))
     return {
         "mode": name, **{k: v for k, v in s.items() if k != "trace"}, "seconds": seconds,
+        "bf16_cache_attention": "einsum" if s.get("einsum") or jax.default_backend() != "gpu" else "kernel",
         "ms_per_token": 1e3 * seconds / (new_tokens - 1), "tokens_per_s": batch * (new_tokens - 1) / seconds,
         "compile_s": compile_s, "cycles": int(np.max(np.asarray(result.cycles))),
         "acceptance_rate": summ["acceptance_rate"], "tokens_per_cycle": summ["tokens_per_cycle"],
@@ -254,7 +263,7 @@ def main(argv=None):
         ap.error("--out is required")
     if args.smoke:
         args.preset, args.new_tokens, args.reps, args.kv_group, args.kv_window = "tiny", 6, 1, 16, 32
-        args.cells = "2x48:w4a16_bf16kv,w4a16_int8kv,qspec_w4a8_int8kv_g3,bf16_bf16kv,quantspec_g3"
+        args.cells = "2x48:w4a16_bf16kv,w4a16_bf16kv+einsum,w4a16_int8kv,qspec_w4a8_int8kv_g3,bf16_bf16kv,quantspec_g3"
     cells = parse_cells(args.cells)
     traces = {"bf16": load_traces(args.traces_bf16, True), "int8": load_traces(args.traces_int8, not args.smoke)}
     for kind, path in (("bf16", args.traces_bf16), ("int8", args.traces_int8)):
