@@ -9,7 +9,17 @@ of `block_k` slots and writes unnormalized partials (o, m, l); `merge_partials` 
 
 Splits are dynamic: the blocks a row can see (`slot < kv_len` and `position <= max query position`)
 are divided evenly among `splits` programs, so a short row does not leave most programs idle or
-read slots past its length.
+read slots past its length. The default split count fills the GPU with `programs_per_sm` programs
+per SM.
+
+Latency (issue 11): on the H200 the INT4 view ran no faster per block than bf16 (159 us at batch 16
+x 8k for a quarter of the bytes): each program waits for a block's loads, then computes, so few
+bytes are in flight. The launch knobs attack that, each measured by `scripts/bench_attention.py
+--sweep` before it becomes a default (DEFAULTS): every load of a block (K and V) is issued at the
+top of an iteration; `prefetch` issues block i+1's loads into registers before block i computes;
+quantized blocks may span several key groups (`block_k` > G: one sub-block per group, one softmax
+rescale per block), so an iteration moves more bytes; `programs_per_sm`, `num_warps` and
+`num_stages` set occupancy and Triton's own pipelining.
 
 Masking: key slot j of the main cache is at position `j`, slot r of the recent buffer at
 `recent_start + r`; a query at position p sees keys at positions <= p, and only main-cache slots
@@ -32,6 +42,13 @@ its high nibble, so a block is two dots over contiguous halves. Keys have one (s
 group of G tokens, values one per token. Scales are folded into the small operand of each dot (q for
 keys, the probabilities for values) and the minimum enters as a bias, so the codes go to the tensor
 cores as exact small integers and are never dequantized elementwise.
+
+How codes become 16-bit dot operands (`unpack`; f32 queries always convert): "convert" computes the
+integer code (u, or 16u + l - 8) and converts it; "bits" builds U = B + u and L = B + l from bits
+(bitfloat.py: no int -> float conversion) and uses 16u + l - 8 = 16 U + L - (17 B + 8), i.e. INT8 is
+dot(16 qs, U) + dot(qs, L) minus (17 B + 8) times the row sum of qs (the same on the value side with
+the scaled probabilities), INT4 dot(qs, U) minus B times it; "asm" builds the same bits by inline
+PTX (prmt + lop3, four bytes per instance), on the Triton backend only (interpret mode runs "bits").
 """
 
 from __future__ import annotations
@@ -46,7 +63,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .w4a16 import FLOAT_BASE, compute_dtype, dot_precision, resolve_backend
+from .bitfloat import FLOAT_BASE, asm_nibble_floats, nibble_floats
+from .tiling import NUM_SMS
+from .w4a16 import compute_dtype, dot_precision, resolve_backend
 
 VARIANTS = ("bf16", "int8", "int4")
 NEG = -1e30  # finite "minus infinity": a fully masked row keeps m finite and p = 0
@@ -88,6 +107,8 @@ def dequantize_planes(kv: QuantKV, variant: str):
 
 # ---------------------------------------------------------------- kernel
 
+UNPACKS = ("convert", "bits", "asm")
+
 
 def _decode_kernel(
     row_pos_ref,  # [M] int32: query position of each query row, -1 on padding rows
@@ -98,10 +119,12 @@ def _decode_kernel(
     #         int4: the same without kl and vl; then outputs o [M, hd] f32, m [M], l [M]
     variant: str,
     bk: int,
-    group: int,
+    sub: int,
     splits: int,
     sm_scale: float,
     cdt,
+    unpack: str = "convert",
+    prefetch: bool = False,
     cut_side: Optional[str] = None,  # None; "below": slots at positions < c(p); "from": positions >= c(p)
     cut_group: int = 1,
     cut_delay: int = 0,
@@ -109,6 +132,7 @@ def _decode_kernel(
     *kv_refs, o_ref, m_ref, l_ref = refs
     M, hd = q_ref.shape
     hd2 = hd // 2
+    S = kv_refs[0].shape[0]
     prec = dot_precision(cdt)
     row_pos = row_pos_ref[...]
     n, off = n_ref[...], off_ref[...]
@@ -134,24 +158,36 @@ def _decode_kernel(
     def pdot(p, v):  # p @ v
         return jnp.dot(p, v, preferred_element_type=jnp.float32, precision=prec)
 
-    # INT4 codes with 16-bit dots are built from bits: OR-ing a nibble u into the bits of BIAS gives
-    # BIAS + u exactly, without an int -> float conversion (a quarter of the FMA rate); the dots then
-    # carry BIAS times the row sums of their small operand, subtracted once per block.
-    bit_built = variant == "int4" and jnp.dtype(cdt) in FLOAT_BASE
+    def rowsum(x):  # [M, *] -> [M, 1] f32
+        return jnp.sum(x.astype(jnp.float32), axis=1)[:, None]
 
-    def as_cdt(c):
-        if not bit_built:
-            return c.astype(cdt)
-        return lax.bitcast_convert_type((c | FLOAT_BASE[jnp.dtype(cdt)][0]).astype(jnp.int16), cdt)
+    # Dot operands of a [sub, hd/2] block of packed codes: a list of (weight, low-half channels,
+    # high-half channels) whose weighted dots sum to the codes' dot minus `offset` times the row sum
+    # of the small operand. "convert": the exact integer code (u, or 16u + l - 8) converted to cdt,
+    # offset 0. "bits" / "asm": U = B + u and L = B + l built from bits (bitfloat.py), so
+    # 16u + l - 8 = 16 U + L - (17 B + 8): two dots and no integer arithmetic per element.
+    if unpack == "convert":
+        offset = 0.0
+    else:
+        bits, base = FLOAT_BASE[jnp.dtype(cdt)]
+        offset = base if variant == "int4" else 17 * base + 8
+        nibbles = asm_nibble_floats if unpack == "asm" else nibble_floats
 
-    bias = FLOAT_BASE[jnp.dtype(cdt)][1] if bit_built else 0.0
+    def planes(u, lo):
+        if unpack != "convert":
+            ops = [(1.0 if variant == "int4" else 16.0, nibbles(u, 0, bits, cdt), nibbles(u, 4, bits, cdt))]
+            if variant == "int8":
+                ops.append((1.0, nibbles(lo, 0, bits, cdt), nibbles(lo, 4, bits, cdt)))
+            return ops
+        u = u.astype(jnp.int32)
+        c_lo, c_hi = u & 15, (u >> 4) & 15
+        if variant == "int8":
+            lo = lo.astype(jnp.int32)
+            c_lo, c_hi = 16 * c_lo + (lo & 15) - 8, 16 * c_hi + ((lo >> 4) & 15) - 8
+        return [(1.0, c_lo.astype(cdt), c_hi.astype(cdt))]
 
-    def codes(u_ref, l_ref, rows):  # [bk, hd/2] x 2: low-half and high-half channel codes (int32)
-        u = u_ref.at[rows, :][...].astype(jnp.int32)
-        if variant == "int4":
-            return u & 15, (u >> 4) & 15
-        lo = l_ref.at[rows, :][...].astype(jnp.int32)
-        return 16 * (u & 15) + (lo & 15) - 8, 16 * ((u >> 4) & 15) + ((lo >> 4) & 15) - 8
+    def weighted(x, w):  # x * w in cdt: a power of 2, exact
+        return x if w == 1.0 else x * jnp.asarray(w, x.dtype)
 
     cs = 1.0 if variant == "int4" else 1.0 / 16  # code scale: value = code * cs * s + m
     if variant == "bf16":
@@ -163,49 +199,82 @@ def _decode_kernel(
         else:
             ku_ref, ks_ref, km_ref, vu_ref, vs_ref, vm_ref = kv_refs
             kl_ref = vl_ref = None
+        group = S // ks_ref.shape[0]
         q_lo = q_ref.at[:, pl.ds(0, hd2)][...].astype(jnp.float32)  # [M, hd/2]
         q_hi = q_ref.at[:, pl.ds(hd2, hd2)][...].astype(jnp.float32)
 
-    def body(i, carry):
+    def fetch(blk):
+        """Every load of block blk (clamped into the cache), one tuple per sub-block of `sub` slots.
+        Issued together at the top of an iteration (or one iteration ahead with `prefetch`), so K's
+        and V's bytes are in flight at once."""
+        t0 = jnp.clip(blk, 0, S // bk - 1) * bk
+        out = []
+        for j in range(bk // sub):
+            rows = pl.ds(t0 + j * sub, sub)
+            if variant == "bf16":
+                out.append((k_ref.at[rows, :][...], v_ref.at[rows, :][...]))
+                continue
+            g = (t0 + j * sub) // group  # sub divides the group: one (scale, min) row per sub-block
+            half = lambda r, h: r.at[pl.ds(g, 1), pl.ds(h * hd2, hd2)][...]  # noqa: E731  [1, hd/2]
+            lower = lambda r: None if r is None else r.at[rows, :][...]  # noqa: E731
+            out.append((ku_ref.at[rows, :][...], lower(kl_ref), half(ks_ref, 0), half(ks_ref, 1),
+                        half(km_ref, 0), half(km_ref, 1), vu_ref.at[rows, :][...], lower(vl_ref),
+                        vs_ref.at[rows][...], vm_ref.at[rows][...]))
+        return out
+
+    def scores(raw):  # [M, sub] scaled logits of one sub-block
+        if variant == "bf16":
+            return dot(q, raw[0].astype(cdt)) * sm_scale
+        ku, kl, ks_lo, ks_hi, km_lo, km_hi = raw[:6]
+        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+        qs_lo = (q_lo * (f32(ks_lo) * (cs * sm_scale))).astype(cdt)
+        qs_hi = (q_hi * (f32(ks_hi) * (cs * sm_scale))).astype(cdt)
+        s = None
+        for w, x_lo, x_hi in planes(ku, kl):
+            part = dot(weighted(qs_lo, w), x_lo) + dot(weighted(qs_hi, w), x_hi)
+            s = part if s is None else s + part
+        if offset:
+            s -= offset * (jnp.sum(qs_lo.astype(jnp.float32), axis=1) + jnp.sum(qs_hi.astype(jnp.float32), axis=1))[:, None]
+        kmin = jnp.sum(q_lo * f32(km_lo), axis=1) + jnp.sum(q_hi * f32(km_hi), axis=1)
+        return s + (kmin * sm_scale)[:, None]
+
+    def compute(blk, raw, carry):
+        """Online-softmax update with block blk: one rescale for all its sub-blocks."""
         o_lo, o_hi, m_prev, l_prev = carry
-        t0 = (first + i) * bk
-        rows = pl.ds(t0, bk)
-        slots = t0 + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        mask = (slots < n) & (off + slots <= row_pos[:, None])  # [M, bk]
-        if cut_side == "below":
-            mask &= off + slots < row_cut
-        elif cut_side == "from":
-            mask &= off + slots >= row_cut
-        if variant == "bf16":
-            s = dot(q, k_ref.at[rows, :][...].astype(cdt)) * sm_scale
-        else:
-            g = t0 // group  # block_k divides the group: one (scale, min) row per block
-            half = lambda r, h: r.at[pl.ds(g, 1), pl.ds(h * hd2, hd2)][...].astype(jnp.float32)  # [1, hd/2]
-            c_lo, c_hi = codes(ku_ref, kl_ref, rows)
-            qs_lo = (q_lo * (half(ks_ref, 0) * (cs * sm_scale))).astype(cdt)
-            qs_hi = (q_hi * (half(ks_ref, 1) * (cs * sm_scale))).astype(cdt)
-            s = dot(qs_lo, as_cdt(c_lo)) + dot(qs_hi, as_cdt(c_hi))
-            if bit_built:
-                s -= bias * (jnp.sum(qs_lo.astype(jnp.float32), axis=1) + jnp.sum(qs_hi.astype(jnp.float32), axis=1))[:, None]
-            kmin = jnp.sum(q_lo * half(km_ref, 0), axis=1) + jnp.sum(q_hi * half(km_ref, 1), axis=1)
-            s += (kmin * sm_scale)[:, None]
-        s = jnp.where(mask, s, NEG)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        t0 = blk * bk
+        ss, masks = [], []
+        for j in range(bk // sub):
+            slots = t0 + j * sub + lax.broadcasted_iota(jnp.int32, (1, sub), 1)
+            mask = (slots < n) & (off + slots <= row_pos[:, None])  # [M, sub]
+            if cut_side == "below":
+                mask &= off + slots < row_cut
+            elif cut_side == "from":
+                mask &= off + slots >= row_cut
+            ss.append(jnp.where(mask, scores(raw[j]), NEG))
+            masks.append(mask)
+        m_next = m_prev
+        for s in ss:
+            m_next = jnp.maximum(m_next, jnp.max(s, axis=1))
         corr = jnp.exp(m_prev - m_next)
-        p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)  # [M, bk] f32
-        l_next = l_prev * corr + jnp.sum(p, axis=1)
-        if variant == "bf16":
-            v = v_ref.at[rows, :][...].astype(cdt)  # [bk, hd]
-            return o_lo * corr[:, None] + pdot(p.astype(cdt), v), o_hi, m_next, l_next
-        vs = vs_ref.at[rows][...].astype(jnp.float32)[None, :]  # [1, bk]
-        vm = vm_ref.at[rows][...].astype(jnp.float32)[None, :]
-        ps = (p * (vs * cs)).astype(cdt)
-        pm = jnp.sum(p * vm, axis=1)[:, None]  # [M, 1]: the minimum's share
-        if bit_built:
-            pm -= bias * jnp.sum(ps.astype(jnp.float32), axis=1)[:, None]
-        c_lo, c_hi = codes(vu_ref, vl_ref, rows)
-        o_lo = o_lo * corr[:, None] + pdot(ps, as_cdt(c_lo)) + pm
-        o_hi = o_hi * corr[:, None] + pdot(ps, as_cdt(c_hi)) + pm
+        l_next = l_prev * corr
+        o_lo = o_lo * corr[:, None]
+        if variant != "bf16":
+            o_hi = o_hi * corr[:, None]
+        for j in range(bk // sub):
+            p = jnp.where(masks[j], jnp.exp(ss[j] - m_next[:, None]), 0.0)  # [M, sub] f32
+            l_next = l_next + jnp.sum(p, axis=1)
+            if variant == "bf16":
+                o_lo = o_lo + pdot(p.astype(cdt), raw[j][1].astype(cdt))
+                continue
+            vu, vl, vs, vm = raw[j][6:]
+            ps = (p * (vs.astype(jnp.float32)[None, :] * cs)).astype(cdt)
+            pm = rowsum(p * vm.astype(jnp.float32)[None, :])  # [M, 1]: the minimum's share
+            if offset:
+                pm -= offset * rowsum(ps)
+            for w, x_lo, x_hi in planes(vu, vl):
+                o_lo = o_lo + pdot(weighted(ps, w), x_lo)
+                o_hi = o_hi + pdot(weighted(ps, w), x_hi)
+            o_lo, o_hi = o_lo + pm, o_hi + pm
         return o_lo, o_hi, m_next, l_next
 
     width = hd if variant == "bf16" else hd2
@@ -215,7 +284,15 @@ def _decode_kernel(
         jnp.full((M,), NEG, jnp.float32),
         jnp.zeros((M,), jnp.float32),
     )
-    o_lo, o_hi, m, l = lax.fori_loop(0, count, body, init)
+    if prefetch:  # registers hold block i+1's loads while block i computes (the last one re-reads)
+        def body(i, carry):
+            raw, state = carry
+            nxt = fetch(first + jnp.minimum(i + 1, count - 1))
+            return nxt, compute(first + i, raw, state)
+
+        _, (o_lo, o_hi, m, l) = lax.fori_loop(0, count, body, (fetch(first), init))
+    else:
+        o_lo, o_hi, m, l = lax.fori_loop(0, count, lambda i, c: compute(first + i, fetch(first + i), c), init)
     if variant == "bf16":
         o_ref[...] = o_lo
     else:
@@ -229,37 +306,63 @@ def _pow2_at_least(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def pick_block_k(S: int, group: Optional[int], block_k: Optional[int]) -> int:
-    """The K block: given, or the largest power of 2 <= 128 dividing S (and the group)."""
-    limit = S if group is None else math.gcd(S, group)
+# Launch defaults per variant (scripts/bench_attention.py --sweep measures the alternatives):
+# block_k: preferred K block (halved until it divides the cache and fits the key group); quantized
+#   blocks larger than the key group run as sub-blocks of one group each under one softmax rescale;
+# programs_per_sm: splits fill the GPU with about this many programs per SM;
+# num_warps, num_stages: Triton's; unpack: how 4-bit codes become dot operands ("convert", "bits",
+#   "asm"; see _decode_kernel); prefetch: load block i+1 into registers while block i computes.
+LAUNCH_KNOBS = ("programs_per_sm", "num_warps", "num_stages", "unpack", "prefetch")
+DEFAULTS = {
+    "bf16": dict(block_k=128, programs_per_sm=2, num_warps=4, num_stages=2, unpack="convert", prefetch=False),
+    "int8": dict(block_k=128, programs_per_sm=2, num_warps=4, num_stages=2, unpack="convert", prefetch=False),
+    "int4": dict(block_k=128, programs_per_sm=2, num_warps=4, num_stages=2, unpack="bits", prefetch=False),
+}
+
+
+def pick_block_k(S: int, group: Optional[int], block_k: Optional[int], preferred: int = 128) -> int:
+    """The K block: given, or the largest power of 2 <= `preferred` that fits. A block must divide
+    the cache length S and either divide the key group or be a multiple of it (then the group is
+    its sub-block, at least 16 slots for tt.dot)."""
+
+    def fits(bk):
+        return S % bk == 0 and (group is None or group % bk == 0 or (bk % group == 0 and group >= 16))
+
     if block_k is None:
-        block_k = 128
-        while block_k > 16 and limit % block_k:
+        block_k = preferred
+        while block_k > 16 and not fits(block_k):
             block_k //= 2
-    if block_k < 16 or block_k & (block_k - 1) or limit % block_k:
+    if block_k < 16 or block_k & (block_k - 1) or not fits(block_k):
         raise ValueError(
             f"block_k must be a power of 2 >= 16 dividing the cache length {S}"
-            + ("" if group is None else f" and the key group {group}") + f"; got {block_k}"
+            + ("" if group is None else f" and dividing, or a multiple of, the key group {group}")
+            + f"; got {block_k}"
         )
     return block_k
 
 
-def pick_splits(batch: int, kv_heads: int, blocks: int) -> int:
-    """Enough programs to fill an H100/H200 (132 SMs) about twice, at most one per block."""
-    return max(1, min(blocks, -(-264 // (batch * kv_heads))))
+def pick_splits(batch: int, kv_heads: int, blocks: int, programs_per_sm: float = 2) -> int:
+    """Enough programs to fill an H100/H200 (132 SMs) `programs_per_sm` times, at most one per block."""
+    return max(1, min(blocks, math.ceil(programs_per_sm * NUM_SMS / (batch * kv_heads))))
 
 
 def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_k=None, splits=None,
-                       num_warps=4, num_stages=2, interpret=False, cut=None, cut_side=None):
+                       programs_per_sm=None, num_warps=None, num_stages=None, unpack=None, prefetch=None,
+                       interpret=False, cut=None, cut_side=None):
     """One launch: unnormalized partials over the slots [0, n) of `kv`, slot j at position off + j.
     With cut=(G, D) and cut_side "below" / "from", a query row at position p reads only the positions
-    below / from its cut c(p) (module docstring).
+    below / from its cut c(p) (module docstring). Launch knobs left None take DEFAULTS[variant].
 
     q_rows: [B, KV, M, hd] query blocks; row_pos: [B, M] int32 query positions (-1 for padding);
     kv: (k, v) [B, KV, S, hd] for "bf16" or a QuantKV; n, off: [B] int32.
     Returns o [B, KV, P, M, hd] f32 (unnormalized), m and l [B, KV, P, M] f32.
     """
     B, KV, M, hd = q_rows.shape
+    knobs = dict(block_k=block_k, programs_per_sm=programs_per_sm, num_warps=num_warps, num_stages=num_stages,
+                 unpack=unpack, prefetch=prefetch)
+    knobs = {name: DEFAULTS[variant][name] if val is None else val for name, val in knobs.items()}
+    if knobs["unpack"] not in UNPACKS:
+        raise ValueError(f"unpack must be one of {UNPACKS}, got {knobs['unpack']!r}")
     if variant == "bf16":
         k, v = kv
         S, group = k.shape[2], None
@@ -274,14 +377,21 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_
         operands = [getattr(kv, x) for x in names]
         specs = [pl.BlockSpec((None, None, *a.shape[2:]), lambda b, h, s, nd=a.ndim: (b, h) + (0,) * (nd - 2))
                  for a in operands]
-    bk = pick_block_k(S, group, block_k)
-    P = splits or pick_splits(B, KV, S // bk)
+    bk = pick_block_k(S, group, block_k, knobs["block_k"])
+    P = splits or pick_splits(B, KV, S // bk, knobs["programs_per_sm"])
+    cdt = compute_dtype(q_rows.dtype)
+    unpack = knobs["unpack"]
+    if variant == "bf16" or jnp.dtype(cdt) not in FLOAT_BASE:  # nothing to unpack / no 16-bit bit pattern
+        unpack = "convert"
+    elif unpack == "asm" and interpret:  # interpret mode cannot run PTX: the same bits from jnp ops
+        unpack = "bits"
     scalar = pl.BlockSpec((None,), lambda b, h, s: (b,))
     cdt = compute_dtype(q_rows.dtype)
     if (cut is None) != (cut_side is None) or cut_side not in (None, "below", "from"):
         raise ValueError(f"cut (G, D) and cut_side ('below' / 'from') go together, got {cut}, {cut_side!r}")
-    kernel = functools.partial(_decode_kernel, variant=variant, bk=bk, group=group or bk, splits=P,
-                               sm_scale=sm_scale, cdt=cdt, cut_side=cut_side,
+    kernel = functools.partial(_decode_kernel, variant=variant, bk=bk, sub=min(bk, group or bk), splits=P,
+                               sm_scale=sm_scale, cdt=cdt, unpack=unpack, prefetch=bool(knobs["prefetch"]),
+                               cut_side=cut_side,
                                cut_group=int(cut[0]) if cut else 1, cut_delay=int(cut[1]) if cut else 0)
     return pl.pallas_call(
         kernel,
@@ -298,7 +408,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_
             jax.ShapeDtypeStruct((B, KV, P, M), jnp.float32),
             jax.ShapeDtypeStruct((B, KV, P, M), jnp.float32),
         ],
-        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=plt.CompilerParams(num_warps=knobs["num_warps"], num_stages=knobs["num_stages"]),
         interpret=interpret,
         name=f"decode_attention_{variant}",
     )(row_pos, n.astype(jnp.int32), off.astype(jnp.int32), q_rows, *operands)
@@ -369,6 +479,7 @@ def decode_attention(
     block_k: Optional[int] = None,
     splits: Optional[int] = None,
     backend: str = "auto",
+    **launch,  # programs_per_sm, num_warps, num_stages, unpack, prefetch (attention_partials; DEFAULTS)
 ):
     """Attention of T query positions per row over the cache (+ the recent buffer): [B, T, H, hd].
 
@@ -376,9 +487,13 @@ def decode_attention(
     slots at recent_start + r). With cut=(G, D), a query at p reads main-cache positions below
     c(p) = G * floor(max(p + 1 - D, 0) / G) and recent positions from c(p) to p (the hierarchical
     cache; the caller keeps c(p) <= kv_len and the buffer holding [c(p), p]). backend: "auto"
-    (triton on GPU, else reference), "triton", "interpret", "reference".
+    (triton on GPU, else reference), "triton", "interpret", "reference". block_k, splits and
+    `launch` tune the main launch (attention_partials); the recent buffer runs bf16's DEFAULTS.
     """
     B, T, H, KV, hd = _check(q, q_pos, kv, variant, recent, cut)
+    unknown = set(launch) - set(LAUNCH_KNOBS)
+    if unknown:
+        raise TypeError(f"unknown launch knobs {sorted(unknown)}; known: {LAUNCH_KNOBS}")
     sm_scale = 1.0 / math.sqrt(hd) if sm_scale is None else sm_scale
     backend = resolve_backend(backend)
     if backend == "reference":
@@ -394,7 +509,7 @@ def decode_attention(
                             interpret=backend == "interpret")
     sides = ("below", "from") if cut is not None else (None, None)
     parts = [run(kv, kv_len, jnp.zeros((B,), jnp.int32), variant=variant, block_k=block_k, splits=splits,
-                 cut=cut, cut_side=sides[0])]
+                 cut=cut, cut_side=sides[0], **launch)]
     if recent is not None:
         R = recent[0].shape[2]
         parts.append(run(recent, jnp.full((B,), R, jnp.int32), recent_start, variant="bf16", splits=1,

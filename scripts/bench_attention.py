@@ -11,6 +11,17 @@ attention (the einsum path of qspec_jax.model.attention).
 
   python scripts/bench_attention.py --out benchmarks/kv/h200_attention.json     # GPU
   python scripts/bench_attention.py --smoke --out /tmp/att.json                 # CPU, reference
+
+--sweep times our kernel's launch knobs instead (block_k, programs per SM, warps, stages, how codes
+are unpacked, register prefetch; pallas_kernels/decode_attention.py DEFAULTS): a one-factor-at-a-time
+grid around one center per quantized variant plus the current defaults, and a few bf16 cells, every
+config at every context (default batch 16 x 8k and 32k). Each cell records its config, us and
+frac_copy_bw; "best" keeps the fastest config per variant and context and by geometric mean over
+the contexts (the DEFAULTS candidate). With --smoke it runs two configs per variant in interpret
+mode on CPU (a path check: its times mean nothing).
+
+  python scripts/bench_attention.py --sweep --out $OUT/attention_sweep.json     # GPU, ~3 min
+  python scripts/bench_attention.py --sweep --smoke --out /tmp/sweep.json       # CPU path check
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pallas_kernels.decode_attention import QuantKV, decode_attention  # noqa: E402
+from pallas_kernels.decode_attention import DEFAULTS, QuantKV, decode_attention  # noqa: E402
 from qspec_jax.evaluation import copy_bandwidth, run_metadata  # noqa: E402
 from qspec_jax.model import attention as xla_attention  # noqa: E402
 
@@ -50,7 +61,7 @@ def make_kv(key, B, S, variant):
     return kv, scales + (2 * codes if variant == "int8" else codes)
 
 
-def attend(variant, q, kv, kv_len):
+def attend(variant, q, kv, kv_len, **knobs):
     B = q.shape[0]
     if variant == "jax_gqa":
         from jax.experimental.pallas.ops.gpu.decode_attention import gqa
@@ -62,19 +73,21 @@ def attend(variant, q, kv, kv_len):
         pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         out = xla_attention(q, kv[0], kv[1], kv_len[:, None] - 1, pos)
         return out.reshape(q.shape)
-    return decode_attention(q, kv_len[:, None] - 1, kv, kv_len, variant=variant)
+    return decode_attention(q, kv_len[:, None] - 1, kv, kv_len, variant=variant, **knobs)
 
 
-def time_variant(variant, B, S, iters, repeats, backend_ok=True):
+def time_variant(variant, B, S, iters, repeats, kv=None, knobs=None):
+    """(seconds per call, bytes read) of one variant; kv: (planes, bytes) from make_kv to reuse."""
     key = jax.random.key(S + B)
-    kv, nbytes = make_kv(key, B, S, variant)
+    kv, nbytes = kv or make_kv(key, B, S, variant)
     q = jax.random.normal(jax.random.fold_in(key, 7), (B, 1, H, HD), jnp.bfloat16)
     kv_len = jnp.full((B,), S, jnp.int32)
+    knobs = knobs or {}
 
     @jax.jit
     def run(q, kv):
         def body(_, q):
-            return q + (attend(variant, q, kv, kv_len) * 1e-4).astype(q.dtype)
+            return q + (attend(variant, q, kv, kv_len, **knobs) * 1e-4).astype(q.dtype)
 
         return jax.lax.fori_loop(0, iters, body, q)
 
@@ -87,6 +100,92 @@ def time_variant(variant, B, S, iters, repeats, backend_ok=True):
     return float(np.median(times)) / iters, nbytes
 
 
+# The sweep: one center per quantized variant (bigger blocks, more programs, PTX unpacking, register
+# prefetch), each knob moved alone from it, two cells that leave latency hiding to Triton's pipeliner,
+# and the current DEFAULTS as the baseline.
+CENTER = dict(block_k=256, programs_per_sm=4, num_warps=4, num_stages=2, unpack="asm", prefetch=True)
+AXES = [("block_k", (128, 512)), ("programs_per_sm", (2, 8)), ("num_warps", (8,)), ("num_stages", (1, 3)),
+        ("unpack", ("bits", "convert")), ("prefetch", (False,))]
+PIPELINER = [dict(prefetch=False, num_stages=3), dict(prefetch=False, num_stages=3, block_k=128)]
+
+
+def sweep_configs(variant):
+    """The launch configs (decode_attention keyword arguments) the sweep times for a variant."""
+    base = dict(DEFAULTS[variant])
+    if variant == "bf16":
+        configs = [base, {**base, "programs_per_sm": 4}, {**base, "num_stages": 3}, {**base, "num_warps": 8}]
+    else:
+        configs = [base, dict(CENTER)] + [{**CENTER, name: v} for name, values in AXES for v in values]
+        configs += [{**CENTER, **change} for change in PIPELINER]
+    unique = []
+    for c in configs:
+        if c not in unique:
+            unique.append(c)
+    return unique
+
+
+def sweep(args, bw, out):
+    """Time every sweep config of bf16 / int8 / int4 at every (batch, context); record the best."""
+    B = [int(b) for b in args.batches.split(",")][0]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    variants, extra = ["bf16", "int8", "int4"], {}
+    if args.smoke:  # interpret mode on CPU, two configs per variant: the path runs, times mean nothing
+        B, contexts, args.iters, args.repeats, extra = 1, [256], 1, 1, {"backend": "interpret"}
+    plan = {v: sweep_configs(v)[: 2 if args.smoke else None] for v in variants}
+    total, done = len(contexts) * sum(len(c) for c in plan.values()), 0
+    out["meta"]["sweep"] = {"center": CENTER, "defaults": DEFAULTS}
+    for S in contexts:
+        for variant in variants:
+            kv = make_kv(jax.random.key(S + B), B, S, variant)
+            for config in plan[variant]:
+                done += 1
+                label = f"[{done}/{total}] B={B} S={S} {variant} {config}"
+                try:
+                    sec, nbytes = time_variant(variant, B, S, args.iters, args.repeats, kv=kv,
+                                               knobs={**config, **extra})
+                except Exception as e:  # a config that does not compile is reported, not fatal
+                    print(f"{label}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                cell = {"batch": B, "context": S, "variant": variant, "config": config, "us": 1e6 * sec,
+                        "bytes": nbytes, "frac_copy_bw": nbytes / sec / bw}
+                out["cells"].append(cell)
+                print(f"{label}: {cell['us']:.1f} us, {cell['frac_copy_bw']:.2f} of copy", flush=True)
+                out["best"] = best_configs(out["cells"], contexts)
+                write(args.out, out)
+            del kv
+    for variant, best in out.get("best", {}).items():
+        print(f"best {variant}: {best}", flush=True)
+    return out
+
+
+def best_configs(cells, contexts):
+    """Per variant: the fastest config at each context, and the one with the smallest geometric
+    mean time over all contexts (among configs that ran at every context)."""
+    best = {}
+    for variant in sorted({c["variant"] for c in cells}):
+        mine = [c for c in cells if c["variant"] == variant]
+        entry = {f"S={S}": min((c for c in mine if c["context"] == S), key=lambda c: c["us"], default=None)
+                 for S in contexts}
+        entry = {k: {"config": c["config"], "us": c["us"], "frac_copy_bw": c["frac_copy_bw"]}
+                 for k, c in entry.items() if c is not None}
+        scores = []
+        for config in [c["config"] for c in mine if c["context"] == contexts[0]]:
+            us = [c["us"] for c in mine if c["config"] == config]
+            if len(us) == len(contexts):
+                scores.append((float(np.exp(np.mean(np.log(us)))), config))
+        if scores:
+            geo, config = min(scores, key=lambda s: s[0])
+            entry["geomean"] = {"config": config, "us_geomean": geo}
+        best[variant] = entry
+    return best
+
+
+def write(path, out):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="16")
@@ -95,12 +194,13 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time our kernel's launch knobs (module docstring)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     variants = args.variants.split(",")
-    if args.smoke:
+    if args.smoke and not args.sweep:
         batches, contexts, variants, args.iters, args.repeats = [1], [256], ["bf16", "int8", "int4", "xla"], 2, 1
     bw = copy_bandwidth(2**24 if args.smoke else 2**30)
     try:
@@ -110,7 +210,9 @@ def main(argv=None):
     except Exception:  # no torch or no CUDA: XLA's copy only
         pass
     out = {"meta": {**run_metadata(), "copy_bytes_per_s": bw, "shape": {"heads": H, "kv_heads": KV, "head_dim": HD},
-                    "queries_per_row": 1, "argv": sys.argv[1:]}, "cells": []}
+                    "queries_per_row": 1, "argv": sys.argv[1:] if argv is None else argv}, "cells": []}
+    if args.sweep:
+        return sweep(args, bw, out)
     for B in batches:
         for S in contexts:
             for variant in variants:
@@ -124,9 +226,7 @@ def main(argv=None):
                 out["cells"].append(cell)
                 print(f"B={B} S={S} {variant}: {1e6 * sec:.1f} us, {nbytes / sec / 1e12:.2f} TB/s "
                       f"({cell['frac_copy_bw']:.2f} of copy)", flush=True)
-                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-                with open(args.out, "w") as f:
-                    json.dump(out, f, indent=1)
+                write(args.out, out)
     return out
 
 

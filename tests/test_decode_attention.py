@@ -112,9 +112,9 @@ def test_bf16_kv_matches_float64(rng, dtype, B, T, H, KV, hd, S):
         assert err < TOL[dtype], (backend, err)
 
 
-@pytest.mark.parametrize("block_k,splits", [(16, 1), (16, 7), (32, 3), (64, 64)])
-def test_bf16_tilings(rng, block_k, splits):
-    """Dynamic splits: more splits than blocks, one split, uneven division."""
+@pytest.mark.parametrize("block_k,splits,prefetch", [(16, 1, False), (16, 7, True), (32, 3, False), (64, 64, True)])
+def test_bf16_tilings(rng, block_k, splits, prefetch):
+    """Dynamic splits: more splits than blocks, one split, uneven division; register prefetch."""
     B, T, H, KV, hd, S = 2, 3, 6, 2, 64, 256
     q = jnp.asarray(rng.standard_normal((B, T, H, hd)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((B, KV, S, hd)), jnp.float32) for _ in range(2))
@@ -123,7 +123,8 @@ def test_bf16_tilings(rng, block_k, splits):
     k_pos = np.broadcast_to(np.arange(S), (B, S))
     want = np_attention(f64(q), q_pos, f64(k), f64(v), k_pos, k_pos < np.asarray(lens + T)[:, None])
     for backend in KERNEL_BACKENDS:
-        out = decode_attention(q, q_pos, (k, v), lens + T, block_k=block_k, splits=splits, backend=backend)
+        out = decode_attention(q, q_pos, (k, v), lens + T, block_k=block_k, splits=splits, prefetch=prefetch,
+                               backend=backend)
         assert np.abs(f64(out) - want).max() < TOL[jnp.float32], backend
 
 
@@ -182,11 +183,46 @@ def test_quantized_tilings_and_f32_scales(rng, variant):
     q_pos = q_len[:, None] + 20 + jnp.arange(T, dtype=jnp.int32)
     want = np.asarray(decode_attention_reference(q, q_pos, kv, q_len, variant=variant, recent=(rk, rv),
                                                  recent_start=q_len), np.float64)
-    for block_k, splits in [(16, 5), (64, 2), (128, 1), (32, 64)]:
+    # 256 and 512: two and four key groups per block (sub-blocks under one softmax rescale)
+    for block_k, splits, prefetch in [(16, 5, False), (64, 2, True), (128, 1, False), (32, 64, False),
+                                      (256, 3, True), (512, 1, False)]:
         for backend in KERNEL_BACKENDS:
             out = decode_attention(q, q_pos, kv, q_len, variant=variant, recent=(rk, rv), recent_start=q_len,
-                                   block_k=block_k, splits=splits, backend=backend)
+                                   block_k=block_k, splits=splits, prefetch=prefetch, backend=backend)
             assert np.abs(f64(out) - want).max() < TOL[jnp.float32], (backend, block_k, splits)
+
+
+KNOBS = [  # (query dtype, launch knobs): every unpacking, sub-blocked blocks, prefetch, warps / stages
+    (jnp.bfloat16, dict(block_k=256, unpack="bits", prefetch=True)),  # 4 key groups of 64 per block
+    (jnp.bfloat16, dict(block_k=512, unpack="asm", splits=3, num_warps=8, num_stages=3)),  # asm -> bits here
+    (jnp.float16, dict(block_k=128, unpack="bits", prefetch=True, programs_per_sm=8)),  # f16 bit patterns
+    (jnp.bfloat16, dict(block_k=32, unpack="convert", prefetch=True, splits=5)),
+]
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+@pytest.mark.parametrize("dtype,knobs", KNOBS)
+def test_launch_knobs_match_float64(rng, variant, dtype, knobs):
+    """Every launch knob and way of unpacking gives the same attention (16-bit queries: the
+    bit-built operands carry an offset subtracted per block; interpret mode runs "asm" as "bits")."""
+    B, T, H, KV, hd, S, G, R = 2, 4, 8, 2, 64, 512, 64, 64
+    kv = random_planes(rng, B, KV, S, hd, G)
+    rk, rv = (jnp.asarray(rng.standard_normal((B, KV, R, hd)), dtype) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((B, T, H, hd)), dtype)
+    q_len = jnp.asarray([rng.integers(1, S // G) * G, S], jnp.int32)
+    buffered = jnp.asarray(rng.integers(0, R - T + 1, B), jnp.int32)
+    q_pos = (q_len + buffered)[:, None] + jnp.arange(T, dtype=jnp.int32)
+    k_deq, v_deq = np_dequant(kv, variant)
+    k_pos = np.concatenate([np.broadcast_to(np.arange(S), (B, S)), np.asarray(q_len)[:, None] + np.arange(R)], axis=1)
+    valid = np.concatenate([np.arange(S) < np.asarray(q_len)[:, None], np.ones((B, R), bool)], axis=1)
+    want = np_attention(f64(q), q_pos, np.concatenate([k_deq, f64(rk)], axis=2),
+                        np.concatenate([v_deq, f64(rv)], axis=2), k_pos, valid)
+    for backend in KERNEL_BACKENDS:
+        out = decode_attention(q, q_pos, kv, q_len, variant=variant, recent=(rk, rv), recent_start=q_len,
+                               backend=backend, **knobs)
+        assert out.dtype == dtype
+        err = np.abs(f64(out) - want).max()
+        assert err < TOL[jnp.bfloat16], (backend, err)
 
 
 @pytest.mark.parametrize("variant", ["int8", "int4"])
@@ -261,30 +297,65 @@ def test_jit_and_bad_inputs(rng):
         decode_attention(q, q_pos, (k, v), jnp.asarray([5]), block_k=48, backend="interpret")
     with pytest.raises(ValueError, match="q_pos"):
         decode_attention(q, q_pos[:, :1], (k, v), jnp.asarray([5]))
+    with pytest.raises(ValueError, match="unpack"):
+        decode_attention(q, q_pos, (k, v), jnp.asarray([5]), unpack="lut", backend="interpret")
+    with pytest.raises(TypeError, match="num_wraps"):
+        decode_attention(q, q_pos, (k, v), jnp.asarray([5]), num_wraps=8, backend="interpret")
+    kv = random_planes(rng, B, KV, 256, 64, 8)  # blocks larger than a group need groups of >= 16 slots
+    with pytest.raises(ValueError, match="block_k"):
+        decode_attention(q, q_pos, kv, jnp.asarray([5]), variant="int4", block_k=32, backend="interpret")
 
 
 # ---------------------------------------------------------------- Triton lowering (no GPU)
 
 
+LOWER_KNOBS = [  # the defaults, then the sweep's alternatives (scripts/bench_attention.py --sweep)
+    {},
+    dict(block_k=256, unpack="asm", prefetch=True, num_warps=8, num_stages=3),  # inline PTX is lowered
+    dict(block_k=512, unpack="bits", programs_per_sm=8, num_stages=1),
+    dict(unpack="convert", prefetch=True),
+]
+
+
+@pytest.mark.parametrize("knobs", LOWER_KNOBS)
 @pytest.mark.parametrize("variant", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("B,T,H,KV,hd,S", [(1, 1, 32, 8, 128, 8192), (4, 5, 9, 3, 64, 1024), (2, 4, 32, 8, 128, 2048)])
-def test_triton_lowering(verify_triton_modules, variant, B, T, H, KV, hd, S):
+def test_triton_lowering(verify_triton_modules, variant, B, T, H, KV, hd, S, knobs):
     sd = jax.ShapeDtypeStruct
     G, R = 128, 256
     q, q_pos, n = sd((B, T, H, hd), jnp.bfloat16), sd((B, T), jnp.int32), sd((B,), jnp.int32)
     recent = (sd((B, KV, R, hd), jnp.bfloat16),) * 2
     if variant == "bf16":
         kv = (sd((B, KV, S, hd), jnp.bfloat16),) * 2
-        fn = lambda q, p, kv, n, recent: decode_attention(q, p, kv, n, backend="triton")
+        knobs = {k: v for k, v in knobs.items() if k != "block_k"}  # bf16 keeps its 128-slot blocks
+        fn = lambda q, p, kv, n, recent: decode_attention(q, p, kv, n, backend="triton", **knobs)
         launches = 1
     else:
         u8, sc = sd((B, KV, S, hd // 2), jnp.uint8), sd((B, KV, S // G, hd), jnp.float16)
         kv = QuantKV(u8, u8, sc, sc, u8, u8, sd((B, KV, S), jnp.float16), sd((B, KV, S), jnp.float16))
         fn = lambda q, p, kv, n, recent: decode_attention(q, p, kv, n, variant=variant, recent=recent,
-                                                          recent_start=n, cut=(G, G // 2), backend="triton")
+                                                          recent_start=n, cut=(G, G // 2), backend="triton",
+                                                          **knobs)
         launches = 2  # the planes and the recent buffer
     for dtype in (jnp.bfloat16, jnp.float32):
         n0 = len(verify_triton_modules)
         exp = _export_cuda(fn, sd(q.shape, dtype), q_pos, kv, n, recent)
         assert len(verify_triton_modules) == n0 + launches, "no Triton kernel was lowered"
         assert any(t in exp.mlir_module() for t in TRITON_TARGETS)
+        has_asm = "prmt.b32" in str(verify_triton_modules[n0].module)
+        assert has_asm == (knobs.get("unpack") == "asm" and variant != "bf16" and dtype != jnp.float32)
+
+
+def test_bench_attention_sweep_smoke(tmp_path):
+    """scripts/bench_attention.py --sweep --smoke: the sweep path runs on CPU (interpret mode)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_attention.py")
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--sweep", "--smoke", "--out", str(tmp_path / "sweep.json")])
+    assert {c["variant"] for c in out["cells"]} == {"bf16", "int8", "int4"}
+    assert all(c["us"] > 0 and "config" in c for c in out["cells"])
+    assert set(out["best"]) == {"bf16", "int8", "int4"} and "geomean" in out["best"]["int4"]
+    assert len(bench.sweep_configs("int4")) + len(bench.sweep_configs("int8")) + len(bench.sweep_configs("bf16")) <= 40
