@@ -150,7 +150,8 @@ def step_bytes(params, config, batch, context, kind):
     return weights, elems * (2 if kind == "bf16" else 1)
 
 
-def time_mode(name, weights, config, batch, context, new_tokens, reps, traces, fallback, group, window):
+def plan_mode(name, weights, config, batch, context, new_tokens, traces, fallback, group, window) -> dict:
+    """Everything one mode's timing needs, with its decode program lowered (not yet compiled)."""
     s = parse_mode(name)
     params, draft_params = (weights["bf16"], weights["int4"]) if s["weights"] == "bf16" else (weights["int4"], None)
     if name.startswith("bf16_"):
@@ -165,37 +166,61 @@ def time_mode(name, weights, config, batch, context, new_tokens, reps, traces, f
         trace, source, policy = jnp.zeros((batch, 1), jnp.int32), None, "greedy"
     static = dict(config=config, max_new_tokens=new_tokens, gamma=s["gamma"], draft_mode=s["draft_mode"],
                   verify_mode=s["verify_mode"], policy=policy, top_p=1.0, eos_ids=())
-    cache = lambda: build_cache(config, s["kv"], batch, context, max_len, key=key, group=group,  # noqa: E731
-                                window=window, headroom=s["gamma"] + 1, dtype=jnp.bfloat16)
-    args = lambda c: (params, c, first, jax.random.key(1), jnp.float32(1.0), trace)  # noqa: E731
-    extra = () if draft_params is None else (draft_params,)
-    t0 = time.perf_counter()
+    plan = {"name": name, "settings": s, "batch": batch, "context": context, "new_tokens": new_tokens,
+            "source": source, "extra": () if draft_params is None else (draft_params,),
+            "cache": lambda: build_cache(config, s["kv"], batch, context, max_len, key=key, group=group,
+                                         window=window, headroom=s["gamma"] + 1, dtype=jnp.bfloat16),
+            "args": lambda c: (params, c, first, jax.random.key(1), jnp.float32(1.0), trace)}
     kernel_t = model.KERNEL_ATTENTION_MAX_T
     model.KERNEL_ATTENTION_MAX_T = 0 if s.get("einsum") else kernel_t  # read when the forward is traced
     speculative.decode_jit.clear_cache()  # so the flag's value, not a cached trace, decides
     try:
-        compiled = speculative.decode_jit.lower(*args(jax.eval_shape(cache)), *extra, **static).compile()
+        plan["lowered"] = speculative.decode_jit.lower(*plan["args"](jax.eval_shape(plan["cache"])), *plan["extra"],
+                                                       **static)
     finally:
         model.KERNEL_ATTENTION_MAX_T = kernel_t
         speculative.decode_jit.clear_cache()
-    compile_s = time.perf_counter() - t0
+    return plan
+
+
+def compile_all(plans, threads):
+    """Compile the lowered programs, several at once (XLA compiles outside the GIL); adds
+    plan["compiled"] and plan["compile_s"] (each program's own wall time, overlapping the others)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(plan):
+        t0 = time.perf_counter()
+        try:
+            plan["compiled"] = plan["lowered"].compile()
+        except Exception as e:  # noqa: BLE001 - recorded with the mode
+            plan["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        plan["compile_s"] = time.perf_counter() - t0
+        return plan
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return list(pool.map(one, plans))
+
+
+def measure(plan, reps) -> dict:
+    """Median decode seconds of a compiled plan over `reps` calls after a warm-up, each on a fresh cache."""
+    s, compiled, new_tokens, batch = plan["settings"], plan["compiled"], plan["new_tokens"], plan["batch"]
     times, result = [], None
     for _ in range(reps + 1):  # the first call warms up
-        c = jax.block_until_ready(cache())
+        c = jax.block_until_ready(plan["cache"]())
         result = None
         t0 = time.perf_counter()
-        result, c = jax.block_until_ready(compiled(*args(c), *extra))
+        result, c = jax.block_until_ready(compiled(*plan["args"](c), *plan["extra"]))
         times.append(time.perf_counter() - t0)
         del c  # the final cache (the donated input's buffers)
     summ = result.summary()
     seconds = float(np.median(times[1:]))
     return {
-        "mode": name, **{k: v for k, v in s.items() if k != "trace"}, "seconds": seconds,
+        "mode": plan["name"], **{k: v for k, v in s.items() if k != "trace"}, "seconds": seconds,
         "bf16_cache_attention": "einsum" if s.get("einsum") or jax.default_backend() != "gpu" else "kernel",
         "ms_per_token": 1e3 * seconds / (new_tokens - 1), "tokens_per_s": batch * (new_tokens - 1) / seconds,
-        "compile_s": compile_s, "cycles": int(np.max(np.asarray(result.cycles))),
+        "compile_s": plan["compile_s"], "cycles": int(np.max(np.asarray(result.cycles))),
         "acceptance_rate": summ["acceptance_rate"], "tokens_per_cycle": summ["tokens_per_cycle"],
-        "acceptance_source": source, "all_times_s": times,
+        "acceptance_source": plan["source"], "all_times_s": times,
     }
 
 
@@ -205,7 +230,7 @@ def summarize(results: dict) -> dict:
     best = {}
     for cell in results["cells"]:
         key = f"{cell['batch']}x{cell['context']}"
-        t = {m["mode"]: m["seconds"] for m in cell["modes"]}
+        t = {m["mode"]: m["seconds"] for m in cell["modes"] if "error" not in m}
         qspec = {m: v for m, v in t.items() if m.startswith("qspec_") and "_int8kv_" in m}
         quant = {m: v for m, v in t.items() if m.startswith("quantspec_")}
         if qspec:
@@ -246,6 +271,7 @@ def main(argv=None):
     ap.add_argument("--cells", default=DEFAULT_CELLS, help="BxS:mode,mode;BxS:... (modes: module docstring)")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens per row, the first one included")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--compile-threads", type=int, default=8, help="programs compiled at once")
     ap.add_argument("--kv-group", type=int, default=128)
     ap.add_argument("--kv-window", type=int, default=256)
     ap.add_argument("--traces-int8", default="benchmarks/kv/traces_int8kv.json")
@@ -295,31 +321,41 @@ def main(argv=None):
                                   "median of reps after AOT compile and one warm-up call",
                         "acceptance": "replayed per cycle (acceptance_source per mode)"},
                "cells": []}
-    for batch, context, modes in cells:
-        cell = {"batch": batch, "context": context, "modes": []}
-        results["cells"].append(cell)
-        for name in modes:
-            try:
-                m = time_mode(name, weights, config, batch, context, args.new_tokens, args.reps, traces, fallback,
-                              args.kv_group, args.kv_window)
-            except SystemExit:
-                raise
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory: recorded, the run goes on
-                print(f"B={batch} S={context} {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                cell["modes"].append({"mode": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                continue
-            s = parse_mode(name)
-            if s["gamma"] == 0:
-                wb, kvb = step_bytes(weights[s["weights"]], config, batch, context, s["kv"])
-                m["step_floor_ms"] = 1e3 * (wb + kvb) / bandwidth
-            cell["modes"].append(m)
-            print(f"B={batch} S={context} {name}: {m['ms_per_token']:.2f} ms/token "
-                  f"({m['tokens_per_s']:.0f} tok/s, floor {m.get('step_floor_ms', float('nan')):.2f} ms), "
-                  f"accept {m['acceptance_rate']}, compile {m['compile_s']:.0f} s", flush=True)
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=1)
-        cell["modes"] = [m for m in cell["modes"] if "error" not in m] + [m for m in cell["modes"] if "error" in m]
+    t0 = time.perf_counter()
+    plans = [plan_mode(name, weights, config, batch, context, args.new_tokens, traces, fallback, args.kv_group,
+                       args.kv_window) for batch, context, modes in cells for name in modes]
+    print(f"{len(plans)} programs lowered in {time.perf_counter() - t0:.0f} s; compiling with {args.compile_threads} "
+          "threads", flush=True)
+    t0 = time.perf_counter()
+    plans = compile_all(plans, args.compile_threads)
+    print(f"compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+    cells_out = {}
+    for plan in plans:
+        batch, context, name, s = plan["batch"], plan["context"], plan["name"], plan["settings"]
+        cell = cells_out.get((batch, context))
+        if cell is None:
+            cell = cells_out[(batch, context)] = {"batch": batch, "context": context, "modes": []}
+            results["cells"].append(cell)
+        try:
+            if "error" in plan:
+                raise RuntimeError(plan["error"])
+            m = measure(plan, args.reps)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: recorded, the run goes on
+            print(f"B={batch} S={context} {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            cell["modes"].append({"mode": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            continue
+        finally:
+            plan.pop("compiled", None)  # free the executable once timed
+        if s["gamma"] == 0:
+            wb, kvb = step_bytes(weights[s["weights"]], config, batch, context, s["kv"])
+            m["step_floor_ms"] = 1e3 * (wb + kvb) / bandwidth
+        cell["modes"].append(m)
+        print(f"B={batch} S={context} {name}: {m['ms_per_token']:.2f} ms/token "
+              f"({m['tokens_per_s']:.0f} tok/s, floor {m.get('step_floor_ms', float('nan')):.2f} ms), "
+              f"accept {m['acceptance_rate']}, compile {m['compile_s']:.0f} s", flush=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
     if args.summary:
         print(json.dumps(write_summary(results, args.summary), indent=1))
     return results
