@@ -11,9 +11,12 @@ that every draft before it was accepted (one rate a for every position: (1 - a^(
 `choose` takes the argmax over gamma in 0..MAX_POLICY_GAMMA and the drafts; gamma 0 (plain W4A16,
 S = 1) wins unless some setting predicts S > 1 + MARGIN.
 
-Costs (`t_plain`, `t_draft`, `t_verify` per batch) come from a per-device JSON table under
-benchmarks/policy/ (`scripts/build_cost_table.py` builds it from the committed H200 measurements);
-between measured batches they are interpolated linearly, outside them clamped. Acceptance starts at a
+Costs (`t_plain`, `t_draft`, `t_verify` per batch, and per context where a table has a context axis)
+come from a JSON table per device kind and KV cache kind under benchmarks/policy/
+(`scripts/build_cost_table.py` builds it from the committed H200 measurements); between measured
+batches and contexts they are interpolated linearly, outside them clamped. The committed H200 table
+holds one context (456) and batches 1 and 16, so every context gets the 456-token costs and every
+batch above 16 gets batch 16's. Acceptance starts at a
 prior per draft fitted to the real-model measurements (benchmarks/acceptance/acceptance.json) and
 `AutoGamma.update` moves it toward the per-position rates a run observed (`GenerationResult.
 accepted_at` / `gamma_cycles`). A device without a table (the CPU) gets DEFAULT_GAMMA / DEFAULT_DRAFT,
@@ -93,51 +96,75 @@ def speedup(rates, gamma: int, t_plain: float, t_draft: float, t_verify: float) 
 
 
 class CostTable:
-    """Step costs of one device kind (ms), interpolated linearly in batch and clamped at the ends.
+    """Step costs of one device kind and KV cache kind (ms), interpolated linearly in batch and in
+    context, clamped outside the measured range of each.
 
-    JSON layout: {"device_kind", "context", "batches": [b...], "plain_ms": [..], "draft_ms": {draft: [..]},
-    "verify_ms": [[gamma 0..G] per batch], "estimated": [...], "sources": {...}, "notes": [...]}.
+    JSON layout, one context (what `build_cost_table` writes from one step file):
+        {"device_kind", "kv" (optional, default "bf16"), "context": c, "batches": [b...],
+         "plain_ms": [per batch], "draft_ms": {draft: [per batch]}, "verify_ms": [[gamma 0..G] per batch],
+         "estimated": [...], "sources": {...}, "notes": [...]}
+    The context is recorded but the costs do not depend on it: every context gets these costs.
+    With a context axis (`build_cost_table` from step files at several contexts):
+        {..., "contexts": [c...], "plain_ms": [[per batch] per context],
+         "draft_ms": {draft: [[per batch] per context]}, "verify_ms": [[[gamma 0..G] per batch] per context]}
+    Every context holds the same batches.
     """
 
     def __init__(self, table: dict, source: str = "table"):
         self.table, self.source = table, source
         self.device_kind = table["device_kind"]
+        self.kv = table.get("kv", "bf16")
         self.batches = np.asarray(table["batches"], np.float64)
-        self.plain = np.asarray(table["plain_ms"], np.float64)
-        self.draft = {d: np.asarray(v, np.float64) for d, v in table["draft_ms"].items()}
-        self.verify = np.asarray(table["verify_ms"], np.float64)  # [batches, gammas]
-        self.max_gamma = self.verify.shape[1] - 1
+        axis = "contexts" in table
+        # One context: a context axis of length 1 (its costs serve every context).
+        self.contexts = np.asarray(table["contexts"] if axis else [table.get("context", 0)], np.float64)
+        arr = lambda v: np.asarray(v, np.float64) if axis else np.asarray(v, np.float64)[None]  # noqa: E731
+        self.plain = arr(table["plain_ms"])  # [contexts, batches]
+        self.draft = {d: arr(v) for d, v in table["draft_ms"].items()}
+        self.verify = arr(table["verify_ms"])  # [contexts, batches, gammas]
+        nc, nb = len(self.contexts), len(self.batches)
+        if (self.plain.shape != (nc, nb) or self.verify.ndim != 3 or self.verify.shape[:2] != (nc, nb)
+                or any(v.shape != (nc, nb) for v in self.draft.values())):
+            raise ValueError(f"cost table {source}: plain_ms {self.plain.shape} / verify_ms {self.verify.shape} do "
+                             f"not match {nc} contexts x {nb} batches")
+        if np.any(np.diff(self.contexts) <= 0) or np.any(np.diff(self.batches) <= 0):
+            raise ValueError(f"cost table {source}: contexts and batches must increase")
+        self.max_gamma = self.verify.shape[2] - 1
 
     @classmethod
     def load(cls, path: str) -> "CostTable":
         with open(path) as f:
             return cls(json.load(f), source=os.path.relpath(path, ROOT))
 
-    def _at(self, values, batch):
-        return float(np.interp(batch, self.batches, values))  # np.interp clamps outside the range
+    def _at(self, values, batch, context):
+        """values [contexts, batches] at (batch, context): linear in batch within each measured
+        context, then linear in context; np.interp clamps outside either range."""
+        per_context = [np.interp(batch, self.batches, row) for row in values]
+        return float(np.interp(context or 0, self.contexts, per_context))
 
-    def t_plain(self, batch: int) -> float:
-        return self._at(self.plain, batch)
+    def t_plain(self, batch: int, context: int = 0) -> float:
+        return self._at(self.plain, batch, context)
 
-    def t_draft(self, draft: str, batch: int) -> float:
-        return self._at(self.draft[draft], batch)
+    def t_draft(self, draft: str, batch: int, context: int = 0) -> float:
+        return self._at(self.draft[draft], batch, context)
 
-    def t_verify(self, gamma: int, batch: int) -> float:
+    def t_verify(self, gamma: int, batch: int, context: int = 0) -> float:
         if gamma > self.max_gamma:
             raise ValueError(f"the cost table covers gamma 0..{self.max_gamma}, not {gamma}")
-        return self._at(self.verify[:, gamma], batch)
+        return self._at(self.verify[:, :, gamma], batch, context)
 
 
 def _normalize(kind: str) -> str:
     return "".join(c for c in kind.lower() if c.isalnum())
 
 
-def find_table(device_kind: str, table_dir: str = TABLE_DIR) -> Optional[CostTable]:
-    """The cost table whose device_kind matches (case and punctuation ignored), or None."""
+def find_table(device_kind: str, table_dir: str = TABLE_DIR, kv: str = "bf16") -> Optional[CostTable]:
+    """The cost table whose device_kind matches (case and punctuation ignored) and whose KV cache
+    kind is `kv` (a table without a "kv" key is a bf16-KV table), or None."""
     for path in sorted(glob.glob(os.path.join(table_dir, "*_costs.json"))):
         with open(path) as f:
-            kind = json.load(f).get("device_kind", "")
-        if _normalize(kind) == _normalize(device_kind):
+            table = json.load(f)
+        if _normalize(table.get("device_kind", "")) == _normalize(device_kind) and table.get("kv", "bf16") == kv:
             return CostTable.load(path)
     return None
 
@@ -177,6 +204,23 @@ def acceptance_prior(path: str = ACCEPTANCE_FILE) -> dict:
     return prior
 
 
+def trace_prior(traces: dict) -> dict:
+    """{draft: per-position rate} fitted to replay traces (`scripts/measure_acceptance.py`'s
+    traces.json: {"traces": {"<draft>_g<gamma>": [rows][cycles] accepted counts, -1 inactive}}).
+    Tokens per cycle here are accepted + 1 over every active cycle, not truncated at the token
+    budget as acceptance.json's are, so the fit comes out slightly higher from the same run."""
+    prior = {}
+    for d in DRAFTS:
+        pts = []
+        for name, t in traces["traces"].items():
+            draft, _, g = name.rpartition("_g")
+            t = np.asarray(t)
+            if draft == d and (t >= 0).any():
+                pts.append((int(g), float(np.mean(t[t >= 0] + 1)), int(np.sum(t >= 0))))
+        prior[d] = fit_rate(pts) if pts else FALLBACK_RATES[d]
+    return prior
+
+
 # ---------------------------------------------------------------------------------------------------
 # The chooser
 
@@ -192,12 +236,12 @@ def choose(table: Optional[CostTable], rates: dict, batch: int, context: int = 0
                       int(batch), int(context))
     max_gamma = min(max_gamma, table.max_gamma)
     best = (-1.0, 0, None)  # the best speculative setting, paying or not
-    t_plain = table.t_plain(batch)
+    t_plain = table.t_plain(batch, context)
     for d in drafts:
         r = rates[d]
         r = [float(r)] * max_gamma if np.ndim(r) == 0 else list(r)
         for g in range(1, max_gamma + 1):
-            s = speedup(r, g, t_plain, table.t_draft(d, batch), table.t_verify(g, batch))
+            s = speedup(r, g, t_plain, table.t_draft(d, batch, context), table.t_verify(g, batch, context))
             if s > best[0]:
                 best = (s, g, d)
     s, g, d = best
@@ -227,10 +271,11 @@ class AutoGamma:
         self.reached = {d: np.zeros(max_gamma) for d in self.drafts}
 
     @classmethod
-    def for_device(cls, device_kind: Optional[str] = None, **kw) -> "AutoGamma":
-        """The policy for `device_kind` (default: the first JAX device's), with its table if one exists."""
+    def for_device(cls, device_kind: Optional[str] = None, kv: str = "bf16", **kw) -> "AutoGamma":
+        """The policy for `device_kind` (default: the first JAX device's) and KV cache kind `kv`, with
+        its table if one exists."""
         kind = current_device_kind() if device_kind is None else device_kind
-        return cls(find_table(kind), device_kind=kind, **kw)
+        return cls(find_table(kind, kv=kv), device_kind=kind if kv == "bf16" else f"{kind}, {kv} KV cache", **kw)
 
     def rates(self, draft: str) -> list:
         """Current per-position acceptance estimates of `draft` (length max_gamma)."""
@@ -268,10 +313,11 @@ class AutoGamma:
         self.reached[draft][:n] += reached[:n]
 
 
-def resolve(auto: Optional[AutoGamma], batch: int, context: int, draft_mode: Optional[str] = None) -> Choice:
-    """The choice for one request: `auto` (default: the policy of the current device), restricted to
-    `draft_mode` when the caller fixed one."""
-    auto = auto if auto is not None else AutoGamma.for_device()
+def resolve(auto: Optional[AutoGamma], batch: int, context: int, draft_mode: Optional[str] = None,
+            kv: str = "bf16") -> Choice:
+    """The choice for one request: `auto` (default: the policy of the current device and KV cache
+    kind `kv`), restricted to `draft_mode` when the caller fixed one."""
+    auto = auto if auto is not None else AutoGamma.for_device(kv=kv)
     return auto.choice(batch, context, drafts=(draft_mode,) if draft_mode else None)
 
 
@@ -309,56 +355,112 @@ def _interp_m(sums: dict, m: float) -> float:
     return float(np.interp(m, ms, vals))
 
 
-def build_cost_table(step_file: str, kernel_file: str, *, max_gamma: int = MAX_POLICY_GAMMA,
-                     drafts: Sequence[str] = DRAFTS, context: int = 456) -> dict:
-    """A cost table (see `CostTable`) from a `bench_engine.py --parts step` file holding w4a16 and the
+BENCH_ENGINE_CONTEXT = 456  # scripts/bench_engine.py's --context default (KV positions the step's attention reads)
+
+
+def step_context(step: dict) -> int:
+    """The context of a `bench_engine.py --parts step` file: meta["context"] if recorded, else its
+    --context argument, else bench_engine's default."""
+    meta = step.get("meta", {})
+    if "context" in meta:
+        return int(meta["context"])
+    argv = list(meta.get("argv", []))
+    for i, a in enumerate(argv):
+        if a == "--context" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if a.startswith("--context="):
+            return int(a.split("=", 1)[1])
+    return BENCH_ENGINE_CONTEXT
+
+
+def build_cost_table(step_file, kernel_file: str, *, max_gamma: int = MAX_POLICY_GAMMA,
+                     drafts: Sequence[str] = DRAFTS, context: Optional[int] = None, kv: str = "bf16") -> dict:
+    """A cost table (see `CostTable`) from `bench_engine.py --parts step` output holding w4a16 and the
     drafts' step times at one or more batches (one run, so their ratios are meaningful) and a
     `--parts kernels` file. Plain and draft steps are measured. The verify pass over gamma + 1
     positions per row is an ESTIMATE: the measured W4A16 step at the batch, scaled by the W4A16
-    kernel time (four projections, no-op subtracted) at M = batch * (gamma + 1) over M = batch."""
-    with open(step_file) as f:
-        step = json.load(f)
+    kernel time (four projections, no-op subtracted) at M = batch * (gamma + 1) over M = batch.
+
+    step_file: one path (a one-context table; `context` overrides the file's, see `step_context`), or
+    a list of paths, one per context (step runs at different `--context`, same batches, same `kv`):
+    a table with a context axis. `kv`: the KV cache kind the steps ran on ("bf16", or "int8" for the
+    hierarchical cache, where the draft step must read its INT4 view); the policy looks tables up by it."""
+    files = [step_file] if isinstance(step_file, str) else list(step_file)
+    steps = []
+    for path in files:
+        with open(path) as f:
+            steps.append(json.load(f))
     with open(kernel_file) as f:
         kern = json.load(f)
-    rows = {(s["batch"], s["mode"]): s["step_ms"] for s in step["step"]}
-    batches = sorted({b for b, m in rows if m == "w4a16" and all((b, d) in rows for d in drafts)})
+    if len(files) == 1:
+        contexts = [int(context) if context is not None else step_context(steps[0])]
+    else:
+        if context is not None:
+            raise ValueError("context= names the context of a single step file; several files carry their own")
+        contexts = [step_context(s) for s in steps]
+        if len(set(contexts)) != len(contexts):
+            raise ValueError(f"step files {files} share a context: {contexts} (one file per context)")
+        order = np.argsort(contexts)
+        files, steps, contexts = [files[i] for i in order], [steps[i] for i in order], sorted(contexts)
+    rows = [{(s["batch"], s["mode"]): s["step_ms"] for s in st["step"]} for st in steps]
+    have = [{b for b, m in r if m == "w4a16" and all((b, d) in r for d in drafts)} for r in rows]
+    batches = sorted(set.intersection(*have))
     if not batches:
-        raise ValueError(f"{step_file} has no batch with w4a16 and {', '.join(drafts)} step times")
+        raise ValueError(f"{', '.join(files)}: no batch with w4a16 and {', '.join(drafts)} step times "
+                         "(in every file)")
     raw = kernel_sum(kern["kernels"])
     sums = monotone(raw)
-    verify, detail = [], []
-    for b in batches:
-        row = []
-        for g in range(max_gamma + 1):
-            m = b * (g + 1)
-            ms = rows[(b, "w4a16")] * _interp_m(sums, m) / _interp_m(sums, b)
-            row.append(round(ms, 4))
-            detail.append({"batch": b, "gamma": g, "M": m, "ms": round(ms, 4), "estimate": g > 0,
-                           "extrapolated_past_measured_M": m > max(sums)})
-        verify.append(row)
+    plain, draft, verify, detail = [], {d: [] for d in drafts}, [], []
+    for ctx, r in zip(contexts, rows):
+        plain.append([round(r[(b, "w4a16")], 4) for b in batches])
+        for d in drafts:
+            draft[d].append([round(r[(b, d)], 4) for b in batches])
+        per_batch = []
+        for b in batches:
+            row = []
+            for g in range(max_gamma + 1):
+                m = b * (g + 1)
+                ms = r[(b, "w4a16")] * _interp_m(sums, m) / _interp_m(sums, b)
+                row.append(round(ms, 4))
+                detail.append({**({"context": ctx} if len(files) > 1 else {}), "batch": b, "gamma": g, "M": m,
+                               "ms": round(ms, 4), "estimate": g > 0, "extrapolated_past_measured_M": m > max(sums)})
+            per_batch.append(row)
+        verify.append(per_batch)
     rel = lambda p: os.path.relpath(os.path.abspath(p), ROOT)  # noqa: E731
+    one = len(files) == 1
+    axes = ({"context": contexts[0]} if one else {"contexts": contexts})
+    if one:
+        plain, draft, verify = plain[0], {d: v[0] for d, v in draft.items()}, verify[0]
+    ctx_note = (f"attention over a context of {contexts[0]} tokens; the table holds that one context (the "
+                "policy uses these costs at every context)." if one else
+                f"attention over contexts of {contexts} tokens (one step file each); the policy interpolates "
+                "linearly in context between them and clamps outside.")
     return {
-        "device_kind": step["meta"]["device"],
-        "context": context,
+        "device_kind": steps[0]["meta"]["device"],
+        "kv": kv,
+        **axes,
         "batches": batches,
-        "plain_ms": [round(rows[(b, "w4a16")], 4) for b in batches],
-        "draft_ms": {d: [round(rows[(b, d)], 4) for b in batches] for d in drafts},
+        "plain_ms": plain,
+        "draft_ms": draft,
         "verify_ms": verify,
-        "measured": ["plain_ms", "draft_ms", "verify_ms[:, 0] (= plain_ms)"],
-        "estimated": ["verify_ms[:, 1:] (every gamma > 0 entry; see verify_detail)"],
+        "measured": ["plain_ms", "draft_ms", "verify_ms[..., 0] (= plain_ms)"],
+        "estimated": ["verify_ms[..., 1:] (every gamma > 0 entry; see verify_detail)"],
         "verify_detail": detail,
         "kernel_sum_us": {str(m): round(v, 3) for m, v in raw.items()},
         "kernel_sum_us_monotone": {str(m): round(v, 3) for m, v in sums.items()},
-        "sources": {"step": rel(step_file), "step_commit": step["meta"].get("commit"),
+        "sources": {**({"step": rel(files[0]), "step_commit": steps[0]["meta"].get("commit")} if one else
+                       {"steps": {str(c): rel(p) for c, p in zip(contexts, files)},
+                        "step_commits": {str(c): s["meta"].get("commit") for c, s in zip(contexts, steps)}}),
                     "kernels": rel(kernel_file), "kernels_commit": kern["meta"].get("commit")},
         "notes": [
-            "Decode steps: Llama-3-8B shapes, generated int4 weights, attention over a context of "
-            f"{context} tokens; the table holds that one context (the policy does not scale with context).",
+            f"Decode steps: Llama-3-8B shapes, generated int4 weights, {kv} KV cache, " + ctx_note,
             "verify_ms at gamma > 0 is an ESTIMATE, not a measurement: w4a16 step(batch) x K(batch*(gamma+1)) / "
             "K(batch), K = sum of the qkv, o, gate_up and down W4A16 kernel times of one layer minus the "
             "harness no-op, made non-decreasing in M (running maximum: kernel_sum_us_monotone), linear in M "
             "between measured M. It ignores the growth of attention, norms and "
-            "the lm_head with more positions, so it is, if anything, low (favours speculation).",
+            "the lm_head with more positions, so it is, if anything, low (favours speculation)"
+            + ("." if one else "; at long context it also scales the attention share of the step, which "
+               "reads the same KV bytes for gamma + 1 queries, so there it can be high (disfavours speculation)."),
             "Between batches the policy interpolates linearly; outside them it clamps.",
         ],
     }

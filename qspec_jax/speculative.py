@@ -473,7 +473,7 @@ def resolve_auto(prompts, prompt_lens, settings: dict, auto=None):
     lens = np.asarray(prompt_lens)
     batch = int(np.shape(prompts)[0]) if np.ndim(prompts) == 2 else 0
     context = int(lens.max()) + int(settings.get("max_new_tokens", 0)) // 2 if lens.size else 0
-    choice = policy_lib.resolve(auto, batch, context, settings.get("draft_mode"))
+    choice = policy_lib.resolve(auto, batch, context, settings.get("draft_mode"), kv=settings.get("kv", "bf16"))
     settings["gamma"] = choice.gamma
     settings["draft_mode"] = choice.draft or settings.get("draft_mode") or "w4a16"
     return settings, choice

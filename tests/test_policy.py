@@ -83,6 +83,79 @@ def test_costs_interpolate_in_batch_and_clamp():
         t.t_verify(2, 1)
 
 
+def test_costs_with_a_context_axis_interpolate_in_both_and_clamp():
+    t = CostTable({"device_kind": "x", "contexts": [512, 8192], "batches": [1, 16],
+                   "plain_ms": [[4.0, 6.0], [8.0, 16.0]],
+                   "draft_ms": {"w4a8": [[4.0, 5.0], [5.0, 8.0]], "w4a4": [[4.0, 5.0], [5.0, 8.0]]},
+                   "verify_ms": [[[4.0, 5.0], [6.0, 9.0]], [[8.0, 9.0], [16.0, 20.0]]]})
+    assert t.kv == "bf16" and t.max_gamma == 1
+    assert t.t_plain(1, 512) == 4.0 and t.t_plain(16, 8192) == 16.0
+    assert t.t_plain(1, 100) == 4.0 and t.t_plain(64, 100_000) == 16.0  # clamped in both
+    mid = (512 + 8192) / 2
+    assert t.t_plain(8.5, mid) == pytest.approx((5.0 + 12.0) / 2)  # bilinear
+    assert t.t_draft("w4a8", 16, mid) == pytest.approx(6.5) and t.t_verify(1, 1, mid) == pytest.approx(7.0)
+    # A one-context table (the committed layout) gives its costs at every context.
+    one = CostTable({"device_kind": "x", "context": 456, "batches": [1, 16], "plain_ms": [4.0, 6.0],
+                     "draft_ms": {"w4a8": [4.0, 5.0]}, "verify_ms": [[4.0, 5.0], [6.0, 9.0]]})
+    assert one.t_plain(16, 0) == one.t_plain(16, 456) == one.t_plain(16, 32768) == 6.0
+    with pytest.raises(ValueError, match="2 contexts x 2 batches"):
+        CostTable({"device_kind": "x", "contexts": [512, 8192], "batches": [1, 16], "plain_ms": [4.0, 6.0],
+                   "draft_ms": {}, "verify_ms": [[4.0], [6.0]]})
+    # The chooser reads the context: a draft that pays only at long context (where it reads less KV).
+    long = CostTable({"device_kind": "x", "contexts": [512, 8192], "batches": [1], "plain_ms": [[1.0], [3.0]],
+                      "draft_ms": {"w4a8": [[1.0], [1.0]]}, "verify_ms": [[[1.0, 1.1]], [[3.0, 3.1]]]})
+    assert choose(long, {"w4a8": 0.99}, 1, 512, drafts=("w4a8",)).gamma == 0
+    c = choose(long, {"w4a8": 0.99}, 1, 8192, drafts=("w4a8",))
+    assert (c.gamma, c.draft, c.context) == (1, "w4a8", 8192) and c.predicted_speedup > 1.4
+
+
+def test_tables_are_found_by_device_and_kv_kind(tmp_path):
+    base = {"device_kind": "Some GPU", "context": 456, "batches": [1], "plain_ms": [1.0],
+            "draft_ms": {"w4a8": [0.9], "w4a4": [0.9]}, "verify_ms": [[1.0, 1.1]]}
+    (tmp_path / "gpu_costs.json").write_text(json.dumps(base))
+    (tmp_path / "gpu_int8kv_costs.json").write_text(json.dumps({**base, "kv": "int8", "plain_ms": [2.0]}))
+    assert policy.find_table("some-gpu", str(tmp_path)).t_plain(1) == 1.0  # no "kv" key: a bf16-KV table
+    assert policy.find_table("some-gpu", str(tmp_path), kv="int8").t_plain(1) == 2.0
+    assert policy.find_table("other gpu", str(tmp_path), kv="int8") is None
+    assert policy.find_table("NVIDIA H200", kv="int8") is None  # not measured yet
+    c = policy.resolve(None, 16, 8192, kv="int8")  # no table for that cache here: the default, saying why
+    assert (c.gamma, c.draft) == (policy.DEFAULT_GAMMA, policy.DEFAULT_DRAFT) and "int8 KV cache" in c.policy_source
+
+
+def test_build_cost_table_with_a_context_axis(tmp_path):
+    engine = os.path.join(policy.ROOT, "benchmarks", "engine")
+    with open(os.path.join(engine, "h200_step_run2.json")) as f:
+        step = json.load(f)
+    assert policy.step_context(step) == 456  # no --context in its argv: bench_engine's default
+    # A second step file at another context (its times doubled: a made-up file, only the layout is tested).
+    long = {"meta": {**step["meta"], "argv": step["meta"]["argv"] + ["--context", "8192"]},
+            "step": [{**s, "step_ms": 2 * s["step_ms"]} for s in step["step"]]}
+    (tmp_path / "long.json").write_text(json.dumps(long))
+    kernels = os.path.join(engine, "h200_kernels.json")
+    built = policy.build_cost_table([str(tmp_path / "long.json"), os.path.join(engine, "h200_step_run2.json")],
+                                    kernels, kv="int8")
+    one = policy.build_cost_table(os.path.join(engine, "h200_step_run2.json"), kernels)
+    assert built["contexts"] == [456, 8192] and "context" not in built and built["kv"] == "int8"
+    assert built["plain_ms"][0] == one["plain_ms"] and built["verify_ms"][0] == one["verify_ms"]
+    assert built["plain_ms"][1] == pytest.approx([2 * v for v in one["plain_ms"]], abs=1e-4)
+    t = CostTable(json.loads(json.dumps(built)))
+    assert t.t_verify(2, 16, 8192) == pytest.approx(2 * one["verify_ms"][1][2], rel=1e-3)
+    assert t.t_plain(1, (456 + 8192) / 2) == pytest.approx(1.5 * one["plain_ms"][0], rel=1e-3)
+    with pytest.raises(ValueError, match="share a context"):
+        policy.build_cost_table([os.path.join(engine, "h200_step_run2.json")] * 2, kernels)
+
+
+def test_trace_prior_fits_the_replay_traces():
+    with open(os.path.join(policy.ROOT, "benchmarks", "acceptance", "traces.json")) as f:
+        traces = json.load(f)
+    prior, acc = policy.trace_prior(traces), policy.acceptance_prior()
+    # The same run: acceptance.json's tokens per cycle are truncated at the token budget, the traces' not.
+    for d in policy.DRAFTS:
+        assert acc[d] <= prior[d] < acc[d] + 0.02
+    t = np.asarray(traces["traces"]["w4a8_g3"])
+    assert expected_tokens_single(prior["w4a8"], 3) == pytest.approx(np.mean(t[t >= 0] + 1), rel=0.03)
+
+
 def fake_result(accepted_at, gamma_cycles, draft=None):
     g = len(accepted_at)
     z = np.zeros((1, 1), np.int32)

@@ -1,9 +1,13 @@
 """The evaluation and benchmark scripts keep running: their --smoke paths on the tiny preset (CPU)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
+
+import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,8 +27,12 @@ def test_acceptance_then_throughput_smoke(tmp_path):
     traces = json.loads((tmp_path / "traces_smoke.json").read_text())
     assert "w4a4_g3" in traces["traces"]
     run_script("bench_throughput.py", "--smoke", "--traces", str(tmp_path / "traces_smoke.json"),
-               "--out", str(tmp_path / "tp.json"))
+               "--out", str(tmp_path / "tp.json"), "--auto-summary", str(tmp_path / "auto.json"))
     tp = json.loads((tmp_path / "tp.json").read_text())
+    check_auto_rows_and_summary(tp, json.loads((tmp_path / "auto.json").read_text()))
+    run_script("bench_throughput.py", "--summary-only-from", str(tmp_path / "tp.json"),
+               "--auto-summary", str(tmp_path / "auto2.json"))
+    assert json.loads((tmp_path / "auto2.json").read_text()) == json.loads((tmp_path / "auto.json").read_text())
     cell = tp["cells"][0]
     assert set(cell["modes"]) == {"w4a16", "w4a4", "bf16"}
     assert cell["qspec"][0]["acceptance_rate"] is not None
@@ -36,6 +44,96 @@ def test_acceptance_then_throughput_smoke(tmp_path):
     assert "Verdict" in out
     for suffix in ("_batch.png", "_gamma.png", "_latency.png", ".md"):
         assert (tmp_path / f"tp{suffix}").stat().st_size > 0
+
+
+def check_auto_rows_and_summary(tp, summary):
+    """Every cell has gamma="auto"'s row (on the CPU: no cost table, so the default setting, timed with
+    replayed acceptance) and the summary's ratios are the results' own timings: best / auto."""
+    from qspec_jax import policy
+
+    assert "acceptance_smoke.json" in tp["meta"]["policy"]["prior_source"]  # the traces' own run
+    assert "same real-model run" in tp["meta"]["policy"]["statement"]
+    first = {}
+    for c in tp["cells"]:
+        a = c["auto"]
+        assert (a["gamma"], a["draft"]) == (policy.DEFAULT_GAMMA, policy.DEFAULT_DRAFT)
+        assert a["policy_source"].startswith("default") and a["predicted_speedup"] is None
+        assert a["context"] == c["prompt_len"] + c["new_tokens"] // 2 and a["batch"] == c["batch"]
+        assert a["acceptance_rate"] is not None and a["seconds"] > 0
+        # No fixed entry of the smoke cells is w4a8 at gamma 3: auto's program was compiled and timed itself.
+        assert a["same_program_as"] is None and a["compile_s"] > 0
+        first.setdefault(f"{c['batch']}x{c['prompt_len']}", c)
+    assert set(summary) == {"auto_vs_best_plain", "auto_vs_best_fixed", "commit", "device", "jax", "notes"}
+    assert summary["device"] == tp["meta"]["device"] and summary["commit"] == tp["meta"]["commit"]
+    assert set(first) == {"2x16", "1x40"}
+    assert set(summary["auto_vs_best_plain"]) == set(summary["auto_vs_best_fixed"]) == set(first)
+    for key, c in first.items():
+        plain = {m: e["seconds"] for m, e in c["modes"].items()}
+        assert "bf16" in plain or key == "1x40"  # bf16 counts as a plain mode where it ran
+        fixed = [q["seconds"] for q in c["qspec"] if q["gamma"] > 0]
+        for name, best in (("auto_vs_best_plain", min(plain.values())), ("auto_vs_best_fixed", min(fixed))):
+            ratio = summary[name][key]
+            assert math.isfinite(ratio) and ratio > 0
+            assert ratio == pytest.approx(best / c["auto"]["seconds"], rel=1e-12), (name, key)
+        assert f"best plain: {min(plain, key=plain.get)}" in summary["notes"][key]
+
+
+def test_bench_auto_reuses_a_program_only_when_it_is_the_same(tmp_path):
+    """The auto entry's timing is an already-timed program's only when the settings are literally that
+    program's: gamma 0 -> the plain w4a16 program; a fixed (draft, gamma) -> that entry; anything
+    else is compiled and timed on its own."""
+    import jax.numpy as jnp
+
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import bench_throughput as bt
+    from qspec_jax import checkpoint, policy, quantize
+    from qspec_jax.config import get_preset
+    from qspec_jax.model import fuse_projections, unstack_layers
+
+    config = get_preset("tiny")
+    fparams = checkpoint.random_params(config, seed=0, dtype=jnp.bfloat16)
+    qparams = unstack_layers(fuse_projections(quantize.quantize_params(fparams, config, dtype=jnp.bfloat16)))
+    traces = bt.load_traces(os.path.join(ROOT, "benchmarks", "acceptance", "traces.json"))
+    spec = dict(batch=2, prompt_len=16, gammas=[1], drafts=["w4a8"], modes=["w4a16"])
+
+    def cell(auto, step_split=None):
+        return bt.measure_cell(None, qparams, config, spec, 6, traces, 1, np.random.default_rng(0), 1e12, 16,
+                               auto=auto, step_split=step_split)
+
+    def cheap(max_gamma):  # a table where drafting pays: the chooser speculates at its largest gamma
+        n = max_gamma + 1
+        return policy.AutoGamma(policy.CostTable({
+            "device_kind": "synthetic", "batches": [1], "plain_ms": [1.0], "draft_ms": {"w4a8": [0.05]},
+            "verify_ms": [[1.0 + 0.01 * g for g in range(n)]]}), max_gamma=max_gamma, drafts=("w4a8",))
+
+    # The committed H200 table chooses gamma 0 at batch 2: plain W4A16, the very program of the w4a16 row.
+    c = cell(policy.AutoGamma.for_device("NVIDIA H200"), step_split=[])
+    a = c["auto"]
+    assert (a["gamma"], a["draft"], a["same_program_as"], a["compile_s"]) == (0, None, "plain w4a16", 0.0)
+    assert a["seconds"] == c["modes"]["w4a16"]["seconds"] and a["policy_source"].startswith("benchmarks/policy/")
+    assert c["modes"]["w4a16"]["step_ms"] is None and c["qspec"][0]["verify_ms_residual"] is None  # not split
+    # gamma 1 with w4a8: the cell's fixed entry, replayed from the same trace.
+    c = cell(cheap(1))
+    a = c["auto"]
+    assert (a["gamma"], a["draft"], a["same_program_as"]) == (1, "w4a8", "qspec w4a8 g1")
+    assert a["seconds"] == c["qspec"][0]["seconds"] and a["acceptance_rate"] == c["qspec"][0]["acceptance_rate"]
+    # gamma 2: not in the cell, so its own program with the gamma-2 trace.
+    c = cell(cheap(2))
+    a = c["auto"]
+    assert (a["gamma"], a["draft"], a["same_program_as"]) == (2, "w4a8", None) and a["compile_s"] > 0
+    trace = np.asarray(traces["traces"]["w4a8_g2"])[:2]
+    assert a["tokens_per_cycle"] > 1 and a["loop_cycles"] <= trace.shape[1]
+    # A gamma-0 program with another draft_mode is a different program (static settings differ): no reuse.
+    from qspec_jax import speculative
+
+    prompts, lens = np.zeros((2, 16), np.int32), np.full((2,), 16, np.int32)
+    common = dict(config=config, eos_ids=(), prefill_chunk=16, max_new_tokens=6, gamma=0)
+    keys = [bt.program_key(qparams, *speculative.prepare(qparams, prompts, lens, draft_mode=d, **common))
+            for d in ("w4a16", "w4a4")]
+    assert keys[0] != keys[1]
+    settings, _ = bt.auto_settings(policy.AutoGamma.for_device("NVIDIA H200"), prompts, lens, 6,
+                                   dict(config=config, eos_ids=(), prefill_chunk=16))
+    assert bt.program_key(qparams, *speculative.prepare(qparams, prompts, lens, **settings)) == keys[0]
 
 
 def test_eval_quality_smoke(tmp_path):
