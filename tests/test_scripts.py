@@ -147,3 +147,24 @@ def test_eval_quality_smoke(tmp_path):
 def test_bench_kernels_smoke(tmp_path):
     run_script("bench_kernels.py", "--smoke", "--out", str(tmp_path / "k.json"))
     assert json.loads((tmp_path / "k.json").read_text())
+
+
+def test_bench_long_context_smoke(tmp_path):
+    """The long-context decode benchmark runs every kind of mode on the tiny preset, and its summary
+    ratios are the baseline's median time over the mode's, recomputed here from the results."""
+    out, summary = tmp_path / "lc.json", tmp_path / "summary.json"
+    summary.write_text(json.dumps({"int8kv_ppl_ratio": 1.0}))  # measured keys already there are kept
+    run_script("bench_long_context.py", "--smoke", "--compile-threads", "2", "--out", str(out), "--summary", str(summary))
+    res, summ = json.loads(out.read_text()), json.loads(summary.read_text())
+    (cell,) = res["cells"]
+    t = {m["mode"]: m["seconds"] for m in cell["modes"]}
+    assert set(t) == {"w4a16_bf16kv", "w4a16_bf16kv+einsum", "w4a16_int8kv", "qspec_w4a8_int8kv_g3", "bf16_bf16kv",
+                      "quantspec_g3"}
+    assert all(v > 0 and math.isfinite(v) for v in t.values())
+    spec = {m["mode"]: m for m in cell["modes"]}["qspec_w4a8_int8kv_g3"]
+    assert spec["gamma"] == 3 and 0 < spec["acceptance_rate"] <= 1 and spec["acceptance_source"]
+    key = f"{cell['batch']}x{cell['context']}"
+    assert summ["int8kv_ppl_ratio"] == 1.0
+    assert summ["qspec_int8kv_vs_w4a16_bf16kv"][key] == pytest.approx(t["w4a16_bf16kv"] / t["qspec_w4a8_int8kv_g3"])
+    assert summ["qspec_int8kv_vs_w4a16_int8kv"][key] == pytest.approx(t["w4a16_int8kv"] / t["qspec_w4a8_int8kv_g3"])
+    assert summ["quantspec_vs_bf16"][key] == pytest.approx(t["bf16_bf16kv"] / t["quantspec_g3"])
