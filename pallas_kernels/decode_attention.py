@@ -49,6 +49,14 @@ integer code (u, or 16u + l - 8) and converts it; "bits" builds U = B + u and L 
 dot(16 qs, U) + dot(qs, L) minus (17 B + 8) times the row sum of qs (the same on the value side with
 the scaled probabilities), INT4 dot(qs, U) minus B times it; "asm" builds the same bits by inline
 PTX (prmt + lop3, four bytes per instance), on the Triton backend only (interpret mode runs "bits").
+
+Operand roles (`swap`, quantized views): by default the codes are tt.dot's B operand in both dots
+(scores = qs @ codes^T, o += p @ codes), so codes converted in registers pass through shared memory
+to become a dot operand. swap="k" computes scores^T = codes @ qs^T [slots, M] (the codes are the A
+operand, rows = slots; the softmax runs in that orientation) and swap=True also o^T += codes^T @ p^T.
+Same math, held to float64 by the tests; measured by `scripts/bench_attention.py --diagnose`.
+`ablate` ("no_v", "no_k", "no_unpack"; LAUNCH_KNOBS) removes one stage for that measurement only:
+its outputs are wrong by design.
 """
 
 from __future__ import annotations
@@ -125,11 +133,14 @@ def _decode_kernel(
     cdt,
     unpack: str = "convert",
     prefetch: bool = False,
+    swap: str = "",  # "": scores [M, sub]; "k": s^T = dot(codes, qs) [sub, M]; "kv": also o^T = codes^T @ p^T
+    ablate: Optional[str] = None,  # measurement only (ABLATIONS): drop one stage, wrong values by design
     cut_side: Optional[str] = None,  # None; "below": slots at positions < c(p); "from": positions >= c(p)
     cut_group: int = 1,
     cut_delay: int = 0,
 ):
     *kv_refs, o_ref, m_ref, l_ref = refs
+    swap_k, swap_v = swap in ("k", "kv"), swap == "kv"
     M, hd = q_ref.shape
     hd2 = hd // 2
     S = kv_refs[0].shape[0]
@@ -143,7 +154,7 @@ def _decode_kernel(
 
     end = jnp.minimum(n, jnp.max(row_pos) - off + 1)  # slots past `end` are masked for every row
     if cut_side is not None:
-        row_cut = cut_of(row_pos)[:, None]  # [M, 1]
+        row_cut = cut_of(row_pos)  # [M]
         if cut_side == "below":  # c is monotone: the last query row's cut bounds every row's
             end = jnp.minimum(end, cut_of(jnp.max(row_pos)) - off)
     total = (jnp.maximum(end, 0) + bk - 1) // bk
@@ -158,22 +169,46 @@ def _decode_kernel(
     def pdot(p, v):  # p @ v
         return jnp.dot(p, v, preferred_element_type=jnp.float32, precision=prec)
 
+    def tdot(x, p):  # x.T @ p: [sub, a], [sub, b] -> [a, b] (swap "kv": o^T += codes^T @ p^T)
+        return lax.dot_general(x, p, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+                               precision=prec)
+
     def rowsum(x):  # [M, *] -> [M, 1] f32
         return jnp.sum(x.astype(jnp.float32), axis=1)[:, None]
+
+    # Orientation of the scores: [M, sub] (query rows x slots), or [sub, M] with swap_k.
+    slot_ax = 0 if swap_k else 1
+
+    def per_row(x):  # [M] -> broadcastable against the scores
+        return x[None, :] if swap_k else x[:, None]
+
+    def per_slot(x):  # [sub] -> broadcastable against the scores
+        return x[:, None] if swap_k else x[None, :]
 
     # Dot operands of a [sub, hd/2] block of packed codes: a list of (weight, low-half channels,
     # high-half channels) whose weighted dots sum to the codes' dot minus `offset` times the row sum
     # of the small operand. "convert": the exact integer code (u, or 16u + l - 8) converted to cdt,
     # offset 0. "bits" / "asm": U = B + u and L = B + l built from bits (bitfloat.py), so
     # 16u + l - 8 = 16 U + L - (17 B + 8): two dots and no integer arithmetic per element.
-    if unpack == "convert":
+    if unpack == "convert" or ablate == "no_unpack":
         offset = 0.0
     else:
         bits, base = FLOAT_BASE[jnp.dtype(cdt)]
         offset = base if variant == "int4" else 17 * base + 8
         nibbles = asm_nibble_floats if unpack == "asm" else nibble_floats
 
+    def raw_floats(x, k):  # ablate "no_unpack": the bytes as cdt with no nibble work (wrong values)
+        if jnp.dtype(cdt) in FLOAT_BASE:  # OR into an exponent pattern: finite, no conversion
+            pattern = FLOAT_BASE[jnp.dtype(cdt)][0] ^ (k << 8)  # two different operands per plane
+            return lax.bitcast_convert_type(x.astype(jnp.int16) | jnp.int16(pattern), cdt)
+        return x.astype(cdt)
+
     def planes(u, lo):
+        if ablate == "no_unpack":
+            ops = [(1.0 if variant == "int4" else 16.0, raw_floats(u, 0), raw_floats(u, 1))]
+            if variant == "int8":
+                ops.append((1.0, raw_floats(lo, 0), raw_floats(lo, 1)))
+            return ops
         if unpack != "convert":
             ops = [(1.0 if variant == "int4" else 16.0, nibbles(u, 0, bits, cdt), nibbles(u, 4, bits, cdt))]
             if variant == "int8":
@@ -212,61 +247,93 @@ def _decode_kernel(
         for j in range(bk // sub):
             rows = pl.ds(t0 + j * sub, sub)
             if variant == "bf16":
-                out.append((k_ref.at[rows, :][...], v_ref.at[rows, :][...]))
+                out.append((k_ref.at[rows, :][...], None if ablate == "no_v" else v_ref.at[rows, :][...]))
                 continue
             g = (t0 + j * sub) // group  # sub divides the group: one (scale, min) row per sub-block
             half = lambda r, h: r.at[pl.ds(g, 1), pl.ds(h * hd2, hd2)][...]  # noqa: E731  [1, hd/2]
             lower = lambda r: None if r is None else r.at[rows, :][...]  # noqa: E731
-            out.append((ku_ref.at[rows, :][...], lower(kl_ref), half(ks_ref, 0), half(ks_ref, 1),
-                        half(km_ref, 0), half(km_ref, 1), vu_ref.at[rows, :][...], lower(vl_ref),
-                        vs_ref.at[rows][...], vm_ref.at[rows][...]))
+            k_side = (ku_ref.at[rows, :][...], lower(kl_ref), half(ks_ref, 0), half(ks_ref, 1),
+                      half(km_ref, 0), half(km_ref, 1))
+            if ablate == "no_v":
+                out.append(k_side + (None,) * 4)
+            else:
+                out.append(k_side + (vu_ref.at[rows, :][...], lower(vl_ref), vs_ref.at[rows][...],
+                                     vm_ref.at[rows][...]))
         return out
 
-    def scores(raw):  # [M, sub] scaled logits of one sub-block
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    s_shape = (sub, M) if swap_k else (M, sub)
+
+    def scores(raw):  # [M, sub] scaled logits of one sub-block ([sub, M] with swap_k)
+        if ablate == "no_k":  # a constant plus a tiny share of every loaded K byte (keeps the loads)
+            k_codes = raw[:1] if variant == "bf16" else raw[:2]  # (k,) or (upper, lower or None)
+            col = sum(jnp.sum(f32(x), axis=1) for x in k_codes if x is not None)  # [sub]
+            if variant != "bf16":
+                col = col + sum(jnp.sum(f32(x), axis=1) for x in raw[2:6])  # [sub] + [1]
+            return jnp.zeros(s_shape, jnp.float32) + per_slot(col * 1e-6)
         if variant == "bf16":
             return dot(q, raw[0].astype(cdt)) * sm_scale
         ku, kl, ks_lo, ks_hi, km_lo, km_hi = raw[:6]
-        f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
         qs_lo = (q_lo * (f32(ks_lo) * (cs * sm_scale))).astype(cdt)
         qs_hi = (q_hi * (f32(ks_hi) * (cs * sm_scale))).astype(cdt)
         s = None
         for w, x_lo, x_hi in planes(ku, kl):
-            part = dot(weighted(qs_lo, w), x_lo) + dot(weighted(qs_hi, w), x_hi)
+            if swap_k:  # codes as the A operand: s^T = codes @ qs^T
+                part = dot(x_lo, weighted(qs_lo, w)) + dot(x_hi, weighted(qs_hi, w))
+            else:
+                part = dot(weighted(qs_lo, w), x_lo) + dot(weighted(qs_hi, w), x_hi)
             s = part if s is None else s + part
         if offset:
-            s -= offset * (jnp.sum(qs_lo.astype(jnp.float32), axis=1) + jnp.sum(qs_hi.astype(jnp.float32), axis=1))[:, None]
+            s -= per_row(offset * (jnp.sum(qs_lo.astype(jnp.float32), axis=1)
+                                   + jnp.sum(qs_hi.astype(jnp.float32), axis=1)))
         kmin = jnp.sum(q_lo * f32(km_lo), axis=1) + jnp.sum(q_hi * f32(km_hi), axis=1)
-        return s + (kmin * sm_scale)[:, None]
+        return s + per_row(kmin * sm_scale)
 
     def compute(blk, raw, carry):
         """Online-softmax update with block blk: one rescale for all its sub-blocks."""
         o_lo, o_hi, m_prev, l_prev = carry
         t0 = blk * bk
         ss, masks = [], []
+        rows_cut = None if cut_side is None else per_row(row_cut)
         for j in range(bk // sub):
-            slots = t0 + j * sub + lax.broadcasted_iota(jnp.int32, (1, sub), 1)
-            mask = (slots < n) & (off + slots <= row_pos[:, None])  # [M, sub]
+            slots = t0 + j * sub + lax.broadcasted_iota(jnp.int32, s_shape, slot_ax)
+            mask = (slots < n) & (off + slots <= per_row(row_pos))  # [M, sub] ([sub, M] with swap_k)
             if cut_side == "below":
-                mask &= off + slots < row_cut
+                mask &= off + slots < rows_cut
             elif cut_side == "from":
-                mask &= off + slots >= row_cut
+                mask &= off + slots >= rows_cut
             ss.append(jnp.where(mask, scores(raw[j]), NEG))
             masks.append(mask)
         m_next = m_prev
         for s in ss:
-            m_next = jnp.maximum(m_next, jnp.max(s, axis=1))
+            m_next = jnp.maximum(m_next, jnp.max(s, axis=slot_ax))
         corr = jnp.exp(m_prev - m_next)
         l_next = l_prev * corr
-        o_lo = o_lo * corr[:, None]
+        corr_o = corr[None, :] if swap_v else corr[:, None]  # o is [hd/2, M] with swap_v
+        o_lo = o_lo * corr_o
         if variant != "bf16":
-            o_hi = o_hi * corr[:, None]
+            o_hi = o_hi * corr_o
         for j in range(bk // sub):
-            p = jnp.where(masks[j], jnp.exp(ss[j] - m_next[:, None]), 0.0)  # [M, sub] f32
-            l_next = l_next + jnp.sum(p, axis=1)
+            p = jnp.where(masks[j], jnp.exp(ss[j] - per_row(m_next)), 0.0)  # f32, the scores' orientation
+            l_next = l_next + jnp.sum(p, axis=slot_ax)
+            if ablate == "no_v":
+                continue
             if variant == "bf16":
                 o_lo = o_lo + pdot(p.astype(cdt), raw[j][1].astype(cdt))
                 continue
             vu, vl, vs, vm = raw[j][6:]
+            if swap_v:  # p^T [sub, M] is the B operand as it is: o^T += codes^T @ ps^T
+                ps = (p * (vs.astype(jnp.float32)[:, None] * cs)).astype(cdt)
+                pm = jnp.sum(p * vm.astype(jnp.float32)[:, None], axis=0)[None, :]  # [1, M]
+                if offset:
+                    pm -= offset * jnp.sum(ps.astype(jnp.float32), axis=0)[None, :]
+                for w, x_lo, x_hi in planes(vu, vl):
+                    o_lo = o_lo + tdot(x_lo, weighted(ps, w))
+                    o_hi = o_hi + tdot(x_hi, weighted(ps, w))
+                o_lo, o_hi = o_lo + pm, o_hi + pm
+                continue
+            if swap_k:
+                p = p.T  # [M, sub]
             ps = (p * (vs.astype(jnp.float32)[None, :] * cs)).astype(cdt)
             pm = rowsum(p * vm.astype(jnp.float32)[None, :])  # [M, 1]: the minimum's share
             if offset:
@@ -278,9 +345,10 @@ def _decode_kernel(
         return o_lo, o_hi, m_next, l_next
 
     width = hd if variant == "bf16" else hd2
+    o_shape = lambda w: (w, M) if swap_v else (M, w)  # noqa: E731
     init = (
-        jnp.zeros((M, width), jnp.float32),
-        jnp.zeros((M, hd2 if variant != "bf16" else 1), jnp.float32),
+        jnp.zeros(o_shape(width), jnp.float32),
+        jnp.zeros(o_shape(hd2 if variant != "bf16" else 1), jnp.float32),
         jnp.full((M,), NEG, jnp.float32),
         jnp.zeros((M,), jnp.float32),
     )
@@ -296,6 +364,8 @@ def _decode_kernel(
     if variant == "bf16":
         o_ref[...] = o_lo
     else:
+        if swap_v:
+            o_lo, o_hi = o_lo.T, o_hi.T
         o_ref.at[:, pl.ds(0, hd2)][...] = o_lo
         o_ref.at[:, pl.ds(hd2, hd2)][...] = o_hi
     m_ref[...] = m
@@ -312,7 +382,19 @@ def _pow2_at_least(x: int) -> int:
 # programs_per_sm: splits fill the GPU with about this many programs per SM;
 # num_warps, num_stages: Triton's; unpack: how 4-bit codes become dot operands ("convert", "bits",
 #   "asm"; see _decode_kernel); prefetch: load block i+1 into registers while block i computes.
-LAUNCH_KNOBS = ("programs_per_sm", "num_warps", "num_stages", "unpack", "prefetch")
+LAUNCH_KNOBS = ("programs_per_sm", "num_warps", "num_stages", "unpack", "prefetch", "swap", "ablate")
+# swap (quantized views; bf16 ignores it): which operand the codes are. False: scores = qs @ codes^T
+#   and o += p @ codes (the codes are tt.dot's B operand both times); "k": scores^T = codes @ qs^T
+#   (codes are the A operand, rows = slots; the softmax runs on [slots, M]); True / "kv": also
+#   o^T += codes^T @ p^T. The same math: tests hold it to float64.
+SWAPS = {False: "", None: "", "k": "k", True: "kv", "kv": "kv"}
+# ablate: a MEASUREMENT AID only (scripts/bench_attention.py --diagnose), wrong outputs by design:
+#   "no_v": no V loads and no p @ v (the K side and the softmax only); "no_k": the scores are a
+#   constant plus a tiny share of every loaded K byte (K's loads stay, its dots, unpacking and scale
+#   work go); "no_unpack": the code bytes go to the dots OR-ed into a float exponent pattern, with no
+#   nibble extraction (loads, dots, scales and softmax stay). Timing each against the full kernel
+#   says which stage costs.
+ABLATIONS = (None, "no_v", "no_k", "no_unpack")
 # From the H200 sweep (benchmarks/kv/h200_attention_sweep.json, batch 16 at 8k and 32k tokens): for
 # both quantized views the best of 14 configurations at both contexts (int4 147.7 / 485.7 us, int8
 # 254.7 / 914.1 us, against 197.5 / 640.0 and 340.8 / 1182.6 with the previous defaults); bf16 kept
@@ -352,7 +434,7 @@ def pick_splits(batch: int, kv_heads: int, blocks: int, programs_per_sm: float =
 
 def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_k=None, splits=None,
                        programs_per_sm=None, num_warps=None, num_stages=None, unpack=None, prefetch=None,
-                       interpret=False, cut=None, cut_side=None):
+                       swap=None, ablate=None, interpret=False, cut=None, cut_side=None):
     """One launch: unnormalized partials over the slots [0, n) of `kv`, slot j at position off + j.
     With cut=(G, D) and cut_side "below" / "from", a query row at position p reads only the positions
     below / from its cut c(p) (module docstring). Launch knobs left None take DEFAULTS[variant].
@@ -363,10 +445,15 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_
     """
     B, KV, M, hd = q_rows.shape
     knobs = dict(block_k=block_k, programs_per_sm=programs_per_sm, num_warps=num_warps, num_stages=num_stages,
-                 unpack=unpack, prefetch=prefetch)
-    knobs = {name: DEFAULTS[variant][name] if val is None else val for name, val in knobs.items()}
+                 unpack=unpack, prefetch=prefetch, swap=swap, ablate=ablate)
+    knobs = {name: DEFAULTS[variant].get(name) if val is None else val for name, val in knobs.items()}
     if knobs["unpack"] not in UNPACKS:
         raise ValueError(f"unpack must be one of {UNPACKS}, got {knobs['unpack']!r}")
+    if not isinstance(knobs["swap"], (bool, str, type(None))) or knobs["swap"] not in SWAPS:
+        raise ValueError(f"swap must be one of {list(SWAPS)}, got {knobs['swap']!r}")
+    if knobs["ablate"] not in ABLATIONS:
+        raise ValueError(f"ablate must be one of {ABLATIONS}, got {knobs['ablate']!r}")
+    swap = "" if variant == "bf16" else SWAPS[knobs["swap"]]
     if variant == "bf16":
         k, v = kv
         S, group = k.shape[2], None
@@ -395,7 +482,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_
         raise ValueError(f"cut (G, D) and cut_side ('below' / 'from') go together, got {cut}, {cut_side!r}")
     kernel = functools.partial(_decode_kernel, variant=variant, bk=bk, sub=min(bk, group or bk), splits=P,
                                sm_scale=sm_scale, cdt=cdt, unpack=unpack, prefetch=bool(knobs["prefetch"]),
-                               cut_side=cut_side,
+                               swap=swap, ablate=knobs["ablate"], cut_side=cut_side,
                                cut_group=int(cut[0]) if cut else 1, cut_delay=int(cut[1]) if cut else 0)
     return pl.pallas_call(
         kernel,
@@ -483,7 +570,7 @@ def decode_attention(
     block_k: Optional[int] = None,
     splits: Optional[int] = None,
     backend: str = "auto",
-    **launch,  # programs_per_sm, num_warps, num_stages, unpack, prefetch (attention_partials; DEFAULTS)
+    **launch,  # programs_per_sm, num_warps, num_stages, unpack, prefetch, swap, ablate (LAUNCH_KNOBS)
 ):
     """Attention of T query positions per row over the cache (+ the recent buffer): [B, T, H, hd].
 

@@ -22,6 +22,20 @@ mode on CPU (a path check: its times mean nothing).
 
   python scripts/bench_attention.py --sweep --out $OUT/attention_sweep.json     # GPU, ~3 min
   python scripts/bench_attention.py --sweep --smoke --out /tmp/sweep.json       # CPU path check
+
+--diagnose asks where the quantized kernels' time goes (INT4, a quarter of bf16's bytes, ran about as
+long as bf16 whatever the launch knobs). At batch 16 x 8k and 32k it times, with the current
+DEFAULTS, the full INT4 and INT8 kernels, the same kernels with one stage removed (the `ablate`
+launch knob, a measurement aid with wrong outputs: "no_v" drops V's loads and p @ v; "no_k" drops
+K's dots, unpacking and scale work but keeps K's loads; "no_unpack" feeds the code bytes to the dots
+without nibble extraction), and `swap` (codes as tt.dot's A operand; for INT4 at 8k also swap="k"
+and swap with the "convert" unpacking instead of inline PTX), beside bf16's full kernel. Each cell
+records name, config, us, frac_copy_bw (of the full variant's bytes) and vs_full = us / the full
+kernel's us at the same variant and context: full - ablation is what that stage costs. With --smoke:
+interpret mode on CPU (INT4 cells only), a path check.
+
+  python scripts/bench_attention.py --diagnose --out $OUT/attention_diagnose.json  # GPU, ~90 s
+  python scripts/bench_attention.py --diagnose --smoke --out /tmp/diag.json        # CPU path check
 """
 
 from __future__ import annotations
@@ -158,6 +172,59 @@ def sweep(args, bw, out):
     return out
 
 
+# --diagnose: (name, change to DEFAULTS[variant]) per quantized variant at every context, then extra
+# swap cells for INT4 at the first context only; bf16's full kernel at every context as the reference
+# (24 cells at two contexts; compiling dominates, ~3 s a cell on the H200).
+DIAGNOSE = [("full", {}), ("no_v", dict(ablate="no_v")), ("no_k", dict(ablate="no_k")),
+            ("no_unpack", dict(ablate="no_unpack")), ("swap", dict(swap=True))]
+DIAGNOSE_FIRST_CONTEXT = [("swap_k", dict(swap="k")), ("swap_convert", dict(swap=True, unpack="convert"))]
+
+
+def diagnose_plan(contexts, variants=("int4", "int8")):
+    """[(context, variant, name, config)]: the cells --diagnose times, in order."""
+    plan = []
+    for i, S in enumerate(contexts):
+        plan.append((S, "bf16", "full", dict(DEFAULTS["bf16"])))
+        for variant in variants:
+            cells = DIAGNOSE + (DIAGNOSE_FIRST_CONTEXT if i == 0 and variant == "int4" else [])
+            plan += [(S, variant, name, {**DEFAULTS[variant], **change}) for name, change in cells]
+    return plan
+
+
+def diagnose(args, bw, out):
+    """Time each stage ablation and swap against the full kernel (module docstring)."""
+    B = [int(b) for b in args.batches.split(",")][0]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    extra = {}
+    if args.smoke:  # interpret mode on CPU: the path runs, times mean nothing
+        B, contexts, args.iters, args.repeats, extra = 1, [256], 1, 1, {"backend": "interpret"}
+    plan = diagnose_plan(contexts, ("int4",) if args.smoke else ("int4", "int8"))
+    out["meta"]["diagnose"] = {"defaults": DEFAULTS, "cells": {n: c for n, c in DIAGNOSE + DIAGNOSE_FIRST_CONTEXT}}
+    kvs, full = {}, {}
+    for i, (S, variant, name, config) in enumerate(plan):
+        label = f"[{i + 1}/{len(plan)}] B={B} S={S} {variant} {name}"
+        if (S, variant) not in kvs:
+            kvs.clear()  # one context's caches at a time
+            kvs[(S, variant)] = make_kv(jax.random.key(S + B), B, S, variant)
+        try:
+            sec, nbytes = time_variant(variant, B, S, args.iters, args.repeats, kv=kvs[(S, variant)],
+                                       knobs={**config, **extra})
+        except Exception as e:  # a cell that does not compile is reported, not fatal
+            print(f"{label}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        cell = {"batch": B, "context": S, "variant": variant, "name": name, "config": config, "us": 1e6 * sec,
+                "bytes": nbytes, "frac_copy_bw": nbytes / sec / bw}
+        if name == "full":
+            full[(S, variant)] = cell["us"]
+        if (S, variant) in full:
+            cell["vs_full"] = cell["us"] / full[(S, variant)]
+        out["cells"].append(cell)
+        print(f"{label}: {cell['us']:.1f} us, {cell['frac_copy_bw']:.2f} of copy"
+              + (f", {cell['vs_full']:.2f}x full" if "vs_full" in cell else ""), flush=True)
+        write(args.out, out)
+    return out
+
+
 def best_configs(cells, contexts):
     """Per variant: the fastest config at each context, and the one with the smallest geometric
     mean time over all contexts (among configs that ran at every context)."""
@@ -195,12 +262,14 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time our kernel's launch knobs (module docstring)")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="time stage ablations and swap against the full INT4/INT8 kernels (module docstring)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     variants = args.variants.split(",")
-    if args.smoke and not args.sweep:
+    if args.smoke and not (args.sweep or args.diagnose):
         batches, contexts, variants, args.iters, args.repeats = [1], [256], ["bf16", "int8", "int4", "xla"], 2, 1
     bw = copy_bandwidth(2**24 if args.smoke else 2**30)
     try:
@@ -213,6 +282,8 @@ def main(argv=None):
                     "queries_per_row": 1, "argv": sys.argv[1:] if argv is None else argv}, "cells": []}
     if args.sweep:
         return sweep(args, bw, out)
+    if args.diagnose:
+        return diagnose(args, bw, out)
     for B in batches:
         for S in contexts:
             for variant in variants:

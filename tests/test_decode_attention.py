@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode_attention import QuantKV, decode_attention, decode_attention_reference
+from pallas_kernels.decode_attention import DEFAULTS, QuantKV, decode_attention, decode_attention_reference
 from test_kernels import TRITON_TARGETS, _export_cuda, verify_triton_modules  # noqa: F401 (fixture)
 
 KERNEL_BACKENDS = ["interpret"] + (["triton"] if jax.default_backend() == "gpu" else [])
@@ -197,6 +197,11 @@ KNOBS = [  # (query dtype, launch knobs): every unpacking, sub-blocked blocks, p
     (jnp.bfloat16, dict(block_k=512, unpack="asm", splits=3, num_warps=8, num_stages=3)),  # asm -> bits here
     (jnp.float16, dict(block_k=128, unpack="bits", prefetch=True, programs_per_sm=8)),  # f16 bit patterns
     (jnp.bfloat16, dict(block_k=32, unpack="convert", prefetch=True, splits=5)),
+    # swap: the codes as tt.dot's A operand (scores^T; with True also o^T = codes^T @ p^T)
+    (jnp.bfloat16, dict(swap=True)),  # the defaults otherwise (asm -> bits here)
+    (jnp.bfloat16, dict(swap="k", block_k=256, unpack="convert", prefetch=True)),
+    (jnp.float16, dict(swap=True, block_k=128, unpack="bits", splits=5)),
+    (jnp.float32, dict(swap=True, block_k=256, prefetch=True)),
 ]
 
 
@@ -321,6 +326,34 @@ LOWER_KNOBS = [  # the defaults, then the sweep's alternatives (scripts/bench_at
 @pytest.mark.parametrize("variant", ["bf16", "int8", "int4"])
 @pytest.mark.parametrize("B,T,H,KV,hd,S", [(1, 1, 32, 8, 128, 8192), (4, 5, 9, 3, 64, 1024), (2, 4, 32, 8, 128, 2048)])
 def test_triton_lowering(verify_triton_modules, variant, B, T, H, KV, hd, S, knobs):
+    _check_lowering(verify_triton_modules, variant, B, T, H, KV, hd, S, knobs)
+
+
+# swap and the measurement-only ablations (scripts/bench_attention.py --diagnose): they must lower;
+# the ablations are wrong by design, so only swap is checked for values (test_launch_knobs_match_float64)
+DIAGNOSE_KNOBS = [
+    dict(swap=True),
+    dict(swap="k"),
+    dict(swap=True, unpack="convert", block_k=256, prefetch=True),
+    dict(swap=True, unpack="bits", num_stages=1),
+    dict(ablate="no_v"),
+    dict(ablate="no_k"),
+    dict(ablate="no_unpack"),
+    dict(ablate="no_unpack", swap=True),
+    dict(ablate="no_k", swap=True, prefetch=True),
+]
+
+
+@pytest.mark.parametrize("knobs", DIAGNOSE_KNOBS)
+@pytest.mark.parametrize("variant", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("B,T,H,KV,hd,S", [(1, 1, 32, 8, 128, 8192), (4, 5, 9, 3, 64, 1024)])
+def test_triton_lowering_swap_and_ablations(verify_triton_modules, variant, B, T, H, KV, hd, S, knobs):
+    if variant == "bf16" and "ablate" not in knobs:
+        pytest.skip("bf16 ignores swap")
+    _check_lowering(verify_triton_modules, variant, B, T, H, KV, hd, S, knobs)
+
+
+def _check_lowering(verify_triton_modules, variant, B, T, H, KV, hd, S, knobs):
     sd = jax.ShapeDtypeStruct
     G, R = 128, 256
     q, q_pos, n = sd((B, T, H, hd), jnp.bfloat16), sd((B, T), jnp.int32), sd((B,), jnp.int32)
@@ -343,7 +376,9 @@ def test_triton_lowering(verify_triton_modules, variant, B, T, H, KV, hd, S, kno
         assert len(verify_triton_modules) == n0 + launches, "no Triton kernel was lowered"
         assert any(t in exp.mlir_module() for t in TRITON_TARGETS)
         has_asm = "prmt.b32" in str(verify_triton_modules[n0].module)
-        assert has_asm == (knobs.get("unpack") == "asm" and variant != "bf16" and dtype != jnp.float32)
+        unpack = knobs.get("unpack", DEFAULTS[variant]["unpack"])
+        assert has_asm == (unpack == "asm" and variant != "bf16" and dtype != jnp.float32
+                           and knobs.get("ablate") != "no_unpack")
 
 
 def test_bench_attention_sweep_smoke(tmp_path):
@@ -359,3 +394,19 @@ def test_bench_attention_sweep_smoke(tmp_path):
     assert all(c["us"] > 0 and "config" in c for c in out["cells"])
     assert set(out["best"]) == {"bf16", "int8", "int4"} and "geomean" in out["best"]["int4"]
     assert len(bench.sweep_configs("int4")) + len(bench.sweep_configs("int8")) + len(bench.sweep_configs("bf16")) <= 40
+
+
+def test_bench_attention_diagnose_smoke(tmp_path):
+    """scripts/bench_attention.py --diagnose --smoke: the ablation / swap cells run on CPU (interpret)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_attention.py")
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--diagnose", "--smoke", "--out", str(tmp_path / "diag.json")])
+    names = {c["name"] for c in out["cells"] if c["variant"] == "int4"}
+    assert names == {"full", "no_v", "no_k", "no_unpack", "swap", "swap_k", "swap_convert"}
+    assert all(c["us"] > 0 and c["vs_full"] > 0 for c in out["cells"])
+    plan = bench.diagnose_plan([8192, 32768])
+    assert len(plan) <= 24 and {v for _, v, _, _ in plan} == {"bf16", "int4", "int8"}
