@@ -247,15 +247,16 @@ def summarize(results: dict) -> dict:
     return {**maps, "best_setting": best}
 
 
-def write_summary(results: dict, path: str):
-    """Merge the ratio maps into the summary JSON at `path` (keeping its other measured keys)."""
+def write_summary(results: dict, path: str, source: str):
+    """Merge the ratio maps into the summary JSON at `path` (keeping its other measured keys);
+    `source`: the results file they come from."""
     summary = {}
     if os.path.exists(path):
         with open(path) as f:
             summary = json.load(f)
     meta = results["meta"]
     summary.update(summarize(results))
-    summary["e2e"] = {"source": os.path.basename(path.replace("h200_summary", "h200_long_context")),
+    summary["e2e"] = {"source": source,
                       "commit": meta.get("commit"), "ratios": "decode only (module docstring of "
                       "scripts/bench_long_context.py); median seconds of the baseline over the mode's"}
     summary.setdefault("device", meta.get("device"))
@@ -283,7 +284,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.summarize:
         with open(args.summarize) as f:
-            print(json.dumps(write_summary(json.load(f), args.summary), indent=1))
+            print(json.dumps(write_summary(json.load(f), args.summary, args.summarize), indent=1))
         return
     if not args.out:
         ap.error("--out is required")
@@ -357,7 +358,7 @@ def main(argv=None):
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     if args.summary:
-        print(json.dumps(write_summary(results, args.summary), indent=1))
+        print(json.dumps(write_summary(results, args.summary, args.out), indent=1))
     return results
 
 
