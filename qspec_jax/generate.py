@@ -291,6 +291,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from qspec_jax import policy, speculative
+    from qspec_jax.model import unstack_layers
     from qspec_jax.tokenizer import load_tokenizer
 
     validate_args(args)
@@ -307,8 +308,9 @@ def run(args) -> int:
     )
     quantspec = args.mode == "quantspec"
     if quantspec:  # QuantSpec: the float weights verify, the int4 pytree (loaded above) drafts
-        draft_params = params
+        draft_params = unstack_layers(params)
         _, params = load_params(args.model, quantized=False, dtype=dtype, cache_dir=args.cache_dir)
+    params = unstack_layers(params)  # per-layer buffers once, not on every batch's `prepare`
     kv = "int8" if quantspec else args.kv
 
     sampling = args.temperature > 0
@@ -331,6 +333,7 @@ def run(args) -> int:
     batches = [range(i, min(i + args.batch_size, len(prompts))) for i in range(0, len(prompts), args.batch_size)]
     bar = tqdm(total=len(prompts), desc=f"generating ({args.mode})", unit="prompt", file=sys.stderr,
                disable=len(batches) < 2 and not sys.stderr.isatty())
+    programs = {}  # (padded prompt shape, static settings) -> compiled generate program
     for rows in batches:
         # Pad to a multiple of 64 so batches of similar length share one compiled program.
         toks, lens = speculative.pad_prompts([token_lists[i] for i in rows], multiple=64)
@@ -339,7 +342,10 @@ def run(args) -> int:
             batch_settings, choice = speculative.resolve_auto(toks, lens, settings, auto)
         args_, static = speculative.prepare(params, toks, lens, **batch_settings)
         t0 = time.perf_counter()
-        compiled = speculative.generate_jit.lower(*args_, **static).compile()
+        key = (toks.shape, tuple(sorted(static.items())))
+        if key not in programs:
+            programs[key] = speculative.generate_jit.lower(*args_, **static).compile()
+        compiled = programs[key]
         t1 = time.perf_counter()
         result = jax.block_until_ready(compiled(*args_))
         seconds = time.perf_counter() - t1

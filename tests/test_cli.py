@@ -13,13 +13,20 @@ def run_cli(capsys, *argv):
     return code, out.out, out.err
 
 
-def test_generate_json_with_the_default_model(capsys, tmp_path):
+def test_generate_json_with_the_default_model(capsys, tmp_path, monkeypatch):
+    from qspec_jax import speculative
+
+    lowered = []
+    real_lower = speculative.generate_jit.lower
+    monkeypatch.setattr(speculative.generate_jit, "lower", lambda *a, **k: lowered.append(1) or real_lower(*a, **k))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "What is 2 + 2?"}) + "\n")
     code, out, err = run_cli(capsys, "--prompt", "Name a color.", "--prompts-file", str(prompts),
                              "--max-new-tokens", "6", "--json", "--cache-dir", str(tmp_path / "ckpt"),
+                             "--batch-size", "1",  # two batches of one padded shape: one compiled program
                              "--calibration-tokens", "512")  # GPTQ on two rows: the path, kept quick
     assert code == 0, err
+    assert len(lowered) == 1, f"{len(lowered)} programs compiled for two batches of the same shape"
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["prompt"] for r in rows] == ["Name a color.", "What is 2 + 2?"]
     for r in rows:
