@@ -137,6 +137,18 @@ def tiny_hf_dir(tmp_path_factory):
     return write_hf_dir(path, TINY_HF_CONFIG, random_hf_weights(TINY_HF_CONFIG))
 
 
+# Kernel backends the kernel tests run: interpret mode (CPU, every machine) and, on a GPU, the
+# compiled Triton kernels. QSPEC_TEST_COMPILED_ONLY=1 on a GPU skips interpret mode (a device run
+# with little time checks what only the GPU can).
+def kernel_backends() -> list:
+    import jax
+
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu and os.environ.get("QSPEC_TEST_COMPILED_ONLY") == "1":
+        return ["triton"]
+    return ["interpret"] + (["triton"] if on_gpu else [])
+
+
 # One seed for the tests that build random tiny models; pin it with QSPEC_TEST_SEED to reproduce.
 TEST_SEED = int(os.environ.get("QSPEC_TEST_SEED", secrets.randbits(30)))
 

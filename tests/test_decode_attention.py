@@ -19,7 +19,9 @@ import pytest
 from pallas_kernels.decode_attention import DEFAULTS, QuantKV, decode_attention, decode_attention_reference
 from test_kernels import TRITON_TARGETS, _export_cuda, verify_triton_modules  # noqa: F401 (fixture)
 
-KERNEL_BACKENDS = ["interpret"] + (["triton"] if jax.default_backend() == "gpu" else [])
+from conftest import kernel_backends  # noqa: E402
+
+KERNEL_BACKENDS = kernel_backends()
 BACKENDS = KERNEL_BACKENDS + ["reference"]
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 

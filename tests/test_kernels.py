@@ -41,7 +41,9 @@ from pallas_kernels.w4a16 import dequantize_kernel
 from pallas_kernels.w4a4 import ACT_CLIP
 
 # On a GPU the compiled Triton kernels are checked too, against the same float64 references.
-KERNEL_BACKENDS = ["interpret"] + (["triton"] if jax.default_backend() == "gpu" else [])
+from conftest import kernel_backends  # noqa: E402
+
+KERNEL_BACKENDS = kernel_backends()
 BACKENDS = KERNEL_BACKENDS + ["reference"]
 F32_TOL = 2e-6
 BF16_TOL = 6e-3
