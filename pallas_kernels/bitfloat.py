@@ -12,8 +12,7 @@ lanes computes (lanes & 0x000F000F) ^ magic: 4-5 instructions for four values. O
 plane (Pallas lowers only single-result asm). The PTX needs the Triton backend: interpret mode
 cannot run it and must use `nibble_floats`.
 
-(The same PTX as w4a16.py's `_ASM_DEQUANT`, there fixed to signed nibbles and to loading a weight
-block; w4a16 can call `asm_nibble_floats(p, shift, bits | 8, cdt)` instead.)
+The W4A16 weight kernel (w4a16.py) builds its signed weight nibbles with these too (magic = bits | 8).
 """
 
 from __future__ import annotations

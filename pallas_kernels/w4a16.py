@@ -21,6 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from .bitfloat import FLOAT_BASE, asm_nibble_floats, nibble_floats
 from .packing import unpack_int4, weight_layout
 from . import tiling
 from .tiling import Tiles, choose_tiles
@@ -182,57 +183,24 @@ def unpack_block(w_ref, b, half: int, mask):
     return (p << 4) >> 4, p >> 4  # arithmetic shifts on int8 sign-extend
 
 
-# Bit-built dequantization (Tiles.bias_dequant): OR-ing an offset nibble u = n + 8 (0..15) into the
-# bits of 2^7 (bf16) or 2^10 (f16) gives exactly BASE + u as a float, with integer ops only (no
-# int -> float conversion, which runs at a quarter of the integer rate); the dot then carries an
-# offset of BIAS * sum(x) that is subtracted once per block.
-# OR-ing u (0..15) into these bits gives BASE + u exactly: (bits, BASE) of 128.0 / 1024.0.
-FLOAT_BASE = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
+# Bit-built dequantization (Tiles.bias_dequant, pallas_kernels/bitfloat.py): XOR-ing a signed nibble
+# n with (bits | 8) gives the float BASE + 8 + n exactly, with integer ops only (no int -> float
+# conversion, which runs at a quarter of the integer rate); the dot then carries an offset of
+# BIAS * sum(x) that is subtracted once per block. Tiles.asm_dequant builds the same bits with inline
+# PTX (Marlin's prmt + lop3, four packed bytes per instance); interpret mode uses the jnp bit ops.
 _BIAS_BITS = {dt: (bits, base + 8) for dt, (bits, base) in FLOAT_BASE.items()}  # signed: u = n + 8
 
 
-def bias_dequant_block(w_ref, b, half: int, mask, cdt):
+def bias_dequant_block(w_ref, b, half: int, mask, cdt, convert=nibble_floats):
     """Low and high nibbles of packing block b as cdt values n + BIAS, and BIAS."""
     bits, bias = _BIAS_BITS[jnp.dtype(cdt)]
     p = load(w_ref.at[pl.ds(b * half, half), :], mask)
-    magic = jnp.int16(bits | 8)  # u = (n & 15) ^ 8 = n + 8; OR-ing into bits == XOR here
-
-    def as_float(nib):
-        return lax.bitcast_convert_type((nib.astype(jnp.int16) & 15) ^ magic, cdt)
-
-    return as_float(p), as_float(p >> 4), bias
-
-
-# The same bits built by inline PTX (Tiles.asm_dequant), four packed bytes per instance: two `prmt`
-# spread bytes 0,1 (and 2,3) into the low halves of 16-bit lanes (shifted right by 4 first for the
-# high nibbles), and one `lop3` per pair of lanes computes (lanes & 0x000F000F) ^ (MAGIC | 8)
-# (Marlin's trick): 4-5 instructions for 4 16-bit values, where the jnp bit ops above cost a few
-# 32-bit instructions per value. One asm per nibble plane: Pallas lowers only single-result asm.
-# Interpret mode cannot run PTX and uses the jnp bit ops.
-_ASM_DEQUANT = """{
-.reg .b32 z, s, t0, t1;
-mov.b32 z, 0;
-shr.u32 s, $2, SHIFT;
-prmt.b32 t0, s, z, 0x4140;
-prmt.b32 t1, s, z, 0x4342;
-lop3.b32 $0, t0, 0x000F000F, MAGIC, 0x6A;
-lop3.b32 $1, t1, 0x000F000F, MAGIC, 0x6A;
-}"""
+    return convert(p, 0, bits | 8, cdt), convert(p, 4, bits | 8, cdt), bias
 
 
 def asm_dequant_block(w_ref, b, half: int, mask, cdt):
-    """bias_dequant_block's values (n + BIAS as cdt, and BIAS) converted by inline PTX."""
-    bits, bias = _BIAS_BITS[jnp.dtype(cdt)]
-    p = load(w_ref.at[pl.ds(b * half, half), :], mask)
-    magic = f"{(bits | 8) * 0x10001:#010x}"  # the same 16-bit pattern in both lanes
-
-    def plane(shift):  # shifting the packed word by 4 moves every byte's high nibble down
-        [out] = plt.elementwise_inline_asm(
-            _ASM_DEQUANT.replace("MAGIC", magic).replace("SHIFT", str(shift)), args=[p],
-            constraints="=r,=r,r", pack=4, result_shape_dtypes=[jax.ShapeDtypeStruct(p.shape, cdt)])
-        return out
-
-    return plane(0), plane(4), bias
+    """bias_dequant_block's values converted by inline PTX."""
+    return bias_dequant_block(w_ref, b, half, mask, cdt, convert=asm_nibble_floats)
 
 
 def _w4a16_kernel(x_ref, w_ref, s_ref, o_ref, *, half, blocks, unroll, grouped, M, N, cdt,
