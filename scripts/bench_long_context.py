@@ -23,7 +23,8 @@ Modes (name: weights, verify / draft, cache):
     python scripts/bench_long_context.py --out benchmarks/kv/h200_long_context.json   # GPU
     python scripts/bench_long_context.py --smoke --out /tmp/lc.json                    # CPU, tiny
     python scripts/bench_long_context.py --summarize benchmarks/kv/h200_long_context.json \\
-        --summary benchmarks/kv/h200_summary.json         # the issue's ratio maps from a results file
+        --summary benchmarks/kv/h200_summary.json --plot benchmarks/kv/h200_long_context.png
+                                                          # the issue's ratio maps and plot from a results file
 """
 
 from __future__ import annotations
@@ -247,6 +248,32 @@ def summarize(results: dict) -> dict:
     return {**maps, "best_setting": best}
 
 
+def plot(results: dict, path: str):
+    """Speedup vs context per batch (decode only): each ratio map of `summarize`, one panel per batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    maps = {k: v for k, v in summarize(results).items() if k != "best_setting"}
+    batches = sorted({int(cell.split("x")[0]) for m in maps.values() for cell in m})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.6), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        for name, m in maps.items():
+            pts = sorted((int(c.split("x")[1]), r) for c, r in m.items() if int(c.split("x")[0]) == b)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set(title=f"batch {b}", xlabel="context (tokens)", ylabel="decode speedup (baseline time / mode time)")
+        ax.legend(fontsize=7)
+    meta = results["meta"]
+    fig.suptitle(f"{meta.get('device')} - {meta.get('preset')} - commit {str(meta.get('commit'))[:7]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_summary(results: dict, path: str, source: str):
     """Merge the ratio maps into the summary JSON at `path` (keeping its other measured keys);
     `source`: the results file they come from."""
@@ -280,11 +307,16 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny preset, short contexts: CPU check that it runs")
     ap.add_argument("--out", help="results JSON (written after every mode)")
     ap.add_argument("--summary", help="merge the issue's ratio maps into this summary JSON")
-    ap.add_argument("--summarize", help="only rebuild --summary from this results JSON")
+    ap.add_argument("--summarize", help="only rebuild --summary (and --plot) from this results JSON")
+    ap.add_argument("--plot", help="PNG of the speedup maps vs context, one panel per batch")
     args = ap.parse_args(argv)
     if args.summarize:
         with open(args.summarize) as f:
-            print(json.dumps(write_summary(json.load(f), args.summary, args.summarize), indent=1))
+            results = json.load(f)
+        if args.summary:
+            print(json.dumps(write_summary(results, args.summary, args.summarize), indent=1))
+        if args.plot:
+            plot(results, args.plot)
         return
     if not args.out:
         ap.error("--out is required")
@@ -359,6 +391,8 @@ def main(argv=None):
             json.dump(results, f, indent=1)
     if args.summary:
         print(json.dumps(write_summary(results, args.summary, args.out), indent=1))
+    if args.plot:
+        plot(results, args.plot)
     return results
 
 

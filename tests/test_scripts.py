@@ -154,7 +154,9 @@ def test_bench_long_context_smoke(tmp_path):
     ratios are the baseline's median time over the mode's, recomputed here from the results."""
     out, summary = tmp_path / "lc.json", tmp_path / "summary.json"
     summary.write_text(json.dumps({"int8kv_ppl_ratio": 1.0}))  # measured keys already there are kept
-    run_script("bench_long_context.py", "--smoke", "--compile-threads", "2", "--out", str(out), "--summary", str(summary))
+    run_script("bench_long_context.py", "--smoke", "--compile-threads", "2", "--out", str(out), "--summary", str(summary),
+               "--plot", str(tmp_path / "lc.png"))
+    assert (tmp_path / "lc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     res, summ = json.loads(out.read_text()), json.loads(summary.read_text())
     (cell,) = res["cells"]
     t = {m["mode"]: m["seconds"] for m in cell["modes"]}
