@@ -57,6 +57,16 @@ operand, rows = slots; the softmax runs in that orientation) and swap=True also 
 Same math, held to float64 by the tests; measured by `scripts/bench_attention.py --diagnose`.
 `ablate` ("no_v", "no_k", "no_unpack"; LAUNCH_KNOBS) removes one stage for that measurement only:
 its outputs are wrong by design.
+
+Value-plane layout (`v_layout`, quantized views; a contract on the caller's data, not a tuning
+default): "channels" (the default) stores v_upper / v_lower as [B, KV, S, hd/2] like the key planes.
+There a value tile [sub, hd/2] is contiguous along head_dim, but p @ V reduces over the slots, so the
+codes converted in registers must be re-laid-out (pairs transposed through shared memory) before the
+MMA. "tokens" stores them transposed, [B, KV, hd/2, S] (byte (i, t) = channel i low nibble, channel
+i + hd/2 high nibble of token t: the same nibble packing with the axes swapped): the tile is loaded
+as [hd/2, sub], contiguous along the slots (the p @ V reduction axis), converted exactly as before
+and used as dot(p, tile^T), mirroring the key side's dot(qs, codes^T). v_scale / v_min stay [B, KV,
+S]. `QuantKV` is unchanged: with "tokens" its v_upper / v_lower fields hold the transposed planes.
 """
 
 from __future__ import annotations
@@ -86,8 +96,8 @@ class QuantKV(NamedTuple):
     k_lower: jax.Array  # [B, KV, S, hd/2] uint8: lower nibbles, same packing
     k_scale: jax.Array  # [B, KV, S/G, hd] upper-plane scale per channel per group of G tokens
     k_min: jax.Array  # [B, KV, S/G, hd] minimum per channel per group
-    v_upper: jax.Array  # [B, KV, S, hd/2] uint8
-    v_lower: jax.Array  # [B, KV, S, hd/2] uint8
+    v_upper: jax.Array  # [B, KV, S, hd/2] uint8 ([B, KV, hd/2, S] with v_layout="tokens")
+    v_lower: jax.Array  # [B, KV, S, hd/2] uint8 (likewise)
     v_scale: jax.Array  # [B, KV, S] upper-plane scale per token
     v_min: jax.Array  # [B, KV, S] minimum per token
 
@@ -98,8 +108,16 @@ def unpack_planes(packed: jax.Array) -> jax.Array:
     return jnp.concatenate([p & 15, (p >> 4) & 15], axis=-1)
 
 
-def dequantize_planes(kv: QuantKV, variant: str):
-    """(k, v) f32 [B, KV, S, hd] of the int8 (both planes) or int4 (upper plane) view."""
+V_LAYOUTS = ("channels", "tokens")
+
+
+def dequantize_planes(kv: QuantKV, variant: str, v_layout: str = "channels"):
+    """(k, v) f32 [B, KV, S, hd] of the int8 (both planes) or int4 (upper plane) view. v_layout
+    "tokens": kv's value planes are [B, KV, hd/2, S] (module docstring) and are transposed back."""
+    if v_layout not in V_LAYOUTS:
+        raise ValueError(f"v_layout must be one of {V_LAYOUTS}, got {v_layout!r}")
+    if v_layout == "tokens":
+        kv = kv._replace(v_upper=jnp.swapaxes(kv.v_upper, -1, -2), v_lower=jnp.swapaxes(kv.v_lower, -1, -2))
     k_scale = jnp.repeat(kv.k_scale.astype(jnp.float32), kv.k_upper.shape[2] // kv.k_scale.shape[2], axis=2)
     k_min = jnp.repeat(kv.k_min.astype(jnp.float32), kv.k_upper.shape[2] // kv.k_min.shape[2], axis=2)
     v_scale, v_min = kv.v_scale.astype(jnp.float32)[..., None], kv.v_min.astype(jnp.float32)[..., None]
@@ -123,8 +141,9 @@ def _decode_kernel(
     n_ref,  # [] int32: slots [0, n) may be read
     off_ref,  # [] int32: position of slot 0
     q_ref,  # [M, hd]
-    *refs,  # bf16: k, v [S, hd]; int8: ku, kl [S, hd/2], ks, km [S/G, hd], vu, vl [S, hd/2], vs, vm [S];
-    #         int4: the same without kl and vl; then outputs o [M, hd] f32, m [M], l [M]
+    *refs,  # bf16: k, v [S, hd]; int8: ku, kl [S, hd/2], ks, km [S/G, hd], vu, vl [S, hd/2] ([hd/2, S]
+    #         with v_layout "tokens"), vs, vm [S]; int4: the same without kl and vl; then outputs
+    #         o [M, hd] f32, m [M], l [M]
     variant: str,
     bk: int,
     sub: int,
@@ -138,8 +157,10 @@ def _decode_kernel(
     cut_side: Optional[str] = None,  # None; "below": slots at positions < c(p); "from": positions >= c(p)
     cut_group: int = 1,
     cut_delay: int = 0,
+    v_layout: str = "channels",  # "tokens": value planes [hd/2, S], tiles [hd/2, sub] (module docstring)
 ):
     *kv_refs, o_ref, m_ref, l_ref = refs
+    v_tok = v_layout == "tokens"
     swap_k, swap_v = swap in ("k", "kv"), swap == "kv"
     M, hd = q_ref.shape
     hd2 = hd // 2
@@ -256,6 +277,10 @@ def _decode_kernel(
                       half(km_ref, 0), half(km_ref, 1))
             if ablate == "no_v":
                 out.append(k_side + (None,) * 4)
+            elif v_tok:  # [hd/2, sub] tiles, contiguous along the slots
+                cols = pl.ds(pl.multiple_of(t0 + j * sub, sub), sub)
+                v_lo = None if vl_ref is None else vl_ref.at[:, cols][...]
+                out.append(k_side + (vu_ref.at[:, cols][...], v_lo, vs_ref.at[rows][...], vm_ref.at[rows][...]))
             else:
                 out.append(k_side + (vu_ref.at[rows, :][...], lower(vl_ref), vs_ref.at[rows][...],
                                      vm_ref.at[rows][...]))
@@ -327,9 +352,10 @@ def _decode_kernel(
                 pm = jnp.sum(p * vm.astype(jnp.float32)[:, None], axis=0)[None, :]  # [1, M]
                 if offset:
                     pm -= offset * jnp.sum(ps.astype(jnp.float32), axis=0)[None, :]
+                vdot = pdot if v_tok else tdot  # tokens: x [hd/2, sub] @ ps^T [sub, M]
                 for w, x_lo, x_hi in planes(vu, vl):
-                    o_lo = o_lo + tdot(x_lo, weighted(ps, w))
-                    o_hi = o_hi + tdot(x_hi, weighted(ps, w))
+                    o_lo = o_lo + vdot(x_lo, weighted(ps, w))
+                    o_hi = o_hi + vdot(x_hi, weighted(ps, w))
                 o_lo, o_hi = o_lo + pm, o_hi + pm
                 continue
             if swap_k:
@@ -338,9 +364,10 @@ def _decode_kernel(
             pm = rowsum(p * vm.astype(jnp.float32)[None, :])  # [M, 1]: the minimum's share
             if offset:
                 pm -= offset * rowsum(ps)
+            vdot = dot if v_tok else pdot  # tokens: ps [M, sub] @ x^T, x [hd/2, sub] (as dot(qs, codes^T))
             for w, x_lo, x_hi in planes(vu, vl):
-                o_lo = o_lo + pdot(weighted(ps, w), x_lo)
-                o_hi = o_hi + pdot(weighted(ps, w), x_hi)
+                o_lo = o_lo + vdot(weighted(ps, w), x_lo)
+                o_hi = o_hi + vdot(weighted(ps, w), x_hi)
             o_lo, o_hi = o_lo + pm, o_hi + pm
         return o_lo, o_hi, m_next, l_next
 
@@ -434,13 +461,15 @@ def pick_splits(batch: int, kv_heads: int, blocks: int, programs_per_sm: float =
 
 def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_k=None, splits=None,
                        programs_per_sm=None, num_warps=None, num_stages=None, unpack=None, prefetch=None,
-                       swap=None, ablate=None, interpret=False, cut=None, cut_side=None):
+                       swap=None, ablate=None, interpret=False, cut=None, cut_side=None, v_layout="channels"):
     """One launch: unnormalized partials over the slots [0, n) of `kv`, slot j at position off + j.
     With cut=(G, D) and cut_side "below" / "from", a query row at position p reads only the positions
     below / from its cut c(p) (module docstring). Launch knobs left None take DEFAULTS[variant].
 
     q_rows: [B, KV, M, hd] query blocks; row_pos: [B, M] int32 query positions (-1 for padding);
-    kv: (k, v) [B, KV, S, hd] for "bf16" or a QuantKV; n, off: [B] int32.
+    kv: (k, v) [B, KV, S, hd] for "bf16" or a QuantKV; n, off: [B] int32. v_layout (quantized views):
+    "channels", the QuantKV's v_upper / v_lower are [B, KV, S, hd/2]; "tokens", they are the
+    transposed [B, KV, hd/2, S] (module docstring); bf16 takes "channels" only.
     Returns o [B, KV, P, M, hd] f32 (unnormalized), m and l [B, KV, P, M] f32.
     """
     B, KV, M, hd = q_rows.shape
@@ -454,6 +483,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_
     if knobs["ablate"] not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}, got {knobs['ablate']!r}")
     swap = "" if variant == "bf16" else SWAPS[knobs["swap"]]
+    if v_layout not in V_LAYOUTS or (variant == "bf16" and v_layout != "channels"):
+        raise ValueError(f"v_layout must be one of {V_LAYOUTS} ('channels' for bf16), got {v_layout!r}")
     if variant == "bf16":
         k, v = kv
         S, group = k.shape[2], None
@@ -483,7 +514,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_
     kernel = functools.partial(_decode_kernel, variant=variant, bk=bk, sub=min(bk, group or bk), splits=P,
                                sm_scale=sm_scale, cdt=cdt, unpack=unpack, prefetch=bool(knobs["prefetch"]),
                                swap=swap, ablate=knobs["ablate"], cut_side=cut_side,
-                               cut_group=int(cut[0]) if cut else 1, cut_delay=int(cut[1]) if cut else 0)
+                               cut_group=int(cut[0]) if cut else 1, cut_delay=int(cut[1]) if cut else 0,
+                               v_layout=v_layout)
     return pl.pallas_call(
         kernel,
         grid=(B, KV, P),
@@ -526,15 +558,19 @@ def cut_positions(pos, cut):
     return jnp.maximum(pos + 1 - D, 0) // G * G
 
 
-def _check(q, q_pos, kv, variant, recent, cut=None):
+def _check(q, q_pos, kv, variant, recent, cut=None, v_layout="channels"):
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if v_layout not in V_LAYOUTS:
+        raise ValueError(f"v_layout must be one of {V_LAYOUTS}, got {v_layout!r}")
     B, T, H, hd = q.shape
     if q_pos.shape != (B, T):
         raise ValueError(f"q_pos has shape {q_pos.shape}, expected {(B, T)}")
     if variant == "bf16":
         if isinstance(kv, QuantKV):
             raise ValueError("variant 'bf16' takes (k, v) arrays, not QuantKV planes")
+        if v_layout != "channels":
+            raise ValueError(f"v_layout {v_layout!r} applies to QuantKV planes; variant 'bf16' takes 'channels'")
         KV, S = kv[0].shape[1], kv[0].shape[2]
         if kv[0].shape != (B, KV, S, hd) or kv[1].shape != kv[0].shape:
             raise ValueError(f"k, v must be [B, KV, S, hd] = [{B}, KV, S, {hd}], got {kv[0].shape}, {kv[1].shape}")
@@ -545,6 +581,12 @@ def _check(q, q_pos, kv, variant, recent, cut=None):
         if kv.k_upper.shape != (B, KV, S, hd // 2) or S % kv.k_scale.shape[2]:
             raise ValueError(f"k_upper must be [{B}, KV, S, {hd // 2}] with S a multiple of the group, "
                              f"got {kv.k_upper.shape} and k_scale {kv.k_scale.shape}")
+        want = (B, KV, S, hd // 2) if v_layout == "channels" else (B, KV, hd // 2, S)
+        axes = "[B, KV, S, hd/2]" if v_layout == "channels" else "[B, KV, hd/2, S] (transposed)"
+        for name in ("v_upper",) + (("v_lower",) if variant == "int8" else ()):
+            if getattr(kv, name).shape != want:
+                raise ValueError(f"with v_layout={v_layout!r}, {name} must be {axes} = {list(want)}, "
+                                 f"got {list(getattr(kv, name).shape)}")
     if H % KV:
         raise ValueError(f"{H} query heads are not a multiple of {KV} kv heads")
     if hd < 32 or hd & (hd - 1):
@@ -570,6 +612,7 @@ def decode_attention(
     block_k: Optional[int] = None,
     splits: Optional[int] = None,
     backend: str = "auto",
+    v_layout: str = "channels",  # "tokens": the QuantKV's value planes are [B, KV, hd/2, S]
     **launch,  # programs_per_sm, num_warps, num_stages, unpack, prefetch, swap, ablate (LAUNCH_KNOBS)
 ):
     """Attention of T query positions per row over the cache (+ the recent buffer): [B, T, H, hd].
@@ -580,8 +623,14 @@ def decode_attention(
     cache; the caller keeps c(p) <= kv_len and the buffer holding [c(p), p]). backend: "auto"
     (triton on GPU, else reference), "triton", "interpret", "reference". block_k, splits and
     `launch` tune the main launch (attention_partials); the recent buffer runs bf16's DEFAULTS.
+
+    v_layout (quantized views; describes the caller's data, so it is no DEFAULTS entry): "channels",
+    kv.v_upper / kv.v_lower are [B, KV, S, hd/2] as written by qspec_jax.hierarchical_kv; "tokens",
+    the caller passes them transposed, [B, KV, hd/2, S] (e.g. jnp.swapaxes(v_upper, -1, -2): the same
+    bytes, slots contiguous), and the kernel's p @ V reduces along the tiles' contiguous axis
+    (module docstring). v_scale / v_min stay [B, KV, S]; the key planes are unchanged.
     """
-    B, T, H, KV, hd = _check(q, q_pos, kv, variant, recent, cut)
+    B, T, H, KV, hd = _check(q, q_pos, kv, variant, recent, cut, v_layout)
     unknown = set(launch) - set(LAUNCH_KNOBS)
     if unknown:
         raise TypeError(f"unknown launch knobs {sorted(unknown)}; known: {LAUNCH_KNOBS}")
@@ -589,7 +638,8 @@ def decode_attention(
     backend = resolve_backend(backend)
     if backend == "reference":
         return decode_attention_reference(q, q_pos, kv, kv_len, variant=variant, recent=recent,
-                                          recent_start=recent_start, cut=cut, sm_scale=sm_scale)
+                                          recent_start=recent_start, cut=cut, sm_scale=sm_scale,
+                                          v_layout=v_layout)
     rep = H // KV
     M = max(16, _pow2_at_least(rep * T))
     # Query rows of a kv head: row r*T + t is query head (kv head, r) at position t.
@@ -600,7 +650,7 @@ def decode_attention(
                             interpret=backend == "interpret")
     sides = ("below", "from") if cut is not None else (None, None)
     parts = [run(kv, kv_len, jnp.zeros((B,), jnp.int32), variant=variant, block_k=block_k, splits=splits,
-                 cut=cut, cut_side=sides[0], **launch)]
+                 cut=cut, cut_side=sides[0], v_layout=v_layout, **launch)]
     if recent is not None:
         R = recent[0].shape[2]
         parts.append(run(recent, jnp.full((B,), R, jnp.int32), recent_start, variant="bf16", splits=1,
@@ -610,11 +660,12 @@ def decode_attention(
 
 
 def decode_attention_reference(q, q_pos, kv, kv_len, *, variant="bf16", recent=None, recent_start=None,
-                               cut=None, sm_scale=None):
-    """Plain jnp of the same math in f32: dequantize, mask by position (and cut), softmax."""
-    B, T, H, KV, hd = _check(q, q_pos, kv, variant, recent, cut)
+                               cut=None, sm_scale=None, v_layout="channels"):
+    """Plain jnp of the same math in f32: dequantize, mask by position (and cut), softmax.
+    v_layout as in decode_attention ("tokens": transposed value planes)."""
+    B, T, H, KV, hd = _check(q, q_pos, kv, variant, recent, cut, v_layout)
     sm_scale = 1.0 / math.sqrt(hd) if sm_scale is None else sm_scale
-    k, v = (kv if variant == "bf16" else dequantize_planes(kv, variant))
+    k, v = (kv if variant == "bf16" else dequantize_planes(kv, variant, v_layout))
     k, v = k.astype(jnp.float32), v.astype(jnp.float32)
     S = k.shape[2]
     k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))

@@ -36,6 +36,16 @@ interpret mode on CPU (INT4 cells only), a path check.
 
   python scripts/bench_attention.py --diagnose --out $OUT/attention_diagnose.json  # GPU, ~90 s
   python scripts/bench_attention.py --diagnose --smoke --out /tmp/diag.json        # CPU path check
+
+--vlayout times the value planes' layout (the `v_layout` argument of decode_attention): INT4 and
+INT8 at batch 16 x 8k and 32k with the current DEFAULTS, value planes stored "channels" ([B, KV, S,
+hd/2], as the hierarchical cache writes them) against "tokens" (transposed, [B, KV, hd/2, S]:
+contiguous along the p @ V reduction axis; same bytes). Synthetic planes: the cache itself is not
+changed. Each cell records name (the layout), config, us, frac_copy_bw and vs_channels = us / the
+"channels" cell's us at the same variant and context. With --smoke: interpret mode on CPU.
+
+  python scripts/bench_attention.py --vlayout --out $OUT/attention_vlayout.json    # GPU, 8 cells, ~40 s
+  python scripts/bench_attention.py --vlayout --smoke --out /tmp/vlayout.json      # CPU path check
 """
 
 from __future__ import annotations
@@ -60,16 +70,20 @@ from qspec_jax.model import attention as xla_attention  # noqa: E402
 H, KV, HD, GROUP = 32, 8, 128, 128
 
 
-def make_kv(key, B, S, variant):
+def make_kv(key, B, S, variant, v_layout="channels"):
+    """(kv, bytes the variant reads); v_layout "tokens": value planes [B, KV, hd/2, S] (same bytes)."""
     ks = jax.random.split(key, 4)
     if variant in ("bf16", "jax_gqa", "xla"):
         k = jax.random.normal(ks[0], (B, KV, S, HD), jnp.bfloat16)
         v = jax.random.normal(ks[1], (B, KV, S, HD), jnp.bfloat16)
         return (k, v), 2 * k.nbytes
-    plane = lambda k: jax.random.randint(k, (B, KV, S, HD // 2), 0, 256, jnp.int32).astype(jnp.uint8)  # noqa: E731
+    def plane(k, shape=(B, KV, S, HD // 2)):
+        return jax.random.randint(k, shape, 0, 256, jnp.int32).astype(jnp.uint8)
+
+    v_shape = (B, KV, S, HD // 2) if v_layout == "channels" else (B, KV, HD // 2, S)
     f16 = lambda shape, val: jnp.full(shape, val, jnp.float16)  # noqa: E731
     kv = QuantKV(plane(ks[0]), plane(ks[1]), f16((B, KV, S // GROUP, HD), 0.05), f16((B, KV, S // GROUP, HD), -0.4),
-                 plane(ks[2]), plane(ks[3]), f16((B, KV, S), 0.05), f16((B, KV, S), -0.4))
+                 plane(ks[2], v_shape), plane(ks[3], v_shape), f16((B, KV, S), 0.05), f16((B, KV, S), -0.4))
     scales = kv.k_scale.nbytes + kv.k_min.nbytes + kv.v_scale.nbytes + kv.v_min.nbytes
     codes = kv.k_upper.nbytes + kv.v_upper.nbytes
     return kv, scales + (2 * codes if variant == "int8" else codes)
@@ -225,6 +239,49 @@ def diagnose(args, bw, out):
     return out
 
 
+VLAYOUTS = ("channels", "tokens")
+
+
+def vlayout_plan(contexts, variants=("int4", "int8")):
+    """[(context, variant, v_layout, config)]: the cells --vlayout times, in order."""
+    return [(S, variant, layout, {**DEFAULTS[variant], "v_layout": layout})
+            for S in contexts for variant in variants for layout in VLAYOUTS]
+
+
+def vlayout(args, bw, out):
+    """Time the value planes' "channels" layout against "tokens" (module docstring)."""
+    B = [int(b) for b in args.batches.split(",")][0]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    extra = {}
+    if args.smoke:  # interpret mode on CPU: the path runs, times mean nothing
+        B, contexts, args.iters, args.repeats, extra = 1, [256], 1, 1, {"backend": "interpret"}
+    plan = vlayout_plan(contexts)
+    out["meta"]["vlayout"] = {"defaults": DEFAULTS, "layouts": {
+        "channels": "v planes [B, KV, S, hd/2]", "tokens": "v planes [B, KV, hd/2, S] (transposed)"}}
+    base = {}
+    for i, (S, variant, layout, config) in enumerate(plan):
+        label = f"[{i + 1}/{len(plan)}] B={B} S={S} {variant} v_layout={layout}"
+        try:
+            kv = make_kv(jax.random.key(S + B), B, S, variant, layout)
+            sec, nbytes = time_variant(variant, B, S, args.iters, args.repeats, kv=kv, knobs={**config, **extra})
+        except Exception as e:  # a cell that does not compile is reported, not fatal
+            print(f"{label}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
+        finally:
+            kv = None
+        cell = {"batch": B, "context": S, "variant": variant, "name": layout, "config": config, "us": 1e6 * sec,
+                "bytes": nbytes, "frac_copy_bw": nbytes / sec / bw}
+        if layout == "channels":
+            base[(S, variant)] = cell["us"]
+        if (S, variant) in base:
+            cell["vs_channels"] = cell["us"] / base[(S, variant)]
+        out["cells"].append(cell)
+        print(f"{label}: {cell['us']:.1f} us, {cell['frac_copy_bw']:.2f} of copy"
+              + (f", {cell['vs_channels']:.2f}x channels" if "vs_channels" in cell else ""), flush=True)
+        write(args.out, out)
+    return out
+
+
 def best_configs(cells, contexts):
     """Per variant: the fastest config at each context, and the one with the smallest geometric
     mean time over all contexts (among configs that ran at every context)."""
@@ -264,12 +321,14 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="time our kernel's launch knobs (module docstring)")
     ap.add_argument("--diagnose", action="store_true",
                     help="time stage ablations and swap against the full INT4/INT8 kernels (module docstring)")
+    ap.add_argument("--vlayout", action="store_true",
+                    help="time the value planes' layout, channels vs tokens, for INT4/INT8 (module docstring)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     variants = args.variants.split(",")
-    if args.smoke and not (args.sweep or args.diagnose):
+    if args.smoke and not (args.sweep or args.diagnose or args.vlayout):
         batches, contexts, variants, args.iters, args.repeats = [1], [256], ["bf16", "int8", "int4", "xla"], 2, 1
     bw = copy_bandwidth(2**24 if args.smoke else 2**30)
     try:
@@ -284,6 +343,8 @@ def main(argv=None):
         return sweep(args, bw, out)
     if args.diagnose:
         return diagnose(args, bw, out)
+    if args.vlayout:
+        return vlayout(args, bw, out)
     for B in batches:
         for S in contexts:
             for variant in variants:

@@ -272,6 +272,76 @@ def test_per_query_cut(rng, variant, G, D, T):
                          cut=(G, D))
 
 
+def to_tokens(kv: QuantKV) -> QuantKV:
+    """The value planes in v_layout="tokens": [B, KV, hd/2, S], the same bytes transposed."""
+    return kv._replace(v_upper=jnp.swapaxes(kv.v_upper, -1, -2), v_lower=jnp.swapaxes(kv.v_lower, -1, -2))
+
+
+VLAYOUT_KNOBS = [  # (query dtype, launch knobs) with v_layout="tokens": value tiles [hd/2, sub]
+    (jnp.bfloat16, dict()),  # the defaults (asm -> bits here)
+    (jnp.float16, dict(block_k=256, unpack="bits", prefetch=True)),  # 4 key groups of 64 per block
+    (jnp.bfloat16, dict(block_k=256, unpack="convert", splits=3)),
+    (jnp.float16, dict(block_k=32, unpack="asm", splits=5, prefetch=True)),
+    (jnp.bfloat16, dict(swap=True, block_k=128, unpack="bits")),  # o^T += tile @ p^T
+    (jnp.float16, dict(swap="k", block_k=64, unpack="convert")),
+]
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+@pytest.mark.parametrize("dtype,knobs", VLAYOUT_KNOBS)
+def test_v_layout_tokens_matches_float64(rng, variant, dtype, knobs):
+    """v_layout="tokens" (transposed value planes) with the recent buffer and a per-query cut gives
+    float64 attention of the planes' values; NumPy decodes the untransposed planes."""
+    B, T, H, KV, hd, S, G, D, R = 2, 4, 8, 2, 64, 512, 64, 32, 256
+    kv = random_planes(rng, B, KV, S, hd, G)
+    rk, rv = (jnp.asarray(rng.standard_normal((B, KV, R, hd)), dtype) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((B, T, H, hd)), dtype)
+    lens = np.array([G + D - 1 + int(rng.integers(0, G)), 5 * G + int(rng.integers(0, 3 * G))])
+    cut = lambda p: np.maximum(p + 1 - D, 0) // G * G  # noqa: E731
+    q_len = lens // G * G
+    r_start = np.maximum(np.minimum(cut(lens), q_len) - G * rng.integers(0, 2, B), 0)
+    assert (cut(lens + T - 1) <= q_len).all() and (lens + T - r_start <= R).all()
+    q_pos = lens[:, None] + np.arange(T)
+    k_deq, v_deq = np_dequant(kv, variant)
+    k_all, v_all = np.concatenate([k_deq, f64(rk)], axis=2), np.concatenate([v_deq, f64(rv)], axis=2)
+    k_pos = np.concatenate([np.broadcast_to(np.arange(S), (B, S)), r_start[:, None] + np.arange(R)], axis=1)
+    want = np.concatenate([
+        np_attention(f64(q[:, t:t + 1]), q_pos[:, t:t + 1], k_all, v_all, k_pos, np.concatenate(
+            [np.arange(S) < np.minimum(q_len, cut(q_pos[:, t]))[:, None],
+             r_start[:, None] + np.arange(R) >= cut(q_pos[:, t])[:, None]], axis=1))
+        for t in range(T)], axis=1)
+    kvt = to_tokens(kv)
+    for backend in BACKENDS:
+        out = decode_attention(q, jnp.asarray(q_pos, jnp.int32), kvt, jnp.asarray(q_len, jnp.int32),
+                               variant=variant, recent=(rk, rv), recent_start=jnp.asarray(r_start, jnp.int32),
+                               cut=(G, D), v_layout="tokens", backend=backend, **knobs)
+        assert out.dtype == dtype
+        err = np.abs(f64(out) - want).max()
+        assert err < TOL[jnp.bfloat16], (backend, err)
+
+
+def test_v_layout_bad_inputs(rng):
+    B, T, H, KV, hd, S, G = 1, 1, 4, 2, 64, 128, 64
+    kv = random_planes(rng, B, KV, S, hd, G)
+    q = jnp.asarray(rng.standard_normal((B, T, H, hd)), jnp.float32)
+    q_len, q_pos = jnp.asarray([S], jnp.int32), jnp.asarray([[S]], jnp.int32)
+    with pytest.raises(ValueError, match=r"v_layout='tokens', v_upper must be \[B, KV, hd/2, S\]"):
+        decode_attention(q, q_pos, kv, q_len, variant="int4", v_layout="tokens", backend="interpret")
+    with pytest.raises(ValueError, match=r"v_layout='channels', v_lower must be"):
+        decode_attention(q, q_pos, kv._replace(v_lower=to_tokens(kv).v_lower), q_len, variant="int8",
+                         backend="interpret")
+    with pytest.raises(ValueError, match="v_layout must be one of"):
+        decode_attention(q, q_pos, kv, q_len, variant="int8", v_layout="slots", backend="reference")
+    k = jnp.zeros((B, KV, S, hd), jnp.float32)
+    with pytest.raises(ValueError, match="v_layout 'tokens' applies to QuantKV"):
+        decode_attention(q, q_pos, (k, k), q_len, v_layout="tokens")
+    # int4 never reads v_lower: its shape is not checked
+    a = decode_attention(q, q_pos, to_tokens(kv)._replace(v_lower=kv.v_lower), q_len, variant="int4",
+                         v_layout="tokens", backend="reference")
+    b = decode_attention(q, q_pos, kv, q_len, variant="int4", backend="reference")
+    assert np.allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
 def test_int4_reads_no_lower_plane(rng):
     """The draft's view does not depend on the lower plane."""
     B, T, H, KV, hd, S, G = 1, 1, 4, 2, 64, 128, 64
@@ -355,6 +425,23 @@ def test_triton_lowering_swap_and_ablations(verify_triton_modules, variant, B, T
     _check_lowering(verify_triton_modules, variant, B, T, H, KV, hd, S, knobs)
 
 
+# v_layout="tokens": transposed value planes, tiles [hd/2, sub] used as dot(p, tile^T)
+TOKENS_KNOBS = [
+    dict(v_layout="tokens"),  # the defaults: inline PTX unpacking
+    dict(v_layout="tokens", unpack="asm", block_k=256, prefetch=True, num_warps=8),
+    dict(v_layout="tokens", unpack="convert", block_k=64),
+    dict(v_layout="tokens", unpack="bits", swap=True),
+    dict(v_layout="tokens", ablate="no_unpack"),
+]
+
+
+@pytest.mark.parametrize("knobs", TOKENS_KNOBS)
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+@pytest.mark.parametrize("B,T,H,KV,hd,S", [(1, 1, 32, 8, 128, 8192), (4, 5, 9, 3, 64, 1024)])
+def test_triton_lowering_v_layout_tokens(verify_triton_modules, variant, B, T, H, KV, hd, S, knobs):
+    _check_lowering(verify_triton_modules, variant, B, T, H, KV, hd, S, knobs)
+
+
 def _check_lowering(verify_triton_modules, variant, B, T, H, KV, hd, S, knobs):
     sd = jax.ShapeDtypeStruct
     G, R = 128, 256
@@ -367,7 +454,8 @@ def _check_lowering(verify_triton_modules, variant, B, T, H, KV, hd, S, knobs):
         launches = 1
     else:
         u8, sc = sd((B, KV, S, hd // 2), jnp.uint8), sd((B, KV, S // G, hd), jnp.float16)
-        kv = QuantKV(u8, u8, sc, sc, u8, u8, sd((B, KV, S), jnp.float16), sd((B, KV, S), jnp.float16))
+        v8 = sd((B, KV, hd // 2, S), jnp.uint8) if knobs.get("v_layout") == "tokens" else u8
+        kv = QuantKV(u8, u8, sc, sc, v8, v8, sd((B, KV, S), jnp.float16), sd((B, KV, S), jnp.float16))
         fn = lambda q, p, kv, n, recent: decode_attention(q, p, kv, n, variant=variant, recent=recent,
                                                           recent_start=n, cut=(G, G // 2), backend="triton",
                                                           **knobs)
@@ -412,3 +500,24 @@ def test_bench_attention_diagnose_smoke(tmp_path):
     assert all(c["us"] > 0 and c["vs_full"] > 0 for c in out["cells"])
     plan = bench.diagnose_plan([8192, 32768])
     assert len(plan) <= 24 and {v for _, v, _, _ in plan} == {"bf16", "int4", "int8"}
+
+
+def test_bench_attention_vlayout_smoke(tmp_path):
+    """scripts/bench_attention.py --vlayout --smoke: channels vs tokens cells run on CPU (interpret)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_attention.py")
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--vlayout", "--smoke", "--out", str(tmp_path / "vlayout.json")])
+    assert {(c["variant"], c["name"]) for c in out["cells"]} == {
+        (v, lay) for v in ("int4", "int8") for lay in ("channels", "tokens")}
+    assert all(c["us"] > 0 and c["vs_channels"] > 0 and c["config"]["v_layout"] == c["name"] for c in out["cells"])
+    byts = {(c["variant"], c["name"]): c["bytes"] for c in out["cells"]}
+    assert all(byts[(v, "tokens")] == byts[(v, "channels")] for v in ("int4", "int8"))
+    plan = bench.vlayout_plan([8192, 32768])
+    assert len(plan) == 8 and {c["v_layout"] for _, _, _, c in plan} == {"channels", "tokens"}
+    kv, _ = bench.make_kv(jax.random.key(0), 1, 256, "int4", "tokens")
+    assert kv.v_upper.shape == (1, bench.KV, bench.HD // 2, 256)
+    assert kv.k_upper.shape == (1, bench.KV, 256, bench.HD // 2)
