@@ -205,38 +205,50 @@ def diagnose_plan(contexts, variants=("int4", "int8")):
     return plan
 
 
-def diagnose(args, bw, out):
-    """Time each stage ablation and swap against the full kernel (module docstring)."""
-    B = [int(b) for b in args.batches.split(",")][0]
-    contexts = [int(c) for c in args.contexts.split(",")]
-    extra = {}
-    if args.smoke:  # interpret mode on CPU: the path runs, times mean nothing
-        B, contexts, args.iters, args.repeats, extra = 1, [256], 1, 1, {"backend": "interpret"}
-    plan = diagnose_plan(contexts, ("int4",) if args.smoke else ("int4", "int8"))
-    out["meta"]["diagnose"] = {"defaults": DEFAULTS, "cells": {n: c for n, c in DIAGNOSE + DIAGNOSE_FIRST_CONTEXT}}
-    kvs, full = {}, {}
-    for i, (S, variant, name, config) in enumerate(plan):
+def time_plan(args, bw, out, B, plan, extra, reference):
+    """Time [(context, variant, name, config, kv layout)] cells in order, each also relative to the
+    cell named `reference` at its context and variant (key f"vs_{reference}"); JSON after every cell."""
+    kvs, ref = {}, {}
+    for i, (S, variant, name, config, layout) in enumerate(plan):
         label = f"[{i + 1}/{len(plan)}] B={B} S={S} {variant} {name}"
-        if (S, variant) not in kvs:
-            kvs.clear()  # one context's caches at a time
-            kvs[(S, variant)] = make_kv(jax.random.key(S + B), B, S, variant)
+        if (S, variant, layout) not in kvs:
+            kvs.clear()  # one cache at a time
+            kvs[(S, variant, layout)] = make_kv(jax.random.key(S + B), B, S, variant, layout)
         try:
-            sec, nbytes = time_variant(variant, B, S, args.iters, args.repeats, kv=kvs[(S, variant)],
+            sec, nbytes = time_variant(variant, B, S, args.iters, args.repeats, kv=kvs[(S, variant, layout)],
                                        knobs={**config, **extra})
         except Exception as e:  # a cell that does not compile is reported, not fatal
             print(f"{label}: {type(e).__name__}: {str(e)[:300]}", flush=True)
             continue
         cell = {"batch": B, "context": S, "variant": variant, "name": name, "config": config, "us": 1e6 * sec,
                 "bytes": nbytes, "frac_copy_bw": nbytes / sec / bw}
-        if name == "full":
-            full[(S, variant)] = cell["us"]
-        if (S, variant) in full:
-            cell["vs_full"] = cell["us"] / full[(S, variant)]
+        if name == reference:
+            ref[(S, variant)] = cell["us"]
+        if (S, variant) in ref:
+            cell[f"vs_{reference}"] = cell["us"] / ref[(S, variant)]
         out["cells"].append(cell)
         print(f"{label}: {cell['us']:.1f} us, {cell['frac_copy_bw']:.2f} of copy"
-              + (f", {cell['vs_full']:.2f}x full" if "vs_full" in cell else ""), flush=True)
+              + (f", {cell[f'vs_{reference}']:.2f}x {reference}" if f"vs_{reference}" in cell else ""), flush=True)
         write(args.out, out)
     return out
+
+
+def _plan_settings(args):
+    """Batch, contexts and extra knobs of a --diagnose / --vlayout run (interpret mode with --smoke)."""
+    B = [int(b) for b in args.batches.split(",")][0]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    if args.smoke:  # interpret mode on CPU: the path runs, times mean nothing
+        args.iters, args.repeats = 1, 1
+        return 1, [256], {"backend": "interpret"}
+    return B, contexts, {}
+
+
+def diagnose(args, bw, out):
+    """Time each stage ablation and swap against the full kernel (module docstring)."""
+    B, contexts, extra = _plan_settings(args)
+    plan = diagnose_plan(contexts, ("int4",) if args.smoke else ("int4", "int8"))
+    out["meta"]["diagnose"] = {"defaults": DEFAULTS, "cells": {n: c for n, c in DIAGNOSE + DIAGNOSE_FIRST_CONTEXT}}
+    return time_plan(args, bw, out, B, [(*c, "channels") for c in plan], extra, "full")
 
 
 VLAYOUTS = ("channels", "tokens")
@@ -250,36 +262,11 @@ def vlayout_plan(contexts, variants=("int4", "int8")):
 
 def vlayout(args, bw, out):
     """Time the value planes' "channels" layout against "tokens" (module docstring)."""
-    B = [int(b) for b in args.batches.split(",")][0]
-    contexts = [int(c) for c in args.contexts.split(",")]
-    extra = {}
-    if args.smoke:  # interpret mode on CPU: the path runs, times mean nothing
-        B, contexts, args.iters, args.repeats, extra = 1, [256], 1, 1, {"backend": "interpret"}
-    plan = vlayout_plan(contexts)
+    B, contexts, extra = _plan_settings(args)
     out["meta"]["vlayout"] = {"defaults": DEFAULTS, "layouts": {
         "channels": "v planes [B, KV, S, hd/2]", "tokens": "v planes [B, KV, hd/2, S] (transposed)"}}
-    base = {}
-    for i, (S, variant, layout, config) in enumerate(plan):
-        label = f"[{i + 1}/{len(plan)}] B={B} S={S} {variant} v_layout={layout}"
-        try:
-            kv = make_kv(jax.random.key(S + B), B, S, variant, layout)
-            sec, nbytes = time_variant(variant, B, S, args.iters, args.repeats, kv=kv, knobs={**config, **extra})
-        except Exception as e:  # a cell that does not compile is reported, not fatal
-            print(f"{label}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            continue
-        finally:
-            kv = None
-        cell = {"batch": B, "context": S, "variant": variant, "name": layout, "config": config, "us": 1e6 * sec,
-                "bytes": nbytes, "frac_copy_bw": nbytes / sec / bw}
-        if layout == "channels":
-            base[(S, variant)] = cell["us"]
-        if (S, variant) in base:
-            cell["vs_channels"] = cell["us"] / base[(S, variant)]
-        out["cells"].append(cell)
-        print(f"{label}: {cell['us']:.1f} us, {cell['frac_copy_bw']:.2f} of copy"
-              + (f", {cell['vs_channels']:.2f}x channels" if "vs_channels" in cell else ""), flush=True)
-        write(args.out, out)
-    return out
+    plan = [(S, variant, layout, config, layout) for S, variant, layout, config in vlayout_plan(contexts)]
+    return time_plan(args, bw, out, B, plan, extra, "channels")
 
 
 def best_configs(cells, contexts):

@@ -471,14 +471,20 @@ def _check_lowering(verify_triton_modules, variant, B, T, H, KV, hd, S, knobs):
                            and knobs.get("ablate") != "no_unpack")
 
 
-def test_bench_attention_sweep_smoke(tmp_path):
-    """scripts/bench_attention.py --sweep --smoke: the sweep path runs on CPU (interpret mode)."""
+def _bench_attention():
+    """scripts/bench_attention.py as a module (its main() takes argv and returns the results)."""
     import importlib.util
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_attention.py")
     spec = importlib.util.spec_from_file_location("bench_attention", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_attention_sweep_smoke(tmp_path):
+    """scripts/bench_attention.py --sweep --smoke: the sweep path runs on CPU (interpret mode)."""
+    bench = _bench_attention()
     out = bench.main(["--sweep", "--smoke", "--out", str(tmp_path / "sweep.json")])
     assert {c["variant"] for c in out["cells"]} == {"bf16", "int8", "int4"}
     assert all(c["us"] > 0 and "config" in c for c in out["cells"])
@@ -488,12 +494,7 @@ def test_bench_attention_sweep_smoke(tmp_path):
 
 def test_bench_attention_diagnose_smoke(tmp_path):
     """scripts/bench_attention.py --diagnose --smoke: the ablation / swap cells run on CPU (interpret)."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_attention.py")
-    spec = importlib.util.spec_from_file_location("bench_attention", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_attention()
     out = bench.main(["--diagnose", "--smoke", "--out", str(tmp_path / "diag.json")])
     names = {c["name"] for c in out["cells"] if c["variant"] == "int4"}
     assert names == {"full", "no_v", "no_k", "no_unpack", "swap", "swap_k", "swap_convert"}
@@ -504,12 +505,7 @@ def test_bench_attention_diagnose_smoke(tmp_path):
 
 def test_bench_attention_vlayout_smoke(tmp_path):
     """scripts/bench_attention.py --vlayout --smoke: channels vs tokens cells run on CPU (interpret)."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_attention.py")
-    spec = importlib.util.spec_from_file_location("bench_attention", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_attention()
     out = bench.main(["--vlayout", "--smoke", "--out", str(tmp_path / "vlayout.json")])
     assert {(c["variant"], c["name"]) for c in out["cells"]} == {
         (v, lay) for v in ("int4", "int8") for lay in ("channels", "tokens")}
