@@ -345,30 +345,26 @@ def generate_jit(
 DECODE_STATIC = ("config", "max_new_tokens", "gamma", "draft_mode", "verify_mode", "policy", "top_p", "eos_ids")
 
 
-def decode(
-    params, cache, first, key, temperature, replay_trace, draft_params=None, *,
-    config: LlamaConfig, max_new_tokens: int, gamma: int, draft_mode: str, verify_mode: str,
-    policy: str, top_p: float, eos_ids: tuple,
-) -> GenerationResult:
+def decode(params, cache, first, key, temperature, replay_trace, draft_params=None, **static) -> GenerationResult:
     """The decode half of a generation: draft -> verify -> accept cycles in one `lax.while_loop`,
-    from a prefilled cache, until every row is done.
+    from a prefilled cache, until every row is done (`decode_loop`'s result).
 
     params (and draft_params) as `prepare` returns them (per-layer buffers, `model.unstack_layers`);
     cache: a `KVCache` or `HierarchicalKVCache` whose `lengths` are the rows' prompt lengths and
     with room for `cache_length(prompt, max_new_tokens, gamma)` slots; first: [B] the token each row
     emitted from its prompt (it counts as the first of `max_new_tokens`); replay_trace: [B, C]
-    (policy "replay", else ignored). `generate_jit` is `prefill` followed by this; `decode_jit`
-    compiles it alone (see there).
+    (policy "replay", else ignored); `static`: DECODE_STATIC, as `generate_jit` takes them.
+    `generate_jit` is `prefill` followed by this; `decode_jit` compiles it alone (see there).
     """
-    return decode_loop(params, cache, first, key, temperature, replay_trace, draft_params, config=config,
-                       max_new_tokens=max_new_tokens, gamma=gamma, draft_mode=draft_mode, verify_mode=verify_mode,
-                       policy=policy, top_p=top_p, eos_ids=eos_ids).result()
+    return decode_loop(params, cache, first, key, temperature, replay_trace, draft_params, **static).result()
 
 
-def decode_loop(params, cache, first, key, temperature, replay_trace, draft_params=None, **static) -> LoopState:
+def decode_loop(
+    params, cache, first, key, temperature, replay_trace, draft_params=None, *,
+    config: LlamaConfig, max_new_tokens: int, gamma: int, draft_mode: str, verify_mode: str,
+    policy: str, top_p: float, eos_ids: tuple,
+) -> LoopState:
     """`decode`'s while loop, returning its final `LoopState` (cache included)."""
-    config, max_new_tokens, gamma, eos_ids = (static[k] for k in ("config", "max_new_tokens", "gamma", "eos_ids"))
-    draft_mode, verify_mode, policy, top_p = (static[k] for k in ("draft_mode", "verify_mode", "policy", "top_p"))
     state = LoopState.start(cache, first, key, gamma=gamma, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
 
     def cycle(state: LoopState) -> LoopState:
