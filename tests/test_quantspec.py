@@ -125,5 +125,8 @@ def test_cli_quantspec_runs_float_verifier_and_int4_draft(capsys, monkeypatch, t
     assert sorted(loads) == [False, True]
     (k,) = calls
     assert (k["verify_mode"], k["draft_mode"], k["kv"], k["gamma"]) == ("bf16", "w4a16", "int8", 3)
-    assert k["draft_params"] is qp
+    # The int4 pytree itself, split into per-layer buffers once by the CLI (not on every batch).
+    drafts = k["draft_params"]
+    assert drafts["embed"] is qp["embed"] and isinstance(drafts["layers"], tuple)
+    assert len(drafts["layers"]) == TINY.num_layers
     assert '"mode": "quantspec"' in capsys.readouterr().out
