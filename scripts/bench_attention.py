@@ -64,7 +64,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.decode_attention import DEFAULTS, QuantKV, decode_attention  # noqa: E402
-from qspec_jax.evaluation import copy_bandwidth, run_metadata  # noqa: E402
+from bandwidth import best_copy_bandwidth  # noqa: E402
+from qspec_jax.evaluation import run_metadata  # noqa: E402
 from qspec_jax.model import attention as xla_attention  # noqa: E402
 
 H, KV, HD, GROUP = 32, 8, 128, 128
@@ -317,13 +318,7 @@ def main(argv=None):
     variants = args.variants.split(",")
     if args.smoke and not (args.sweep or args.diagnose or args.vlayout):
         batches, contexts, variants, args.iters, args.repeats = [1], [256], ["bf16", "int8", "int4", "xla"], 2, 1
-    bw = copy_bandwidth(2**24 if args.smoke else 2**30)
-    try:
-        import torch_peer
-
-        bw = max(bw, torch_peer.copy_bandwidth())
-    except Exception:  # no torch or no CUDA: XLA's copy only
-        pass
+    bw, _ = best_copy_bandwidth(args.smoke)
     out = {"meta": {**run_metadata(), "copy_bytes_per_s": bw, "shape": {"heads": H, "kv_heads": KV, "head_dim": HD},
                     "queries_per_row": 1, "argv": sys.argv[1:] if argv is None else argv}, "cells": []}
     if args.sweep:

@@ -43,7 +43,8 @@ from pallas_kernels import tiling  # noqa: E402
 from pallas_kernels.w4a16_gemv import GemvTiles, w4a16_gemv  # noqa: E402
 from qspec_jax import checkpoint, quantize  # noqa: E402
 from qspec_jax.config import get_preset  # noqa: E402
-from qspec_jax.evaluation import copy_bandwidth, run_metadata  # noqa: E402
+from bandwidth import best_copy_bandwidth  # noqa: E402
+from qspec_jax.evaluation import run_metadata  # noqa: E402
 from qspec_jax.kv_cache import KVCache  # noqa: E402
 from qspec_jax.model import forward, fuse_projections, unstack_layers  # noqa: E402
 
@@ -317,12 +318,7 @@ def main(argv=None):
     if args.smoke:
         parts = [p for p in parts if p != "gemv"]  # the GEMV kernel runs only through Triton
     dev = jax.devices()[0].device_kind
-    bw_xla = copy_bandwidth(2**24 if args.smoke else 2**30)
-    bw = bw_xla
-    if torch_available():
-        import torch_peer
-
-        bw = max(bw, torch_peer.copy_bandwidth())
+    bw, bw_xla = best_copy_bandwidth(args.smoke, use_torch=torch_available())
     datasheet = next((v for k, v in DATASHEET_BPS.items() if k in dev), None)
     meta = {**run_metadata(), "copy_bytes_per_s": bw, "xla_copy_bytes_per_s": bw_xla,
             "datasheet_bytes_per_s": datasheet, "group_size": args.group_size, "argv": sys.argv[1:],

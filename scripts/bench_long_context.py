@@ -41,10 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bandwidth import best_copy_bandwidth  # noqa: E402
 from qspec_jax import checkpoint, hierarchical_kv, model, quantize, speculative  # noqa: E402
 from qspec_jax.config import get_preset  # noqa: E402
-from qspec_jax.evaluation import copy_bandwidth, run_metadata  # noqa: E402
+from qspec_jax.evaluation import run_metadata  # noqa: E402
 from qspec_jax.kv_cache import HierarchicalKVCache, KVCache  # noqa: E402
 from qspec_jax.model import fuse_projections, unstack_layers  # noqa: E402
 
@@ -330,14 +332,7 @@ def main(argv=None):
             traces[kind]["path"] = path
     fallback = traces["bf16"] if args.smoke else None
     config = get_preset(args.preset)
-    bandwidth = copy_bandwidth(2**24 if args.smoke else 2**30)
-    try:  # the device's best copy (PyTorch memcpy) when torch with CUDA is there
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import torch_peer
-
-        bandwidth = max(bandwidth, torch_peer.copy_bandwidth())
-    except Exception:  # noqa: BLE001 - no torch or no GPU: XLA's copy
-        pass
+    bandwidth, _ = best_copy_bandwidth(args.smoke)
     t0 = time.perf_counter()
     fparams = checkpoint.random_params(config, seed=0, dtype=jnp.bfloat16)
     weights = {"int4": unstack_layers(fuse_projections(quantize.quantize_params(fparams, config, dtype=jnp.bfloat16)))}
