@@ -167,6 +167,15 @@ def cache_slots(prompt_len: int, max_new_tokens: int, gamma: int) -> int:
     return -(-cache_length(prompt_len, max_new_tokens, gamma) // CACHE_MULTIPLE) * CACHE_MULTIPLE
 
 
+def bf16_cache_slots(prompt_len: int, max_new_tokens: int, gamma: int, prefill_chunk: int) -> int:
+    """Slots `generate_jit` gives a bf16 cache: `cache_slots`, and room for a padded last prefill
+    chunk when the prompt is prefilled in chunks."""
+    slots = cache_slots(prompt_len, max_new_tokens, gamma)
+    if 0 < prefill_chunk < prompt_len:
+        slots = max(slots, -(-prompt_len // prefill_chunk) * prefill_chunk)
+    return slots
+
+
 def _choose(key, logits, policy, temperature, top_p):
     """Verifier's pick for a single position: argmax, or a sample under the sampling policy."""
     if policy == "sampling":
@@ -320,9 +329,7 @@ def generate_jit(
     draft -> verify -> accept cycles in one `lax.while_loop` until every row is done. The drafts run
     on `draft_params` when given (QuantSpec: int4 drafts, a float verifier), else on `params`."""
     b, p = prompts.shape
-    max_len = cache_slots(p, max_new_tokens, gamma)
-    if 0 < prefill_chunk < p:  # room for the padded last chunk
-        max_len = max(max_len, -(-p // prefill_chunk) * prefill_chunk)
+    max_len = bf16_cache_slots(p, max_new_tokens, gamma, prefill_chunk)
     dtype = params["embed"].dtype
     if kv == "int8":  # prefill into a bf16 cache of the prompt's slots, then quantize it
         pre_len = -(-p // prefill_chunk) * prefill_chunk if 0 < prefill_chunk < p else p

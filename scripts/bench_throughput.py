@@ -114,13 +114,6 @@ def prefill_only(params, prompts, lens, *, config, mode, max_len, chunk):
     return jnp.argmax(logits, axis=-1), cache
 
 
-def gamma0_cache_slots(prompt_len, new_tokens, chunk):
-    """The bf16 cache slots `generate_jit` allocates at gamma 0 (rounded up for the decode-attention
-    kernel, and room for a padded last prefill chunk): prefill_only prefills into the same cache."""
-    slots = speculative.cache_slots(prompt_len, new_tokens, 0)
-    return max(slots, -(-prompt_len // chunk) * chunk) if 0 < chunk < prompt_len else slots
-
-
 def step_floor_ms(params, config, batch, max_len, bandwidth):
     """Bytes one decode step must read (every weight but the embedding table, plus the whole
     KV cache, which attention reads) over the measured bandwidth, in ms."""
@@ -145,7 +138,7 @@ def measure_cell(fparams, qparams, config, spec, new_tokens, traces, reps, rng, 
     for mode in dict.fromkeys(modes + ["w4a16"] + drafts):  # the verifier and the drafts are always timed
         params = fparams if mode == "bf16" else qparams
         max_len = speculative.cache_length(prompt_len, new_tokens, 0)
-        slots = gamma0_cache_slots(prompt_len, new_tokens, chunk)  # what the generate program allocates
+        slots = speculative.bf16_cache_slots(prompt_len, new_tokens, 0, chunk)  # what the generate program allocates
         # Plain decoding in `mode`: gamma 0 with draft_mode = verify_mode, so plain W4A16 is the very
         # program `gamma="auto"` resolves to when it chooses gamma 0 (resolve_auto's draft_mode "w4a16").
         t_all, _, c, _ = timed_generate(params, prompts, lens, reps, programs, f"plain {mode}",
