@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Run each slow kernel a few times, as a target for Nsight Compute (ncu) on the GPU.
+
+The benchmarks say how long the int4 matmul and quantized attention kernels take; ncu says why
+(achieved DRAM throughput, occupancy, registers, what the warps stall on). This script only builds
+the inputs (Llama-3-8B shapes, fresh random data) and calls each kernel `--calls` times after one
+warm-up, one compiled program per kernel; ncu picks the kernels by name:
+
+  ncu --clock-control none -k regex:'decode_attention|w4a16|gemv|gemm|fusion' \\
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \\
+      python scripts/ncu_probe.py --calls 2 > $OUT/ncu.txt
+
+  python scripts/ncu_probe.py --list        # the probes, no GPU needed
+
+Probes: decode attention (bf16, INT8, INT4; INT8/INT4 with value planes in both layouts) at batch
+16 x 8k, and the W4A16 kernels on the gate_up and down projections at M = 1 and 16, beside XLA's dot
+on `jnp.int4`-style weights (dequantized in the graph) at M = 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench_attention import H, HD, attend, make_kv  # noqa: E402
+from bench_kernels import make_weights, xla_int4_matmul  # noqa: E402
+from pallas_kernels import w4a16_matmul  # noqa: E402
+
+PROJ = {"gate_up": (4096, 2 * 14336), "down": (14336, 4096)}
+
+
+def attention_probes(B=16, S=8192):
+    out = []
+    for variant, layout in (("bf16", "channels"), ("int8", "channels"), ("int8", "tokens"),
+                            ("int4", "channels"), ("int4", "tokens")):
+        def build(variant=variant, layout=layout):
+            key = jax.random.key(0)
+            kv, _ = make_kv(key, B, S, variant, v_layout=layout)
+            q = jax.random.normal(jax.random.fold_in(key, 1), (B, 1, H, HD), jnp.bfloat16)
+            kv_len = jnp.full((B,), S, jnp.int32)
+            knobs = {} if variant == "bf16" else {"v_layout": layout}
+            fn = jax.jit(lambda q, kv: attend(variant, q, kv, kv_len, **knobs))
+            return fn, (q, kv)
+
+        out.append((f"attention_{variant}_{layout}_{B}x{S}", build))
+    return out
+
+
+def matmul_probes():
+    out = []
+    for proj, (K, N) in PROJ.items():
+        for M, method in ((1, "w4a16"), (16, "w4a16"), (16, "xla_int4")):
+            def build(K=K, N=N, M=M, method=method):
+                key = jax.random.key(K + M)
+                (w,) = make_weights(key, K, N, 128, 1, int4=True)
+                x = jax.random.normal(jax.random.fold_in(key, 1), (M, K), jnp.bfloat16)
+                f = xla_int4_matmul if method == "xla_int4" else w4a16_matmul
+                return jax.jit(f), (x, w)
+
+            out.append((f"{method}_{proj}_M{M}", build))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", type=int, default=2, help="profiled calls per probe after one warm-up")
+    ap.add_argument("--only", default="", help="comma-separated substrings: run only matching probes")
+    ap.add_argument("--list", action="store_true", help="print the probe names and exit")
+    args = ap.parse_args(argv)
+    probes = attention_probes() + matmul_probes()
+    if args.only:
+        probes = [(n, b) for n, b in probes if any(s in n for s in args.only.split(","))]
+    for name, build in probes:
+        if args.list:
+            print(name)
+            continue
+        fn, inputs = build()
+        jax.block_until_ready(fn(*inputs))  # compile + warm-up
+        for _ in range(args.calls):
+            jax.block_until_ready(fn(*inputs))
+        print(f"probe done: {name}", flush=True)
+        del fn, inputs
+
+
+if __name__ == "__main__":
+    main()
