@@ -5,9 +5,12 @@ Format (the kernel side is pallas_kernels/decode_attention.py, which reads it):
   scale s and minimum m, and a lower nibble l = clip(round((x - u*s - m) / (s/16)) + 8, 0, 15), the
   residual at scale s/16 offset by 8. INT8 view: u*s + (l-8)*s/16 + m; INT4 view (the draft's, upper
   plane only): u*s + m, an ordinary round-to-nearest 4-bit quantization.
-- The planes are separate arrays, so the draft's reads touch only `k_upper` / `v_upper`. Both are
-  uint8 [B, KV, S, hd/2] packed along head_dim: byte i holds channel i (low nibble) and channel
-  i + hd/2 (high nibble). Slot = position, as in the bf16 cache.
+- The planes are separate arrays, so the draft's reads touch only `k_upper` / `v_upper`. They are
+  uint8 packed along head_dim: byte i holds channel i (low nibble) and channel i + hd/2 (high
+  nibble). Key planes are [B, KV, S, hd/2]; value planes are stored transposed, [B, KV, hd/2, S]
+  (the kernel's v_layout="tokens"): contiguous along the slots, the axis p @ V reduces over, which
+  cut the INT8 kernel's time by 22-29% on the H200 (benchmarks/kv/README.md). Slot = position, as in
+  the bf16 cache.
 - Keys: (s, m) per channel over each group of G tokens: k_scale, k_min [B, KV, S/G, hd].
   Values: (s, m) per token over head_dim: v_scale, v_min [B, KV, S]. Stored in `scale_dtype`
   (float16 by default): m is rounded down and s up to that dtype before the codes are computed, so
@@ -48,6 +51,8 @@ from flax import struct
 
 from pallas_kernels.decode_attention import QuantKV, cut_positions, decode_attention, dequantize_planes
 
+V_LAYOUT = "tokens"  # how the value planes are stored (decode_attention's v_layout)
+
 
 @struct.dataclass
 class HierarchicalKV:
@@ -57,8 +62,8 @@ class HierarchicalKV:
     k_lower: jax.Array  # [B, KV, S, hd/2] uint8
     k_scale: jax.Array  # [B, KV, S/G, hd] scale_dtype
     k_min: jax.Array  # [B, KV, S/G, hd]
-    v_upper: jax.Array  # [B, KV, S, hd/2] uint8
-    v_lower: jax.Array  # [B, KV, S, hd/2] uint8
+    v_upper: jax.Array  # [B, KV, hd/2, S] uint8 (transposed: V_LAYOUT)
+    v_lower: jax.Array  # [B, KV, hd/2, S] uint8
     v_scale: jax.Array  # [B, KV, S]
     v_min: jax.Array  # [B, KV, S]
     k_recent: jax.Array  # [B, KV, R, hd] model dtype; slot r = position r_start + r
@@ -88,6 +93,7 @@ class HierarchicalKV:
         return cut_positions(positions, self.cut)
 
     def planes(self) -> QuantKV:
+        """The kernel's view (value planes transposed: v_layout V_LAYOUT)."""
         return QuantKV(self.k_upper, self.k_lower, self.k_scale, self.k_min,
                        self.v_upper, self.v_lower, self.v_scale, self.v_min)
 
@@ -109,10 +115,11 @@ def create(batch: int, kv_heads: int, head_dim: int, max_len: int, *, group: int
     S = -(-max_len // group) * group
     B, KV, hd = batch, kv_heads, head_dim
     plane = jnp.zeros((B, KV, S, hd // 2), jnp.uint8)
+    v_plane = jnp.zeros((B, KV, hd // 2, S), jnp.uint8)
     return HierarchicalKV(
         k_upper=plane, k_lower=plane,
         k_scale=jnp.ones((B, KV, S // group, hd), scale_dtype), k_min=jnp.zeros((B, KV, S // group, hd), scale_dtype),
-        v_upper=plane, v_lower=plane,
+        v_upper=v_plane, v_lower=v_plane,
         v_scale=jnp.ones((B, KV, S), scale_dtype), v_min=jnp.zeros((B, KV, S), scale_dtype),
         k_recent=jnp.zeros((B, KV, window, hd), dtype), v_recent=jnp.zeros((B, KV, window, hd), dtype),
         q_len=jnp.zeros((B,), jnp.int32), r_start=jnp.zeros((B,), jnp.int32), delay=delay,
@@ -182,12 +189,12 @@ def quantize_group(k: jax.Array, v: jax.Array, scale_dtype=jnp.float16) -> dict:
 
 def dequantize_int8(cache: HierarchicalKV):
     """(k, v) f32 [B, KV, S, hd] of both planes; slots at or past q_len hold stale values."""
-    return dequantize_planes(cache.planes(), "int8")
+    return dequantize_planes(cache.planes(), "int8", V_LAYOUT)
 
 
 def dequantize_int4(cache: HierarchicalKV):
     """(k, v) f32 [B, KV, S, hd] of the upper plane only (the draft's view)."""
-    return dequantize_planes(cache.planes(), "int4")
+    return dequantize_planes(cache.planes(), "int4", V_LAYOUT)
 
 
 # ---------------------------------------------------------------- writes
@@ -215,8 +222,12 @@ def _store_group(cache: HierarchicalKV, q: dict, at: jax.Array) -> dict:
     slots = at[:, None] + jnp.arange(G)  # [B, G]
     gi = at // G  # [B]
     out = {}
-    for name in ("k_upper", "k_lower", "v_upper", "v_lower"):  # [B, KV, S, hd/2] <- [B, KV, G, hd/2]
+    # Advanced indices (rows, slots) around slices put [B, G] first: values [B, G, KV, hd/2].
+    for name in ("k_upper", "k_lower"):  # [B, KV, S, hd/2]
         out[name] = getattr(cache, name).at[rows[:, None], :, slots, :].set(
+            q[name].transpose(0, 2, 1, 3), mode="drop")
+    for name in ("v_upper", "v_lower"):  # [B, KV, hd/2, S]
+        out[name] = getattr(cache, name).at[rows[:, None], :, :, slots].set(
             q[name].transpose(0, 2, 1, 3), mode="drop")
     for name in ("k_scale", "k_min"):  # [B, KV, S/G, hd] <- [B, KV, hd]
         out[name] = getattr(cache, name).at[rows, :, gi, :].set(q[name], mode="drop")
@@ -295,8 +306,11 @@ def prefill(cache: HierarchicalKV, k: jax.Array, v: jax.Array, lengths: jax.Arra
         q = quantize_group(kp.reshape(B, KV * n_groups, G, hd), vp.reshape(B, KV * n_groups, G, hd),
                            cache.k_scale.dtype)
         planes = {}
-        for name in ("k_upper", "k_lower", "v_upper", "v_lower"):
+        for name in ("k_upper", "k_lower"):
             planes[name] = getattr(cache, name).at[:, :, : n_groups * G].set(q[name].reshape(B, KV, n_groups * G, hd // 2))
+        for name in ("v_upper", "v_lower"):  # transposed: [B, KV, hd/2, S]
+            planes[name] = getattr(cache, name).at[:, :, :, : n_groups * G].set(
+                jnp.swapaxes(q[name].reshape(B, KV, n_groups * G, hd // 2), -1, -2))
         for name in ("k_scale", "k_min"):
             planes[name] = getattr(cache, name).at[:, :, :n_groups].set(q[name].reshape(B, KV, n_groups, hd))
         for name in ("v_scale", "v_min"):
@@ -325,4 +339,4 @@ def attention(cache: HierarchicalKV, q: jax.Array, q_pos: jax.Array, *, variant:
         raise ValueError(f"the hierarchical cache is read as 'int8' or 'int4', got {variant!r}")
     return decode_attention(q, q_pos, cache.planes(), cache.q_len, variant=variant,
                             recent=(cache.k_recent, cache.v_recent), recent_start=cache.r_start,
-                            cut=cache.cut, backend=backend, **tiling)
+                            cut=cache.cut, backend=backend, v_layout=V_LAYOUT, **tiling)

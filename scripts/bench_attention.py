@@ -7,7 +7,8 @@ layer's cache (a batch-16 cache at 8k tokens is 1 GB in bf16: far beyond L2), ea
 tiny fraction of its output back into q. Bytes = what the variant must read (codes, scales and
 minimums; bf16 K and V); fraction = bytes / time / the measured memcpy bandwidth. Beside it, jax's
 own `jax.experimental.pallas.ops.gpu.decode_attention.gqa` over the same bf16 KV, and XLA's
-attention (the einsum path of qspec_jax.model.attention).
+attention (the einsum path of qspec_jax.model.attention). INT8 / INT4 planes are built in the layout
+the hierarchical cache stores (`hierarchical_kv.V_LAYOUT`: value planes transposed).
 
   python scripts/bench_attention.py --out benchmarks/kv/h200_attention.json     # GPU
   python scripts/bench_attention.py --smoke --out /tmp/att.json                 # CPU, reference
@@ -66,6 +67,7 @@ import numpy as np  # noqa: E402
 from pallas_kernels.decode_attention import DEFAULTS, QuantKV, decode_attention  # noqa: E402
 from bandwidth import best_copy_bandwidth  # noqa: E402
 from qspec_jax.evaluation import run_metadata  # noqa: E402
+from qspec_jax.hierarchical_kv import V_LAYOUT  # noqa: E402
 from qspec_jax.model import attention as xla_attention  # noqa: E402
 
 H, KV, HD, GROUP = 32, 8, 128, 128
@@ -106,9 +108,12 @@ def attend(variant, q, kv, kv_len, **knobs):
 
 
 def time_variant(variant, B, S, iters, repeats, kv=None, knobs=None):
-    """(seconds per call, bytes read) of one variant; kv: (planes, bytes) from make_kv to reuse."""
+    """(seconds per call, bytes read) of one variant; kv: (planes, bytes) from make_kv to reuse.
+    Without kv, quantized planes are built in the hierarchical cache's own layout (V_LAYOUT)."""
     key = jax.random.key(S + B)
-    kv, nbytes = kv or make_kv(key, B, S, variant)
+    if kv is None and variant in ("int8", "int4"):
+        knobs = {"v_layout": V_LAYOUT, **(knobs or {})}
+    kv, nbytes = kv or make_kv(key, B, S, variant, (knobs or {}).get("v_layout", "channels"))
     q = jax.random.normal(jax.random.fold_in(key, 7), (B, 1, H, HD), jnp.bfloat16)
     kv_len = jnp.full((B,), S, jnp.int32)
     knobs = knobs or {}
@@ -320,7 +325,7 @@ def main(argv=None):
         batches, contexts, variants, args.iters, args.repeats = [1], [256], ["bf16", "int8", "int4", "xla"], 2, 1
     bw, _ = best_copy_bandwidth(args.smoke)
     out = {"meta": {**run_metadata(), "copy_bytes_per_s": bw, "shape": {"heads": H, "kv_heads": KV, "head_dim": HD},
-                    "queries_per_row": 1, "argv": sys.argv[1:] if argv is None else argv}, "cells": []}
+                    "queries_per_row": 1, "quantized_v_layout": V_LAYOUT, "argv": sys.argv[1:] if argv is None else argv}, "cells": []}
     if args.sweep:
         return sweep(args, bw, out)
     if args.diagnose:

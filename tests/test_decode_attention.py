@@ -38,8 +38,12 @@ def np_unpack(packed):
     return np.concatenate([p & 15, p >> 4], axis=-1)
 
 
-def np_dequant(kv: QuantKV, variant):
-    """float64 (k, v) [B, KV, S, hd] decoded independently of the package."""
+def np_dequant(kv: QuantKV, variant, v_layout="channels"):
+    """float64 (k, v) [B, KV, S, hd] decoded independently of the package; v_layout "tokens": the
+    value planes are [B, KV, hd/2, S]."""
+    if v_layout == "tokens":
+        kv = kv._replace(v_upper=np.swapaxes(np.asarray(kv.v_upper), -1, -2),
+                         v_lower=np.swapaxes(np.asarray(kv.v_lower), -1, -2))
     S = kv.k_upper.shape[2]
     G = S // kv.k_scale.shape[2]
     ks = np.repeat(np.asarray(kv.k_scale, np.float64), G, axis=2)

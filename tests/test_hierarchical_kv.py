@@ -91,7 +91,7 @@ def np_cut(cache, p):
 def np_dense(cache, q_pos, variant):
     """float64 (k, v, positions, valid) of what attention may read for queries at q_pos [B]: plane
     slots below the query's cut c(p), then the buffer's slots at r_start + r from c(p) on."""
-    kd, vd = np_dequant(cache.planes(), variant)
+    kd, vd = np_dequant(cache.planes(), variant, hkv.V_LAYOUT)
     B, S = kd.shape[0], kd.shape[2]
     rs, R, c = np.asarray(cache.r_start), cache.window, np_cut(cache, q_pos)
     assert (c <= np.asarray(cache.q_len)).all() and (rs <= c).all()
@@ -114,7 +114,7 @@ def check_cache(cache, truth_k, truth_v, lengths, headroom):
     ks = np.repeat(f64(cache.k_scale), G, axis=2)
     vs = f64(cache.v_scale)[..., None]
     for variant, frac in (("int8", 1 / 16), ("int4", 1 / 2)):
-        kd, vd = np_dequant(cache.planes(), variant)
+        kd, vd = np_dequant(cache.planes(), variant, hkv.V_LAYOUT)
         for b in range(len(ql)):
             n = lengths[b] - rs[b]
             np.testing.assert_array_equal(kr[b, :, :n], truth_k[b, :, rs[b]:lengths[b]])
@@ -160,8 +160,11 @@ def test_life_cycle_rows_at_different_lengths(rng):
             g0 = before[b]
             grp = lambda t: jnp.asarray(t[b:b + 1, :, g0:g0 + G], jnp.bfloat16)
             want = hkv.quantize_group(grp(truth_k), grp(truth_v))
-            for name in ("k_upper", "k_lower", "v_upper", "v_lower", "v_scale", "v_min"):
+            for name in ("k_upper", "k_lower", "v_scale", "v_min"):
                 np.testing.assert_array_equal(np.asarray(getattr(cache, name)[b, :, g0:g0 + G]), np.asarray(want[name][0]))
+            for name in ("v_upper", "v_lower"):  # stored transposed: [B, KV, hd/2, S]
+                np.testing.assert_array_equal(np.asarray(getattr(cache, name)[b, :, :, g0:g0 + G]),
+                                              np.swapaxes(np.asarray(want[name][0]), -1, -2))
             for name in ("k_scale", "k_min"):
                 np.testing.assert_array_equal(np.asarray(getattr(cache, name)[b, :, g0 // G]), np.asarray(want[name][0]))
         check_cache(cache, truth_k, truth_v, lengths, h)
@@ -212,7 +215,7 @@ def test_flush_inside_jit_loop_and_bad_config():
     assert list(np.asarray(lengths)) == [80, 40]
     for cache in caches:
         assert list(np.asarray(cache.q_len)) == [80, 32] and list(np.asarray(cache.r_start)) == [64, 32]
-        kd, vd = np_dequant(cache.planes(), "int8")  # position p of row 0 was written in step p // 2
+        kd, vd = np_dequant(cache.planes(), "int8", hkv.V_LAYOUT)  # position p of row 0 was written in step p // 2
         np.testing.assert_allclose(kd[0, 0, :80, 0], np.arange(80) // 2, atol=0.03)  # s = 7/15 per group
         np.testing.assert_allclose(vd[0, 0, :80, 0], -(np.arange(80) // 2), atol=0.03)
         assert float(cache.k_recent[0, 0, 0, 0]) == 32 and float(cache.k_recent[1, 0, 0, 0]) == 32
