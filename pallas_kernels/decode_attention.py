@@ -406,7 +406,8 @@ def _pow2_at_least(x: int) -> int:
 # Launch defaults per variant (scripts/bench_attention.py --sweep measures the alternatives):
 # block_k: preferred K block (halved until it divides the cache and fits the key group); quantized
 #   blocks larger than the key group run as sub-blocks of one group each under one softmax rescale;
-# programs_per_sm: splits fill the GPU with about this many programs per SM;
+# programs_per_sm: how many programs an SM holds at once (its register / shared-memory limit, read
+#   with ncu: scripts/ncu_probe.py); pick_splits sizes the grid in whole waves of that many;
 # num_warps, num_stages: Triton's; unpack: how 4-bit codes become dot operands ("convert", "bits",
 #   "asm"; see _decode_kernel); prefetch: load block i+1 into registers while block i computes.
 LAUNCH_KNOBS = ("programs_per_sm", "num_warps", "num_stages", "unpack", "prefetch", "swap", "ablate")
@@ -425,11 +426,13 @@ ABLATIONS = (None, "no_v", "no_k", "no_unpack")
 # From the H200 sweep (benchmarks/kv/h200_attention_sweep.json, batch 16 at 8k and 32k tokens): for
 # both quantized views the best of 14 configurations at both contexts (int4 147.7 / 485.7 us, int8
 # 254.7 / 914.1 us, against 197.5 / 640.0 and 340.8 / 1182.6 with the previous defaults); bf16 kept
-# (its best differed by 2% and not at both contexts).
+# (its best differed by 2% and not at both contexts). programs_per_sm is what ncu read for these
+# launches on the H200 (benchmarks/kv/h200_ncu_attention.txt): bf16 3 (73.7 KB of shared memory
+# each), int8 / int4 2 (220 / 206 registers per thread).
 DEFAULTS = {
-    "bf16": dict(block_k=128, programs_per_sm=2, num_warps=4, num_stages=2, unpack="convert", prefetch=False),
-    "int8": dict(block_k=128, programs_per_sm=4, num_warps=4, num_stages=3, unpack="asm", prefetch=False),
-    "int4": dict(block_k=128, programs_per_sm=4, num_warps=4, num_stages=3, unpack="asm", prefetch=False),
+    "bf16": dict(block_k=128, programs_per_sm=3, num_warps=4, num_stages=2, unpack="convert", prefetch=False),
+    "int8": dict(block_k=128, programs_per_sm=2, num_warps=4, num_stages=3, unpack="asm", prefetch=False),
+    "int4": dict(block_k=128, programs_per_sm=2, num_warps=4, num_stages=3, unpack="asm", prefetch=False),
 }
 
 
@@ -454,9 +457,25 @@ def pick_block_k(S: int, group: Optional[int], block_k: Optional[int], preferred
     return block_k
 
 
+# A program's fixed cost (start, pipeline fill, writing its partials) in units of one block's time:
+# an assumption that keeps the split count from growing for a one-block gain.
+PROGRAM_OVERHEAD_BLOCKS = 2
+
+
 def pick_splits(batch: int, kv_heads: int, blocks: int, programs_per_sm: float = 2) -> int:
-    """Enough programs to fill an H100/H200 (132 SMs) `programs_per_sm` times, at most one per block."""
-    return max(1, min(blocks, math.ceil(programs_per_sm * NUM_SMS / (batch * kv_heads))))
+    """Sequence splits per (row, kv head) on an H100/H200 (132 SMs) holding `programs_per_sm`
+    programs at once per SM. A grid that overfills the GPU runs in waves, and a partial last wave
+    costs a whole one, so the choice minimizes the makespan in blocks, waves x (blocks per program +
+    PROGRAM_OVERHEAD_BLOCKS) (ties: fewer splits, less to merge). Before, splits = ceil(programs_per_sm x SMs / programs):
+    at batch 16 x 8k the INT8 kernel ran 640 programs where an SM holds 2 of them (ncu: 220
+    registers per thread), 2.42 waves."""
+    rows = batch * kv_heads
+    slots = max(1, int(programs_per_sm * NUM_SMS))
+
+    def makespan(s):
+        return -(-rows * s // slots) * (-(-blocks // s) + PROGRAM_OVERHEAD_BLOCKS)
+
+    return min(range(1, max(1, blocks) + 1), key=lambda s: (makespan(s), s))
 
 
 def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_k=None, splits=None,

@@ -165,13 +165,21 @@ def sweep(args, bw, out):
     variants, extra = ["bf16", "int8", "int4"], {}
     if args.smoke:  # interpret mode on CPU, two configs per variant: the path runs, times mean nothing
         B, contexts, args.iters, args.repeats, extra = 1, [256], 1, 1, {"backend": "interpret"}
-    plan = {v: sweep_configs(v)[: 2 if args.smoke else None] for v in variants}
+    if args.configs:  # changes to DEFAULTS, timed for the quantized views only
+        variants = ["int8", "int4"]
+        plan = {v: [{**DEFAULTS[v], **c} for c in [{}] + json.loads(args.configs)] for v in variants}
+    else:
+        plan = {v: sweep_configs(v) for v in variants}
+    plan = {v: c[: 2 if args.smoke else None] for v, c in plan.items()}
     total, done = len(contexts) * sum(len(c) for c in plan.values()), 0
     out["meta"]["sweep"] = {"center": CENTER, "defaults": DEFAULTS}
     for S in contexts:
         for variant in variants:
-            kv = make_kv(jax.random.key(S + B), B, S, variant)
+            layout = "channels" if variant == "bf16" else V_LAYOUT  # the hierarchical cache's layout
+            kv = make_kv(jax.random.key(S + B), B, S, variant, layout)
             for config in plan[variant]:
+                if variant != "bf16":
+                    config = {**config, "v_layout": layout}
                 done += 1
                 label = f"[{done}/{total}] B={B} S={S} {variant} {config}"
                 try:
@@ -316,6 +324,8 @@ def main(argv=None):
                     help="time stage ablations and swap against the full INT4/INT8 kernels (module docstring)")
     ap.add_argument("--vlayout", action="store_true",
                     help="time the value planes' layout, channels vs tokens, for INT4/INT8 (module docstring)")
+    ap.add_argument("--configs", help="with --sweep: a JSON list of changes to DEFAULTS (e.g. '[{\"num_warps\": 8}]'), "
+                    "timed with the defaults for INT8 and INT4 instead of the built-in grid")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
