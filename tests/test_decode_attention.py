@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode_attention import DEFAULTS, QuantKV, decode_attention, decode_attention_reference
+from pallas_kernels.decode_attention import DEFAULTS, QuantKV, decode_attention, decode_attention_reference, pick_splits
 from test_kernels import TRITON_TARGETS, _export_cuda, verify_triton_modules  # noqa: F401 (fixture)
 
 from conftest import kernel_backends  # noqa: E402
@@ -519,3 +519,19 @@ def test_bench_attention_vlayout_smoke(tmp_path):
     kv, _ = bench.make_kv(jax.random.key(0), 1, 256, "int4", "tokens")
     assert kv.v_upper.shape == (1, bench.KV, bench.HD // 2, 256)
     assert kv.k_upper.shape == (1, bench.KV, 256, bench.HD // 2)
+
+
+@pytest.mark.parametrize("rows,blocks,per_sm,want", [
+    (128, 64, 2, 2),  # batch 16 x 8 kv heads at 8k, 2 programs per SM: 256 programs, one wave of 264
+    (128, 64, 3, 3),  # 3 per SM: 384 of 396
+    (128, 256, 2, 2),  # 32k: more splits would only add waves
+    (8, 64, 2, 32),  # batch 1: 256 programs, two blocks each
+    (32, 256, 3, 12),  # batch 4 x 32k: 384 programs of 396
+    (128, 1, 2, 1),  # a one-block cache cannot be split
+])
+def test_pick_splits_fills_whole_waves(rows, blocks, per_sm, want):
+    """The grid (rows x splits programs) fits whole waves of the programs the 132 SMs hold: the
+    previous rule launched 640 programs at batch 16 x 8k where 264 fit (2.42 waves)."""
+    splits = pick_splits(rows, 1, blocks, per_sm)
+    assert splits == want
+    assert rows * splits <= max(132 * per_sm, rows)  # never a second, partial wave
