@@ -20,6 +20,7 @@ on `jnp.int4`-style weights (dequantized in the graph) at M = 16.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -36,20 +37,24 @@ from pallas_kernels import w4a16_matmul  # noqa: E402
 PROJ = {"gate_up": (4096, 2 * 14336), "down": (14336, 4096)}
 
 
-def attention_probes(B=16, S=8192):
+def attention_probes(B=16, S=8192, configs=({},)):
+    """One probe per variant and value layout, and per launch config (changes to DEFAULTS) for the
+    quantized views."""
     out = []
-    for variant, layout in (("bf16", "channels"), ("int8", "channels"), ("int8", "tokens"),
-                            ("int4", "channels"), ("int4", "tokens")):
-        def build(variant=variant, layout=layout):
+    cases = [("bf16", "channels", {})] + [(v, layout, c) for v in ("int8", "int4")
+                                          for layout in ("channels", "tokens") for c in configs]
+    for variant, layout, config in cases:
+        def build(variant=variant, layout=layout, config=config):
             key = jax.random.key(0)
             kv, _ = make_kv(key, B, S, variant, v_layout=layout)
             q = jax.random.normal(jax.random.fold_in(key, 1), (B, 1, H, HD), jnp.bfloat16)
             kv_len = jnp.full((B,), S, jnp.int32)
-            knobs = {} if variant == "bf16" else {"v_layout": layout}
+            knobs = {} if variant == "bf16" else {"v_layout": layout, **config}
             fn = jax.jit(lambda q, kv: attend(variant, q, kv, kv_len, **knobs))
             return fn, (q, kv)
 
-        out.append((f"attention_{variant}_{layout}_{B}x{S}", build))
+        tag = "".join(f"_{k}{v}" for k, v in config.items())
+        out.append((f"attention_{variant}_{layout}_{B}x{S}{tag}", build))
     return out
 
 
@@ -72,9 +77,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=2, help="profiled calls per probe after one warm-up")
     ap.add_argument("--only", default="", help="comma-separated substrings: run only matching probes")
+    ap.add_argument("--attention-configs", default="[{}]",
+                    help="JSON list of launch-knob changes for the quantized attention probes")
     ap.add_argument("--list", action="store_true", help="print the probe names and exit")
     args = ap.parse_args(argv)
-    probes = attention_probes() + matmul_probes()
+    probes = attention_probes(configs=json.loads(args.attention_configs)) + matmul_probes()
     if args.only:
         probes = [(n, b) for n, b in probes if any(s in n for s in args.only.split(","))]
     for name, build in probes:
