@@ -428,11 +428,13 @@ ABLATIONS = (None, "no_v", "no_k", "no_unpack")
 # 254.7 / 914.1 us, against 197.5 / 640.0 and 340.8 / 1182.6 with the previous defaults); bf16 kept
 # (its best differed by 2% and not at both contexts). programs_per_sm is what ncu read for these
 # launches on the H200 (benchmarks/kv/h200_ncu_attention.txt): bf16 3 (73.7 KB of shared memory
-# each), int8 / int4 2 (220 / 206 registers per thread).
+# each), int8 / int4 2 (220 / 206 registers per thread). INT4 then moved to 64-slot blocks: 152
+# registers, 3 programs per SM (h200_ncu_occupancy.txt), 139 -> 132 us at 8k and 476 -> 443 us at
+# 32k (h200_attention_occupancy.json); INT8 gained nothing from the same change (168 registers).
 DEFAULTS = {
     "bf16": dict(block_k=128, programs_per_sm=3, num_warps=4, num_stages=2, unpack="convert", prefetch=False),
     "int8": dict(block_k=128, programs_per_sm=2, num_warps=4, num_stages=3, unpack="asm", prefetch=False),
-    "int4": dict(block_k=128, programs_per_sm=2, num_warps=4, num_stages=3, unpack="asm", prefetch=False),
+    "int4": dict(block_k=64, programs_per_sm=3, num_warps=4, num_stages=3, unpack="asm", prefetch=False),
 }
 
 
