@@ -187,14 +187,10 @@ def quantize_group(k: jax.Array, v: jax.Array, scale_dtype=jnp.float16) -> dict:
                 v_upper=vu, v_lower=vl, v_scale=vs[..., 0], v_min=vm[..., 0])
 
 
-def dequantize_int8(cache: HierarchicalKV):
-    """(k, v) f32 [B, KV, S, hd] of both planes; slots at or past q_len hold stale values."""
-    return dequantize_planes(cache.planes(), "int8", V_LAYOUT)
-
-
-def dequantize_int4(cache: HierarchicalKV):
-    """(k, v) f32 [B, KV, S, hd] of the upper plane only (the draft's view)."""
-    return dequantize_planes(cache.planes(), "int4", V_LAYOUT)
+def dequantize(cache: HierarchicalKV, view: str = "int8"):
+    """(k, v) f32 [B, KV, S, hd] of the planes in `view`: "int8" (both planes, the verifier's) or
+    "int4" (the upper plane, the draft's); slots at or past q_len hold stale values."""
+    return dequantize_planes(cache.planes(), view, V_LAYOUT)
 
 
 # ---------------------------------------------------------------- writes

@@ -111,12 +111,14 @@ def time_variant(variant, B, S, iters, repeats, kv=None, knobs=None):
     """(seconds per call, bytes read) of one variant; kv: (planes, bytes) from make_kv to reuse.
     Without kv, quantized planes are built in the hierarchical cache's own layout (V_LAYOUT)."""
     key = jax.random.key(S + B)
-    if kv is None and variant in ("int8", "int4"):
-        knobs = {"v_layout": V_LAYOUT, **(knobs or {})}
-    kv, nbytes = kv or make_kv(key, B, S, variant, (knobs or {}).get("v_layout", "channels"))
+    knobs = dict(knobs or {})
+    if kv is None:
+        if variant in ("int8", "int4"):
+            knobs.setdefault("v_layout", V_LAYOUT)
+        kv = make_kv(key, B, S, variant, knobs.get("v_layout", "channels"))
+    kv, nbytes = kv
     q = jax.random.normal(jax.random.fold_in(key, 7), (B, 1, H, HD), jnp.bfloat16)
     kv_len = jnp.full((B,), S, jnp.int32)
-    knobs = knobs or {}
 
     @jax.jit
     def run(q, kv):
@@ -175,11 +177,11 @@ def sweep(args, bw, out):
     out["meta"]["sweep"] = {"center": CENTER, "defaults": DEFAULTS}
     for S in contexts:
         for variant in variants:
-            layout = "channels" if variant == "bf16" else V_LAYOUT  # the hierarchical cache's layout
-            kv = make_kv(jax.random.key(S + B), B, S, variant, layout)
+            quantized = variant != "bf16"  # quantized planes in the hierarchical cache's layout
+            kv = make_kv(jax.random.key(S + B), B, S, variant, V_LAYOUT if quantized else "channels")
             for config in plan[variant]:
-                if variant != "bf16":
-                    config = {**config, "v_layout": layout}
+                if quantized:
+                    config = {**config, "v_layout": V_LAYOUT}
                 done += 1
                 label = f"[{done}/{total}] B={B} S={S} {variant} {config}"
                 try:

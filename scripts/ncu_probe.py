@@ -6,9 +6,12 @@ The benchmarks say how long the int4 matmul and quantized attention kernels take
 the inputs (Llama-3-8B shapes, fresh random data) and calls each kernel `--calls` times after one
 warm-up, one compiled program per kernel; ncu picks the kernels by name:
 
-  ncu --clock-control none -k regex:'decode_attention|w4a16|gemv|gemm|fusion' \\
+  XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none -k regex:'decode_attention|w4a16|gemv' \\
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \\
-      python scripts/ncu_probe.py --calls 2 > $OUT/ncu.txt
+      python scripts/ncu_probe.py --calls 1 > $OUT/ncu.txt
+
+(Without XLA_PYTHON_CLIENT_PREALLOCATE=false, ncu saves and restores JAX's whole preallocated pool on
+every replay pass: minutes per kernel instead of seconds.)
 
   python scripts/ncu_probe.py --list        # the probes, no GPU needed
 

@@ -43,7 +43,7 @@ def _as_plain(hier: HierarchicalKVCache, view: str) -> KVCache:
     length L: dequantized planes below the cut c(L), the recent buffer from c(L) on."""
     ks, vs = [], []
     for c in hier.layers:
-        k, v = hkv.dequantize_planes(c.planes(), view, hkv.V_LAYOUT)
+        k, v = hkv.dequantize(c, view)
         S, R = c.max_len, c.window
         pos = jnp.arange(S)
         cut = c.cuts(hier.lengths)
