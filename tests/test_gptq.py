@@ -145,7 +145,9 @@ def gptq_reference(w, gram, group_size, damp=0.01):
 @pytest.mark.parametrize("K,gs", [(256, 64), (256, 128), (320, -1)])
 def test_gptq_matches_a_float64_reference(rng, K, gs):
     """qspec_jax.gptq (f32, lazy batch updates, JAX) against the textbook algorithm in float64: the
-    same codes and scales up to the rare rounding tie that f32 resolves the other way."""
+    same codes and scales in every output column, up to the rare rounding tie that f32 resolves the
+    other way. A tie moves that column's error feedback, so the rest of the column (its later codes and
+    group scales) may then differ; the other columns are independent and must still agree exactly."""
     N = 48
     x = correlated_inputs(rng, 1024, K)
     x[:, 7] = 0  # a dead input
@@ -155,13 +157,13 @@ def test_gptq_matches_a_float64_reference(rng, K, gs):
     codes, scales = gptq_reference(w, gram, gs)
     got_scales = np.asarray(got["scales"], np.float64)
     got_codes = np.asarray(dequantize_weight(got), np.float64) / np.repeat(got_scales, K // len(got_scales), axis=0)
-    # (on these inputs they agreed everywhere over many seeds; the margins allow a rare tie)
-    assert np.mean(np.isclose(got_scales, scales, rtol=1e-5)) > 0.99
-    assert np.mean(np.round(got_codes) == codes) > 0.998
-    assert np.abs(np.round(got_codes) - codes).max() <= 1
+    column_agrees = np.isclose(got_scales, scales, rtol=1e-5).all(0) & (np.round(got_codes) == codes).all(0)
+    # (over 450 seeds: 6 draws had one diverged column, none had two)
+    assert column_agrees.sum() >= N - 2, f"columns that differ from the reference: {np.flatnonzero(~column_agrees)}"
     ref_w = codes * np.repeat(scales, K // len(scales), axis=0)
 
     def out_err(q):
         return np.linalg.norm(x @ (w - q)) / np.linalg.norm(x @ w)
 
-    assert out_err(np.asarray(dequantize_weight(got), np.float64)) == pytest.approx(out_err(ref_w), rel=1e-3)
+    # (a diverged column moved the layer's output error by up to 7e-4 of itself over those seeds)
+    assert out_err(np.asarray(dequantize_weight(got), np.float64)) == pytest.approx(out_err(ref_w), rel=3e-3)
