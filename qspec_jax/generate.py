@@ -65,7 +65,11 @@ def parse_args(argv=None):
     ap.add_argument("--gamma", type=gamma_arg, default="auto",
                     help="tokens drafted per cycle (qspec; quantspec: an integer, auto = 3): 'auto' (the speculation policy picks "
                          "gamma and draft per batch from the device's cost table and the acceptance seen so far; "
-                         f"0 = plain W4A16 where drafting does not pay) or an integer, at most {MAX_GAMMA}")
+                         "0 = plain W4A16 where drafting does not pay; where it drafts, the loop re-chooses gamma "
+                         f"every cycle from the acceptance it sees) or an integer, at most {MAX_GAMMA}")
+    ap.add_argument("--no-adapt", action="store_true",
+                    help="with --gamma auto: keep the gamma chosen before compiling for the whole batch instead "
+                         "of re-choosing it every cycle")
     ap.add_argument("--draft", default=None, choices=("w4a4", "w4a8"),
                     help="QSpec draft mode (default: w4a4 with an integer --gamma; with --gamma auto the policy "
                          "chooses between w4a8 and w4a4 unless this is given)")
@@ -318,7 +322,7 @@ def run(args) -> int:
     if quantspec:  # the speculation policy prices the w4a16 verifier only: a fixed gamma here
         gamma = quantspec_gamma(args.gamma)
     # One policy for the whole run: each batch's choice uses the acceptance observed in the batches before.
-    auto = policy.AutoGamma.for_device() if qspec and args.gamma == "auto" else None
+    auto = policy.AutoGamma.for_device(kv=kv) if qspec and args.gamma == "auto" else None
     settings = dict(
         config=config, max_new_tokens=args.max_new_tokens,
         gamma=args.gamma if qspec else gamma if quantspec else 0,
@@ -338,11 +342,11 @@ def run(args) -> int:
         # Pad to a multiple of 64 so batches of similar length share one compiled program.
         toks, lens = speculative.pad_prompts([token_lists[i] for i in rows], multiple=64)
         batch_settings, choice = settings, None
-        if auto is not None:  # on the host, before compiling: the loop runs the chosen static gamma
-            batch_settings, choice = speculative.resolve_auto(toks, lens, settings, auto)
+        if auto is not None:  # on the host, before compiling (the loop may then re-choose gamma per cycle)
+            batch_settings, choice = speculative.resolve_auto(toks, lens, settings, auto, adapt=not args.no_adapt)
         args_, static = speculative.prepare(params, toks, lens, **batch_settings)
         t0 = time.perf_counter()
-        key = (toks.shape, tuple(sorted(static.items())))
+        key = (toks.shape, tuple(sorted(static.items())), "adaptive" in batch_settings)
         if key not in programs:
             programs[key] = speculative.generate_jit.lower(*args_, **static).compile()
         compiled = programs[key]
@@ -387,6 +391,7 @@ def _print_batch(args, tokenizer, prompts, result, seconds, compile_seconds):
                 policy_source=chosen.policy_source if chosen is not None else (
                     "fixed (quantspec)" if args.mode == "quantspec" else "fixed (--gamma)"),
                 predicted_speedup=chosen.predicted_speedup if chosen is not None else None,
+                adaptive=chosen.adaptive if chosen is not None else False,
                 accepted_at_position=[int(a) for a in np.asarray(result.accepted_at)[i]],
                 batch_summary=batch_summary,
                 acceptance_rate=None if np.isnan(rate[i]) else round(float(rate[i]), 4),

@@ -22,8 +22,19 @@ prior per draft fitted to the real-model measurements (benchmarks/acceptance/acc
 accepted_at` / `gamma_cycles`). A device without a table (the CPU) gets DEFAULT_GAMMA / DEFAULT_DRAFT,
 the best fixed setting measured on the real model, and the choice says so in `policy_source`.
 
-The choice is made on the host before compiling: the compiled loop runs one static gamma. Switching
-gamma between cycles inside the loop (a `lax.switch`) is not implemented.
+The host choice (`choose`) fixes the draft and a gamma g* before compiling. Where g* > 0 and a cost
+table priced it, the compiled loop then re-chooses gamma in 0..g* every cycle from the same costs and
+the acceptance it has seen so far in this run (`AdaptiveGamma`, `pick_gamma`). A cycle drafts the
+chosen g tokens (a loop of traced length) and verifies at the fixed width g* + 1, the padding past g
+never accepted: XLA copies every buffer a branch of a conditional updates in place, so choosing the
+verify width with a `lax.switch` would copy the whole KV cache each cycle. A smaller g therefore
+saves draft steps, not verify work; the cost model prices cycles that way (g t_draft + t_verify(g*)).
+When the choice falls to 0 the drafting loop ends and a plain-decoding loop finishes the run: a cycle
+at gamma 0 drafts nothing and so teaches nothing, so speculation once off stays off for that run (the
+next run starts again from `AutoGamma`'s updated counts). Its first cycle runs g* (same prior, costs
+no higher than the host's). So the compiled program holds one draft forward, one verify forward and
+one plain forward, and a draft that accepts less than its prior moves the loop to fewer drafts or
+to plain decoding.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import math
 import os
 from typing import Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,6 +72,7 @@ class Choice:
     policy_source: str  # the cost table used, or why the default was taken
     batch: int = 0
     context: int = 0
+    adaptive: bool = False  # the loop re-chooses gamma in 0..gamma every cycle (`AdaptiveGamma`)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -296,6 +309,18 @@ class AutoGamma:
                                   margin=self.margin, device_kind=self.device_kind)
         return self.last_choice
 
+    def adaptive(self, choice: Choice) -> Optional["AdaptiveGamma"]:
+        """The in-loop policy behind `choice`: cycle times at gamma 0..choice.gamma (every drafting
+        cycle verifies at the choice's width) and the draft's current per-position rates as the prior.
+        None where the loop should keep the choice fixed: no cost table, or gamma 0 (a loop at gamma 0
+        would never learn that drafting pays)."""
+        if self.table is None or choice.gamma == 0:
+            return None
+        t, d, b, c, top = self.table, choice.draft, choice.batch, choice.context, choice.gamma
+        verify = t.t_verify(top, b, c)
+        cycle_ms = [t.t_plain(b, c)] + [g * t.t_draft(d, b, c) + verify for g in range(1, top + 1)]
+        return AdaptiveGamma(tuple(cycle_ms), tuple(self.rates(d)[:top]), self.strength, self.margin)
+
     def update(self, result, draft: Optional[str] = None) -> None:
         """Add a finished run's per-position counts to `draft`'s (default: the draft the result's
         policy choice names). Runs without drafts (gamma 0) teach nothing."""
@@ -304,13 +329,59 @@ class AutoGamma:
         if draft is None:
             return
         at = np.sum(np.asarray(result.accepted_at), axis=0).astype(np.float64)  # [gamma]
-        per_gamma = np.sum(np.asarray(result.gamma_cycles), axis=0).astype(np.float64)  # [gamma + 1]
-        drafted_at = np.cumsum(per_gamma[::-1])[::-1][1:]  # cycles that drafted position j
         # Cycles that reached position j: drafted it and accepted every draft before it.
-        reached = np.minimum(drafted_at, np.concatenate([drafted_at[:1], at[:-1]])) if at.size else at
+        reached = np.sum(np.asarray(result.reached_at), axis=0).astype(np.float64)  # [gamma]
         n = min(at.size, self.max_gamma)
         self.accepted[draft][:n] += at[:n]
         self.reached[draft][:n] += reached[:n]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Switching gamma inside the compiled loop
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveGamma:
+    """What the compiled loop needs to re-choose its gamma every cycle (hashable host data; `arrays()`
+    is what enters the program).
+
+    cycle_ms[g]: predicted time of one cycle at gamma g = 0..G (the plain step at 0; g draft steps and
+    the width-(G + 1) verify pass above it); prior[j]: acceptance rate of draft position j < G, worth
+    `strength` pseudo-trials; margin: drafting must beat plain decoding by 1 + margin, as in `choose`.
+    """
+
+    cycle_ms: tuple
+    prior: tuple
+    strength: float = PRIOR_STRENGTH
+    margin: float = MARGIN
+
+    def __post_init__(self):
+        if len(self.cycle_ms) < 2 or min(self.cycle_ms) <= 0:
+            raise ValueError(f"need positive cycle times for gamma 0..G (G >= 1), got {self.cycle_ms}")
+        if len(self.prior) != len(self.cycle_ms) - 1 or not all(0 <= r <= 1 for r in self.prior):
+            raise ValueError(f"need {len(self.cycle_ms) - 1} prior rates in [0, 1], got {self.prior}")
+
+    @property
+    def max_gamma(self) -> int:
+        return len(self.prior)
+
+    def arrays(self) -> dict:
+        """The traced half: {cycle_ms [G + 1], prior [G], strength, margin} as float32."""
+        return {"cycle_ms": jnp.asarray(self.cycle_ms, jnp.float32), "prior": jnp.asarray(self.prior, jnp.float32),
+                "strength": jnp.float32(self.strength), "margin": jnp.float32(self.margin)}
+
+
+def pick_gamma(adaptive: dict, accepted_at, reached_at):
+    """Inside the loop: the gamma in 0..G with the best predicted tokens per millisecond, given the
+    batch's counts so far (accepted_at / reached_at: [B, G] per-row cycles that accepted / reached each
+    draft position). Rate j = (accepted_j + strength * prior_j) / (reached_j + strength); E[n](g) =
+    1 + sum_{j<g} prod_{i<=j} rate_i; score = E[n] / cycle_ms, plain decoding's raised by 1 + margin.
+    Traced arrays in (`AdaptiveGamma.arrays()`), an int32 scalar out."""
+    k = adaptive["strength"]
+    rates = (jnp.sum(accepted_at, 0) + k * adaptive["prior"]) / (jnp.sum(reached_at, 0) + k)
+    tokens = jnp.concatenate([jnp.ones((1,), jnp.float32), 1.0 + jnp.cumsum(jnp.cumprod(rates))])  # E[n], g = 0..G
+    score = (tokens / adaptive["cycle_ms"]).at[0].multiply(1.0 + adaptive["margin"])
+    return jnp.argmax(score).astype(jnp.int32)
 
 
 def resolve(auto: Optional[AutoGamma], batch: int, context: int, draft_mode: Optional[str] = None,

@@ -24,25 +24,30 @@ def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
     return jax.random.categorical(key, jnp.log(probs), axis=-1).astype(jnp.int32)
 
 
-def greedy_accept(draft: jax.Array, target_logits: jax.Array):
+def greedy_accept(draft: jax.Array, target_logits: jax.Array, limit=None):
     """Top-1 acceptance (the QSpec paper's policy).
 
     draft: [B, g] drafted tokens; target_logits: [B, g+1, V] the verifier's logits at the g+1 positions.
     Returns (n_accepted [B], next_token [B]): the drafted prefix that matches the verifier's argmax,
     and the verifier's own token right after it (the correction, or a bonus token if all matched).
+    limit (traced, <= g): only the first `limit` drafts are real; the rest are padding, never accepted.
     """
     target = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)
     n_acc = jnp.sum(jnp.cumprod(draft == target[:, :-1], axis=1), axis=1).astype(jnp.int32)
+    if limit is not None:
+        n_acc = jnp.minimum(n_acc, limit)
     return n_acc, jnp.take_along_axis(target, n_acc[:, None], axis=1)[:, 0]
 
 
-def speculative_accept(key: jax.Array, draft: jax.Array, q: jax.Array, p: jax.Array):
+def speculative_accept(key: jax.Array, draft: jax.Array, q: jax.Array, p: jax.Array, limit=None):
     """Speculative sampling (Leviathan et al. 2023): output tokens are distributed exactly as under p.
 
     draft: [B, g] tokens sampled from the draft distributions q: [B, g, V]; p: [B, g+1, V] the
     verifier's distributions. Token j is accepted with probability min(1, p_j(d_j) / q_j(d_j)); at the
     first rejection the next token is drawn from normalize(max(p_j - q_j, 0)); if all g are accepted
-    it is drawn from p_g. Returns (n_accepted [B], next_token [B]).
+    it is drawn from p_g. Returns (n_accepted [B], next_token [B]). limit (traced, <= g): only the
+    first `limit` drafts are real, as if g were `limit` (the padding is never accepted, and the token
+    after `limit` accepted drafts is drawn from p_limit).
     """
     b, g = draft.shape
     k_accept, k_next = jax.random.split(key)
@@ -50,8 +55,10 @@ def speculative_accept(key: jax.Array, draft: jax.Array, q: jax.Array, p: jax.Ar
     q_d = jnp.take_along_axis(q, draft[..., None], axis=-1)[..., 0]
     u = jax.random.uniform(k_accept, (b, g))
     accepted = u * q_d < p_d  # u < p/q without dividing by a zero q
-    n_acc = jnp.sum(jnp.cumprod(accepted, axis=1), axis=1).astype(jnp.int32)
-    q_ext = jnp.concatenate([q, jnp.zeros_like(p[:, :1])], axis=1)  # residual at g is p_g itself
+    real = jnp.arange(g + 1) < (g if limit is None else limit)  # draft positions that hold a draft
+    n_acc = jnp.sum(jnp.cumprod(accepted & real[:g], axis=1), axis=1).astype(jnp.int32)
+    # The residual past the last real draft is p itself (q counts as zero there).
+    q_ext = jnp.concatenate([q, jnp.zeros_like(p[:, :1])], axis=1) * real[None, :, None]
     pick = lambda a: jnp.take_along_axis(a, n_acc[:, None, None], axis=1)[:, 0]
     p_n = pick(p)
     residual = jnp.maximum(p_n - pick(q_ext), 0.0)

@@ -26,6 +26,7 @@ its token budget, after which it is masked.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Optional, Sequence
 
@@ -37,6 +38,7 @@ from flax import struct
 from qspec_jax.config import LlamaConfig
 from qspec_jax.kv_cache import HierarchicalKVCache, KVCache, check_hierarchical, flush
 from qspec_jax.model import MODES, forward, unstack_layers
+from qspec_jax.policy import AdaptiveGamma, pick_gamma
 from qspec_jax.sampling import greedy_accept, probabilities, sample, speculative_accept
 
 POLICIES = ("greedy", "sampling", "replay")
@@ -52,6 +54,8 @@ class GenerationResult:
     accepted_at: [B, gamma] cycles whose draft at position j was accepted (a draft counts only with
     all drafts before it, so the counts never rise with j; they sum to `accepted`);
     gamma_cycles: [B, gamma + 1] cycles run at each gamma 0..gamma (one bucket while gamma is fixed);
+    reached_at: [B, gamma] cycles that drafted position j after accepting every draft before it (the
+    denominator of position j's conditional acceptance rate, accepted_at[j] / reached_at[j]);
     trace: [B, max_new_tokens] accepted count of each cycle (-1 where the row was not active),
     the input of the `replay` policy;
     policy: the `policy.Choice` behind `gamma="auto"` (static data, not an array), else None.
@@ -65,6 +69,7 @@ class GenerationResult:
     trace: jax.Array
     accepted_at: jax.Array
     gamma_cycles: jax.Array
+    reached_at: jax.Array
     policy: Optional[object] = struct.field(pytree_node=False, default=None)
 
     def acceptance_rate(self) -> np.ndarray:
@@ -86,12 +91,15 @@ class GenerationResult:
         acceptance_rate: accepted / drafted; tokens_per_cycle: tokens emitted per cycle (cut at EOS
         and budget); mean_accepted_length: accepted drafts per cycle; accepted_at_position[j]: cycles
         that accepted the draft at position j; acceptance_at_position[j]: that over the cycles that
-        drafted a position j; gamma_histogram: {gamma: cycles run at it}; policy: what gamma="auto"
-        chose (gamma, draft, predicted_speedup, policy_source, batch, context), else None.
+        drafted a position j; conditional_acceptance_at_position[j]: that over the cycles that reached
+        position j (drafted it with every draft before it accepted); gamma_histogram: {gamma: cycles
+        run at it}; policy: what gamma="auto" chose (gamma, draft, predicted_speedup, policy_source,
+        batch, context, adaptive), else None.
         """
         drafted, accepted = int(np.sum(self.drafted)), int(np.sum(self.accepted))
         cycles, new = int(np.sum(self.cycles)), int(np.sum(self.num_tokens))
         at = np.sum(np.asarray(self.accepted_at), axis=0)  # [gamma]
+        reached = np.sum(np.asarray(self.reached_at), axis=0)  # [gamma]
         per_gamma = np.sum(np.asarray(self.gamma_cycles), axis=0)  # [gamma + 1]
         drafted_at = np.cumsum(per_gamma[::-1])[::-1][1:]  # cycles that ran at a gamma > j
         return {
@@ -105,6 +113,7 @@ class GenerationResult:
             "mean_accepted_length": accepted / cycles if drafted else None,
             "accepted_at_position": [int(a) for a in at],
             "acceptance_at_position": [float(a) / d if d else None for a, d in zip(at, drafted_at)],
+            "conditional_acceptance_at_position": [float(a) / r if r else None for a, r in zip(at, reached)],
             "gamma_histogram": {str(g): int(c) for g, c in enumerate(per_gamma) if c},
             "policy": None if self.policy is None else self.policy.as_dict(),
         }
@@ -125,6 +134,7 @@ class LoopState:
     key: jax.Array  # PRNG key of the draft samples and the acceptance draws
     step: jax.Array  # [] int32: cycles run, the column of `trace` the next cycle writes
     accepted_at: jax.Array  # [B, gamma] int32: cycles that accepted the draft at position j
+    reached_at: jax.Array  # [B, gamma] int32: cycles that drafted position j with every draft before it accepted
     gamma_cycles: jax.Array  # [B, gamma + 1] int32: cycles run at each gamma
     trace: jax.Array  # [B, N] int32: accepted count of each cycle, -1 where the row was not active
 
@@ -137,7 +147,8 @@ class LoopState:
             cache=cache, pending=first, n_out=n_out, key=key, step=jnp.int32(0),
             out=jnp.full((b, max_new_tokens + gamma + 1), -1, jnp.int32).at[:, 0].set(first),
             done=is_eos(first, eos_ids) | (n_out >= max_new_tokens),
-            accepted_at=jnp.zeros((b, gamma), jnp.int32), gamma_cycles=jnp.zeros((b, gamma + 1), jnp.int32),
+            accepted_at=jnp.zeros((b, gamma), jnp.int32), reached_at=jnp.zeros((b, gamma), jnp.int32),
+            gamma_cycles=jnp.zeros((b, gamma + 1), jnp.int32),
             trace=jnp.full((b, max_new_tokens), -1, jnp.int32),
         )
 
@@ -149,7 +160,7 @@ class LoopState:
         return GenerationResult(
             tokens=tokens, num_tokens=self.n_out, drafted=self.gamma_cycles @ gammas,
             accepted=jnp.sum(self.accepted_at, axis=1), cycles=jnp.sum(self.gamma_cycles, axis=1),
-            trace=self.trace, accepted_at=self.accepted_at, gamma_cycles=self.gamma_cycles,
+            trace=self.trace, accepted_at=self.accepted_at, gamma_cycles=self.gamma_cycles, reached_at=self.reached_at,
         )
 
 
@@ -235,18 +246,45 @@ def draft(params, cache, pending, key, temperature, *, config, mode, gamma, samp
 
     def step(carry, j):
         cache, tok, key = carry
-        logits, cache = forward(params, tok[:, None], (cache.lengths + j)[:, None], cache, config=config, mode=mode,
-                                kv_view="int4")  # a hierarchical cache's draft view (ignored by bf16)
-        if not sampling:
-            nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-            return (cache, nxt, key), (nxt, None)
-        key, k = jax.random.split(key)
-        q = probabilities(logits[:, 0], temperature, top_p)
-        nxt = sample(k, q)
+        nxt, q, cache, key = draft_step(params, cache, tok, key, temperature, j, config=config, mode=mode,
+                                        sampling=sampling, top_p=top_p)
         return (cache, nxt, key), (nxt, q)
 
     (cache, _, key), (drafts, q) = jax.lax.scan(step, (cache, pending, key), jnp.arange(gamma))
     return drafts.T, None if q is None else jnp.swapaxes(q, 0, 1), cache, key
+
+
+def draft_step(params, cache, tok, key, temperature, j, *, config, mode, sampling, top_p):
+    """One draft step: token `tok` [B] at each row's slot lengths + j. Returns (next [B], q, cache,
+    key); q [B, V] is the distribution `next` was drawn from when `sampling`, else None (argmax)."""
+    logits, cache = forward(params, tok[:, None], (cache.lengths + j)[:, None], cache, config=config, mode=mode,
+                            kv_view="int4")  # a hierarchical cache's draft view (ignored by bf16)
+    if not sampling:
+        return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), None, cache, key
+    key, k = jax.random.split(key)
+    q = probabilities(logits[:, 0], temperature, top_p)
+    return sample(k, q), q, cache, key
+
+
+def draft_upto(params, cache, pending, key, temperature, n, *, config, mode, width, sampling, top_p):
+    """`draft` for a traced number of steps `n` <= `width` (an adaptive loop's cycle; a loop of that
+    many iterations, not a scan). Returns (drafts [B, width], q [B, width, V] or None, cache, key);
+    entries from position n on are zeros and are never read."""
+    b = pending.shape[0]
+    drafts = jnp.zeros((b, width), jnp.int32)
+    q = jnp.zeros((b, width, config.vocab_size), jnp.float32) if sampling else None
+
+    def step(j, carry):
+        cache, tok, key, drafts, q = carry
+        nxt, qj, cache, key = draft_step(params, cache, tok, key, temperature, j, config=config, mode=mode,
+                                         sampling=sampling, top_p=top_p)
+        drafts = jax.lax.dynamic_update_slice_in_dim(drafts, nxt[:, None], j, axis=1)
+        if sampling:
+            q = jax.lax.dynamic_update_slice_in_dim(q, qj[:, None], j, axis=1)
+        return cache, nxt, key, drafts, q
+
+    cache, _, key, drafts, q = jax.lax.fori_loop(0, n, step, (cache, pending, key, drafts, q))
+    return drafts, q, cache, key
 
 
 def verify(params, cache, pending, drafts, *, config, mode):
@@ -257,34 +295,37 @@ def verify(params, cache, pending, drafts, *, config, mode):
     return forward(params, block, positions, cache, config=config, mode=mode, kv_view="int8")
 
 
-def accept(key, drafts, q, logits, temperature, forced, *, policy, top_p):
+def accept(key, drafts, q, logits, temperature, forced, *, policy, top_p, limit=None):
     """Per row, how many drafts to keep and the verifier's next token: (n_accepted [B], next [B]).
 
     drafts [B, g], q their distributions (sampling only), logits [B, g + 1, V] the verifier's.
     greedy: the drafted prefix that matches the verifier's argmax; sampling: speculative sampling
     at temperature / top_p (output distributed as the verifier's sampling); replay: the `forced`
-    counts [B] (clipped to 0..g), then the verifier's argmax after them.
+    counts [B] (clipped to 0..g), then the verifier's argmax after them. limit (traced, <= g): only
+    the first `limit` drafts are real (an adaptive loop's cycle); the rest are never accepted.
     """
     g = drafts.shape[1]
     if policy == "sampling":
         p = probabilities(logits, temperature, top_p)
         if g == 0:
             return jnp.zeros(drafts.shape[:1], jnp.int32), sample(key, p[:, 0])
-        return speculative_accept(key, drafts, q, p)
+        return speculative_accept(key, drafts, q, p, limit)
     if policy == "replay":
-        n_acc = jnp.clip(forced, 0, g)
+        n_acc = jnp.clip(forced, 0, g if limit is None else limit)
         target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         return n_acc, jnp.take_along_axis(target, n_acc[:, None], axis=1)[:, 0]
-    return greedy_accept(drafts, logits)
+    return greedy_accept(drafts, logits, limit)
 
 
-def advance(state: LoopState, drafts, n_acc, nxt, *, eos_ids: tuple, max_new_tokens: int) -> LoopState:
+def advance(state: LoopState, drafts, n_acc, nxt, *, eos_ids: tuple, max_new_tokens: int, drafted=None) -> LoopState:
     """Bookkeeping after acceptance: each active row emits its accepted drafts and then `nxt`, cut
     after an EOS and at its budget; its cache length grows by what it emitted, so a finished row's
-    later (masked) writes stay inside the `cache_length` slots."""
-    b, g = drafts.shape
+    later (masked) writes stay inside the `cache_length` slots. drafted: the cycle's gamma when only
+    the first `drafted` (traced) of `drafts` were drafted (an adaptive loop); default: all of them.
+    `drafts` may be narrower than the state's counters (plain decoding after an adaptive loop)."""
+    g = drafts.shape[1] if drafted is None else drafted
     active = ~state.done
-    idx = jnp.arange(g + 1)
+    idx = jnp.arange(drafts.shape[1] + 1)
     emitted = jnp.where(idx < n_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])  # [B, g+1]
     stops = is_eos(emitted, eos_ids) & (idx <= n_acc[:, None])
     hit_eos = jnp.any(stops, axis=1)
@@ -292,6 +333,7 @@ def advance(state: LoopState, drafts, n_acc, nxt, *, eos_ids: tuple, max_new_tok
     count = jnp.where(active, jnp.minimum(count, max_new_tokens - state.n_out), 0)
     n_out = state.n_out + count
     at = jnp.where(active, state.n_out, max_new_tokens)  # a finished row writes -1s into the overhang
+    pos = jnp.arange(state.accepted_at.shape[1])  # draft positions the counters hold
     return state.replace(
         cache=state.cache.replace(lengths=state.cache.lengths + count),
         pending=jnp.where(active, nxt, state.pending),
@@ -299,7 +341,8 @@ def advance(state: LoopState, drafts, n_acc, nxt, *, eos_ids: tuple, max_new_tok
         n_out=n_out,
         done=state.done | (active & (hit_eos | (n_out >= max_new_tokens))),
         step=state.step + 1,
-        accepted_at=state.accepted_at + (active[:, None] & (jnp.arange(g) < n_acc[:, None])),
+        accepted_at=state.accepted_at + (active[:, None] & (pos < n_acc[:, None])),
+        reached_at=state.reached_at + (active[:, None] & (pos < g) & (pos <= n_acc[:, None])),
         gamma_cycles=state.gamma_cycles.at[:, g].add(active.astype(jnp.int32)),
         trace=state.trace.at[:, state.step].set(jnp.where(active, n_acc, -1)),
     )
@@ -320,14 +363,15 @@ def replay_counts(replay_trace, state: LoopState):
     ),
 )
 def generate_jit(
-    params, prompts, prompt_lens, key, temperature, replay_trace, draft_params=None, *,
+    params, prompts, prompt_lens, key, temperature, replay_trace, draft_params=None, adaptive=None, *,
     config: LlamaConfig, max_new_tokens: int, gamma: int, draft_mode: str, verify_mode: str,
     policy: str, top_p: float, eos_ids: tuple, prefill_chunk: int = 0, kv: str = "bf16", kv_group: int = 128,
     kv_window: int = 256,
 ) -> GenerationResult:
     """The compiled program behind `generate` (inputs already validated; see there): prefill, then
     draft -> verify -> accept cycles in one `lax.while_loop` until every row is done. The drafts run
-    on `draft_params` when given (QuantSpec: int4 drafts, a float verifier), else on `params`."""
+    on `draft_params` when given (QuantSpec: int4 drafts, a float verifier), else on `params`. With
+    `adaptive` (`policy.AdaptiveGamma.arrays()`) each cycle picks its gamma in 0..gamma (`decode_loop`)."""
     b, p = prompts.shape
     max_len = bf16_cache_slots(p, max_new_tokens, gamma, prefill_chunk)
     dtype = params["embed"].dtype
@@ -345,14 +389,15 @@ def generate_jit(
     key, k0 = jax.random.split(key)
     first = _choose(k0, logits, policy, temperature, top_p)
     return decode(params, cache.replace(lengths=prompt_lens), first, key, temperature, replay_trace, draft_params,
-                  config=config, max_new_tokens=max_new_tokens, gamma=gamma, draft_mode=draft_mode,
+                  adaptive, config=config, max_new_tokens=max_new_tokens, gamma=gamma, draft_mode=draft_mode,
                   verify_mode=verify_mode, policy=policy, top_p=top_p, eos_ids=eos_ids)
 
 
 DECODE_STATIC = ("config", "max_new_tokens", "gamma", "draft_mode", "verify_mode", "policy", "top_p", "eos_ids")
 
 
-def decode(params, cache, first, key, temperature, replay_trace, draft_params=None, **static) -> GenerationResult:
+def decode(params, cache, first, key, temperature, replay_trace, draft_params=None, adaptive=None,
+           **static) -> GenerationResult:
     """The decode half of a generation: draft -> verify -> accept cycles in one `lax.while_loop`,
     from a prefilled cache, until every row is done (`decode_loop`'s result).
 
@@ -360,45 +405,74 @@ def decode(params, cache, first, key, temperature, replay_trace, draft_params=No
     cache: a `KVCache` or `HierarchicalKVCache` whose `lengths` are the rows' prompt lengths and
     with room for `cache_length(prompt, max_new_tokens, gamma)` slots; first: [B] the token each row
     emitted from its prompt (it counts as the first of `max_new_tokens`); replay_trace: [B, C]
-    (policy "replay", else ignored); `static`: DECODE_STATIC, as `generate_jit` takes them.
+    (policy "replay", else ignored); adaptive: `policy.AdaptiveGamma.arrays()` or None (fixed gamma);
+    `static`: DECODE_STATIC, as `generate_jit` takes them.
     `generate_jit` is `prefill` followed by this; `decode_jit` compiles it alone (see there).
     """
-    return decode_loop(params, cache, first, key, temperature, replay_trace, draft_params, **static).result()
+    return decode_loop(params, cache, first, key, temperature, replay_trace, draft_params, adaptive, **static).result()
 
 
 def decode_loop(
-    params, cache, first, key, temperature, replay_trace, draft_params=None, *,
+    params, cache, first, key, temperature, replay_trace, draft_params=None, adaptive=None, *,
     config: LlamaConfig, max_new_tokens: int, gamma: int, draft_mode: str, verify_mode: str,
     policy: str, top_p: float, eos_ids: tuple,
 ) -> LoopState:
-    """`decode`'s while loop, returning its final `LoopState` (cache included)."""
-    state = LoopState.start(cache, first, key, gamma=gamma, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
+    """`decode`'s while loop, returning its final `LoopState` (cache included).
 
-    def cycle(state: LoopState) -> LoopState:
-        drafter = params if draft_params is None else draft_params  # QuantSpec: its own int4 weights
-        drafts, q, cache, key = draft(drafter, state.cache, state.pending, state.key, temperature, config=config,
-                                      mode=draft_mode, gamma=gamma, sampling=policy == "sampling", top_p=top_p)
-        logits, cache = verify(params, cache, state.pending, drafts, config=config, mode=verify_mode)
-        key, k = jax.random.split(key)
+    Fixed gamma (`adaptive` None): every cycle is `draft` (a scan of `gamma` steps), `verify`,
+    `accept`, `advance`. Adaptive: a first loop runs while the in-loop policy (`policy.pick_gamma`
+    over the counts so far) picks some g in 1..gamma: it drafts g tokens (`draft_upto`), verifies at
+    the full width gamma + 1 and accepts at most g (no conditional: XLA would copy the cache that a
+    branch updates in place). Once the policy picks 0, a second loop decodes plainly to the end.
+    Every cycle ends with a cache flush at the widest cycle's headroom."""
+    state = LoopState.start(cache, first, key, gamma=gamma, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
+    drafter = params if draft_params is None else draft_params  # QuantSpec: its own int4 weights
+    sampling = policy == "sampling"
+
+    def finish(state: LoopState, drafts, q, drafted=None) -> LoopState:
+        """Verify `drafts` (and the pending token; `state` holds the cache the drafts wrote), accept at
+        most `drafted` of them (default: all), advance, flush."""
+        logits, cache = verify(params, state.cache, state.pending, drafts, config=config, mode=verify_mode)
+        key, k = jax.random.split(state.key)
         forced = replay_counts(replay_trace, state) if policy == "replay" else None
-        n_acc, nxt = accept(k, drafts, q, logits, temperature, forced, policy=policy, top_p=top_p)
-        state = state.replace(cache=cache, key=key)
-        state = advance(state, drafts, n_acc, nxt, eos_ids=eos_ids, max_new_tokens=max_new_tokens)
+        n_acc, nxt = accept(k, drafts, q, logits, temperature, forced, policy=policy, top_p=top_p, limit=drafted)
+        state = advance(state.replace(cache=cache, key=key), drafts, n_acc, nxt, eos_ids=eos_ids,
+                        max_new_tokens=max_new_tokens, drafted=drafted)
         return state.replace(cache=flush(state.cache, gamma + 1))  # int8: quantize accepted groups; bf16: as is
+
+    def fixed_cycle(g: int):
+        def cycle(state: LoopState) -> LoopState:
+            drafts, q, cache, key = draft(drafter, state.cache, state.pending, state.key, temperature, config=config,
+                                          mode=draft_mode, gamma=g, sampling=sampling, top_p=top_p)
+            return finish(state.replace(cache=cache, key=key), drafts, q)
+        return cycle
 
     def running(state: LoopState):
         return jnp.any(~state.done) & (state.step < max_new_tokens)
 
-    return jax.lax.while_loop(running, cycle, state)
+    if adaptive is None:
+        return jax.lax.while_loop(running, fixed_cycle(gamma), state)
+
+    def chosen(state: LoopState):
+        return pick_gamma(adaptive, state.accepted_at, state.reached_at)
+
+    def adaptive_cycle(state: LoopState) -> LoopState:
+        g = chosen(state)
+        drafts, q, cache, key = draft_upto(drafter, state.cache, state.pending, state.key, temperature, g,
+                                           config=config, mode=draft_mode, width=gamma, sampling=sampling, top_p=top_p)
+        return finish(state.replace(cache=cache, key=key), drafts, q, drafted=g)
+
+    state = jax.lax.while_loop(lambda s: running(s) & (chosen(s) > 0), adaptive_cycle, state)
+    return jax.lax.while_loop(running, fixed_cycle(0), state)
 
 
 @partial(jax.jit, static_argnames=DECODE_STATIC, donate_argnames=("cache",))
-def decode_jit(params, cache, first, key, temperature, replay_trace, draft_params=None, **static):
+def decode_jit(params, cache, first, key, temperature, replay_trace, draft_params=None, adaptive=None, **static):
     """`decode` compiled alone: (GenerationResult, the final cache). The cache is donated and the
     loop works in its buffers (returned as the final cache), so a cache of most of the device's
     memory is not copied. Long-context speed runs time this over a cache built directly instead of
     prefilled (scripts/bench_long_context.py); research code can continue from the returned cache."""
-    state = decode_loop(params, cache, first, key, temperature, replay_trace, draft_params, **static)
+    state = decode_loop(params, cache, first, key, temperature, replay_trace, draft_params, adaptive, **static)
     return state.result(), state.cache
 
 
@@ -416,27 +490,32 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int
     return jnp.asarray(arr), jnp.asarray(lens, jnp.int32)
 
 
-def generate(params: dict, prompts: jax.Array, prompt_lens: jax.Array, *, auto=None, **settings) -> GenerationResult:
+def generate(params: dict, prompts: jax.Array, prompt_lens: jax.Array, *, auto=None, adapt: bool = True,
+             **settings) -> GenerationResult:
     """Generate up to `max_new_tokens` per row with QSpec (or plain decoding when `gamma=0`).
 
     prompts: [B, P] int32 right-padded token ids (see `pad_prompts`); prompt_lens: [B] lengths.
     Settings (keywords, see `prepare`): config, max_new_tokens, gamma=3, draft_mode="w4a4",
     verify_mode="w4a16", policy="greedy", temperature=1.0, top_p=1.0, seed=0, eos_ids=None,
     replay_trace=None, prefill_chunk=512, kv="bf16", kv_group=128, kv_window=256, draft_params=None
-    (a second weight pytree for the drafts; default: the drafts share `params`; see `quantspec`).
+    (a second weight pytree for the drafts; default: the drafts share `params`; see `quantspec`),
+    adaptive=None (a `policy.AdaptiveGamma`: each cycle drafts a gamma in 0..gamma chosen from the
+    acceptance so far; `gamma="auto"` builds one).
     Compiled once per shapes and static settings; a second call with the same padded shapes does
     not recompile.
 
-    gamma="auto": gamma and the draft are chosen on the host before compiling by `auto` (a
+    gamma="auto": the draft and a gamma are chosen on the host before compiling by `auto` (a
     `policy.AutoGamma`; default: the current device's), from its cost table and acceptance estimates
     (`policy.py`); an explicit draft_mode restricts the choice to that draft. Gamma 0 (plain
-    verify_mode decoding) when no setting is predicted to pay. The loop is the same static-gamma loop,
-    so greedy output is still plain W4A16's. The result's `policy` (and summary()) records the choice;
-    pass the result to `auto.update` to learn acceptance from it.
+    verify_mode decoding) when no setting is predicted to pay. Where a cost table priced a gamma > 0
+    and `adapt` (default), the loop then re-chooses gamma in 0..that every cycle from the acceptance
+    it sees (`policy.AdaptiveGamma`); adapt=False keeps the host's gamma fixed.
+    Greedy output is plain W4A16's whatever gamma runs. The result's `policy` (and summary()) records
+    the choice; `gamma_cycles` what ran; pass the result to `auto.update` to learn acceptance from it.
     """
     choice = None
     if isinstance(settings.get("gamma"), str) and settings["gamma"] == "auto":
-        settings, choice = resolve_auto(prompts, prompt_lens, settings, auto)
+        settings, choice = resolve_auto(prompts, prompt_lens, settings, auto, adapt=adapt)
     args, static = prepare(params, prompts, prompt_lens, **settings)
     result = generate_jit(*args, **static)
     return result if choice is None else result.replace(policy=choice)
@@ -462,21 +541,26 @@ def quantspec(float_params: dict, int4_params: dict, prompts: jax.Array, prompt_
     return generate(float_params, prompts, prompt_lens, draft_params=int4_params, **settings)
 
 
-def resolve_auto(prompts, prompt_lens, settings: dict, auto=None):
-    """`settings` with gamma="auto" replaced by the policy's integer gamma and draft; returns
-    (settings, policy.Choice). Needs the w4a16 verifier and a greedy or sampling policy."""
+def resolve_auto(prompts, prompt_lens, settings: dict, auto=None, *, adapt: bool = True):
+    """`settings` with gamma="auto" replaced by the policy's integer gamma and draft (and, with
+    `adapt`, the `adaptive` policy that lets the loop re-choose gamma each cycle, where a cost table priced a
+    gamma > 0: gamma is then the largest candidate); returns (settings, policy.Choice). Needs the
+    w4a16 verifier. A replay trace (speed runs) is replayed with each cycle's count clipped to its gamma."""
     from qspec_jax import policy as policy_lib
 
     settings = dict(settings)
     if settings.get("verify_mode", "w4a16") != "w4a16":
         raise ValueError("gamma='auto' chooses QSpec settings for the w4a16 verifier, not "
                          f"{settings['verify_mode']!r}")
-    if settings.get("policy", "greedy") == "replay":
-        raise ValueError("gamma='auto' cannot replay a trace: a replay trace is recorded at one fixed gamma")
     lens = np.asarray(prompt_lens)
     batch = int(np.shape(prompts)[0]) if np.ndim(prompts) == 2 else 0
     context = int(lens.max()) + int(settings.get("max_new_tokens", 0)) // 2 if lens.size else 0
-    choice = policy_lib.resolve(auto, batch, context, settings.get("draft_mode"), kv=settings.get("kv", "bf16"))
+    auto = auto if auto is not None else policy_lib.AutoGamma.for_device(kv=settings.get("kv", "bf16"))
+    choice = policy_lib.resolve(auto, batch, context, settings.get("draft_mode"))
+    adaptive = auto.adaptive(choice) if adapt else None
+    if adaptive is not None:
+        choice = dataclasses.replace(choice, adaptive=True)
+        settings["adaptive"] = adaptive
     settings["gamma"] = choice.gamma
     settings["draft_mode"] = choice.draft or settings.get("draft_mode") or "w4a16"
     return settings, choice
@@ -503,6 +587,7 @@ def prepare(
     kv_group: int = 128,
     kv_window: int = 256,
     draft_params: Optional[dict] = None,
+    adaptive: Optional[AdaptiveGamma] = None,
 ):
     """Validate a generation request; return `(args, static_kwargs)` for `generate_jit`.
 
@@ -524,6 +609,10 @@ def prepare(
     draft_params: weights the drafts run `draft_mode` on (prefill and verify still run `verify_mode`
     on `params`); the same model (config and shapes), e.g. its int4 pytree beside float `params`.
     None (default): the drafts share `params` and the program is QSpec's single-pytree one.
+    adaptive: a `policy.AdaptiveGamma` whose largest gamma is `gamma`: each cycle drafts the gamma in
+    0..gamma it picks from the acceptance so far (verifying at width gamma + 1), and plain decoding
+    takes over once it picks 0; None: every cycle drafts `gamma`. With policy "replay" each cycle's
+    count is clipped to the gamma it drafted.
     """
     b, p = _validate(
         prompts, prompt_lens, config, max_new_tokens, gamma, draft_mode, verify_mode, policy, temperature, top_p,
@@ -551,6 +640,12 @@ def prepare(
     if draft_params is not None:  # a 7th argument only when given: the shared-pytree program is unchanged
         _check_draft_params(params, draft_params, config)
         args += (unstack_layers(draft_params),)
+    if adaptive is not None:
+        if not isinstance(adaptive, AdaptiveGamma):
+            raise ValueError(f"adaptive must be a policy.AdaptiveGamma, got {type(adaptive).__name__}")
+        if adaptive.max_gamma != gamma:
+            raise ValueError(f"gamma ({gamma}) must be the adaptive policy's largest gamma ({adaptive.max_gamma})")
+        args += (None,) * (7 - len(args)) + (adaptive.arrays(),)
     static = dict(
         config=config, max_new_tokens=int(max_new_tokens), gamma=int(gamma), draft_mode=draft_mode,
         verify_mode=verify_mode, policy=policy, top_p=float(top_p), eos_ids=eos, prefill_chunk=int(prefill_chunk),

@@ -201,7 +201,8 @@ def qspec_entry(res, t, compile_s, batch, new_tokens, base, step, prefill_s, dra
 def auto_settings(auto, prompts, lens, new_tokens, common, traces=None):
     """(settings to time, policy.Choice): `gamma="auto"` resolved exactly as `generate` resolves it for
     a user (`speculative.resolve_auto`, greedy policy); with gamma > 0 the acceptance is then replayed
-    from the real-model trace at that (draft, gamma), as the fixed-gamma entries are."""
+    from the real-model trace at that (draft, gamma), as the fixed-gamma entries are (an adaptive loop
+    clips each cycle's count to the gamma it drafted)."""
     settings, choice = speculative.resolve_auto(prompts, lens, dict(max_new_tokens=new_tokens, gamma="auto", **common),
                                                 auto)
     if choice.gamma > 0 and traces is not None:
@@ -222,6 +223,7 @@ def measure_auto(auto, qparams, prompts, lens, new_tokens, traces, reps, program
     if choice.gamma:
         q = qspec_entry(res, t, c, batch, new_tokens, base, step, prefill_s, choice.draft, choice.gamma)
         entry.update({k: q[k] for k in ("acceptance_rate", "tokens_per_cycle", "loop_cycles", "decode_speedup_vs_w4a16")})
+        entry["gamma_histogram"] = res.summary()["gamma_histogram"]  # what an adaptive loop ran
     else:
         entry["decode_speedup_vs_w4a16"] = 1.0 if same == "plain w4a16" else None
     pred = f"predicted x{choice.predicted_speedup:.3f}" if choice.predicted_speedup is not None else "no prediction"

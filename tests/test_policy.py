@@ -1,6 +1,7 @@
 """The speculation policy (issue 12): E[n], the chooser, learning acceptance, the committed H200
 table, gamma="auto" through `generate` (greedy fidelity, sampling exactness) and the CLI."""
 
+import dataclasses
 import itertools
 import json
 import os
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from qspec_jax import checkpoint, policy, quantize
+from qspec_jax.model import fuse_projections, unstack_layers
 from qspec_jax.config import get_preset
 from qspec_jax.generate import MAX_GAMMA, parse_args, validate_args
 from qspec_jax.policy import AutoGamma, CostTable, choose, expected_tokens, expected_tokens_single
@@ -157,12 +159,14 @@ def test_trace_prior_fits_the_replay_traces():
 
 
 def fake_result(accepted_at, gamma_cycles, draft=None):
+    """A result of cycles at one fixed gamma: position j was reached by the cycles that accepted j - 1."""
     g = len(accepted_at)
     z = np.zeros((1, 1), np.int32)
     choice = policy.Choice(g, draft, None, "test") if draft else None
+    reached = [gamma_cycles[g]] + list(accepted_at[:-1]) if g else []
     return GenerationResult(tokens=z, num_tokens=z[:, 0], drafted=z[:, 0], accepted=z[:, 0], cycles=z[:, 0],
                             trace=z, accepted_at=np.asarray([accepted_at]), gamma_cycles=np.asarray([gamma_cycles]),
-                            policy=choice)
+                            reached_at=np.asarray([reached]), policy=choice)
 
 
 def test_update_moves_the_estimate_toward_observed_rates():
@@ -245,8 +249,12 @@ def test_generate_auto_greedy_equals_w4a16(tiny_qparams):
         res = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=24, gamma="auto", eos_ids=(), auto=auto)
         np.testing.assert_array_equal(np.asarray(res.tokens), np.asarray(base.tokens))
         s = res.summary()
-        assert s["policy"]["gamma"] == res.policy.gamma and s["gamma_histogram"] == {
-            str(res.policy.gamma): int(np.sum(res.cycles))}
+        assert s["policy"]["gamma"] == res.policy.gamma
+        if res.policy.adaptive:  # the loop re-chose gamma in 0..policy.gamma each cycle
+            assert auto is cheap and {int(g) for g in s["gamma_histogram"]} <= set(range(res.policy.gamma + 1))
+            assert sum(s["gamma_histogram"].values()) == int(np.sum(res.cycles))
+        else:
+            assert s["gamma_histogram"] == {str(res.policy.gamma): int(np.sum(res.cycles))}
         if auto is not None:
             auto.update(res)
     assert res.policy.gamma == 0 and res.policy.draft is None and res.summary()["drafted"] == 0
@@ -265,7 +273,8 @@ def test_generate_auto_greedy_equals_w4a16(tiny_qparams):
 
 def test_speculative_sampling_with_auto_keeps_the_verifier_distribution():
     """tests/test_speculative.py's chi-square check of the whole loop, with gamma chosen by the policy
-    (a synthetic table that picks gamma 2 with the w4a4 draft, as the fixed-gamma test runs)."""
+    (a synthetic table that picks gamma 2 with the w4a4 draft, as the fixed-gamma test runs; the loop
+    then re-chooses gamma in 0..2 every cycle from the acceptance it sees)."""
     from test_speculative import MICRO, PROMPT, assert_distributed, verifier_token_pairs  # its helpers
 
     params = checkpoint.random_params(MICRO, seed=1234, dtype=jnp.float32)
@@ -276,12 +285,145 @@ def test_speculative_sampling_with_auto_keeps_the_verifier_distribution():
     toks, lens = pad_prompts([PROMPT] * n)
     res = generate(qp, toks, lens, config=MICRO, max_new_tokens=4, gamma="auto", policy="sampling",
                    temperature=temperature, top_p=top_p, seed=3, eos_ids=(), auto=auto)
-    assert (res.policy.gamma, res.policy.draft) == (2, "w4a4")
+    assert (res.policy.gamma, res.policy.draft, res.policy.adaptive) == (2, "w4a4", True)
     assert res.summary()["acceptance_rate"] < 0.9  # the draft differs: rejections happen
     p12, _, p34 = verifier_token_pairs(qp, temperature, top_p)
     t = np.asarray(res.tokens)
     assert_distributed("(t1, t2)", np.bincount(t[:, 0] * v + t[:, 1], minlength=v * v), p12 * n)
     assert_distributed("(t3, t4)", np.bincount(t[:, 2] * v + t[:, 3], minlength=v * v), p34 * n)
+
+
+# --- choosing gamma inside the loop ---------------------------------------------------------------
+
+
+def reference_pick(accepted, reached, adaptive):
+    """pick_gamma in float64 through the host's own E[n] (`expected_tokens`): the gamma with the best
+    tokens per millisecond, plain decoding's raised by the margin."""
+    k, prior = adaptive.strength, np.asarray(adaptive.prior, np.float64)
+    rates = (np.asarray(accepted, np.float64) + k * prior) / (np.asarray(reached, np.float64) + k)
+    score = [expected_tokens(list(rates), g) / t for g, t in enumerate(adaptive.cycle_ms)]
+    score[0] *= 1 + adaptive.margin
+    return int(np.argmax(score))
+
+
+def test_pick_gamma_matches_a_float64_reference():
+    rng = np.random.default_rng()
+    for _ in range(200):
+        adaptive = policy.AdaptiveGamma(tuple(rng.uniform(1.0, 3.0, 7)), tuple(rng.uniform(0.3, 1.0, 6)),
+                                        strength=float(rng.uniform(1, 100)))
+        reached = rng.integers(0, 400, (3, 6))  # three rows' counts
+        accepted = rng.binomial(reached, rng.uniform(0.2, 1.0, 6))
+        got = int(policy.pick_gamma(adaptive.arrays(), jnp.asarray(accepted), jnp.asarray(reached)))
+        assert got == reference_pick(accepted.sum(0), reached.sum(0), adaptive)
+    # Nothing seen yet: the prior alone decides, as the host chooser did.
+    table = synthetic_table(t_draft=0.2)
+    auto = AutoGamma(table, prior={"w4a8": 0.9, "w4a4": 0.7})
+    c = auto.choice(1)
+    a = auto.adaptive(c)
+    assert c.gamma > 0 and a.max_gamma == c.gamma and a.prior == tuple(auto.rates(c.draft)[: c.gamma])
+    zeros = jnp.zeros((1, c.gamma), jnp.int32)
+    assert int(policy.pick_gamma(a.arrays(), zeros, zeros)) == c.gamma
+    # Every drafting cycle verifies at the choice's width: fewer drafts save only draft steps.
+    for g in range(1, c.gamma + 1):
+        assert a.cycle_ms[g] == pytest.approx(g * table.t_draft(c.draft, 1) + table.t_verify(c.gamma, 1))
+    assert a.cycle_ms[0] == table.t_plain(1)
+    # No adaptive loop where the choice should stay: no table, or plain decoding chosen.
+    default = policy.Choice(3, "w4a8", None, "default")
+    assert AutoGamma.for_device("cpu").adaptive(default) is None
+    assert auto.adaptive(dataclasses.replace(default, gamma=0, draft=None)) is None
+    for bad in (dict(cycle_ms=(1.0,), prior=()), dict(cycle_ms=(1.0, 0.0, 1.0)), dict(prior=(0.5,)),
+                dict(prior=(0.5, 1.5))):
+        with pytest.raises(ValueError):
+            policy.AdaptiveGamma(**{"cycle_ms": (1.0, 1.2, 1.6), "prior": (0.9, 0.9), **bad})
+
+
+def simulate_adaptive(traces, adaptive, max_new_tokens):
+    """The adaptive loop's bookkeeping under the replay policy, in float64 NumPy: each cycle picks its
+    gamma from the pooled counts (`reference_pick`) until that is 0, plain decoding after; every active
+    row accepts its trace's next count clipped to that gamma and emits it plus one token, cut at its
+    budget. Returns the per-row (gamma_cycles, accepted_at, reached_at) the loop should end with."""
+    b, width = len(traces), adaptive.max_gamma
+    gamma_cycles, acc, reached = np.zeros((b, width + 1), int), np.zeros((b, width), int), np.zeros((b, width), int)
+    n_out, done, pos, drafting = np.ones(b, int), np.zeros(b, bool), np.arange(width), True
+    for _ in range(max_new_tokens):
+        if done.all():
+            break
+        g = reference_pick(acc.sum(0), reached.sum(0), adaptive) if drafting else 0
+        drafting = g > 0
+        for r in np.flatnonzero(~done):
+            n_acc = min(traces[r][gamma_cycles[r].sum() % len(traces[r])], g)
+            gamma_cycles[r, g] += 1
+            acc[r] += pos < n_acc
+            reached[r] += (pos < g) & (pos <= n_acc)
+            n_out[r] += min(n_acc + 1, max_new_tokens - n_out[r])
+            done[r] = n_out[r] >= max_new_tokens
+    return gamma_cycles, acc, reached
+
+
+def test_adaptive_loop_follows_the_policy_under_replay(tiny_qparams):
+    """The compiled loop's per-cycle choice, with acceptance replayed from random traces, against the
+    same choice made in float64 on the host, cycle by cycle: identical gamma histograms and counts."""
+    rng = np.random.default_rng()
+    toks, lens = pad_prompts([list(rng.integers(3, TINY.vocab_size, n)) for n in (5, 12, 9)])
+    # Acceptance falls from a perfect start to none: the loop walks down to plain decoding (200 float64
+    # re-runs of such draws all reached gamma 0 through at least one gamma between).
+    traces = [[4] * int(rng.integers(2, 6)) + list(rng.integers(0, 4, 4)) + [0] * 40 for _ in range(3)]
+    width = max(len(t) for t in traces)
+    trace = np.array([t + [-1] * (width - len(t)) for t in traces], np.int32)
+    adaptive = policy.AdaptiveGamma((1.0, 1.45, 1.8, 2.15, 2.5), (0.95,) * 4, strength=4.0)
+    res = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=64, gamma=4, draft_mode="w4a8",
+                   policy="replay", replay_trace=trace, eos_ids=(), adaptive=adaptive)
+    gamma_cycles, acc, reached = simulate_adaptive(traces, adaptive, 64)
+    np.testing.assert_array_equal(np.asarray(res.gamma_cycles), gamma_cycles)
+    np.testing.assert_array_equal(np.asarray(res.accepted_at), acc)
+    np.testing.assert_array_equal(np.asarray(res.reached_at), reached)
+    assert gamma_cycles[:, 0].sum() > 0 and (gamma_cycles.sum(0) > 0).sum() >= 3  # it walked down, to 0
+    with pytest.raises(ValueError, match="largest gamma"):
+        prepare(tiny_qparams, toks, lens, config=TINY, max_new_tokens=8, gamma=3, adaptive=adaptive)
+
+
+@pytest.mark.parametrize("kv", ["bf16", "int8"])
+def test_adaptive_loop_greedy_equals_plain_decoding(tiny_qparams, kv):
+    """Greedy output of a loop that changes gamma mid-run equals plain W4A16 greedy decoding on the
+    same cache kind. An optimistic prior starts it at gamma 4; the w4a4 draft's real acceptance on
+    this model (about 0.7 per position) makes fewer drafts the better buy, so it moves."""
+    rng = np.random.default_rng(1)
+    toks, lens = pad_prompts([list(rng.integers(3, TINY.vocab_size, n)) for n in (3, 17, 8)])
+    kw = dict(config=TINY, max_new_tokens=40, eos_ids=(), kv=kv, kv_group=16, kv_window=32)
+    base = generate(tiny_qparams, toks, lens, gamma=0, **kw)
+    adaptive = policy.AdaptiveGamma((1.0, 1.7, 2.0, 2.3, 2.6), (1.0,) * 4, strength=2.0)
+    res = generate(tiny_qparams, toks, lens, gamma=4, draft_mode="w4a4", adaptive=adaptive, **kw)
+    np.testing.assert_array_equal(np.asarray(res.tokens), np.asarray(base.tokens))
+    hist = res.summary()["gamma_histogram"]
+    assert hist.get("4", 0) > 0 and len(hist) >= 2, hist
+
+
+def test_adaptive_loop_copies_no_cache_sized_buffer():
+    """The adaptive loop keeps the cache in place: XLA copies every buffer that a conditional's branch
+    updates in place, so a `lax.switch` over verify widths copied the whole cache each cycle (24
+    cache-sized copies in this program). The compiled program holds none, like the fixed-gamma one."""
+    import re
+
+    import jax
+
+    from qspec_jax.kv_cache import KVCache
+    from qspec_jax.speculative import decode_jit
+    from test_layer_layout import CFG
+
+    params = checkpoint.random_params(CFG, seed=3, dtype=jnp.float32)
+    qp = unstack_layers(fuse_projections(quantize.quantize_params(params, CFG, group_size=64, dtype=jnp.float32)))
+    b, slots = 2, 256
+    cache = KVCache.create(CFG, b, slots, jnp.float32).replace(lengths=jnp.asarray([5, 9], jnp.int32))
+    adaptive = policy.AdaptiveGamma((1.0, 1.6, 1.9, 2.2, 2.5), (0.9,) * 4)
+    static = dict(config=CFG, max_new_tokens=32, gamma=4, draft_mode="w4a4", verify_mode="w4a16", policy="greedy",
+                  top_p=1.0, eos_ids=())
+    shape = f"f32[{b},{CFG.num_kv_heads},{slots},{CFG.head_dim}]"
+    for arrays in (None, adaptive.arrays()):
+        text = decode_jit.lower(qp, cache, jnp.asarray([3, 4], jnp.int32), jax.random.PRNGKey(0), jnp.float32(1),
+                                jnp.zeros((b, 1), jnp.int32), None, arrays, **static).compile().as_text()
+        assert shape in text  # the pattern below looks for the right buffers
+        copies = re.findall(re.escape(shape) + r"\{[^}]*\} copy\(", text)
+        assert not copies, f"{len(copies)} cache-sized copies (adaptive={arrays is not None})"
 
 
 # --- the CLI --------------------------------------------------------------------------------------
