@@ -125,10 +125,12 @@ def step_floor_ms(params, config, batch, max_len, bandwidth):
 
 
 def measure_cell(fparams, qparams, config, spec, new_tokens, traces, reps, rng, bandwidth, chunk, auto=None,
-                 step_split=None):
+                 step_split=None, adaptive_pinned=False):
     """All modes for one (preset, batch, prompt length) cell, in the same process, then `auto`.
 
-    step_split: the plain modes whose prefill is also timed alone (for per-step times); None: all."""
+    step_split: the plain modes whose prefill is also timed alone (for per-step times); None: all.
+    adaptive_pinned: also time each QSpec entry through the adaptive loop held at its gamma
+    (`pinned_adaptive`): the cost of choosing gamma in the loop, with the same replayed counts."""
     batch, prompt_len, gammas, drafts, modes = (spec[k] for k in ("batch", "prompt_len", "gammas", "drafts", "modes"))
     prompts = jnp.asarray(rng.integers(3, config.vocab_size, (batch, prompt_len)), jnp.int32)
     lens = jnp.full((batch,), prompt_len, jnp.int32)
@@ -165,6 +167,16 @@ def measure_cell(fparams, qparams, config, spec, new_tokens, traces, reps, rng, 
                                           max_new_tokens=new_tokens, gamma=gamma, draft_mode=draft, policy="replay",
                                           replay_trace=trace, **common)
             entry = qspec_entry(res, t, c, batch, new_tokens, base, step, prefill_s, draft, gamma)
+            if adaptive_pinned:
+                ta, res_a, ca, _ = timed_generate(qparams, prompts, lens, reps, programs, f"adaptive {draft} g{gamma}",
+                                                  max_new_tokens=new_tokens, gamma=gamma, draft_mode=draft,
+                                                  policy="replay", replay_trace=trace, adaptive=pinned_adaptive(gamma),
+                                                  **common)
+                entry["adaptive_pinned"] = {
+                    "seconds": ta, "compile_s": ca, "time_over_fixed": ta / t,
+                    "same_counts": bool(np.array_equal(np.asarray(res_a.trace), np.asarray(res.trace)))}
+                print(f"  B={batch} P={prompt_len} adaptive loop held at {draft} g={gamma}: x{ta / t:.3f} the fixed "
+                      f"program's time, compile {ca:.0f}s", flush=True)
             cell["qspec"].append(entry)
             resid = entry["verify_ms_residual"]
             print(f"  B={batch} P={prompt_len} qspec {draft} g={gamma}: a={entry['acceptance_rate']:.3f} "
@@ -177,6 +189,13 @@ def measure_cell(fparams, qparams, config, spec, new_tokens, traces, reps, rng, 
         cell["auto"] = measure_auto(auto, qparams, prompts, lens, new_tokens, traces, reps, programs, common,
                                     base, step, prefill_s)
     return cell
+
+
+def pinned_adaptive(gamma: int) -> policy.AdaptiveGamma:
+    """An in-loop policy that always picks `gamma` (every other gamma priced out), so the adaptive
+    loop runs the fixed program's cycles through its own machinery (traced-length drafts, limited
+    acceptance, the per-cycle choice): timing it against the fixed program prices that machinery."""
+    return policy.AdaptiveGamma((1e9,) * gamma + (1.0,), (1.0,) * gamma)
 
 
 def qspec_entry(res, t, compile_s, batch, new_tokens, base, step, prefill_s, draft, gamma):
@@ -397,6 +416,9 @@ def main():
     ap.add_argument("--traces", default="benchmarks/acceptance/traces.json")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--no-auto", action="store_true", help="skip the gamma='auto' entry of each cell")
+    ap.add_argument("--adaptive-pinned", action="store_true",
+                    help="also time every QSpec entry through the adaptive loop held at its gamma (the cost of "
+                         "choosing gamma inside the loop)")
     ap.add_argument("--auto-summary", default="", help="write auto vs best plain / best fixed per cell here")
     ap.add_argument("--summary-only-from", default="",
                     help="rebuild --auto-summary from this saved results JSON and exit (no run)")
@@ -485,7 +507,8 @@ def main():
         for spec in specs:
             t0 = time.perf_counter()
             cell = measure_cell(fparams, qparams, config, spec, args.new_tokens, traces, args.reps, rng,
-                                bandwidth, args.prefill_chunk, auto=auto, step_split=step_split)
+                                bandwidth, args.prefill_chunk, auto=auto, step_split=step_split,
+                                adaptive_pinned=args.adaptive_pinned)
             cell["preset"], cell["elapsed_s"] = preset, time.perf_counter() - t0
             results["cells"].append(cell)
             with open(args.out, "w") as f:  # after every cell: a cut-off run still leaves its data

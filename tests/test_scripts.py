@@ -118,6 +118,11 @@ def test_bench_auto_reuses_a_program_only_when_it_is_the_same(tmp_path):
     a = c["auto"]
     assert (a["gamma"], a["draft"], a["adaptive"], a["same_program_as"]) == (1, "w4a8", True, None)
     assert a["compile_s"] > 0 and set(a["gamma_histogram"]) <= {"0", "1"}
+    # The adaptive loop held at the entry's gamma replays the same counts through its own program.
+    c = bt.measure_cell(None, qparams, config, spec, 6, traces, 1, np.random.default_rng(0), 1e12, 16,
+                        step_split=[], adaptive_pinned=True)
+    pinned = c["qspec"][0]["adaptive_pinned"]
+    assert pinned["same_counts"] and pinned["compile_s"] > 0 and pinned["time_over_fixed"] > 0
     # gamma 2: not in the cell, so its own program with the gamma-2 trace.
     c = cell(cheap(2))
     a = c["auto"]
