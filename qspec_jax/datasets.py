@@ -43,19 +43,25 @@ def sharegpt_prompts(n: int, min_chars: int = 40, max_chars: int = 2000) -> List
     return out
 
 
-def sharegpt_texts(n: int, min_chars: int = 1500, skip: int = 0) -> List[str]:
-    """Whole English ShareGPT conversations of at least `min_chars` (perplexity text), from the
-    `skip`-th record of the file on."""
+def sharegpt_text_records(n: int, min_chars: int = 1500, skip: int = 0) -> List[tuple]:
+    """(record index, text) of the first `n` whole English ShareGPT conversations of at least
+    `min_chars`, from the `skip`-th record of the file on."""
     out = []
     for i, conv in enumerate(sharegpt_conversations()):
         if i < skip:
             continue
         text = "\n\n".join(t.get("value", "") for t in conv.get("conversations") or [] if t.get("value"))
         if len(text) >= min_chars and text.isascii():
-            out.append(text)
+            out.append((i, text))
             if len(out) == n:
                 break
     return out
+
+
+def sharegpt_texts(n: int, min_chars: int = 1500, skip: int = 0) -> List[str]:
+    """Whole English ShareGPT conversations of at least `min_chars` (perplexity text), from the
+    `skip`-th record of the file on."""
+    return [text for _, text in sharegpt_text_records(n, min_chars, skip)]
 
 
 CALIBRATION_SKIP = 256  # records; the evaluation scripts' prompts and texts all come from before it
@@ -65,6 +71,13 @@ def sharegpt_calibration_texts(n: int, min_chars: int = 1500) -> List[str]:
     """ShareGPT conversations from record CALIBRATION_SKIP on: calibration text (GPTQ) that no
     measured number is computed on."""
     return sharegpt_texts(n, min_chars, skip=CALIBRATION_SKIP)
+
+
+def calibration_end(n: int, min_chars: int = 1500) -> int:
+    """One past the last record `sharegpt_calibration_texts(n)` draws from: evaluation text taken from
+    here on (or from before CALIBRATION_SKIP) was never calibration text."""
+    records = sharegpt_text_records(n, min_chars, skip=CALIBRATION_SKIP)
+    return (records[-1][0] if records else CALIBRATION_SKIP) + 1
 
 
 def humaneval_problems(n: int) -> List[dict]:

@@ -78,15 +78,19 @@ def cached_nll(params, tokens, *, config, kv, prefix, block, group, window):
     return jnp.transpose(nll, (1, 0, 2)).reshape(b, n * block)
 
 
-def long_chat_prompts(tokenizer, n: int, min_tokens: int, max_tokens: int):
+def long_chat_prompts(tokenizer, n: int, min_tokens: int, max_tokens: int, start: int = 0):
     """(token lists, ShareGPT record indices) of `n` multi-turn ShareGPT conversations as chat
     prompts: every turn up to the last user turn that keeps the templated prompt within
     `max_tokens` (assistant turns as assistant messages, generation prompt appended), kept when it
-    has at least `min_tokens`. English conversations from before datasets.CALIBRATION_SKIP only."""
+    has at least `min_tokens`. English conversations only: from before datasets.CALIBRATION_SKIP
+    (start 0), or from record `start` on (past the calibration records; the caller checks)."""
     out, used = [], []
-    for i, conv in enumerate(datasets.sharegpt_conversations()):
-        if i >= datasets.CALIBRATION_SKIP or len(out) == n:
+    head = datasets._SHAREGPT_HEAD_BYTES if start == 0 else LONG_HEAD_BYTES
+    for i, conv in enumerate(datasets.sharegpt_conversations(head)):
+        if (start == 0 and i >= datasets.CALIBRATION_SKIP) or len(out) == n:
             break
+        if i < start:
+            continue
         msgs, best = [], None
         for turn in conv.get("conversations") or []:
             role = {"human": "user", "gpt": "assistant"}.get(turn.get("from"))
@@ -108,6 +112,7 @@ def long_chat_prompts(tokenizer, n: int, min_tokens: int, max_tokens: int):
     return out, used
 
 
+LONG_HEAD_BYTES = 64 << 20  # the packaged file's first 64 MB: about 9,400 records, 49 of 14k-30k characters past 1024
 PHASES = ("short_int8", "quantspec", "ppl", "long", "short_bf16", "extra_gammas")
 
 
@@ -122,6 +127,9 @@ def main():
     ap.add_argument("--long-prompts", type=int, default=4, help="multi-turn ShareGPT prompts (second batch)")
     ap.add_argument("--long-min", type=int, default=1024, help="long prompts' minimum tokens")
     ap.add_argument("--long-max", type=int, default=2048, help="long prompts' maximum tokens")
+    ap.add_argument("--long-from", type=int, default=0,
+                    help="take the long prompts from this ShareGPT record on (0: from before the calibration "
+                         "records); it must lie past the records the conversion's GPTQ calibration read")
     ap.add_argument("--long-kv", default="int8", help="kv caches the long batch runs on: int8 or bf16,int8")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--gamma", type=int, default=3)
@@ -155,7 +163,7 @@ def main():
         args.extra_gammas = "2"
         weights, long_records = "round to nearest", []
     else:
-        from qspec_jax.generate import CALIBRATION_TOKENS, load_params, weight_rounding
+        from qspec_jax.generate import CALIBRATION_ROW, CALIBRATION_TOKENS, load_params, weight_rounding
         from qspec_jax.tokenizer import load_tokenizer
 
         calib = CALIBRATION_TOKENS if args.calibration_tokens is None else args.calibration_tokens
@@ -170,7 +178,13 @@ def main():
         code = encode_prompts(tok, datasets.humaneval_prompts(args.humaneval), chat=False)
         chat = encode_prompts(tok, datasets.sharegpt_prompts(args.chat_prompts), chat=True)
         batches = {"short": (code + chat, ["humaneval"] * len(code) + ["sharegpt"] * len(chat))}
-        long_rows, long_records = long_chat_prompts(tok, args.long_prompts, args.long_min, args.long_max)
+        if args.long_from:
+            end = datasets.calibration_end(4 * (calib // CALIBRATION_ROW)) if calib else 0
+            if args.long_from < max(end, datasets.CALIBRATION_SKIP):
+                raise SystemExit(f"--long-from {args.long_from}: the GPTQ calibration read ShareGPT records "
+                                 f"{datasets.CALIBRATION_SKIP}..{end - 1}; take long prompts from {end} on")
+        long_rows, long_records = long_chat_prompts(tok, args.long_prompts, args.long_min, args.long_max,
+                                                    start=args.long_from)
         if long_rows:
             batches["long"] = (long_rows, ["sharegpt_long"] * len(long_rows))
     params = unstack_layers(params)
