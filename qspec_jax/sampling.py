@@ -55,13 +55,13 @@ def speculative_accept(key: jax.Array, draft: jax.Array, q: jax.Array, p: jax.Ar
     q_d = jnp.take_along_axis(q, draft[..., None], axis=-1)[..., 0]
     u = jax.random.uniform(k_accept, (b, g))
     accepted = u * q_d < p_d  # u < p/q without dividing by a zero q
-    real = jnp.arange(g + 1) < (g if limit is None else limit)  # draft positions that hold a draft
-    n_acc = jnp.sum(jnp.cumprod(accepted & real[:g], axis=1), axis=1).astype(jnp.int32)
-    # The residual past the last real draft is p itself (q counts as zero there).
-    q_ext = jnp.concatenate([q, jnp.zeros_like(p[:, :1])], axis=1) * real[None, :, None]
-    pick = lambda a: jnp.take_along_axis(a, n_acc[:, None, None], axis=1)[:, 0]
+    limit = g if limit is None else limit
+    n_acc = jnp.sum(jnp.cumprod(accepted & (jnp.arange(g) < limit), axis=1), axis=1).astype(jnp.int32)
+    pick = lambda a: jnp.take_along_axis(a, jnp.minimum(n_acc, a.shape[1] - 1)[:, None, None], axis=1)[:, 0]
     p_n = pick(p)
-    residual = jnp.maximum(p_n - pick(q_ext), 0.0)
+    # Past the last real draft (every one accepted) q counts as zero: the residual is p_n itself.
+    q_n = jnp.where((n_acc < limit)[:, None], pick(q), 0.0)
+    residual = jnp.maximum(p_n - q_n, 0.0)
     total = jnp.sum(residual, axis=-1, keepdims=True)
     residual = jnp.where(total > 0, residual / jnp.where(total > 0, total, 1.0), p_n)
     return n_acc, sample(k_next, residual)

@@ -326,7 +326,7 @@ def advance(state: LoopState, drafts, n_acc, nxt, *, eos_ids: tuple, max_new_tok
     g = drafts.shape[1] if drafted is None else drafted
     active = ~state.done
     idx = jnp.arange(drafts.shape[1] + 1)
-    emitted = jnp.where(idx < n_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])  # [B, g+1]
+    emitted = jnp.where(idx < n_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])  # [B, width + 1]
     stops = is_eos(emitted, eos_ids) & (idx <= n_acc[:, None])
     hit_eos = jnp.any(stops, axis=1)
     count = jnp.where(hit_eos, jnp.argmax(stops, axis=1) + 1, n_acc + 1)

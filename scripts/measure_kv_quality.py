@@ -85,8 +85,8 @@ def long_chat_prompts(tokenizer, n: int, min_tokens: int, max_tokens: int, start
     has at least `min_tokens`. English conversations only: from before datasets.CALIBRATION_SKIP
     (start 0), or from record `start` on (past the calibration records; the caller checks)."""
     out, used = [], []
-    head = datasets._SHAREGPT_HEAD_BYTES if start == 0 else LONG_HEAD_BYTES
-    for i, conv in enumerate(datasets.sharegpt_conversations(head)):
+    records = datasets.sharegpt_conversations() if start == 0 else datasets.sharegpt_conversations(LONG_HEAD_BYTES)
+    for i, conv in enumerate(records):
         if (start == 0 and i >= datasets.CALIBRATION_SKIP) or len(out) == n:
             break
         if i < start:
