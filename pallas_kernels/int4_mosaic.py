@@ -1,0 +1,236 @@
+"""Int4-weight matmuls for Hopper in Pallas Mosaic GPU: W4A16 (bf16 activations, bf16 wgmma) and
+W4A8 / W4A4 (int8-held activations, int8 wgmma into int32), the int4 weights converted in
+registers and fed to wgmma as its A operand.
+
+Decode and verify sizes are skinny (M = 1..256 tokens) and wgmma's M side is 64 rows, so the
+product is computed transposed (swap-AB): out^T [N, M] = W [N, K] @ x^T [K, M]. The weights sit on
+the 64-row side, read as int4 straight from HBM by TMA; the tokens, padded to the MMA's N size
+(8..256), are the B operand in shared memory (x's rows are K-major, which wgmma reads transposed).
+
+Each program owns `rows` output channels and one K range (split-K). Per group of input channels
+(one pipeline step) it converts the group's int4 tile in registers, runs one wgmma into a fresh
+accumulator, and adds it times the group's per-channel weight scale (and, for int8 activations,
+each token's activation scale) into the running f32 sum: the scales multiply rows x M partial
+sums, not every weight element. K ranges are summed after the kernel.
+
+Weights in this layout (`to_mosaic_layout`): {"w": int4 [N, K], "scales": f32 [G, N]}, the same
+scales as the packed layout of packing.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+from .packing import pack_int4, unpack_int4, weight_layout
+
+WGMMA_ROWS = 64  # wgmma's M side
+MAX_TOKENS = 256  # wgmma's largest N
+SMEM_BYTES = 227 * 1024  # per program on sm_90
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicTiles:
+    """Launch configuration of one Mosaic int4 matmul.
+
+    rows: output channels per program (a multiple of 64: the A operand's rows);
+    split: number of K ranges (divides the number of pipeline steps, one weight group each);
+    stages: pipeline depth (TMA loads in flight per program).
+    """
+
+    rows: int = 64
+    split: int = 1
+    stages: int = 4
+
+
+def is_mosaic_layout(w) -> bool:
+    """A weight dict in this module's layout (int4 `w` [N, K]) rather than packing.py's."""
+    return isinstance(w, dict) and "w" in w and "scales" in w
+
+
+def to_mosaic_layout(qw) -> dict:
+    """The Mosaic kernels' layout of a packed weight dict: int4 [N, K] (K contiguous), same scales."""
+    K, N, G, gs, pb = weight_layout(qw)
+    q = unpack_int4(qw["packed"], pb)  # int8 [K, N], values -8..7
+    return {"w": q.T.astype(jnp.int4), "scales": qw["scales"].astype(jnp.float32)}
+
+
+def from_mosaic_layout(mw) -> dict:
+    """Inverse of to_mosaic_layout: packing.py's {"packed", "scales"}."""
+    from .packing import pack_block
+
+    N, K = mw["w"].shape
+    G = mw["scales"].shape[0]
+    return {"packed": pack_int4(mw["w"].T.astype(jnp.int8), pack_block(K, G)),
+            "scales": mw["scales"]}
+
+
+def token_tile(M: int) -> int:
+    """wgmma N size for M tokens: a power of 2 from 8 to 256."""
+    if not 1 <= M <= MAX_TOKENS:
+        raise ValueError(f"the Mosaic int4 kernels take 1..{MAX_TOKENS} rows, got M={M}")
+    return max(8, 1 << (M - 1).bit_length())
+
+
+def step_width(K: int, G: int) -> int:
+    """Input channels per pipeline step: the weight's group size, or 128 (64) per channel."""
+    if G > 1:
+        return K // G
+    return 128 if K % 128 == 0 else 64
+
+
+def smem_bytes(tiles: MosaicTiles, tk: int, tm: int, x_bytes: int) -> int:
+    """Shared memory of one program: pipeline stages of weights, x and scales, plus the output."""
+    stage = tiles.rows * tk // 2 + tm * tk * x_bytes + 4 * (tiles.rows + tm)
+    return tiles.stages * stage + tiles.rows * tm * 4
+
+
+def supported(M: int, N: int, K: int, G: int, tiles: MosaicTiles, x_bytes: int = 2) -> str | None:
+    """Why these shapes and tiles cannot run, or None when they can."""
+    if not 1 <= M <= MAX_TOKENS:
+        return f"M={M} is outside 1..{MAX_TOKENS}"
+    tk = step_width(K, G)
+    if tk not in (64, 128, 256) or K % tk:
+        return f"a pipeline step of {tk} input channels (K={K}, {G} groups) is not 64, 128 or 256"
+    if tiles.rows % WGMMA_ROWS or N % tiles.rows:
+        return f"rows={tiles.rows} must be a multiple of 64 dividing N={N}"
+    if (K // tk) % tiles.split:
+        return f"split={tiles.split} does not divide the {K // tk} pipeline steps"
+    if smem_bytes(tiles, tk, token_tile(M), x_bytes) > SMEM_BYTES:
+        return "the pipeline stages do not fit in shared memory"
+    return None
+
+
+def _swizzled(block_minor_bytes: int, bits: int, kind: str):
+    """SMEM tiling + swizzle for a tile whose rows are block_minor_bytes long (none under 32 B)."""
+    if block_minor_bytes < 32:
+        return ()
+    swizzle = plgpu.find_swizzle(block_minor_bytes * 8, kind)
+    return (
+        plgpu.TilingTransform((8, swizzle * 8 // bits)),
+        plgpu.SwizzleTransform(swizzle),
+    )
+
+
+def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool):
+    """out [M, N] f32-accumulated; x [M, K] bf16 (x_scales None) or int8 with x_scales f32 [G', M]
+    (one row per pipeline step)."""
+    w, scales = mw["w"], mw["scales"]
+    N, K = w.shape
+    G = scales.shape[0]
+    M = x.shape[0]
+    int8 = x_scales is not None
+    why = supported(M, N, K, G, tiles, x_bytes=1 if int8 else 2)
+    if why:
+        raise ValueError(why)
+    tk = step_width(K, G)
+    steps_total = K // tk
+    if G == 1:  # per channel: the same scale every step (a small broadcast, per-channel weights only)
+        scales = jnp.broadcast_to(scales, (steps_total, N))
+    tm = token_tile(M)
+    rows, split, stages = tiles.rows, tiles.split, tiles.stages
+    steps = steps_total // split  # pipeline steps per program
+    if M < tm:  # padded tokens are zeros (and scale 1): their outputs are dropped below
+        x = jnp.pad(x, ((0, tm - M), (0, 0)))
+        if int8:
+            x_scales = jnp.pad(x_scales, ((0, 0), (0, tm - M)), constant_values=1.0)
+    op_dtype = jnp.int8 if int8 else jnp.bfloat16
+    acc_dtype = jnp.int32 if int8 else jnp.float32
+
+    def body(w_gmem, x_gmem, s_gmem, *refs, out_smem, a_smem=None, b_smem=None):
+        # w_gmem [N, K] int4; x_gmem [tm, K]; s_gmem [steps_total, N] f32;
+        # xs_gmem [steps_total, tm] f32 (int8 x only); out_gmem [split, N, tm]
+        xs_gmem, out_gmem = refs if int8 else (None, *refs)
+        n_rows = pl.ds(lax.axis_index("n") * rows, rows)
+        s_idx = lax.axis_index("s")
+        k_range = pl.ds(s_idx * steps * tk, steps * tk)
+        step_range = pl.ds(s_idx * steps, steps)
+
+        def step(_, w_smem, x_smem, s_smem, *rest):
+            # w_smem [rows, tk] int4; x_smem [tm, tk]; s_smem [1, rows]; xs_smem [1, tm]
+            *xs_smem, acc = rest
+            w_reg = w_smem[...].astype(op_dtype)  # int4 -> bf16 / int8 in registers
+            x_t = plgpu.transpose_ref(x_smem, (1, 0))  # [tk, tm]
+
+            def mma(acc_ref):
+                if a_smem is None:
+                    plgpu.wgmma(acc_ref, w_reg, x_t)
+                else:  # the interpreter's wgmma reads A from SMEM and B untransposed
+                    a_smem[...] = w_reg
+                    b_smem[...] = x_smem[...].T
+                    plgpu.wgmma(acc_ref, a_smem, b_smem)
+                return acc_ref[...]
+
+            part = pl.run_scoped(mma, plgpu.ACC((rows, tm), acc_dtype)).astype(jnp.float32)
+            part = part * lax.broadcast_in_dim(s_smem[0], (rows, tm), [0])
+            if int8:
+                part = part * lax.broadcast_in_dim(xs_smem[0][0], (rows, tm), [1])
+            return acc + part
+
+        acc0 = jnp.zeros((rows, tm), jnp.float32)
+        if not interpret:  # the interpreter has no layouts
+            acc0 = plgpu.layout_cast(acc0, plgpu.Layout.WGMMA)
+        in_specs = [
+            plgpu.BlockSpec((rows, tk), lambda k: (0, k), transforms=_swizzled(tk // 2, 4, "lhs")),
+            plgpu.BlockSpec((tm, tk), lambda k: (0, k),
+                            transforms=_swizzled(tk * (1 if int8 else 2), 8 if int8 else 16, "rhs")),
+            plgpu.BlockSpec((1, rows), lambda k: (k, 0)),
+        ]
+        operands = [w_gmem.at[n_rows, k_range], x_gmem.at[:, k_range], s_gmem.at[step_range, n_rows]]
+        if int8:
+            in_specs.append(plgpu.BlockSpec((1, tm), lambda k: (k, 0)))
+            operands.append(xs_gmem.at[step_range, :])
+        acc = plgpu.emit_pipeline(
+            step, grid=(steps,), in_specs=in_specs, max_concurrent_steps=stages, init_carry=acc0,
+        )(*operands)
+        out_smem[...] = acc.astype(out_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[s_idx, n_rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    out_dtype = jnp.float32 if split > 1 else jnp.bfloat16
+    bits = jnp.dtype(out_dtype).itemsize * 8
+    scratch = dict(out_smem=plgpu.SMEM((rows, tm), out_dtype,
+                                       transforms=_swizzled(tm * bits // 8, bits, "out")))
+    if interpret:
+        scratch.update(a_smem=plgpu.SMEM((rows, tk), op_dtype), b_smem=plgpu.SMEM((tk, tm), op_dtype))
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((split, N, tm), out_dtype),
+        grid=(N // rows, split),
+        grid_names=("n", "s"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        scratch_types=scratch,
+        interpret=InterpretGPUParams() if interpret else None,
+        kernel_name="w4a8_mosaic" if int8 else "w4a16_mosaic",
+    )
+    out_t = kernel(w, x, scales, *([x_scales] if int8 else []))  # [split, N, tm]
+    y = out_t.sum(axis=0) if split > 1 else out_t[0]
+    return y[:, :M].T
+
+
+def w4a16_mosaic(x, mw, *, tiles: MosaicTiles = MosaicTiles(), interpret: bool = False):
+    """y = x @ dequant(W) for x [M, K] (M <= 256, any float dtype; the MMA runs in bf16) and
+    weights in the Mosaic layout. Returns [M, N] in x's dtype (f32 accumulation)."""
+    y = _int4_matmul(x.astype(jnp.bfloat16), None, mw, tiles, interpret)
+    return y.astype(x.dtype)
+
+
+def w4a8_mosaic(x, mw, *, act_bits: int = 8, tiles: MosaicTiles = MosaicTiles(),
+                interpret: bool = False):
+    """W4A8 (act_bits 8) or W4A4 (act_bits 4): x [M, K] quantized per token over the weight's
+    groups as w4a4.quantize_activations does, int8 x int8 MMAs, f32 rescale per group."""
+    from .w4a4 import quantize_activations
+
+    N, K = mw["w"].shape
+    G = mw["scales"].shape[0]
+    xq, xs = quantize_activations(x, K // G, act_bits)  # int8 [M, K], f32 [M, G]
+    steps = K // step_width(K, G)
+    xs_t = jnp.broadcast_to(xs.T, (steps, x.shape[0])) if G == 1 else xs.T  # [steps, M]
+    return _int4_matmul(xq, xs_t, mw, tiles, interpret).astype(x.dtype)

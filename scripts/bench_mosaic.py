@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""Check and time the Mosaic GPU W4A16 kernel beside its peers on Llama projection shapes (GPU).
+
+One run does, in order, writing everything under --out:
+  check   every config the sweep will time, at small and real shapes, against a float64 reference
+          computed on the host (relative error; NaN fails);
+  sweep   each (projection, M) over MosaicTiles configs, timed by CUPTI
+          (jax.experimental.mosaic.gpu.profiler.measure, aggregate=False: every kernel's own time),
+          over rotating weight copies larger than the 50 MB L2;
+  peers   in the same run: XLA's bf16 dot, XLA on `jnp.int4` weights (per-channel scale after the
+          dot), our Triton W4A16 kernel (w4a16_matmul's default dispatch).
+A call's time is the sum of its kernels (pad, kernel, split-K sum), so every method pays its whole
+op; the Mosaic kernel's own time is recorded beside it.
+
+  python scripts/bench_mosaic.py --out /tmp/mosaic            # on the GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels.int4_mosaic import (  # noqa: E402
+    MosaicTiles, supported, w4a8_mosaic, w4a16_mosaic,
+)
+from pallas_kernels.packing import pack_block, pack_int4  # noqa: E402
+from pallas_kernels.w4a4 import w4a4_matmul, w4a4_reference  # noqa: E402
+from pallas_kernels.w4a16 import w4a16_matmul  # noqa: E402
+from qspec_jax.evaluation import git_commit  # noqa: E402
+
+PROJECTIONS = {  # llama3-8b: name -> (K, N)
+    "qkv": (4096, 6144),
+    "o": (4096, 4096),
+    "gate_up": (4096, 28672),
+    "down": (14336, 4096),
+}
+L2_BYTES = 50 * 2**20
+GROUP = 128
+
+
+def make_weights(key, K, N, copies):
+    """`copies` random int4 weights in both layouts: packed (Triton) and Mosaic, plus bf16 and
+    the per-channel jnp.int4 weight a plain JAX user would hold."""
+    out = []
+    for i in range(copies):
+        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+        q = jax.random.randint(k1, (K, N), -7, 8, jnp.int32).astype(jnp.int8)
+        s = jax.random.uniform(k2, (K // GROUP, N), jnp.float32, 0.5, 1.5) / 64
+        out.append(dict(
+            packed={"packed": pack_int4(q, GROUP), "scales": s},
+            mosaic={"w": q.T.astype(jnp.int4), "scales": s},
+            bf16=(q.astype(jnp.float32).reshape(K // GROUP, GROUP, N) * s[:, None]).reshape(K, N)
+            .astype(jnp.bfloat16),
+            int4=(q.astype(jnp.int4), s[0]),
+        ))
+    return out
+
+
+def reference64(x, q, s):
+    """float64 y = x @ (q * s) on the host."""
+    x = np.asarray(x.astype(jnp.float32), np.float64)
+    q = np.asarray(q, np.float64)
+    s = np.asarray(s, np.float64)
+    G = s.shape[0]
+    w = (q.reshape(G, -1, q.shape[1]) * s[:, None]).reshape(q.shape)
+    return x @ w
+
+
+@jax.jit
+def device_reference(x, mw):
+    """f32 y = x @ (q * s) on the device at full f32 precision (the sweep's sanity check; the
+    float64 check runs on the host at small shapes)."""
+    q = mw["w"].T.astype(jnp.float32)
+    G = mw["scales"].shape[0]
+    w = (q.reshape(G, -1, q.shape[1]) * mw["scales"][:, None]).reshape(q.shape)
+    return jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+
+
+def rel_err(y, ref):
+    y = np.asarray(y.astype(jnp.float32), np.float64)
+    err = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+    return float(err) if np.isfinite(err) else float("inf")
+
+
+def cupti(fn, x, ws, iterations=5):
+    """(us per call: all kernels of one call, us of the largest kernel per call) over the copies."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    f = jax.jit(lambda x, ws: [fn(x, w) for w in ws])
+    _, timings = profiler.measure(f, aggregate=False, iterations=iterations)(x, ws)
+    per_iter = [sum(t for _, t in it) for it in timings]
+    names = {}
+    for it in timings:
+        for name, t in it:
+            names.setdefault(name, []).append(t)
+    main = max(names, key=lambda n: sum(names[n]))
+    n = len(ws)
+    return (1e3 * statistics.median(per_iter) / n,
+            1e3 * statistics.median(names[main]) * len(names[main]) / len(timings) / n, main)
+
+
+def configs(K, N, M, x_bytes=2):
+    """The sweep's MosaicTiles for one shape: those that fit, at most 8 waves of programs."""
+    out = []
+    stages = (4, 6) if M <= 16 else (3, 4) if M <= 64 else (2, 3)
+    for rows, stage, split in itertools.product((64, 128), stages, (1, 2, 4, 8)):
+        t = MosaicTiles(rows=rows, split=split, stages=stage)
+        if supported(M, N, K, K // GROUP, t, x_bytes) or (N // rows) * split > 8 * 132:
+            continue
+        if K // GROUP // split < 4:  # K ranges too short to pipeline
+            continue
+        out.append(t)
+    return out
+
+
+def record_error(results, exc_text, e):
+    msg = f"{type(e).__name__}: {str(e)[:150]}"
+    if msg not in results["errors"]:
+        results["errors"][msg] = exc_text[-3000:]
+        print(exc_text[-2000:], flush=True)
+    return msg
+
+
+def time_kernel(results, fn, x, ws, ref):
+    """{'us', 'kernel_us', 'rel_err'} of one method, or {'error'}."""
+    try:
+        call_us, kern_us, _ = cupti(fn, x, ws)
+        return {"us": call_us, "kernel_us": kern_us, "rel_err": rel_err(fn(x, ws[0]), ref)}
+    except Exception as e:  # noqa: BLE001 - record and go on
+        return {"error": record_error(results, traceback.format_exc(), e)}
+
+
+def sweep(results, fn_of, tiles, x, ws, ref):
+    """Time every config; return (rows, best row with rel_err < 1e-2)."""
+    rows, best = [], None
+    for t in tiles:
+        row = {"tiles": str(t), **time_kernel(results, fn_of(t), x, ws, ref)}
+        rows.append(row)
+        if row.get("rel_err", 1) < 1e-2 and (best is None or row["us"] < best["us"]):
+            best = row
+    return rows, best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ms", default="1,16,64,128,256", help="swept batch sizes")
+    ap.add_argument("--same-as", default="4:1,8:1", help="M:M0 pairs timed with M0's best config "
+                    "(M <= 8 pads to the same 8-token kernel)")
+    ap.add_argument("--projections", default="gate_up,down,qkv,o")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="stop sweeping after this long")
+    ap.add_argument("--skip-check", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.time()
+    dev = jax.devices()[0]
+    meta = {"device": dev.device_kind, "jax": jax.__version__, "platform": dev.platform,
+            "timing": "cupti", "group_size": GROUP, "commit": git_commit()}
+    try:
+        import torch_peer
+
+        meta["copy_bw_Bps"] = torch_peer.copy_bandwidth()
+    except Exception as e:  # noqa: BLE001
+        torch_peer = None
+        meta["torch_error"] = str(e)[:200]
+    print(meta, flush=True)
+    key = jax.random.key(0)
+    results = {"meta": meta, "check": [], "sweep": [], "errors": {}}
+    path = os.path.join(args.out, "mosaic_sweep.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+    if not args.skip_check:
+        run_checks(results, key)
+        save()
+
+    same_as = dict(tuple(map(int, p.split(":"))) for p in args.same_as.split(",") if p)
+    ms = sorted(set(map(int, args.ms.split(","))) | set(same_as))
+    for proj in args.projections.split(","):
+        K, N = PROJECTIONS[proj]
+        copies = max(2, -(-2 * L2_BYTES // (K * N // 2)))
+        ws = make_weights(jax.random.fold_in(key, K + N), K, N, copies)
+        best_of = {}
+        for M in ms:
+            if time.time() - t_start > args.budget_s:
+                print("budget spent", flush=True)
+                save()
+                return
+            x = jax.random.normal(jax.random.fold_in(key, M), (M, K), jnp.bfloat16)
+            ref = np.asarray(device_reference(x, ws[0]["mosaic"]), np.float64)
+            ref8 = np.asarray(w4a4_reference(x, ws[0]["packed"], act_bits=8).astype(jnp.float32),
+                              np.float64)
+            cell = {"proj": proj, "K": K, "N": N, "M": M, "copies": copies,
+                    "weight_bytes_int4": K * N // 2 + (K // GROUP) * N * 4, "methods": {}}
+            peers = {
+                "xla_bf16": (lambda x, w: x @ w["bf16"]),
+                "xla_int4": (lambda x, w: (jnp.dot(x, w["int4"][0].astype(jnp.bfloat16),
+                                                   preferred_element_type=jnp.float32)
+                                           * w["int4"][1]).astype(jnp.bfloat16)),
+                "triton_w4a16": (lambda x, w: w4a16_matmul(x, w["packed"])),
+                "triton_w4a8": (lambda x, w: w4a4_matmul(x, w["packed"], act_bits=8)),
+            }
+            for name, fn in peers.items():
+                cell["methods"][name] = time_kernel(results, fn, x, ws, ref8 if "w4a8" in name else ref)
+            cell["methods"]["xla_int4"].pop("rel_err", None)  # per-channel weights: another function
+            if torch_peer is not None:
+                for kind in ("tinygemm", "cublas_bf16"):
+                    try:
+                        us = torch_peer.time_linear("tinygemm" if kind == "tinygemm" else "bf16", M, K, N)
+                        cell["methods"]["torch_" + kind] = {"us": us}
+                    except Exception as e:  # noqa: BLE001
+                        cell["methods"]["torch_" + kind] = {"error": record_error(
+                            results, traceback.format_exc(), e)}
+            for kind, fn_of, x_bytes, r in (
+                ("mosaic_w4a16", lambda t: (lambda x, w: w4a16_mosaic(x, w["mosaic"], tiles=t)), 2, ref),
+                ("mosaic_w4a8", lambda t: (lambda x, w: w4a8_mosaic(x, w["mosaic"], tiles=t)), 1, ref8),
+            ):
+                if M in same_as and (kind, same_as[M]) in best_of:
+                    tiles = [best_of[(kind, same_as[M])]]
+                else:
+                    tiles = configs(K, N, M, x_bytes)
+                    if kind == "mosaic_w4a8" and ("mosaic_w4a16", M) in best_of:
+                        # the int8 kernel has the same shape: sweep the W4A16 winner's neighbours
+                        b = best_of[("mosaic_w4a16", M)]
+                        tiles = [t for t in tiles if t.rows == b.rows][:6] or tiles[:6]
+                rows, best = sweep(results, fn_of, tiles, x, ws, r)
+                cell[kind + "_sweep"] = rows
+                if best:
+                    cell["methods"][kind] = best
+                    best_of[(kind, M)] = eval(best["tiles"])  # noqa: S307 - our own repr
+            results["sweep"].append(cell)
+            line = " ".join(f"{k}={v['us']:.1f}" for k, v in cell["methods"].items() if "us" in v)
+            print(f"{proj:8s} M={M:4d} {line}", flush=True)
+            save()
+    save()
+
+
+def run_checks(results, key):
+    """Small shapes, both scale kinds, odd M: each kernel against float64 on the host."""
+    for (K, N, M, gs), t in itertools.product(
+        [(512, 256, 1, 128), (512, 256, 5, 128), (1024, 384, 16, 128), (512, 256, 33, -1),
+         (1152, 576, 7, 64), (4096, 1024, 200, 128)],
+        [MosaicTiles(), MosaicTiles(rows=128, split=2, stages=2), MosaicTiles(rows=64, split=3, stages=3)],
+    ):
+        G = 1 if gs == -1 else K // gs
+        if supported(M, N, K, G, t):
+            continue
+        k1, k2, k3 = jax.random.split(jax.random.fold_in(key, K * M + N), 3)
+        q = jax.random.randint(k1, (K, N), -7, 8, jnp.int32).astype(jnp.int8)
+        s = jax.random.uniform(k2, (G, N), jnp.float32, 0.5, 1.5)
+        x = jax.random.normal(k3, (M, K), jnp.bfloat16)
+        mw = {"w": q.T.astype(jnp.int4), "scales": s}
+        cell = {"K": K, "N": N, "M": M, "group": gs, "tiles": str(t)}
+        try:
+            cell["w4a16_rel_err"] = rel_err(w4a16_mosaic(x, mw, tiles=t), reference64(x, q, s))
+            packed = {"packed": pack_int4(q, pack_block(K, G)), "scales": s}
+            for bits in (8, 4):
+                ref = np.asarray(w4a4_reference(x.astype(jnp.float32), packed, act_bits=bits), np.float64)
+                y = w4a8_mosaic(x.astype(jnp.float32), mw, act_bits=bits, tiles=t)
+                cell[f"w4a{bits}_rel_err_vs_jnp"] = rel_err(y, ref)
+        except Exception as e:  # noqa: BLE001 - record and go on
+            cell["error"] = record_error(results, traceback.format_exc(), e)
+        results["check"].append(cell)
+        print("check", cell, flush=True)
+
+
+if __name__ == "__main__":
+    main()
