@@ -118,7 +118,7 @@ def _swizzled(block_minor_bytes: int, bits: int, kind: str):
     )
 
 
-def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool):
+def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, probe: str = ""):
     """out [M, N] f32-accumulated; x [M, K] bf16 (x_scales None) or int8 with x_scales f32 [G', M]
     (one row per pipeline step)."""
     w, scales = mw["w"], mw["scales"]
@@ -161,6 +161,10 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool):
             def mma(acc_ref):
                 if a_smem is None:
                     plgpu.wgmma(acc_ref, w_reg, x_t)
+                elif not interpret:  # probe "a_smem": A staged through shared memory
+                    a_smem[...] = w_reg
+                    plgpu.commit_smem()
+                    plgpu.wgmma(acc_ref, a_smem, x_t)
                 else:  # the interpreter's wgmma reads A from SMEM and B untransposed
                     a_smem[...] = w_reg
                     b_smem[...] = x_smem[...].T
@@ -169,7 +173,7 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool):
 
             part = pl.run_scoped(mma, plgpu.ACC((rows, tm), acc_dtype)).astype(jnp.float32)
             part = part * lax.broadcast_in_dim(s_smem[0], (rows, tm), [0])
-            if int8:
+            if int8 and probe != "no_xs":
                 part = part * lax.broadcast_in_dim(xs_smem[0][0], (rows, tm), [1])
             return acc + part
 
@@ -200,6 +204,9 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool):
                                        transforms=_swizzled(tm * bits // 8, bits, "out")))
     if interpret:
         scratch.update(a_smem=plgpu.SMEM((rows, tk), op_dtype), b_smem=plgpu.SMEM((tk, tm), op_dtype))
+    elif probe == "a_smem":
+        scratch.update(a_smem=plgpu.SMEM((rows, tk), op_dtype,
+                                         transforms=_swizzled(tk * (1 if int8 else 2), 8 if int8 else 16, "lhs")))
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((split, N, tm), out_dtype),
@@ -223,7 +230,7 @@ def w4a16_mosaic(x, mw, *, tiles: MosaicTiles = MosaicTiles(), interpret: bool =
 
 
 def w4a8_mosaic(x, mw, *, act_bits: int = 8, tiles: MosaicTiles = MosaicTiles(),
-                interpret: bool = False):
+                interpret: bool = False, probe: str = ""):
     """W4A8 (act_bits 8) or W4A4 (act_bits 4): x [M, K] quantized per token over the weight's
     groups as w4a4.quantize_activations does, int8 x int8 MMAs, f32 rescale per group."""
     from .w4a4 import quantize_activations
@@ -233,4 +240,70 @@ def w4a8_mosaic(x, mw, *, act_bits: int = 8, tiles: MosaicTiles = MosaicTiles(),
     xq, xs = quantize_activations(x, K // G, act_bits)  # int8 [M, K], f32 [M, G]
     steps = K // step_width(K, G)
     xs_t = jnp.broadcast_to(xs.T, (steps, x.shape[0])) if G == 1 else xs.T  # [steps, M]
-    return _int4_matmul(xq, xs_t, mw, tiles, interpret).astype(x.dtype)
+    return _int4_matmul(xq, xs_t, mw, tiles, interpret, probe).astype(x.dtype)
+
+
+NUM_SMS = 132  # H100 / H200 SXM
+# Measured (benchmarks/engine/hopper_mosaic_sweep.json): per (N, K, token tile) the fastest config
+# of the sweep; shapes not listed use choose_tiles' rule.
+MEASURED: dict[tuple[int, int, int], MosaicTiles] = {}
+
+
+def choose_tiles(M: int, N: int, K: int, G: int, x_bytes: int = 2) -> MosaicTiles:
+    """Tiles for an [M, K] x [K, N] int4 matmul: the sweep's winner where measured, else 64-row
+    programs, split-K to at least two waves of programs (each K range >= 4 steps), and as many
+    pipeline stages as shared memory holds, up to 4."""
+    tm = token_tile(M)
+    if (N, K, tm) in MEASURED:
+        return MEASURED[(N, K, tm)]
+    rows = 64
+    steps = K // step_width(K, G)
+    split = 1
+    while (N // rows) * split < 2 * NUM_SMS and steps % (2 * split) == 0 and steps // (2 * split) >= 4:
+        split *= 2
+    for stages in (4, 3, 2, 1):
+        tiles = MosaicTiles(rows=rows, split=split, stages=stages)
+        if smem_bytes(tiles, step_width(K, G), tm, x_bytes) <= SMEM_BYTES:
+            return tiles
+    return MosaicTiles(rows=rows, split=split, stages=1)
+
+
+def dequantize_mosaic(mw, dtype=jnp.bfloat16):
+    """[K, N] weights in `dtype` from the Mosaic layout (q * scale, rounded once)."""
+    N, K = mw["w"].shape
+    G = mw["scales"].shape[0]
+    q = mw["w"].astype(jnp.float32).reshape(N, G, K // G)
+    return (q * mw["scales"].T[:, :, None]).reshape(N, K).T.astype(dtype)
+
+
+def mosaic_matmul(x, mw, mode: str, *, interpret: bool = False):
+    """`x @ W` in a quantized mode ("w4a16", "w4a8", "w4a4") for weights in the Mosaic layout.
+
+    x [..., K]. Decode and verify sizes (M <= 256 rows) run the Mosaic kernels on the GPU (or under
+    the interpreter); larger M (prefill) and the CPU run the same math in XLA: W4A16 as a 16-bit
+    dot on the dequantized weight, W4A8/W4A4 as w4a4_reference (exact integer dots).
+    """
+    from .w4a4 import w4a4_reference
+
+    N, K = mw["w"].shape
+    G = mw["scales"].shape[0]
+    lead, x2 = x.shape[:-1], x.reshape(-1, K)
+    M = x2.shape[0]
+    x_bytes = 2 if mode == "w4a16" else 1
+    tiles = choose_tiles(M, N, K, G, x_bytes) if M <= MAX_TOKENS else None
+    kernel = (interpret or jax.default_backend() == "gpu") and tiles is not None \
+        and supported(M, N, K, G, tiles, x_bytes) is None
+    if mode == "w4a16":
+        if kernel:
+            y = w4a16_mosaic(x2, mw, tiles=tiles, interpret=interpret)
+        else:
+            y = jnp.dot(x2, dequantize_mosaic(mw, x2.dtype), preferred_element_type=jnp.float32)
+    elif mode in ("w4a8", "w4a4"):
+        bits = 8 if mode == "w4a8" else 4
+        if kernel:
+            y = w4a8_mosaic(x2, mw, act_bits=bits, tiles=tiles, interpret=interpret)
+        else:
+            y = w4a4_reference(x2, from_mosaic_layout(mw), act_bits=bits)
+    else:
+        raise ValueError(f"mode must be w4a16, w4a8 or w4a4, got {mode!r}")
+    return y.astype(x.dtype).reshape(*lead, N)

@@ -18,6 +18,7 @@ op; the Mosaic kernel's own time is recorded beside it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -34,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.int4_mosaic import (  # noqa: E402
-    MosaicTiles, supported, w4a8_mosaic, w4a16_mosaic,
+    MosaicTiles, choose_tiles, supported, w4a8_mosaic, w4a16_mosaic,
 )
 from pallas_kernels.packing import pack_block, pack_int4  # noqa: E402
 from pallas_kernels.w4a4 import w4a4_matmul, w4a4_reference  # noqa: E402
@@ -113,16 +114,17 @@ def cupti(fn, x, ws, iterations=5):
 
 
 def configs(K, N, M, x_bytes=2):
-    """The sweep's MosaicTiles for one shape: those that fit, at most 8 waves of programs."""
+    """The sweep's MosaicTiles for one shape: int4_mosaic.choose_tiles' rule and its neighbours
+    (half and twice the split, 128-row programs, one more pipeline stage), those that fit."""
+    base = choose_tiles(M, N, K, K // GROUP, x_bytes)
+    cands = [base, dataclasses.replace(base, split=base.split * 2),
+             dataclasses.replace(base, rows=128), dataclasses.replace(base, stages=base.stages + 2)]
+    if base.split > 1:
+        cands.insert(1, dataclasses.replace(base, split=base.split // 2))
     out = []
-    stages = (4, 6) if M <= 16 else (3, 4) if M <= 64 else (2, 3)
-    for rows, stage, split in itertools.product((64, 128), stages, (1, 2, 4, 8)):
-        t = MosaicTiles(rows=rows, split=split, stages=stage)
-        if supported(M, N, K, K // GROUP, t, x_bytes) or (N // rows) * split > 8 * 132:
-            continue
-        if K // GROUP // split < 4:  # K ranges too short to pipeline
-            continue
-        out.append(t)
+    for t in cands:
+        if t not in out and not supported(M, N, K, K // GROUP, t, x_bytes):
+            out.append(t)
     return out
 
 
@@ -157,13 +159,20 @@ def sweep(results, fn_of, tiles, x, ws, ref):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--ms", default="1,16,64,128,256", help="swept batch sizes")
+    ap.add_argument("--ms", default="1,4,16,64,128,256", help="batch sizes (peers and sweep)")
     ap.add_argument("--same-as", default="4:1,8:1", help="M:M0 pairs timed with M0's best config "
                     "(M <= 8 pads to the same 8-token kernel)")
+    ap.add_argument("--no-peers-at", default="8", help="batch sizes timed for our kernels only")
+    ap.add_argument("--w4a8-ms", default="1,16,64,128,256", help="batch sizes of the W4A8 sweep")
     ap.add_argument("--projections", default="gate_up,down,qkv,o")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop sweeping after this long")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--kernels", default="w4a16,w4a8", help="which Mosaic kernels to check and sweep")
+    ap.add_argument("--probe", default=None, help="(debug) check W4A8 once with this probe and exit")
+    ap.add_argument("--w4a8-probe", default="", help="(debug) the probe the W4A8 sweep runs with")
     args = ap.parse_args()
+    if args.probe is not None:
+        return probe_w4a8(args.probe)
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
     dev = jax.devices()[0]
@@ -186,7 +195,7 @@ def main():
             json.dump(results, f, indent=1)
 
     if not args.skip_check:
-        run_checks(results, key)
+        run_checks(results, key, args.kernels)
         save()
 
     same_as = dict(tuple(map(int, p.split(":"))) for p in args.same_as.split(",") if p)
@@ -215,10 +224,13 @@ def main():
                 "triton_w4a16": (lambda x, w: w4a16_matmul(x, w["packed"])),
                 "triton_w4a8": (lambda x, w: w4a4_matmul(x, w["packed"], act_bits=8)),
             }
+            no_peers = str(M) in args.no_peers_at.split(",")
             for name, fn in peers.items():
+                if no_peers:
+                    break
                 cell["methods"][name] = time_kernel(results, fn, x, ws, ref8 if "w4a8" in name else ref)
-            cell["methods"]["xla_int4"].pop("rel_err", None)  # per-channel weights: another function
-            if torch_peer is not None:
+            cell["methods"].get("xla_int4", {}).pop("rel_err", None)  # per-channel: another function
+            if torch_peer is not None and not no_peers:
                 for kind in ("tinygemm", "cublas_bf16"):
                     try:
                         us = torch_peer.time_linear("tinygemm" if kind == "tinygemm" else "bf16", M, K, N)
@@ -228,8 +240,13 @@ def main():
                             results, traceback.format_exc(), e)}
             for kind, fn_of, x_bytes, r in (
                 ("mosaic_w4a16", lambda t: (lambda x, w: w4a16_mosaic(x, w["mosaic"], tiles=t)), 2, ref),
-                ("mosaic_w4a8", lambda t: (lambda x, w: w4a8_mosaic(x, w["mosaic"], tiles=t)), 1, ref8),
+                ("mosaic_w4a8", lambda t: (lambda x, w: w4a8_mosaic(x, w["mosaic"], tiles=t,
+                                                                   probe=args.w4a8_probe)), 1, ref8),
             ):
+                if kind.split("_")[1] not in args.kernels:
+                    continue
+                if kind == "mosaic_w4a8" and str(M) not in args.w4a8_ms.split(","):
+                    continue
                 if M in same_as and (kind, same_as[M]) in best_of:
                     tiles = [best_of[(kind, same_as[M])]]
                 else:
@@ -237,7 +254,7 @@ def main():
                     if kind == "mosaic_w4a8" and ("mosaic_w4a16", M) in best_of:
                         # the int8 kernel has the same shape: sweep the W4A16 winner's neighbours
                         b = best_of[("mosaic_w4a16", M)]
-                        tiles = [t for t in tiles if t.rows == b.rows][:6] or tiles[:6]
+                        tiles = [b] + [t for t in tiles if t != b][:1]
                 rows, best = sweep(results, fn_of, tiles, x, ws, r)
                 cell[kind + "_sweep"] = rows
                 if best:
@@ -250,7 +267,28 @@ def main():
     save()
 
 
-def run_checks(results, key):
+def probe_w4a8(probe):
+    """One small W4A8 call with a kernel probe, against the jnp reference (a crash stays here)."""
+    K, N, M = 512, 256, 5
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.randint(k1, (K, N), -7, 8, jnp.int32).astype(jnp.int8)
+    s = jax.random.uniform(k2, (K // GROUP, N), jnp.float32, 0.5, 1.5)
+    x = jax.random.normal(k3, (M, K), jnp.float32)
+    ref = np.asarray(w4a4_reference(x, {"packed": pack_int4(q, GROUP), "scales": s}, act_bits=8),
+                     np.float64)
+    if probe == "no_xs":  # the kernel leaves out the activation scales: compare with them removed
+        from pallas_kernels.w4a4 import quantize_activations
+
+        xs = np.asarray(quantize_activations(x, GROUP, 8)[1], np.float64)
+        ref = None if xs.std() == 0 else ref
+    y = w4a8_mosaic(x, {"w": q.T.astype(jnp.int4), "scales": s}, probe=probe)
+    y = np.asarray(jax.block_until_ready(y), np.float64)
+    print(f"probe {probe!r}: ran; finite={np.isfinite(y).all()}"
+          + ("" if ref is None else f" rel_err={np.linalg.norm(y - ref) / np.linalg.norm(ref):.2e}"),
+          flush=True)
+
+
+def run_checks(results, key, kernels="w4a16,w4a8"):
     """Small shapes, both scale kinds, odd M: each kernel against float64 on the host."""
     for (K, N, M, gs), t in itertools.product(
         [(512, 256, 1, 128), (512, 256, 5, 128), (1024, 384, 16, 128), (512, 256, 33, -1),
@@ -269,7 +307,7 @@ def run_checks(results, key):
         try:
             cell["w4a16_rel_err"] = rel_err(w4a16_mosaic(x, mw, tiles=t), reference64(x, q, s))
             packed = {"packed": pack_int4(q, pack_block(K, G)), "scales": s}
-            for bits in (8, 4):
+            for bits in ((8, 4) if "w4a8" in kernels else ()):
                 ref = np.asarray(w4a4_reference(x.astype(jnp.float32), packed, act_bits=bits), np.float64)
                 y = w4a8_mosaic(x.astype(jnp.float32), mw, act_bits=bits, tiles=t)
                 cell[f"w4a{bits}_rel_err_vs_jnp"] = rel_err(y, ref)
