@@ -91,31 +91,20 @@ def _w4a4_kernel(
     rmask, cmask = row_mask(bm, M), col_mask(bn, N)
     first = pl.program_id(2) * blocks
 
-    def x_halves(b):  # [bm, half] each; rows past M read as 0
+    def block(b, acc):
         k0 = b * 2 * half
-        return load(x_ref.at[:, pl.ds(k0, half)], rmask), load(x_ref.at[:, pl.ds(k0 + half, half)], rmask)
+        xl = load(x_ref.at[:, pl.ds(k0, half)], rmask)  # [bm, half]; rows past M read as 0
+        xh = load(x_ref.at[:, pl.ds(k0 + half, half)], rmask)
+        wl, wh = unpack_block(w_ref, b, half, cmask)  # [half, bn] each
+        d = jnp.dot(xl, wl, preferred_element_type=jnp.int32) + jnp.dot(xh, wh, preferred_element_type=jnp.int32)
+        if not grouped:  # per channel: exact int32 over the whole K range
+            return acc + d
+        a_s = load(xs_ref.at[:, pl.ds(b, 1)], rmask)  # [bm, 1]
+        w_s = load(s_ref.at[pl.ds(b, 1), :], cmask)  # [1, bn]
+        return acc + d.astype(jnp.float32) * (a_s * w_s)
 
-    def idot(a, w):
-        return jnp.dot(a, w, preferred_element_type=jnp.int32)
-
-    if grouped:
-        def block(b, acc):
-            xl, xh = x_halves(b)
-            wl, wh = unpack_block(w_ref, b, half, cmask)
-            d = idot(xl, wl) + idot(xh, wh)
-            a_s = load(xs_ref.at[:, pl.ds(b, 1)], rmask)  # [bm, 1]
-            w_s = load(s_ref.at[pl.ds(b, 1), :], cmask)  # [1, bn]
-            return acc + d.astype(jnp.float32) * (a_s * w_s)
-
-        acc = k_loop(first, blocks, unroll, block, jnp.zeros((bm, bn), jnp.float32))
-    else:
-        def block(b, acc):
-            xl, xh = x_halves(b)
-            wl, wh = unpack_block(w_ref, b, half, cmask)
-            return acc + idot(xl, wl) + idot(xh, wh)
-
-        acc = k_loop(first, blocks, unroll, block, jnp.zeros((bm, bn), jnp.int32))
-        # Per channel: int32 over the whole K range, one rescale at the end.
+    acc = k_loop(first, blocks, unroll, block, jnp.zeros((bm, bn), jnp.float32 if grouped else jnp.int32))
+    if not grouped:  # one rescale at the end
         a_s = load(xs_ref.at[:, pl.ds(0, 1)], rmask)
         acc = acc.astype(jnp.float32) * (a_s * load(s_ref.at[pl.ds(0, 1), :], cmask))
     store_tile(o_ref, acc, rmask, cmask)
