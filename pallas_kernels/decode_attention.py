@@ -16,10 +16,11 @@ Latency (issue 11): on the H200 the INT4 view ran no faster per block than bf16 
 x 8k for a quarter of the bytes): each program waits for a block's loads, then computes, so few
 bytes are in flight. The launch knobs attack that, each measured by `scripts/bench_attention.py
 --sweep` before it becomes a default (DEFAULTS): every load of a block (K and V) is issued at the
-top of an iteration; `prefetch` issues block i+1's loads into registers before block i computes;
-quantized blocks may span several key groups (`block_k` > G: one sub-block per group, one softmax
-rescale per block), so an iteration moves more bytes; `programs_per_sm`, `num_warps` and
-`num_stages` set occupancy and Triton's own pipelining.
+top of an iteration; quantized blocks may span several key groups (`block_k` > G: one sub-block per
+group, one softmax rescale per block), so an iteration moves more bytes; `programs_per_sm`,
+`num_warps` and `num_stages` set occupancy and Triton's own pipelining. (Register prefetch, swapped
+dot operands, stage ablations and a channels-major value layout were measured with the kernel of
+commit 09cc211 and lost or were diagnostics only; they are gone.)
 
 Masking: key slot j of the main cache is at position `j`, slot r of the recent buffer at
 `recent_start + r`; a query at position p sees keys at positions <= p, and only main-cache slots
@@ -50,23 +51,14 @@ dot(16 qs, U) + dot(qs, L) minus (17 B + 8) times the row sum of qs (the same on
 the scaled probabilities), INT4 dot(qs, U) minus B times it; "asm" builds the same bits by inline
 PTX (prmt + lop3, four bytes per instance), on the Triton backend only (interpret mode runs "bits").
 
-Operand roles (`swap`, quantized views): by default the codes are tt.dot's B operand in both dots
-(scores = qs @ codes^T, o += p @ codes), so codes converted in registers pass through shared memory
-to become a dot operand. swap="k" computes scores^T = codes @ qs^T [slots, M] (the codes are the A
-operand, rows = slots; the softmax runs in that orientation) and swap=True also o^T += codes^T @ p^T.
-Same math, held to float64 by the tests; measured by `scripts/bench_attention.py --diagnose`.
-`ablate` ("no_v", "no_k", "no_unpack"; LAUNCH_KNOBS) removes one stage for that measurement only:
-its outputs are wrong by design.
-
-Value-plane layout (`v_layout`, quantized views; a contract on the caller's data, not a tuning
-default): "channels" (the default) stores v_upper / v_lower as [B, KV, S, hd/2] like the key planes.
-There a value tile [sub, hd/2] is contiguous along head_dim, but p @ V reduces over the slots, so the
-codes converted in registers must be re-laid-out (pairs transposed through shared memory) before the
-MMA. "tokens" stores them transposed, [B, KV, hd/2, S] (byte (i, t) = channel i low nibble, channel
-i + hd/2 high nibble of token t: the same nibble packing with the axes swapped): the tile is loaded
-as [hd/2, sub], contiguous along the slots (the p @ V reduction axis), converted exactly as before
-and used as dot(p, tile^T), mirroring the key side's dot(qs, codes^T). v_scale / v_min stay [B, KV,
-S]. `QuantKV` is unchanged: with "tokens" its v_upper / v_lower fields hold the transposed planes.
+Value planes are stored transposed, [B, KV, hd/2, S] (`V_LAYOUT` = "tokens"; byte (i, t) holds
+channel i of token t in its low nibble and channel i + hd/2 in its high nibble: the same nibble
+packing with the axes swapped). A value tile is loaded as [hd/2, sub], contiguous along the slots,
+the axis p @ V reduces over, converted exactly like a key tile and used as dot(p, tile^T), mirroring
+the key side's dot(qs, codes^T); so the codes converted in registers need no re-layout before the
+MMA. Against the keys' channels-major layout it cut INT8 by 22-29% on the H200
+(benchmarks/kv/h200_attention_vlayout.json, measured with the kernel of commit 09cc211).
+v_scale / v_min stay [B, KV, S].
 """
 
 from __future__ import annotations
@@ -82,8 +74,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from .bitfloat import FLOAT_BASE, asm_nibble_floats, nibble_floats
+from .common import compute_dtype, dot_precision, pow2_at_least
 from .tiling import NUM_SMS
-from .w4a16 import compute_dtype, dot_precision, resolve_backend
+from .w4a16 import resolve_backend
 
 VARIANTS = ("bf16", "int8", "int4")
 NEG = -1e30  # finite "minus infinity": a fully masked row keeps m finite and p = 0
@@ -96,8 +89,8 @@ class QuantKV(NamedTuple):
     k_lower: jax.Array  # [B, KV, S, hd/2] uint8: lower nibbles, same packing
     k_scale: jax.Array  # [B, KV, S/G, hd] upper-plane scale per channel per group of G tokens
     k_min: jax.Array  # [B, KV, S/G, hd] minimum per channel per group
-    v_upper: jax.Array  # [B, KV, S, hd/2] uint8 ([B, KV, hd/2, S] with v_layout="tokens")
-    v_lower: jax.Array  # [B, KV, S, hd/2] uint8 (likewise)
+    v_upper: jax.Array  # [B, KV, hd/2, S] uint8: transposed (V_LAYOUT), channel i low / i + hd/2 high
+    v_lower: jax.Array  # [B, KV, hd/2, S] uint8: lower nibbles, same packing
     v_scale: jax.Array  # [B, KV, S] upper-plane scale per token
     v_min: jax.Array  # [B, KV, S] minimum per token
 
@@ -108,16 +101,20 @@ def unpack_planes(packed: jax.Array) -> jax.Array:
     return jnp.concatenate([p & 15, (p >> 4) & 15], axis=-1)
 
 
-V_LAYOUTS = ("channels", "tokens")
+V_LAYOUT = "tokens"  # the value planes' only layout: [B, KV, hd/2, S] (module docstring)
 
 
-def dequantize_planes(kv: QuantKV, variant: str, v_layout: str = "channels"):
-    """(k, v) f32 [B, KV, S, hd] of the int8 (both planes) or int4 (upper plane) view. v_layout
-    "tokens": kv's value planes are [B, KV, hd/2, S] (module docstring) and are transposed back."""
-    if v_layout not in V_LAYOUTS:
-        raise ValueError(f"v_layout must be one of {V_LAYOUTS}, got {v_layout!r}")
-    if v_layout == "tokens":
-        kv = kv._replace(v_upper=jnp.swapaxes(kv.v_upper, -1, -2), v_lower=jnp.swapaxes(kv.v_lower, -1, -2))
+def _check_v_layout(v_layout: str):
+    # Callers may still name the layout (qspec_jax.hierarchical_kv does); only "tokens" exists.
+    if v_layout != V_LAYOUT:
+        raise ValueError(f"v_layout must be {V_LAYOUT!r} (value planes [B, KV, hd/2, S]), got {v_layout!r}")
+
+
+def dequantize_planes(kv: QuantKV, variant: str, v_layout: str = V_LAYOUT):
+    """(k, v) f32 [B, KV, S, hd] of the int8 (both planes) or int4 (upper plane) view; the value
+    planes [B, KV, hd/2, S] are transposed back."""
+    _check_v_layout(v_layout)
+    kv = kv._replace(v_upper=jnp.swapaxes(kv.v_upper, -1, -2), v_lower=jnp.swapaxes(kv.v_lower, -1, -2))
     k_scale = jnp.repeat(kv.k_scale.astype(jnp.float32), kv.k_upper.shape[2] // kv.k_scale.shape[2], axis=2)
     k_min = jnp.repeat(kv.k_min.astype(jnp.float32), kv.k_upper.shape[2] // kv.k_min.shape[2], axis=2)
     v_scale, v_min = kv.v_scale.astype(jnp.float32)[..., None], kv.v_min.astype(jnp.float32)[..., None]
@@ -140,10 +137,9 @@ def _decode_kernel(
     row_pos_ref,  # [M] int32: query position of each query row, -1 on padding rows
     n_ref,  # [] int32: slots [0, n) may be read
     off_ref,  # [] int32: position of slot 0
-    q_ref,  # [M, hd]
-    *refs,  # bf16: k, v [S, hd]; int8: ku, kl [S, hd/2], ks, km [S/G, hd], vu, vl [S, hd/2] ([hd/2, S]
-    #         with v_layout "tokens"), vs, vm [S]; int4: the same without kl and vl; then outputs
-    #         o [M, hd] f32, m [M], l [M]
+    q_ref,  # [M, hd] the query rows of one kv head
+    *refs,  # bf16: k, v [S, hd]; int8: ku, kl [S, hd/2], ks, km [S/G, hd], vu, vl [hd/2, S], vs, vm [S];
+    #         int4: the same without kl and vl; then the outputs o [M, hd] f32, m [M] f32, l [M] f32
     variant: str,
     bk: int,
     sub: int,
@@ -151,17 +147,11 @@ def _decode_kernel(
     sm_scale: float,
     cdt,
     unpack: str = "convert",
-    prefetch: bool = False,
-    swap: str = "",  # "": scores [M, sub]; "k": s^T = dot(codes, qs) [sub, M]; "kv": also o^T = codes^T @ p^T
-    ablate: Optional[str] = None,  # measurement only (ABLATIONS): drop one stage, wrong values by design
     cut_side: Optional[str] = None,  # None; "below": slots at positions < c(p); "from": positions >= c(p)
     cut_group: int = 1,
     cut_delay: int = 0,
-    v_layout: str = "channels",  # "tokens": value planes [hd/2, S], tiles [hd/2, sub] (module docstring)
 ):
     *kv_refs, o_ref, m_ref, l_ref = refs
-    v_tok = v_layout == "tokens"
-    swap_k, swap_v = swap in ("k", "kv"), swap == "kv"
     M, hd = q_ref.shape
     hd2 = hd // 2
     S = kv_refs[0].shape[0]
@@ -190,46 +180,22 @@ def _decode_kernel(
     def pdot(p, v):  # p @ v
         return jnp.dot(p, v, preferred_element_type=jnp.float32, precision=prec)
 
-    def tdot(x, p):  # x.T @ p: [sub, a], [sub, b] -> [a, b] (swap "kv": o^T += codes^T @ p^T)
-        return lax.dot_general(x, p, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32,
-                               precision=prec)
-
     def rowsum(x):  # [M, *] -> [M, 1] f32
         return jnp.sum(x.astype(jnp.float32), axis=1)[:, None]
 
-    # Orientation of the scores: [M, sub] (query rows x slots), or [sub, M] with swap_k.
-    slot_ax = 0 if swap_k else 1
-
-    def per_row(x):  # [M] -> broadcastable against the scores
-        return x[None, :] if swap_k else x[:, None]
-
-    def per_slot(x):  # [sub] -> broadcastable against the scores
-        return x[:, None] if swap_k else x[None, :]
-
-    # Dot operands of a [sub, hd/2] block of packed codes: a list of (weight, low-half channels,
-    # high-half channels) whose weighted dots sum to the codes' dot minus `offset` times the row sum
-    # of the small operand. "convert": the exact integer code (u, or 16u + l - 8) converted to cdt,
-    # offset 0. "bits" / "asm": U = B + u and L = B + l built from bits (bitfloat.py), so
-    # 16u + l - 8 = 16 U + L - (17 B + 8): two dots and no integer arithmetic per element.
-    if unpack == "convert" or ablate == "no_unpack":
+    # Dot operands of a tile of packed codes (keys [sub, hd/2], values [hd/2, sub]): a list of
+    # (weight, low-half channels, high-half channels) whose weighted dots sum to the codes' dot minus
+    # `offset` times the row sum of the small operand. "convert": the exact integer code (u, or
+    # 16u + l - 8) converted to cdt, offset 0. "bits" / "asm": U = B + u and L = B + l built from bits
+    # (bitfloat.py), so 16u + l - 8 = 16 U + L - (17 B + 8): two dots and no integer arithmetic per element.
+    if unpack == "convert":
         offset = 0.0
     else:
         bits, base = FLOAT_BASE[jnp.dtype(cdt)]
         offset = base if variant == "int4" else 17 * base + 8
         nibbles = asm_nibble_floats if unpack == "asm" else nibble_floats
 
-    def raw_floats(x, k):  # ablate "no_unpack": the bytes as cdt with no nibble work (wrong values)
-        if jnp.dtype(cdt) in FLOAT_BASE:  # OR into an exponent pattern: finite, no conversion
-            pattern = FLOAT_BASE[jnp.dtype(cdt)][0] ^ (k << 8)  # two different operands per plane
-            return lax.bitcast_convert_type(x.astype(jnp.int16) | jnp.int16(pattern), cdt)
-        return x.astype(cdt)
-
     def planes(u, lo):
-        if ablate == "no_unpack":
-            ops = [(1.0 if variant == "int4" else 16.0, raw_floats(u, 0), raw_floats(u, 1))]
-            if variant == "int8":
-                ops.append((1.0, raw_floats(lo, 0), raw_floats(lo, 1)))
-            return ops
         if unpack != "convert":
             ops = [(1.0 if variant == "int4" else 16.0, nibbles(u, 0, bits, cdt), nibbles(u, 4, bits, cdt))]
             if variant == "int8":
@@ -260,42 +226,27 @@ def _decode_kernel(
         q_hi = q_ref.at[:, pl.ds(hd2, hd2)][...].astype(jnp.float32)
 
     def fetch(blk):
-        """Every load of block blk (clamped into the cache), one tuple per sub-block of `sub` slots.
-        Issued together at the top of an iteration (or one iteration ahead with `prefetch`), so K's
-        and V's bytes are in flight at once."""
+        """Every load of block blk (clamped into the cache), one tuple per sub-block of `sub` slots,
+        issued together at the top of an iteration so K's and V's bytes are in flight at once."""
         t0 = jnp.clip(blk, 0, S // bk - 1) * bk
         out = []
         for j in range(bk // sub):
             rows = pl.ds(t0 + j * sub, sub)
             if variant == "bf16":
-                out.append((k_ref.at[rows, :][...], None if ablate == "no_v" else v_ref.at[rows, :][...]))
+                out.append((k_ref.at[rows, :][...], v_ref.at[rows, :][...]))  # [sub, hd] each
                 continue
             g = (t0 + j * sub) // group  # sub divides the group: one (scale, min) row per sub-block
             half = lambda r, h: r.at[pl.ds(g, 1), pl.ds(h * hd2, hd2)][...]  # noqa: E731  [1, hd/2]
-            lower = lambda r: None if r is None else r.at[rows, :][...]  # noqa: E731
-            k_side = (ku_ref.at[rows, :][...], lower(kl_ref), half(ks_ref, 0), half(ks_ref, 1),
-                      half(km_ref, 0), half(km_ref, 1))
-            if ablate == "no_v":
-                out.append(k_side + (None,) * 4)
-            elif v_tok:  # [hd/2, sub] tiles, contiguous along the slots
-                cols = pl.ds(pl.multiple_of(t0 + j * sub, sub), sub)
-                v_lo = None if vl_ref is None else vl_ref.at[:, cols][...]
-                out.append(k_side + (vu_ref.at[:, cols][...], v_lo, vs_ref.at[rows][...], vm_ref.at[rows][...]))
-            else:
-                out.append(k_side + (vu_ref.at[rows, :][...], lower(vl_ref), vs_ref.at[rows][...],
-                                     vm_ref.at[rows][...]))
+            cols = pl.ds(pl.multiple_of(t0 + j * sub, sub), sub)  # value tiles [hd/2, sub]
+            out.append((ku_ref.at[rows, :][...], None if kl_ref is None else kl_ref.at[rows, :][...],
+                        half(ks_ref, 0), half(ks_ref, 1), half(km_ref, 0), half(km_ref, 1),
+                        vu_ref.at[:, cols][...], None if vl_ref is None else vl_ref.at[:, cols][...],
+                        vs_ref.at[rows][...], vm_ref.at[rows][...]))
         return out
 
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    s_shape = (sub, M) if swap_k else (M, sub)
 
-    def scores(raw):  # [M, sub] scaled logits of one sub-block ([sub, M] with swap_k)
-        if ablate == "no_k":  # a constant plus a tiny share of every loaded K byte (keeps the loads)
-            k_codes = raw[:1] if variant == "bf16" else raw[:2]  # (k,) or (upper, lower or None)
-            col = sum(jnp.sum(f32(x), axis=1) for x in k_codes if x is not None)  # [sub]
-            if variant != "bf16":
-                col = col + sum(jnp.sum(f32(x), axis=1) for x in raw[2:6])  # [sub] + [1]
-            return jnp.zeros(s_shape, jnp.float32) + per_slot(col * 1e-6)
+    def scores(raw):  # [M, sub] scaled logits of one sub-block
         if variant == "bf16":
             return dot(q, raw[0].astype(cdt)) * sm_scale
         ku, kl, ks_lo, ks_hi, km_lo, km_hi = raw[:6]
@@ -303,26 +254,22 @@ def _decode_kernel(
         qs_hi = (q_hi * (f32(ks_hi) * (cs * sm_scale))).astype(cdt)
         s = None
         for w, x_lo, x_hi in planes(ku, kl):
-            if swap_k:  # codes as the A operand: s^T = codes @ qs^T
-                part = dot(x_lo, weighted(qs_lo, w)) + dot(x_hi, weighted(qs_hi, w))
-            else:
-                part = dot(weighted(qs_lo, w), x_lo) + dot(weighted(qs_hi, w), x_hi)
+            part = dot(weighted(qs_lo, w), x_lo) + dot(weighted(qs_hi, w), x_hi)
             s = part if s is None else s + part
         if offset:
-            s -= per_row(offset * (jnp.sum(qs_lo.astype(jnp.float32), axis=1)
-                                   + jnp.sum(qs_hi.astype(jnp.float32), axis=1)))
+            s -= offset * (rowsum(qs_lo) + rowsum(qs_hi))
         kmin = jnp.sum(q_lo * f32(km_lo), axis=1) + jnp.sum(q_hi * f32(km_hi), axis=1)
-        return s + per_row(kmin * sm_scale)
+        return s + (kmin * sm_scale)[:, None]
 
     def compute(blk, raw, carry):
         """Online-softmax update with block blk: one rescale for all its sub-blocks."""
         o_lo, o_hi, m_prev, l_prev = carry
         t0 = blk * bk
         ss, masks = [], []
-        rows_cut = None if cut_side is None else per_row(row_cut)
+        rows_cut = None if cut_side is None else row_cut[:, None]
         for j in range(bk // sub):
-            slots = t0 + j * sub + lax.broadcasted_iota(jnp.int32, s_shape, slot_ax)
-            mask = (slots < n) & (off + slots <= per_row(row_pos))  # [M, sub] ([sub, M] with swap_k)
+            slots = t0 + j * sub + lax.broadcasted_iota(jnp.int32, (M, sub), 1)
+            mask = (slots < n) & (off + slots <= row_pos[:, None])  # [M, sub]
             if cut_side == "below":
                 mask &= off + slots < rows_cut
             elif cut_side == "from":
@@ -331,76 +278,43 @@ def _decode_kernel(
             masks.append(mask)
         m_next = m_prev
         for s in ss:
-            m_next = jnp.maximum(m_next, jnp.max(s, axis=slot_ax))
+            m_next = jnp.maximum(m_next, jnp.max(s, axis=1))
         corr = jnp.exp(m_prev - m_next)
         l_next = l_prev * corr
-        corr_o = corr[None, :] if swap_v else corr[:, None]  # o is [hd/2, M] with swap_v
-        o_lo = o_lo * corr_o
+        o_lo = o_lo * corr[:, None]
         if variant != "bf16":
-            o_hi = o_hi * corr_o
+            o_hi = o_hi * corr[:, None]
         for j in range(bk // sub):
-            p = jnp.where(masks[j], jnp.exp(ss[j] - per_row(m_next)), 0.0)  # f32, the scores' orientation
-            l_next = l_next + jnp.sum(p, axis=slot_ax)
-            if ablate == "no_v":
-                continue
+            p = jnp.where(masks[j], jnp.exp(ss[j] - m_next[:, None]), 0.0)  # [M, sub] f32
+            l_next = l_next + jnp.sum(p, axis=1)
             if variant == "bf16":
                 o_lo = o_lo + pdot(p.astype(cdt), raw[j][1].astype(cdt))
                 continue
             vu, vl, vs, vm = raw[j][6:]
-            if swap_v:  # p^T [sub, M] is the B operand as it is: o^T += codes^T @ ps^T
-                ps = (p * (vs.astype(jnp.float32)[:, None] * cs)).astype(cdt)
-                pm = jnp.sum(p * vm.astype(jnp.float32)[:, None], axis=0)[None, :]  # [1, M]
-                if offset:
-                    pm -= offset * jnp.sum(ps.astype(jnp.float32), axis=0)[None, :]
-                vdot = pdot if v_tok else tdot  # tokens: x [hd/2, sub] @ ps^T [sub, M]
-                for w, x_lo, x_hi in planes(vu, vl):
-                    o_lo = o_lo + vdot(x_lo, weighted(ps, w))
-                    o_hi = o_hi + vdot(x_hi, weighted(ps, w))
-                o_lo, o_hi = o_lo + pm, o_hi + pm
-                continue
-            if swap_k:
-                p = p.T  # [M, sub]
             ps = (p * (vs.astype(jnp.float32)[None, :] * cs)).astype(cdt)
             pm = rowsum(p * vm.astype(jnp.float32)[None, :])  # [M, 1]: the minimum's share
             if offset:
                 pm -= offset * rowsum(ps)
-            vdot = dot if v_tok else pdot  # tokens: ps [M, sub] @ x^T, x [hd/2, sub] (as dot(qs, codes^T))
-            for w, x_lo, x_hi in planes(vu, vl):
-                o_lo = o_lo + vdot(weighted(ps, w), x_lo)
-                o_hi = o_hi + vdot(weighted(ps, w), x_hi)
+            for w, x_lo, x_hi in planes(vu, vl):  # ps [M, sub] @ x^T, x [hd/2, sub] (as dot(qs, codes^T))
+                o_lo = o_lo + dot(weighted(ps, w), x_lo)
+                o_hi = o_hi + dot(weighted(ps, w), x_hi)
             o_lo, o_hi = o_lo + pm, o_hi + pm
         return o_lo, o_hi, m_next, l_next
 
-    width = hd if variant == "bf16" else hd2
-    o_shape = lambda w: (w, M) if swap_v else (M, w)  # noqa: E731
     init = (
-        jnp.zeros(o_shape(width), jnp.float32),
-        jnp.zeros(o_shape(hd2 if variant != "bf16" else 1), jnp.float32),
+        jnp.zeros((M, hd if variant == "bf16" else hd2), jnp.float32),
+        jnp.zeros((M, hd2 if variant != "bf16" else 1), jnp.float32),
         jnp.full((M,), NEG, jnp.float32),
         jnp.zeros((M,), jnp.float32),
     )
-    if prefetch:  # registers hold block i+1's loads while block i computes (the last one re-reads)
-        def body(i, carry):
-            raw, state = carry
-            nxt = fetch(first + jnp.minimum(i + 1, count - 1))
-            return nxt, compute(first + i, raw, state)
-
-        _, (o_lo, o_hi, m, l) = lax.fori_loop(0, count, body, (fetch(first), init))
-    else:
-        o_lo, o_hi, m, l = lax.fori_loop(0, count, lambda i, c: compute(first + i, fetch(first + i), c), init)
+    o_lo, o_hi, m, l = lax.fori_loop(0, count, lambda i, c: compute(first + i, fetch(first + i), c), init)
     if variant == "bf16":
         o_ref[...] = o_lo
     else:
-        if swap_v:
-            o_lo, o_hi = o_lo.T, o_hi.T
         o_ref.at[:, pl.ds(0, hd2)][...] = o_lo
         o_ref.at[:, pl.ds(hd2, hd2)][...] = o_hi
     m_ref[...] = m
     l_ref[...] = l
-
-
-def _pow2_at_least(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 # Launch defaults per variant (scripts/bench_attention.py --sweep measures the alternatives):
@@ -409,20 +323,8 @@ def _pow2_at_least(x: int) -> int:
 # programs_per_sm: how many programs an SM holds at once (its register / shared-memory limit, read
 #   with ncu: scripts/ncu_probe.py); pick_splits sizes the grid in whole waves of that many;
 # num_warps, num_stages: Triton's; unpack: how 4-bit codes become dot operands ("convert", "bits",
-#   "asm"; see _decode_kernel); prefetch: load block i+1 into registers while block i computes.
-LAUNCH_KNOBS = ("programs_per_sm", "num_warps", "num_stages", "unpack", "prefetch", "swap", "ablate")
-# swap (quantized views; bf16 ignores it): which operand the codes are. False: scores = qs @ codes^T
-#   and o += p @ codes (the codes are tt.dot's B operand both times); "k": scores^T = codes @ qs^T
-#   (codes are the A operand, rows = slots; the softmax runs on [slots, M]); True / "kv": also
-#   o^T += codes^T @ p^T. The same math: tests hold it to float64.
-SWAPS = {False: "", None: "", "k": "k", True: "kv", "kv": "kv"}
-# ablate: a MEASUREMENT AID only (scripts/bench_attention.py --diagnose), wrong outputs by design:
-#   "no_v": no V loads and no p @ v (the K side and the softmax only); "no_k": the scores are a
-#   constant plus a tiny share of every loaded K byte (K's loads stay, its dots, unpacking and scale
-#   work go); "no_unpack": the code bytes go to the dots OR-ed into a float exponent pattern, with no
-#   nibble extraction (loads, dots, scales and softmax stay). Timing each against the full kernel
-#   says which stage costs.
-ABLATIONS = (None, "no_v", "no_k", "no_unpack")
+#   "asm"; see _decode_kernel).
+LAUNCH_KNOBS = ("programs_per_sm", "num_warps", "num_stages", "unpack")
 # From the H200 sweep (benchmarks/kv/h200_attention_sweep.json, batch 16 at 8k and 32k tokens): for
 # both quantized views the best of 14 configurations at both contexts (int4 147.7 / 485.7 us, int8
 # 254.7 / 914.1 us, against 197.5 / 640.0 and 340.8 / 1182.6 with the previous defaults); bf16 kept
@@ -432,9 +334,9 @@ ABLATIONS = (None, "no_v", "no_k", "no_unpack")
 # registers, 3 programs per SM (h200_ncu_occupancy.txt), 139 -> 132 us at 8k and 476 -> 443 us at
 # 32k (h200_attention_occupancy.json); INT8 gained nothing from the same change (168 registers).
 DEFAULTS = {
-    "bf16": dict(block_k=128, programs_per_sm=3, num_warps=4, num_stages=2, unpack="convert", prefetch=False),
-    "int8": dict(block_k=128, programs_per_sm=2, num_warps=4, num_stages=3, unpack="asm", prefetch=False),
-    "int4": dict(block_k=64, programs_per_sm=3, num_warps=4, num_stages=3, unpack="asm", prefetch=False),
+    "bf16": dict(block_k=128, programs_per_sm=3, num_warps=4, num_stages=2, unpack="convert"),
+    "int8": dict(block_k=128, programs_per_sm=2, num_warps=4, num_stages=3, unpack="asm"),
+    "int4": dict(block_k=64, programs_per_sm=3, num_warps=4, num_stages=3, unpack="asm"),
 }
 
 
@@ -480,31 +382,22 @@ def pick_splits(batch: int, kv_heads: int, blocks: int, programs_per_sm: float =
 
 
 def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_k=None, splits=None,
-                       programs_per_sm=None, num_warps=None, num_stages=None, unpack=None, prefetch=None,
-                       swap=None, ablate=None, interpret=False, cut=None, cut_side=None, v_layout="channels"):
+                       programs_per_sm=None, num_warps=None, num_stages=None, unpack=None, interpret=False,
+                       cut=None, cut_side=None):
     """One launch: unnormalized partials over the slots [0, n) of `kv`, slot j at position off + j.
     With cut=(G, D) and cut_side "below" / "from", a query row at position p reads only the positions
     below / from its cut c(p) (module docstring). Launch knobs left None take DEFAULTS[variant].
 
     q_rows: [B, KV, M, hd] query blocks; row_pos: [B, M] int32 query positions (-1 for padding);
-    kv: (k, v) [B, KV, S, hd] for "bf16" or a QuantKV; n, off: [B] int32. v_layout (quantized views):
-    "channels", the QuantKV's v_upper / v_lower are [B, KV, S, hd/2]; "tokens", they are the
-    transposed [B, KV, hd/2, S] (module docstring); bf16 takes "channels" only.
+    kv: (k, v) [B, KV, S, hd] for "bf16" or a QuantKV (value planes [B, KV, hd/2, S]); n, off: [B] int32.
     Returns o [B, KV, P, M, hd] f32 (unnormalized), m and l [B, KV, P, M] f32.
     """
     B, KV, M, hd = q_rows.shape
     knobs = dict(block_k=block_k, programs_per_sm=programs_per_sm, num_warps=num_warps, num_stages=num_stages,
-                 unpack=unpack, prefetch=prefetch, swap=swap, ablate=ablate)
+                 unpack=unpack)
     knobs = {name: DEFAULTS[variant].get(name) if val is None else val for name, val in knobs.items()}
     if knobs["unpack"] not in UNPACKS:
         raise ValueError(f"unpack must be one of {UNPACKS}, got {knobs['unpack']!r}")
-    if not isinstance(knobs["swap"], (bool, str, type(None))) or knobs["swap"] not in SWAPS:
-        raise ValueError(f"swap must be one of {list(SWAPS)}, got {knobs['swap']!r}")
-    if knobs["ablate"] not in ABLATIONS:
-        raise ValueError(f"ablate must be one of {ABLATIONS}, got {knobs['ablate']!r}")
-    swap = "" if variant == "bf16" else SWAPS[knobs["swap"]]
-    if v_layout not in V_LAYOUTS or (variant == "bf16" and v_layout != "channels"):
-        raise ValueError(f"v_layout must be one of {V_LAYOUTS} ('channels' for bf16), got {v_layout!r}")
     if variant == "bf16":
         k, v = kv
         S, group = k.shape[2], None
@@ -528,14 +421,11 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_
     elif unpack == "asm" and interpret:  # interpret mode cannot run PTX: the same bits from jnp ops
         unpack = "bits"
     scalar = pl.BlockSpec((None,), lambda b, h, s: (b,))
-    cdt = compute_dtype(q_rows.dtype)
     if (cut is None) != (cut_side is None) or cut_side not in (None, "below", "from"):
         raise ValueError(f"cut (G, D) and cut_side ('below' / 'from') go together, got {cut}, {cut_side!r}")
     kernel = functools.partial(_decode_kernel, variant=variant, bk=bk, sub=min(bk, group or bk), splits=P,
-                               sm_scale=sm_scale, cdt=cdt, unpack=unpack, prefetch=bool(knobs["prefetch"]),
-                               swap=swap, ablate=knobs["ablate"], cut_side=cut_side,
-                               cut_group=int(cut[0]) if cut else 1, cut_delay=int(cut[1]) if cut else 0,
-                               v_layout=v_layout)
+                               sm_scale=sm_scale, cdt=cdt, unpack=unpack, cut_side=cut_side,
+                               cut_group=int(cut[0]) if cut else 1, cut_delay=int(cut[1]) if cut else 0)
     return pl.pallas_call(
         kernel,
         grid=(B, KV, P),
@@ -578,19 +468,15 @@ def cut_positions(pos, cut):
     return jnp.maximum(pos + 1 - D, 0) // G * G
 
 
-def _check(q, q_pos, kv, variant, recent, cut=None, v_layout="channels"):
+def _check(q, q_pos, kv, variant, recent, cut=None):
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if v_layout not in V_LAYOUTS:
-        raise ValueError(f"v_layout must be one of {V_LAYOUTS}, got {v_layout!r}")
     B, T, H, hd = q.shape
     if q_pos.shape != (B, T):
         raise ValueError(f"q_pos has shape {q_pos.shape}, expected {(B, T)}")
     if variant == "bf16":
         if isinstance(kv, QuantKV):
             raise ValueError("variant 'bf16' takes (k, v) arrays, not QuantKV planes")
-        if v_layout != "channels":
-            raise ValueError(f"v_layout {v_layout!r} applies to QuantKV planes; variant 'bf16' takes 'channels'")
         KV, S = kv[0].shape[1], kv[0].shape[2]
         if kv[0].shape != (B, KV, S, hd) or kv[1].shape != kv[0].shape:
             raise ValueError(f"k, v must be [B, KV, S, hd] = [{B}, KV, S, {hd}], got {kv[0].shape}, {kv[1].shape}")
@@ -601,11 +487,10 @@ def _check(q, q_pos, kv, variant, recent, cut=None, v_layout="channels"):
         if kv.k_upper.shape != (B, KV, S, hd // 2) or S % kv.k_scale.shape[2]:
             raise ValueError(f"k_upper must be [{B}, KV, S, {hd // 2}] with S a multiple of the group, "
                              f"got {kv.k_upper.shape} and k_scale {kv.k_scale.shape}")
-        want = (B, KV, S, hd // 2) if v_layout == "channels" else (B, KV, hd // 2, S)
-        axes = "[B, KV, S, hd/2]" if v_layout == "channels" else "[B, KV, hd/2, S] (transposed)"
+        want = (B, KV, hd // 2, S)
         for name in ("v_upper",) + (("v_lower",) if variant == "int8" else ()):
             if getattr(kv, name).shape != want:
-                raise ValueError(f"with v_layout={v_layout!r}, {name} must be {axes} = {list(want)}, "
+                raise ValueError(f"{name} must be [B, KV, hd/2, S] (transposed) = {list(want)}, "
                                  f"got {list(getattr(kv, name).shape)}")
     if H % KV:
         raise ValueError(f"{H} query heads are not a multiple of {KV} kv heads")
@@ -632,8 +517,8 @@ def decode_attention(
     block_k: Optional[int] = None,
     splits: Optional[int] = None,
     backend: str = "auto",
-    v_layout: str = "channels",  # "tokens": the QuantKV's value planes are [B, KV, hd/2, S]
-    **launch,  # programs_per_sm, num_warps, num_stages, unpack, prefetch, swap, ablate (LAUNCH_KNOBS)
+    v_layout: str = V_LAYOUT,  # the only layout: the QuantKV's value planes are [B, KV, hd/2, S]
+    **launch,  # programs_per_sm, num_warps, num_stages, unpack (LAUNCH_KNOBS)
 ):
     """Attention of T query positions per row over the cache (+ the recent buffer): [B, T, H, hd].
 
@@ -644,13 +529,10 @@ def decode_attention(
     (triton on GPU, else reference), "triton", "interpret", "reference". block_k, splits and
     `launch` tune the main launch (attention_partials); the recent buffer runs bf16's DEFAULTS.
 
-    v_layout (quantized views; describes the caller's data, so it is no DEFAULTS entry): "channels",
-    kv.v_upper / kv.v_lower are [B, KV, S, hd/2] as written by qspec_jax.hierarchical_kv; "tokens",
-    the caller passes them transposed, [B, KV, hd/2, S] (e.g. jnp.swapaxes(v_upper, -1, -2): the same
-    bytes, slots contiguous), and the kernel's p @ V reduces along the tiles' contiguous axis
-    (module docstring). v_scale / v_min stay [B, KV, S]; the key planes are unchanged.
+    A QuantKV's value planes are [B, KV, hd/2, S] (module docstring); v_layout may only be "tokens".
     """
-    B, T, H, KV, hd = _check(q, q_pos, kv, variant, recent, cut, v_layout)
+    _check_v_layout(v_layout)
+    B, T, H, KV, hd = _check(q, q_pos, kv, variant, recent, cut)
     unknown = set(launch) - set(LAUNCH_KNOBS)
     if unknown:
         raise TypeError(f"unknown launch knobs {sorted(unknown)}; known: {LAUNCH_KNOBS}")
@@ -658,10 +540,9 @@ def decode_attention(
     backend = resolve_backend(backend)
     if backend == "reference":
         return decode_attention_reference(q, q_pos, kv, kv_len, variant=variant, recent=recent,
-                                          recent_start=recent_start, cut=cut, sm_scale=sm_scale,
-                                          v_layout=v_layout)
+                                          recent_start=recent_start, cut=cut, sm_scale=sm_scale)
     rep = H // KV
-    M = max(16, _pow2_at_least(rep * T))
+    M = max(16, pow2_at_least(rep * T))
     # Query rows of a kv head: row r*T + t is query head (kv head, r) at position t.
     q_rows = q.reshape(B, T, KV, rep, hd).transpose(0, 2, 3, 1, 4).reshape(B, KV, rep * T, hd)
     q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, M - rep * T), (0, 0)))
@@ -670,7 +551,7 @@ def decode_attention(
                             interpret=backend == "interpret")
     sides = ("below", "from") if cut is not None else (None, None)
     parts = [run(kv, kv_len, jnp.zeros((B,), jnp.int32), variant=variant, block_k=block_k, splits=splits,
-                 cut=cut, cut_side=sides[0], v_layout=v_layout, **launch)]
+                 cut=cut, cut_side=sides[0], **launch)]
     if recent is not None:
         R = recent[0].shape[2]
         parts.append(run(recent, jnp.full((B,), R, jnp.int32), recent_start, variant="bf16", splits=1,
@@ -680,12 +561,12 @@ def decode_attention(
 
 
 def decode_attention_reference(q, q_pos, kv, kv_len, *, variant="bf16", recent=None, recent_start=None,
-                               cut=None, sm_scale=None, v_layout="channels"):
-    """Plain jnp of the same math in f32: dequantize, mask by position (and cut), softmax.
-    v_layout as in decode_attention ("tokens": transposed value planes)."""
-    B, T, H, KV, hd = _check(q, q_pos, kv, variant, recent, cut, v_layout)
+                               cut=None, sm_scale=None, v_layout=V_LAYOUT):
+    """Plain jnp of the same math in f32: dequantize, mask by position (and cut), softmax."""
+    _check_v_layout(v_layout)
+    B, T, H, KV, hd = _check(q, q_pos, kv, variant, recent, cut)
     sm_scale = 1.0 / math.sqrt(hd) if sm_scale is None else sm_scale
-    k, v = (kv if variant == "bf16" else dequantize_planes(kv, variant, v_layout))
+    k, v = (kv if variant == "bf16" else dequantize_planes(kv, variant))
     k, v = k.astype(jnp.float32), v.astype(jnp.float32)
     S = k.shape[2]
     k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))

@@ -10,6 +10,11 @@ the kernel. The numbers below are first guesses, partly checked with `scripts/be
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
+
+import jax
+
+from .common import check_inputs, pow2_at_least
 
 NUM_SMS = 132  # H100 SXM
 TARGET_PROGRAMS = 256  # about two per SM (sweep, llama3-8b down M=1: split 8 beat split 14)
@@ -35,14 +40,11 @@ class Tiles:
     split: number of K ranges (divides the number of packing blocks);
     unroll: packing blocks per K-loop iteration (divides the blocks of a K range): more weight
       bytes in flight per iteration and fewer loop trips;
-    atomic: with split > 1, add the K ranges' partial sums into one zeroed f32 output with atomic
-      adds instead of writing [split, M, N] partials for XLA to sum (saves their HBM round trip);
     swap: W4A16 only, compute y^T = W^T x^T so the unpacked weights are the MMA's first operand
       (Hopper's wgmma can read it from registers; the second operand must come from shared memory);
     bias_dequant: W4A16 with 16-bit x only, build the dequantized weights from bits (integer ops)
       instead of int -> float conversions, and subtract the resulting offset (w4a16.py);
     asm_dequant: bias_dequant with the conversion done by inline PTX (w4a16.py), 16-bit x only;
-    fuse_quant: W4A4 only, quantize activations inside the matmul (else a separate XLA pass);
     dequant: W4A16 only, for prefill-size M: a Pallas kernel writes the dequantized weight in
       x's dtype and XLA's 16-bit dot (cuBLAS) multiplies; bm, bn and split are then unused.
     """
@@ -53,19 +55,10 @@ class Tiles:
     num_warps: int = 4
     num_stages: int = 3
     unroll: int = 1
-    atomic: bool = False
     swap: bool = False
     bias_dequant: bool = False
     asm_dequant: bool = False
-    fuse_quant: bool = False
     dequant: bool = False
-
-
-def _pow2_at_least(n: int) -> int:
-    p = 1
-    while p < n:
-        p *= 2
-    return p
 
 
 def _split(grid_mn: int, nblocks: int) -> int:
@@ -87,8 +80,8 @@ def choose_tiles(M: int, N: int, K: int, pb: int, kind: str = "w4a16") -> Tiles:
     """Tiles for an [M, K] x [K, N] int4 matmul whose weight is packed in blocks of pb rows."""
     # W4A4's int8 path ran fastest with bm <= 32 on the H100 (M=64: 33 us at bm 32, 44 at 64).
     bm_max = 32 if kind != "w4a16" else 128 if M > 64 else 64
-    bm = min(max(16, _pow2_at_least(M)), bm_max)
-    bn = 128 if N >= 128 else max(16, _pow2_at_least(N))
+    bm = min(max(16, pow2_at_least(M)), bm_max)
+    bn = 128 if N >= 128 else max(16, pow2_at_least(N))
     # Prefer a bn that divides N (no masks); N not a multiple of 32 keeps 128 and masks the edge.
     for cand in (bn, bn // 2, bn // 4):
         if cand >= 32 and N % cand == 0:
@@ -112,16 +105,45 @@ def choose_tiles(M: int, N: int, K: int, pb: int, kind: str = "w4a16") -> Tiles:
         # H100 probe (benchmarks/kernels/h100_probe_*.json, llama3-8b qkv/gate_up/down): bit-built
         # dequantization is 10-25% faster at M = 64 and slower at M = 128; the transposed product
         # is 3-6% faster at M = 128; quantizing activations in a separate pass beat the fused
-        # quantizer at every M measured (gate_up M = 16: 56 vs 75 us, M = 64: 112 vs 171 us).
+        # quantizer (gone since commit 09cc211) at every M measured (gate_up M = 16: 56 vs 75 us, M = 64: 112 vs 171 us).
         # H200 sweep (benchmarks/engine/h200_sweep.json): bit-built dequantization also wins at
         # M = 16 (qkv 28.0 -> 23.4 us, down 42.8 -> 40.2 us); at M = 4 on gate_up it lost (H200 run 4:
         # 90.9 us against 72.9 without it in run 1).
         bias_dequant=w4a16 and 16 <= M <= 64,
         asm_dequant=w4a16 and ASM_DEQUANT and M <= ASM_DEQUANT_MAX_M,
         swap=w4a16 and M > 64,
-        fuse_quant=False,
         # H100 (benchmarks/kernels/h100_dequant.json, llama3-8b): from M = 256 on, dequantizing to
         # bf16 and calling XLA's dot beats the matmul kernel on every projection (1.1-1.3x at 256,
         # 1.6-1.7x at 512, 2.5-2.9x at 4096); at M = 128 the kernel wins on three of four.
         dequant=w4a16 and M >= DEQUANT_MIN_M,
     )
+
+
+class CallPlan(NamedTuple):
+    """The shapes of one int4 matmul call and its tiles (plan_call)."""
+
+    K: int  # input features
+    N: int  # output features
+    G: int  # scale groups of the weight (1: per channel)
+    gs: int  # group size (K when per channel)
+    pb: int  # packing block: weight rows per nibble block (the group, or 128 per channel)
+    lead: tuple  # x's leading dimensions
+    x2: jax.Array  # [M, K]: x with its leading dimensions flattened
+    M: int  # rows of x2
+    tiles: Tiles
+    nblocks: int  # K // pb packing blocks
+
+
+def plan_call(x, qw, tiles: Tiles | None, kind: str) -> CallPlan:
+    """Check a kernel call's shapes and pick its tiles (choose_tiles unless given)."""
+    K, N, G, gs, pb = check_inputs(x, qw, kernel=True)
+    lead, x2 = x.shape[:-1], x.reshape(-1, K)
+    M = x2.shape[0]
+    tiles = tiles or choose_tiles(M, N, K, pb, kind)
+    nblocks = K // pb
+    if nblocks % tiles.split:
+        raise ValueError(f"split={tiles.split} does not divide the {nblocks} packing blocks")
+    if (nblocks // tiles.split) % tiles.unroll:
+        raise ValueError(f"unroll={tiles.unroll} does not divide the {nblocks // tiles.split} "
+                         "packing blocks of a K range")
+    return CallPlan(K, N, G, gs, pb, lead, x2, M, tiles, nblocks)

@@ -21,10 +21,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from .bitfloat import FLOAT_BASE, asm_nibble_floats, nibble_floats
-from .packing import unpack_int4, weight_layout
 from . import tiling
-from .tiling import Tiles, choose_tiles
+from .bitfloat import FLOAT_BASE, asm_nibble_floats, nibble_floats
+from .common import (
+    check_inputs, col_mask, compute_dtype, dot_precision, k_loop, launch, load, row_mask, store_tile,
+    unpack_block,
+)
+from .packing import unpack_int4, weight_layout
+from .tiling import Tiles, plan_call
 from .w4a16_gemv import GemvTiles, w4a16_gemv
 
 BACKENDS = ("auto", "triton", "interpret", "reference")
@@ -37,150 +41,6 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "triton" if jax.default_backend() == "gpu" else "reference"
     return backend
-
-
-def compute_dtype(dtype):
-    """Dot operand dtype: 16-bit activations stay 16-bit; anything else runs in f32."""
-    dtype = jnp.dtype(dtype)
-    return dtype if dtype in (jnp.bfloat16, jnp.float16) else jnp.dtype(jnp.float32)
-
-
-def dot_precision(cdt):
-    # f32 operands: ask for true f32 (Triton would otherwise use TF32).
-    return lax.Precision.HIGHEST if cdt == jnp.float32 else None
-
-
-def check_inputs(x, qw, kernel: bool):
-    """Validate shapes; return (K, N, G, group_size, pb) of the weight."""
-    K, N, G, gs, pb = weight_layout(qw)
-    if x.ndim < 1 or x.shape[-1] != K:
-        raise ValueError(f"x has shape {x.shape} but the weight expects K={K} input features")
-    if kernel and (pb < 64 or pb & (pb - 1)):
-        raise ValueError(
-            f"the Pallas kernels need a power-of-2 packing block (group size) >= 64, got {pb}; "
-            "use backend='reference'"
-        )
-    return K, N, G, gs, pb
-
-
-def launch(kernel, x2, qw, tiles: Tiles, N: int, K: int, G: int, out_dtype, interpret: bool,
-           extra_in=()):
-    """Shared pallas_call for the int4 kernels: grid (M tiles, N tiles, K splits).
-
-    x2 and every array of extra_in are [M, *] row-blocked activation inputs; M is not padded
-    (the kernels mask the rows past M, which saves a pad op per call). The kernel takes a keyword
-    `atomic` and finishes its tile with `finish`. With split > 1 it either writes f32 partials
-    [split, M, N] that are summed here in one small XLA fusion, or (tiles.atomic) adds its partial
-    sum into one zeroed f32 [M, N] output.
-    """
-    M = x2.shape[0]
-    bm, bn, split = tiles.bm, tiles.bn, tiles.split
-    # Interpret mode's atomic add takes no mask (its blocks are padded, so zeroed edges suffice).
-    atomic = "" if not (tiles.atomic and split > 1) else "unmasked" if interpret else "masked"
-    grid = (pl.cdiv(M, bm), pl.cdiv(N, bn), split)
-    row_specs = [pl.BlockSpec((bm, a.shape[1]), lambda i, j, s: (i, 0)) for a in (x2, *extra_in)]
-    in_specs = row_specs + [
-        pl.BlockSpec((K // 2, bn), lambda i, j, s: (0, j)),
-        pl.BlockSpec((G, bn), lambda i, j, s: (0, j)),
-    ]
-    operands = [x2, *extra_in, qw["packed"], qw["scales"]]
-    aliases = {}
-    body = functools.partial(kernel, atomic=atomic)
-    if split == 1:
-        out_shape = jax.ShapeDtypeStruct((M, N), out_dtype)
-        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
-    elif atomic:
-        out_shape = jax.ShapeDtypeStruct((M, N), jnp.float32)
-        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
-        # The zeroed accumulator is an input aliased to the output; the kernel ignores its ref.
-        in_specs.append(out_spec)
-        aliases = {len(operands): 0}
-        operands.append(jnp.zeros((M, N), jnp.float32))
-        body = functools.partial(_drop_aliased_input, body)
-    else:
-        out_shape = jax.ShapeDtypeStruct((split, M, N), jnp.float32)
-        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
-    y = pl.pallas_call(
-        body,
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_spec,
-        out_shape=out_shape,
-        input_output_aliases=aliases,
-        compiler_params=plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages),
-        interpret=interpret,
-        name=getattr(kernel, "func", kernel).__name__,
-    )(*operands)
-    if split > 1 and not atomic:
-        y = y.sum(axis=0)
-    return y.astype(out_dtype)
-
-
-def _drop_aliased_input(kernel, *refs):
-    *ins, _, o_ref = refs
-    kernel(*ins, o_ref)
-
-
-def col_mask(bn: int, N: int):
-    """[1, bn] mask of the valid columns of this program's N tile, or None when N % bn == 0."""
-    if N % bn == 0:
-        return None
-    cols = pl.program_id(1) * bn + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
-    return cols < N
-
-
-def row_mask(bm: int, M: int):
-    """[bm, 1] mask of the valid rows of this program's M tile, or None when M % bm == 0."""
-    if M % bm == 0:
-        return None
-    rows = pl.program_id(0) * bm + lax.broadcasted_iota(jnp.int32, (bm, 1), 0)
-    return rows < M
-
-
-def load(ref, mask):
-    """Load a block; masked-off elements (rows past M, columns past N) read as 0."""
-    if mask is None:
-        return ref[...]
-    return plt.load(ref, mask=mask, other=0)
-
-
-def finish(ref, val, rmask, cmask, atomic: str):
-    """Store an output tile, leaving rows past M and columns past N untouched; for atomic split-K
-    ("masked" on Triton, "unmasked" in interpret mode) add it atomically instead."""
-    mask = rmask if cmask is None else cmask if rmask is None else rmask & cmask
-    val = val.astype(ref.dtype)
-    if atomic:
-        bm, bn = ref.shape
-        if mask is not None:  # tt.atomic_rmw wants a mask of the value's full shape
-            mask = jnp.broadcast_to(mask, val.shape)
-            if atomic == "unmasked":
-                val, mask = jnp.where(mask, val, 0), None
-        plt.atomic_add(ref, (pl.ds(0, bm), pl.ds(0, bn)), val, mask=mask)
-    elif mask is None:
-        ref[...] = val
-    else:
-        plt.store(ref, val, mask=mask)
-
-
-def k_loop(first, blocks: int, unroll: int, block_fn, acc):
-    """acc = block_fn(b, acc) for b in first .. first+blocks-1, `unroll` blocks per iteration.
-
-    The unrolled blocks are separate loads in one loop body (a static Python loop: Triton lowers
-    no fori_loop(unroll>1)), so the software pipeline keeps `unroll` times the bytes in flight.
-    """
-
-    def body(t, acc):
-        for u in range(unroll):
-            acc = block_fn(first + t * unroll + u, acc)
-        return acc
-
-    return lax.fori_loop(0, blocks // unroll, body, acc)
-
-
-def unpack_block(w_ref, b, half: int, mask):
-    """Low and high int4 nibbles (int8) of packing block b: rows [b*pb, b*pb + pb/2) and the rest."""
-    p = load(w_ref.at[pl.ds(b * half, half), :], mask)
-    return (p << 4) >> 4, p >> 4  # arithmetic shifts on int8 sign-extend
 
 
 # Bit-built dequantization (Tiles.bias_dequant, pallas_kernels/bitfloat.py): XOR-ing a signed nibble
@@ -203,8 +63,13 @@ def asm_dequant_block(w_ref, b, half: int, mask, cdt):
     return bias_dequant_block(w_ref, b, half, mask, cdt, convert=asm_nibble_floats)
 
 
-def _w4a16_kernel(x_ref, w_ref, s_ref, o_ref, *, half, blocks, unroll, grouped, M, N, cdt,
-                  atomic, swap, bias_dequant, asm_dequant=False):
+def _w4a16_kernel(
+    x_ref,  # [bm, K] activations; rows past M are masked
+    w_ref,  # [K/2, bn] int8: packed nibbles of this N tile (packing.py)
+    s_ref,  # [G, bn] f32 scales
+    o_ref,  # [bm, bn] x's dtype, or this K range's f32 partial sums when split > 1
+    *, half, blocks, unroll, grouped, M, N, cdt, swap, bias_dequant, asm_dequant=False,
+):
     bm, bn = o_ref.shape
     rmask, cmask = row_mask(bm, M), col_mask(bn, N)
     prec = dot_precision(cdt)
@@ -239,16 +104,21 @@ def _w4a16_kernel(x_ref, w_ref, s_ref, o_ref, *, half, blocks, unroll, grouped, 
     acc = k_loop(first, blocks, unroll, block, jnp.zeros((bn, bm) if swap else (bm, bn), jnp.float32))
     if not grouped:  # per channel: one rescale at the end
         acc = acc * scale(0)
-    finish(o_ref, acc.T if swap else acc, rmask, cmask, atomic)
+    store_tile(o_ref, acc.T if swap else acc, rmask, cmask)
 
 
-def _dequant_kernel(w_ref, s_ref, o_ref, *, half, N):
+def _dequant_kernel(
+    w_ref,  # [pb/2, bn] int8: one packing block's nibbles
+    s_ref,  # [1, bn] f32: its group scale (or the per-channel scale)
+    o_ref,  # [pb, bn] the dequantized weight rows, in the requested dtype
+    *, half, N,
+):
     bn = o_ref.shape[1]
     cmask = col_mask(bn, N)
-    s = load(s_ref, cmask)  # [1, bn]: this block's group scale (or the per-channel scale)
+    s = load(s_ref, cmask)
     wl, wh = unpack_block(w_ref, 0, half, cmask)
     for rows, w in ((pl.ds(0, half), wl), (pl.ds(half, half), wh)):
-        finish(o_ref.at[rows, :], w.astype(jnp.float32) * s, None, cmask, atomic="")
+        store_tile(o_ref.at[rows, :], w.astype(jnp.float32) * s, None, cmask)
 
 
 def dequantize_kernel(qw, dtype, *, interpret: bool = False):
@@ -298,21 +168,6 @@ def w4a16_reference(x, qw):
     return y.astype(x.dtype).reshape(*lead, N)
 
 
-def plan_call(x, qw, tiles, kind):
-    """Shapes of a kernel call and its tiles: (K, N, G, gs, pb, lead, x2 [M, K], M, tiles, K blocks)."""
-    K, N, G, gs, pb = check_inputs(x, qw, kernel=True)
-    lead, x2 = x.shape[:-1], x.reshape(-1, K)
-    M = x2.shape[0]
-    tiles = tiles or choose_tiles(M, N, K, pb, kind)
-    nblocks = K // pb
-    if nblocks % tiles.split:
-        raise ValueError(f"split={tiles.split} does not divide the {nblocks} packing blocks")
-    if (nblocks // tiles.split) % tiles.unroll:
-        raise ValueError(f"unroll={tiles.unroll} does not divide the {nblocks // tiles.split} "
-                         "packing blocks of a K range")
-    return K, N, G, gs, pb, lead, x2, M, tiles, nblocks
-
-
 def w4a16_matmul(x, qw, *, backend: str = "auto", tiles: Tiles | None = None):
     """y = x @ dequantize_weight(qw) with f32 accumulation, returned in x.dtype.
 
@@ -333,24 +188,24 @@ def w4a16_matmul(x, qw, *, backend: str = "auto", tiles: Tiles | None = None):
         gemv_tiles = tiles if isinstance(tiles, GemvTiles) else None
         y = w4a16_gemv(x2, qw, tiles=gemv_tiles, interpret=backend == "interpret")
         return y.reshape(*lead, y.shape[-1])
-    K, N, G, gs, pb, lead, x2, M, tiles, nblocks = plan_call(x, qw, tiles, "w4a16")
-    cdt = compute_dtype(x.dtype)
+    plan = plan_call(x, qw, tiles, "w4a16")
+    tiles, cdt = plan.tiles, compute_dtype(x.dtype)
     if tiles.dequant:  # prefill-size M: the dot is compute-bound, so cuBLAS on 16-bit weights wins
         w = dequantize_kernel(qw, cdt, interpret=backend == "interpret")
-        y = jnp.dot(x2.astype(cdt), w, preferred_element_type=jnp.float32, precision=dot_precision(cdt))
-        return y.astype(x.dtype).reshape(*lead, N)
+        y = jnp.dot(plan.x2.astype(cdt), w, preferred_element_type=jnp.float32, precision=dot_precision(cdt))
+        return y.astype(x.dtype).reshape(*plan.lead, plan.N)
     kernel = functools.partial(
         _w4a16_kernel,
-        half=pb // 2,
-        blocks=nblocks // tiles.split,
+        half=plan.pb // 2,
+        blocks=plan.nblocks // tiles.split,
         unroll=tiles.unroll,
-        grouped=G > 1,
-        M=M,
-        N=N,
+        grouped=plan.G > 1,
+        M=plan.M,
+        N=plan.N,
         cdt=cdt,
         swap=tiles.swap,
         bias_dequant=(tiles.bias_dequant or tiles.asm_dequant) and cdt != jnp.float32,
         asm_dequant=tiles.asm_dequant and backend == "triton",
     )
-    y = launch(kernel, x2, qw, tiles, N, K, G, x.dtype, interpret=backend == "interpret")
-    return y.reshape(*lead, N)
+    y = launch(kernel, plan, plan.x2, qw, x.dtype, interpret=backend == "interpret")
+    return y.reshape(*plan.lead, plan.N)

@@ -26,6 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from .common import atomic_add, col_mask, load
 from .packing import weight_layout
 
 MAX_M = 8
@@ -65,16 +66,16 @@ def nibbles_as_f32(p):
     return as_float(p), as_float(p >> 4)
 
 
-def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, half, blocks, grouped, M, N, reduce_each_block, interpret):
-    # x_ref: [M, K] 16-bit activations; w_ref: [K // 2, bn] packed int8; s_ref: [G, bn] f32 scales
-    # o_ref: [M, bn] f32, zeroed; each K range adds its partial sums atomically.
+def _gemv_kernel(
+    x_ref,  # [M, K] 16-bit activations
+    w_ref,  # [K/2, bn] int8: packed nibbles of this program's columns
+    s_ref,  # [G, bn] f32 scales
+    o_ref,  # [M, bn] f32, zeroed: each K range adds its partial sums atomically
+    *, half, blocks, grouped, M, N, reduce_each_block, interpret,
+):
     bn = o_ref.shape[1]
-    cols = pl.program_id(0) * bn + lax.broadcasted_iota(jnp.int32, (1, bn), 1)
-    cmask = None if N % bn == 0 else cols < N
+    cmask = col_mask(bn, N, axis=0)
     first = pl.program_id(1) * blocks
-
-    def load(ref, mask):
-        return ref[...] if mask is None else plt.load(ref, mask=mask, other=0)
 
     def block(b, accs):
         w_lo, w_hi = nibbles_as_f32(load(w_ref.at[pl.ds(b * half, half), :], cmask))
@@ -98,10 +99,7 @@ def _gemv_kernel(x_ref, w_ref, s_ref, o_ref, *, half, blocks, grouped, M, N, red
         acc = accs[m] if reduce_each_block else jnp.sum(accs[m], axis=0, keepdims=True)
         if s_end is not None:
             acc = acc * s_end
-        mask = cmask
-        if interpret and cmask is not None:  # interpret mode's atomic add takes no mask; blocks are padded
-            acc, mask = jnp.where(mask, acc, 0), None
-        plt.atomic_add(o_ref, (pl.ds(m, 1), pl.ds(0, bn)), acc, mask=mask)
+        atomic_add(o_ref, (pl.ds(m, 1), pl.ds(0, bn)), acc, cmask, interpret)
 
 
 def w4a16_gemv(x2, qw, *, tiles: GemvTiles | None = None, interpret: bool = False):

@@ -5,13 +5,10 @@ are both held in int8 and multiplied with the int8 MMA into int32; act_bits=8 (m
 same kernel with qmax 127. The integer dots are exact, so the plain-jnp reference gives the same
 numbers up to the order of the f32 sums over groups.
 
-Activation quantization placement (Tiles.fuse_quant):
-- unfused (the default): quantize_activations runs as one XLA fusion and the kernel reads int8 x
-  and the per-token scales. On the H100 this beat the fused quantizer at every M measured
-  (benchmarks/kernels/README.md), decode sizes included.
-- fused: the matmul quantizes its own x tile in its K loop (per-channel weights: one extra pass
-  over the tile's row of x for the per-token max first), saving a launch and an int8 round trip
-  through HBM at the cost of redoing the quantization in each of the N/bn programs of a row block.
+quantize_activations runs as one XLA fusion before the kernel, which reads int8 x and the
+per-token scales. On the H100 this beat quantizing inside the matmul at every M measured
+(benchmarks/kernels/README.md), decode sizes included; that fused variant (Tiles.fuse_quant) was
+never chosen and is gone since commit 09cc211.
 """
 
 from __future__ import annotations
@@ -20,16 +17,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
+from .common import check_inputs, col_mask, k_loop, launch, load, row_mask, store_tile, unpack_block
 from .packing import resolve_groups, unpack_int4
-from .tiling import Tiles
-from .w4a16 import (
-    check_inputs, col_mask, finish, k_loop, launch, load, plan_call, resolve_backend, row_mask,
-    unpack_block,
-)
+from .tiling import Tiles, plan_call
+from .w4a16 import resolve_backend
 
 
 def _qmax(bits: int) -> int:
@@ -53,51 +46,19 @@ def _act_scale(amax, qmax):
     return jnp.where(s == 0, 1.0, s)  # an all-zero row or group quantizes to zeros
 
 
-def _rn(op: str, a, b):
-    """IEEE round-to-nearest f32 `op` (div or mul) as inline PTX, for the Triton kernel only.
-
-    Triton lowers `/` to the approximate div.full.f32 and may contract a multiply and an add into
-    one FMA; either would move a value sitting at a rounding boundary to the other integer than
-    XLA computes. div.rn / mul.rn are exact IEEE ops that ptxas never contracts.
-    """
-    a, b = jnp.broadcast_arrays(a, b)
-    (out,) = plt.elementwise_inline_asm(
-        f"{op}.rn.f32 $0, $1, $2;",
-        args=[a, b],
-        constraints="=r,r,r",
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
-    )
-    return out
+def _inv_scale(scale):
+    return jnp.ones_like(scale) / scale
 
 
-def _inv_scale(scale, asm=False):
-    one = jnp.ones_like(scale)
-    return _rn("div", one, scale) if asm else one / scale
-
-
-def _rint(t):
-    """Round to the nearest integer, ties to even, as inline PTX (Triton lowers no jnp.round)."""
-    (out,) = plt.elementwise_inline_asm(
-        "cvt.rni.f32.f32 $0, $1;",
-        args=[t],
-        constraints="=r,r",
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(t.shape, jnp.float32)],
-    )
-    return out
-
-
-def _quantize(x, inv, qmax, asm=False):
+def _quantize(x, inv, qmax):
     """clip(round_half_even(x * inv), -qmax, qmax) as int8; inv = 1 / scale (both f32).
 
     Two IEEE f32 operations, a multiply and a rounding, that no compiler can contract: with
     floor(x * inv + 0.5) XLA:GPU fuses the multiply and the add into one FMA, which moves a value
-    sitting at a rounding boundary to the other integer than XLA:CPU computes. Every backend
-    (XLA on CPU or GPU, Triton via inline PTX) therefore produces the same integers.
+    sitting at a rounding boundary to the other integer than XLA:CPU computes. XLA on CPU and on
+    GPU therefore produce the same integers.
     """
-    t = _rn("mul", x, inv) if asm else x * inv
-    return jnp.clip(_rint(t) if asm else jnp.round(t), -qmax, qmax).astype(jnp.int8)
+    return jnp.clip(jnp.round(x * inv), -qmax, qmax).astype(jnp.int8)
 
 
 def quantize_activations(x, group_size: int, bits: int):
@@ -118,65 +79,35 @@ def quantize_activations(x, group_size: int, bits: int):
     return q.reshape(M, K), scales
 
 
-def _w4a4_kernel(*refs, half, blocks, unroll, nblocks, grouped, M, N, qmax, fused, asm, atomic):
-    if fused:
-        x_ref, w_ref, s_ref, o_ref = refs
-    else:
-        x_ref, xs_ref, w_ref, s_ref, o_ref = refs
+def _w4a4_kernel(
+    x_ref,  # [bm, K] int8 quantized activations; rows past M are masked
+    xs_ref,  # [bm, G] f32 activation scales per token per group
+    w_ref,  # [K/2, bn] int8: packed nibbles of this N tile (packing.py)
+    s_ref,  # [G, bn] f32 weight scales
+    o_ref,  # [bm, bn] x's dtype, or this K range's f32 partial sums when split > 1
+    *, half, blocks, unroll, grouped, M, N,
+):
     bm, bn = o_ref.shape
-    rmask, mask = row_mask(bm, M), col_mask(bn, N)
+    rmask, cmask = row_mask(bm, M), col_mask(bn, N)
     first = pl.program_id(2) * blocks
 
-    def x_halves(b):  # rows past M read as 0: scale 1, values 0
+    def block(b, acc):
         k0 = b * 2 * half
-        xl = load(x_ref.at[:, pl.ds(k0, half)], rmask)
-        return xl, load(x_ref.at[:, pl.ds(k0 + half, half)], rmask)
+        xl = load(x_ref.at[:, pl.ds(k0, half)], rmask)  # [bm, half]; rows past M read as 0
+        xh = load(x_ref.at[:, pl.ds(k0 + half, half)], rmask)
+        wl, wh = unpack_block(w_ref, b, half, cmask)  # [half, bn] each
+        d = jnp.dot(xl, wl, preferred_element_type=jnp.int32) + jnp.dot(xh, wh, preferred_element_type=jnp.int32)
+        if not grouped:  # per channel: exact int32 over the whole K range
+            return acc + d
+        a_s = load(xs_ref.at[:, pl.ds(b, 1)], rmask)  # [bm, 1]
+        w_s = load(s_ref.at[pl.ds(b, 1), :], cmask)  # [1, bn]
+        return acc + d.astype(jnp.float32) * (a_s * w_s)
 
-    def idot(a, w):
-        return jnp.dot(a, w, preferred_element_type=jnp.int32)
-
-    if grouped:
-        def block(b, acc):
-            xl, xh = x_halves(b)
-            if fused:
-                xl, xh = xl.astype(jnp.float32), xh.astype(jnp.float32)
-                amax = jnp.maximum(jnp.max(jnp.abs(xl), axis=1), jnp.max(jnp.abs(xh), axis=1))
-                a_s = _act_scale(amax, qmax)[:, None]
-                inv = _inv_scale(a_s, asm)
-                xl, xh = _quantize(xl, inv, qmax, asm), _quantize(xh, inv, qmax, asm)
-            else:
-                a_s = load(xs_ref.at[:, pl.ds(b, 1)], rmask)
-            wl, wh = unpack_block(w_ref, b, half, mask)
-            d = idot(xl, wl) + idot(xh, wh)
-            w_s = load(s_ref.at[pl.ds(b, 1), :], mask)
-            return acc + d.astype(jnp.float32) * (a_s * w_s)
-
-        acc = k_loop(first, blocks, unroll, block, jnp.zeros((bm, bn), jnp.float32))
-    else:
-        if fused:  # per-token max over all of K (not just this split's range)
-            def amax_body(b, m):
-                xl, xh = x_halves(b)
-                m = jnp.maximum(m, jnp.max(jnp.abs(xl.astype(jnp.float32)), axis=1))
-                return jnp.maximum(m, jnp.max(jnp.abs(xh.astype(jnp.float32)), axis=1))
-
-            amax = lax.fori_loop(0, nblocks, amax_body, jnp.zeros((bm,), jnp.float32))
-            a_s = _act_scale(amax, qmax)[:, None]
-            inv = _inv_scale(a_s, asm)
-        else:
-            a_s = load(xs_ref.at[:, pl.ds(0, 1)], rmask)
-
-        def block(b, acc):
-            xl, xh = x_halves(b)
-            if fused:
-                xl = _quantize(xl.astype(jnp.float32), inv, qmax, asm)
-                xh = _quantize(xh.astype(jnp.float32), inv, qmax, asm)
-            wl, wh = unpack_block(w_ref, b, half, mask)
-            return acc + idot(xl, wl) + idot(xh, wh)
-
-        acc = k_loop(first, blocks, unroll, block, jnp.zeros((bm, bn), jnp.int32))
-        # Per channel: int32 over the whole K range, one rescale at the end.
-        acc = acc.astype(jnp.float32) * (a_s * load(s_ref.at[pl.ds(0, 1), :], mask))
-    finish(o_ref, acc, rmask, mask, atomic)
+    acc = k_loop(first, blocks, unroll, block, jnp.zeros((bm, bn), jnp.float32 if grouped else jnp.int32))
+    if not grouped:  # one rescale at the end
+        a_s = load(xs_ref.at[:, pl.ds(0, 1)], rmask)
+        acc = acc.astype(jnp.float32) * (a_s * load(s_ref.at[pl.ds(0, 1), :], cmask))
+    store_tile(o_ref, acc, rmask, cmask)
 
 
 def w4a4_reference(x, qw, act_bits: int = 4):
@@ -213,28 +144,20 @@ def w4a4_matmul(x, qw, *, act_bits: int = 4, backend: str = "auto", tiles: Tiles
     summed in f32; per-channel weights (G = 1) accumulate int32 over all of K and rescale once.
     x: [..., K]; backend and tiles as in w4a16_matmul.
     """
-    qmax = _qmax(act_bits)
+    _qmax(act_bits)  # refuses act_bits other than 4 and 8
     backend = resolve_backend(backend)
     if backend == "reference":
         return w4a4_reference(x, qw, act_bits)
-    K, N, G, gs, pb, lead, x2, M, tiles, nblocks = plan_call(x, qw, tiles, "w4a4")
-    extra = ()
-    if not tiles.fuse_quant:
-        x2, xs = quantize_activations(x2, gs, act_bits)
-        extra = (xs,)
+    plan = plan_call(x, qw, tiles, "w4a4")
+    xq, xs = quantize_activations(plan.x2, plan.gs, act_bits)
     kernel = functools.partial(
         _w4a4_kernel,
-        half=pb // 2,
-        blocks=nblocks // tiles.split,
-        unroll=tiles.unroll,
-        nblocks=nblocks,
-        grouped=G > 1,
-        M=M,
-        N=N,
-        qmax=qmax,
-        fused=tiles.fuse_quant,
-        asm=backend == "triton",
+        half=plan.pb // 2,
+        blocks=plan.nblocks // plan.tiles.split,
+        unroll=plan.tiles.unroll,
+        grouped=plan.G > 1,
+        M=plan.M,
+        N=plan.N,
     )
-    y = launch(kernel, x2, qw, tiles, N, K, G, x.dtype, interpret=backend == "interpret",
-               extra_in=extra)
-    return y.reshape(*lead, N)
+    y = launch(kernel, plan, xq, qw, x.dtype, interpret=backend == "interpret", extra_in=(xs,))
+    return y.reshape(*plan.lead, plan.N)

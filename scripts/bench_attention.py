@@ -8,13 +8,13 @@ tiny fraction of its output back into q. Bytes = what the variant must read (cod
 minimums; bf16 K and V); fraction = bytes / time / the measured memcpy bandwidth. Beside it, jax's
 own `jax.experimental.pallas.ops.gpu.decode_attention.gqa` over the same bf16 KV, and XLA's
 attention (the einsum path of qspec_jax.model.attention). INT8 / INT4 planes are built in the layout
-the hierarchical cache stores (`hierarchical_kv.V_LAYOUT`: value planes transposed).
+the hierarchical cache stores (value planes transposed, `decode_attention.V_LAYOUT`).
 
   python scripts/bench_attention.py --out benchmarks/kv/h200_attention.json     # GPU
   python scripts/bench_attention.py --smoke --out /tmp/att.json                 # CPU, reference
 
 --sweep times our kernel's launch knobs instead (block_k, programs per SM, warps, stages, how codes
-are unpacked, register prefetch; pallas_kernels/decode_attention.py DEFAULTS): a one-factor-at-a-time
+are unpacked; pallas_kernels/decode_attention.py DEFAULTS): a one-factor-at-a-time
 grid around one center per quantized variant plus the current defaults, and a few bf16 cells, every
 config at every context (default batch 16 x 8k and 32k). Each cell records its config, us and
 frac_copy_bw; "best" keeps the fastest config per variant and context and by geometric mean over
@@ -24,29 +24,12 @@ mode on CPU (a path check: its times mean nothing).
   python scripts/bench_attention.py --sweep --out $OUT/attention_sweep.json     # GPU, ~3 min
   python scripts/bench_attention.py --sweep --smoke --out /tmp/sweep.json       # CPU path check
 
---diagnose asks where the quantized kernels' time goes (INT4, a quarter of bf16's bytes, ran about as
-long as bf16 whatever the launch knobs). At batch 16 x 8k and 32k it times, with the current
-DEFAULTS, the full INT4 and INT8 kernels, the same kernels with one stage removed (the `ablate`
-launch knob, a measurement aid with wrong outputs: "no_v" drops V's loads and p @ v; "no_k" drops
-K's dots, unpacking and scale work but keeps K's loads; "no_unpack" feeds the code bytes to the dots
-without nibble extraction), and `swap` (codes as tt.dot's A operand; for INT4 at 8k also swap="k"
-and swap with the "convert" unpacking instead of inline PTX), beside bf16's full kernel. Each cell
-records name, config, us, frac_copy_bw (of the full variant's bytes) and vs_full = us / the full
-kernel's us at the same variant and context: full - ablation is what that stage costs. With --smoke:
-interpret mode on CPU (INT4 cells only), a path check.
-
-  python scripts/bench_attention.py --diagnose --out $OUT/attention_diagnose.json  # GPU, ~90 s
-  python scripts/bench_attention.py --diagnose --smoke --out /tmp/diag.json        # CPU path check
-
---vlayout times the value planes' layout (the `v_layout` argument of decode_attention): INT4 and
-INT8 at batch 16 x 8k and 32k with the current DEFAULTS, value planes stored "channels" ([B, KV, S,
-hd/2], as the hierarchical cache writes them) against "tokens" (transposed, [B, KV, hd/2, S]:
-contiguous along the p @ V reduction axis; same bytes). Synthetic planes: the cache itself is not
-changed. Each cell records name (the layout), config, us, frac_copy_bw and vs_channels = us / the
-"channels" cell's us at the same variant and context. With --smoke: interpret mode on CPU.
-
-  python scripts/bench_attention.py --vlayout --out $OUT/attention_vlayout.json    # GPU, 8 cells, ~40 s
-  python scripts/bench_attention.py --vlayout --smoke --out /tmp/vlayout.json      # CPU path check
+The committed results under benchmarks/kv/ (h200_attention*.json, h200_attention_sweep.json, the
+--diagnose and --vlayout runs) came from this script at commit 09cc211, when the kernel still had the
+measurement-only knobs `prefetch`, `swap`, `ablate` and a "channels" value layout, and this script
+the modes --diagnose (stage ablations, swapped dot operands) and --vlayout (channels vs tokens value
+planes). Those knobs and modes are gone: the measured winners (no prefetch, no swap, "tokens") are the
+kernel's only form. Rerun that commit to reproduce those files.
 """
 
 from __future__ import annotations
@@ -64,17 +47,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pallas_kernels.decode_attention import DEFAULTS, QuantKV, decode_attention  # noqa: E402
+from pallas_kernels.decode_attention import DEFAULTS, V_LAYOUT, QuantKV, decode_attention  # noqa: E402
 from bandwidth import best_copy_bandwidth  # noqa: E402
 from qspec_jax.evaluation import run_metadata  # noqa: E402
-from qspec_jax.hierarchical_kv import V_LAYOUT  # noqa: E402
 from qspec_jax.model import attention as xla_attention  # noqa: E402
 
 H, KV, HD, GROUP = 32, 8, 128, 128
 
 
-def make_kv(key, B, S, variant, v_layout="channels"):
-    """(kv, bytes the variant reads); v_layout "tokens": value planes [B, KV, hd/2, S] (same bytes)."""
+def make_kv(key, B, S, variant):
+    """(kv, bytes the variant reads); quantized value planes are [B, KV, hd/2, S] (V_LAYOUT)."""
     ks = jax.random.split(key, 4)
     if variant in ("bf16", "jax_gqa", "xla"):
         k = jax.random.normal(ks[0], (B, KV, S, HD), jnp.bfloat16)
@@ -83,7 +65,7 @@ def make_kv(key, B, S, variant, v_layout="channels"):
     def plane(k, shape=(B, KV, S, HD // 2)):
         return jax.random.randint(k, shape, 0, 256, jnp.int32).astype(jnp.uint8)
 
-    v_shape = (B, KV, S, HD // 2) if v_layout == "channels" else (B, KV, HD // 2, S)
+    v_shape = (B, KV, HD // 2, S)
     f16 = lambda shape, val: jnp.full(shape, val, jnp.float16)  # noqa: E731
     kv = QuantKV(plane(ks[0]), plane(ks[1]), f16((B, KV, S // GROUP, HD), 0.05), f16((B, KV, S // GROUP, HD), -0.4),
                  plane(ks[2], v_shape), plane(ks[3], v_shape), f16((B, KV, S), 0.05), f16((B, KV, S), -0.4))
@@ -108,14 +90,11 @@ def attend(variant, q, kv, kv_len, **knobs):
 
 
 def time_variant(variant, B, S, iters, repeats, kv=None, knobs=None):
-    """(seconds per call, bytes read) of one variant; kv: (planes, bytes) from make_kv to reuse.
-    Without kv, quantized planes are built in the hierarchical cache's own layout (V_LAYOUT)."""
+    """(seconds per call, bytes read) of one variant; kv: (planes, bytes) from make_kv to reuse."""
     key = jax.random.key(S + B)
     knobs = dict(knobs or {})
     if kv is None:
-        if variant in ("int8", "int4"):
-            knobs.setdefault("v_layout", V_LAYOUT)
-        kv = make_kv(key, B, S, variant, knobs.get("v_layout", "channels"))
+        kv = make_kv(key, B, S, variant)
     kv, nbytes = kv
     q = jax.random.normal(jax.random.fold_in(key, 7), (B, 1, H, HD), jnp.bfloat16)
     kv_len = jnp.full((B,), S, jnp.int32)
@@ -136,13 +115,13 @@ def time_variant(variant, B, S, iters, repeats, kv=None, knobs=None):
     return float(np.median(times)) / iters, nbytes
 
 
-# The sweep: one center per quantized variant (bigger blocks, more programs, PTX unpacking, register
-# prefetch), each knob moved alone from it, two cells that leave latency hiding to Triton's pipeliner,
-# and the current DEFAULTS as the baseline.
-CENTER = dict(block_k=256, programs_per_sm=4, num_warps=4, num_stages=2, unpack="asm", prefetch=True)
+# The sweep: one center per quantized variant (bigger blocks, more programs, PTX unpacking), each
+# knob moved alone from it, one cell with smaller blocks and a deeper pipeline, and the current
+# DEFAULTS as the baseline. (At commit 09cc211 the center also prefetched into registers.)
+CENTER = dict(block_k=256, programs_per_sm=4, num_warps=4, num_stages=2, unpack="asm")
 AXES = [("block_k", (128, 512)), ("programs_per_sm", (2, 8)), ("num_warps", (8,)), ("num_stages", (1, 3)),
-        ("unpack", ("bits", "convert")), ("prefetch", (False,))]
-PIPELINER = [dict(prefetch=False, num_stages=3), dict(prefetch=False, num_stages=3, block_k=128)]
+        ("unpack", ("bits", "convert"))]
+PIPELINER = [dict(num_stages=3, block_k=128)]
 
 
 def sweep_configs(variant):
@@ -177,11 +156,8 @@ def sweep(args, bw, out):
     out["meta"]["sweep"] = {"center": CENTER, "defaults": DEFAULTS}
     for S in contexts:
         for variant in variants:
-            quantized = variant != "bf16"  # quantized planes in the hierarchical cache's layout
-            kv = make_kv(jax.random.key(S + B), B, S, variant, V_LAYOUT if quantized else "channels")
+            kv = make_kv(jax.random.key(S + B), B, S, variant)
             for config in plan[variant]:
-                if quantized:
-                    config = {**config, "v_layout": V_LAYOUT}
                 done += 1
                 label = f"[{done}/{total}] B={B} S={S} {variant} {config}"
                 try:
@@ -200,89 +176,6 @@ def sweep(args, bw, out):
     for variant, best in out.get("best", {}).items():
         print(f"best {variant}: {best}", flush=True)
     return out
-
-
-# --diagnose: (name, change to DEFAULTS[variant]) per quantized variant at every context, then extra
-# swap cells for INT4 at the first context only; bf16's full kernel at every context as the reference
-# (24 cells at two contexts; compiling dominates, ~3 s a cell on the H200).
-DIAGNOSE = [("full", {}), ("no_v", dict(ablate="no_v")), ("no_k", dict(ablate="no_k")),
-            ("no_unpack", dict(ablate="no_unpack")), ("swap", dict(swap=True))]
-DIAGNOSE_FIRST_CONTEXT = [("swap_k", dict(swap="k")), ("swap_convert", dict(swap=True, unpack="convert"))]
-
-
-def diagnose_plan(contexts, variants=("int4", "int8")):
-    """[(context, variant, name, config)]: the cells --diagnose times, in order."""
-    plan = []
-    for i, S in enumerate(contexts):
-        plan.append((S, "bf16", "full", dict(DEFAULTS["bf16"])))
-        for variant in variants:
-            cells = DIAGNOSE + (DIAGNOSE_FIRST_CONTEXT if i == 0 and variant == "int4" else [])
-            plan += [(S, variant, name, {**DEFAULTS[variant], **change}) for name, change in cells]
-    return plan
-
-
-def time_plan(args, bw, out, B, plan, extra, reference):
-    """Time [(context, variant, name, config, kv layout)] cells in order, each also relative to the
-    cell named `reference` at its context and variant (key f"vs_{reference}"); JSON after every cell."""
-    kvs, ref = {}, {}
-    for i, (S, variant, name, config, layout) in enumerate(plan):
-        label = f"[{i + 1}/{len(plan)}] B={B} S={S} {variant} {name}"
-        if (S, variant, layout) not in kvs:
-            kvs.clear()  # one cache at a time
-            kvs[(S, variant, layout)] = make_kv(jax.random.key(S + B), B, S, variant, layout)
-        try:
-            sec, nbytes = time_variant(variant, B, S, args.iters, args.repeats, kv=kvs[(S, variant, layout)],
-                                       knobs={**config, **extra})
-        except Exception as e:  # a cell that does not compile is reported, not fatal
-            print(f"{label}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            continue
-        cell = {"batch": B, "context": S, "variant": variant, "name": name, "config": config, "us": 1e6 * sec,
-                "bytes": nbytes, "frac_copy_bw": nbytes / sec / bw}
-        if name == reference:
-            ref[(S, variant)] = cell["us"]
-        if (S, variant) in ref:
-            cell[f"vs_{reference}"] = cell["us"] / ref[(S, variant)]
-        out["cells"].append(cell)
-        print(f"{label}: {cell['us']:.1f} us, {cell['frac_copy_bw']:.2f} of copy"
-              + (f", {cell[f'vs_{reference}']:.2f}x {reference}" if f"vs_{reference}" in cell else ""), flush=True)
-        write(args.out, out)
-    return out
-
-
-def _plan_settings(args):
-    """Batch, contexts and extra knobs of a --diagnose / --vlayout run (interpret mode with --smoke)."""
-    B = [int(b) for b in args.batches.split(",")][0]
-    contexts = [int(c) for c in args.contexts.split(",")]
-    if args.smoke:  # interpret mode on CPU: the path runs, times mean nothing
-        args.iters, args.repeats = 1, 1
-        return 1, [256], {"backend": "interpret"}
-    return B, contexts, {}
-
-
-def diagnose(args, bw, out):
-    """Time each stage ablation and swap against the full kernel (module docstring)."""
-    B, contexts, extra = _plan_settings(args)
-    plan = diagnose_plan(contexts, ("int4",) if args.smoke else ("int4", "int8"))
-    out["meta"]["diagnose"] = {"defaults": DEFAULTS, "cells": {n: c for n, c in DIAGNOSE + DIAGNOSE_FIRST_CONTEXT}}
-    return time_plan(args, bw, out, B, [(*c, "channels") for c in plan], extra, "full")
-
-
-VLAYOUTS = ("channels", "tokens")
-
-
-def vlayout_plan(contexts, variants=("int4", "int8")):
-    """[(context, variant, v_layout, config)]: the cells --vlayout times, in order."""
-    return [(S, variant, layout, {**DEFAULTS[variant], "v_layout": layout})
-            for S in contexts for variant in variants for layout in VLAYOUTS]
-
-
-def vlayout(args, bw, out):
-    """Time the value planes' "channels" layout against "tokens" (module docstring)."""
-    B, contexts, extra = _plan_settings(args)
-    out["meta"]["vlayout"] = {"defaults": DEFAULTS, "layouts": {
-        "channels": "v planes [B, KV, S, hd/2]", "tokens": "v planes [B, KV, hd/2, S] (transposed)"}}
-    plan = [(S, variant, layout, config, layout) for S, variant, layout, config in vlayout_plan(contexts)]
-    return time_plan(args, bw, out, B, plan, extra, "channels")
 
 
 def best_configs(cells, contexts):
@@ -322,10 +215,6 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time our kernel's launch knobs (module docstring)")
-    ap.add_argument("--diagnose", action="store_true",
-                    help="time stage ablations and swap against the full INT4/INT8 kernels (module docstring)")
-    ap.add_argument("--vlayout", action="store_true",
-                    help="time the value planes' layout, channels vs tokens, for INT4/INT8 (module docstring)")
     ap.add_argument("--configs", help="with --sweep: a JSON list of changes to DEFAULTS (e.g. '[{\"num_warps\": 8}]'), "
                     "timed with the defaults for INT8 and INT4 instead of the built-in grid")
     ap.add_argument("--out", required=True)
@@ -333,17 +222,13 @@ def main(argv=None):
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     variants = args.variants.split(",")
-    if args.smoke and not (args.sweep or args.diagnose or args.vlayout):
+    if args.smoke and not args.sweep:
         batches, contexts, variants, args.iters, args.repeats = [1], [256], ["bf16", "int8", "int4", "xla"], 2, 1
     bw, _ = best_copy_bandwidth(args.smoke)
     out = {"meta": {**run_metadata(), "copy_bytes_per_s": bw, "shape": {"heads": H, "kv_heads": KV, "head_dim": HD},
                     "queries_per_row": 1, "quantized_v_layout": V_LAYOUT, "argv": sys.argv[1:] if argv is None else argv}, "cells": []}
     if args.sweep:
         return sweep(args, bw, out)
-    if args.diagnose:
-        return diagnose(args, bw, out)
-    if args.vlayout:
-        return vlayout(args, bw, out)
     for B in batches:
         for S in contexts:
             for variant in variants:

@@ -19,6 +19,12 @@ relative error vs the reference backend on the same inputs. JSON goes to --out.
   python scripts/bench_kernels.py --out benchmarks/kernels_h100.json           # full (~4 min)
   python scripts/bench_kernels.py --quick --out /tmp/k.json                    # subset
   python scripts/bench_kernels.py --smoke                                      # CPU, tiny, reference
+
+The committed sweeps and probes under benchmarks/kernels/ (h100_tile_sweep.json,
+h100_variant_sweep.json, h100_probe_*.json, runs/kernel_probe.py) came from commit 09cc211, when
+Tiles still had `atomic` (split-K partial sums added atomically) and `fuse_quant` (W4A4 quantizing
+its activations inside the matmul). Neither was ever chosen by choose_tiles and both are gone, so
+--sweep no longer tries them; rerun that commit to reproduce those files.
 """
 
 from __future__ import annotations
@@ -114,21 +120,19 @@ def sweep_tiles(M: int, K: int, N: int, pb: int, kind: str) -> list[Tiles]:
     nblocks = K // pb
     rep = dataclasses.replace
     cands = [auto]
-    for unroll in (1, 2, 4):
-        for atomic in (False, True):
-            cands.append(rep(auto, unroll=unroll, atomic=atomic))
+    cands += [rep(auto, unroll=unroll) for unroll in (1, 2, 4)]
     for split in (2 * auto.split, 4 * auto.split):
-        cands += [rep(auto, split=split, atomic=True), rep(auto, split=split, atomic=True, unroll=2)]
-    cands += [rep(auto, unroll=2, atomic=True, num_stages=st) for st in (2, 5)]
-    cands += [rep(auto, unroll=2, atomic=True, bn=bn) for bn in (64, 256) if bn != auto.bn]
+        cands += [rep(auto, split=split), rep(auto, split=split, unroll=2)]
+    cands += [rep(auto, unroll=2, num_stages=st) for st in (2, 5)]
+    cands += [rep(auto, unroll=2, bn=bn) for bn in (64, 256) if bn != auto.bn]
     if M > 16:
-        cands += [rep(auto, unroll=2, atomic=True, bm=bm, num_warps=8 if bm >= 128 else 4)
+        cands += [rep(auto, unroll=2, bm=bm, num_warps=8 if bm >= 128 else 4)
                   for bm in (16, 32, 64, 128) if bm != auto.bm and bm <= max(16, M)]
     if kind == "w4a16":
-        cands += [rep(auto, swap=True), rep(auto, swap=True, unroll=2, atomic=True)]
+        cands += [rep(auto, swap=True), rep(auto, swap=True, unroll=2)]
         # bit-built dequantization, and gemlite's decode configs (16x64 tiles, deep split-K, 1 stage)
-        cands += [rep(auto, bias_dequant=True), rep(auto, bias_dequant=True, unroll=2, atomic=True)]
-        cands += [rep(auto, bm=16, bn=64, split=s, atomic=True, num_stages=1, bias_dequant=b)
+        cands += [rep(auto, bias_dequant=True), rep(auto, bias_dequant=True, unroll=2)]
+        cands += [rep(auto, bm=16, bn=64, split=s, num_stages=1, bias_dequant=b)
                   for s in (8, 16) for b in (False, True) if M <= 16]
     out = []
     for t in cands:

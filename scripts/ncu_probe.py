@@ -15,15 +15,19 @@ every replay pass: minutes per kernel instead of seconds.)
 
   python scripts/ncu_probe.py --list        # the probes, no GPU needed
 
-Probes: decode attention (bf16, INT8, INT4; INT8/INT4 with value planes in both layouts) at batch
-16 x 8k, and the W4A16 kernels on the gate_up and down projections at M = 1 and 16, beside XLA's dot
-on `jnp.int4`-style weights (dequantized in the graph) at M = 16.
+Probes: decode attention (bf16, INT8, INT4 with the default launch knobs) at batch 16 x 8k, and the
+W4A16 kernels on the gate_up and down projections at M = 1 and 16, beside XLA's dot on
+`jnp.int4`-style weights (dequantized in the graph) at M = 16.
+
+The committed ncu reports (benchmarks/kv/h200_ncu_*.txt) came from this script at commit 09cc211,
+when it also probed INT8/INT4 with "channels" value planes and took --attention-configs (launch-knob
+changes, then including the measurement-only `prefetch` / `swap` / `ablate`); the kernel now has one
+value layout ("tokens") and no such knobs, so both are gone.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -40,24 +44,19 @@ from pallas_kernels import w4a16_matmul  # noqa: E402
 PROJ = {"gate_up": (4096, 2 * 14336), "down": (14336, 4096)}
 
 
-def attention_probes(B=16, S=8192, configs=({},)):
-    """One probe per variant and value layout, and per launch config (changes to DEFAULTS) for the
-    quantized views."""
+def attention_probes(B=16, S=8192):
+    """One probe per attention variant, each with its DEFAULTS launch."""
     out = []
-    cases = [("bf16", "channels", {})] + [(v, layout, c) for v in ("int8", "int4")
-                                          for layout in ("channels", "tokens") for c in configs]
-    for variant, layout, config in cases:
-        def build(variant=variant, layout=layout, config=config):
+    for variant in ("bf16", "int8", "int4"):
+        def build(variant=variant):
             key = jax.random.key(0)
-            kv, _ = make_kv(key, B, S, variant, v_layout=layout)
+            kv, _ = make_kv(key, B, S, variant)
             q = jax.random.normal(jax.random.fold_in(key, 1), (B, 1, H, HD), jnp.bfloat16)
             kv_len = jnp.full((B,), S, jnp.int32)
-            knobs = {} if variant == "bf16" else {"v_layout": layout, **config}
-            fn = jax.jit(lambda q, kv: attend(variant, q, kv, kv_len, **knobs))
+            fn = jax.jit(lambda q, kv: attend(variant, q, kv, kv_len))
             return fn, (q, kv)
 
-        tag = "".join(f"_{k}{v}" for k, v in config.items())
-        out.append((f"attention_{variant}_{layout}_{B}x{S}{tag}", build))
+        out.append((f"attention_{variant}_{B}x{S}", build))
     return out
 
 
@@ -80,11 +79,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=2, help="profiled calls per probe after one warm-up")
     ap.add_argument("--only", default="", help="comma-separated substrings: run only matching probes")
-    ap.add_argument("--attention-configs", default="[{}]",
-                    help="JSON list of launch-knob changes for the quantized attention probes")
     ap.add_argument("--list", action="store_true", help="print the probe names and exit")
     args = ap.parse_args(argv)
-    probes = attention_probes(configs=json.loads(args.attention_configs)) + matmul_probes()
+    probes = attention_probes() + matmul_probes()
     if args.only:
         probes = [(n, b) for n, b in probes if any(s in n for s in args.only.split(","))]
     for name, build in probes:

@@ -228,12 +228,12 @@ def test_w4a16_bf16(rng, backend, dtype, M, K, N, gs):
         (5, 576, 192, 64, Tiles(16, 128, split=9)),  # split-K, masked N edge, one block each
         (33, 512, 200, -1, Tiles(32, 64, split=2)),  # per channel, split-K, masked N edge
         (3, 256, 192, 128, Tiles(16, 64, split=1)),  # split off
-        (5, 1024, 200, 64, Tiles(16, 128, split=4, unroll=2, atomic=True)),  # atomic split-K
-        (33, 512, 192, -1, Tiles(32, 64, split=2, unroll=2, atomic=True)),  # per channel, atomic
+        (5, 1024, 200, 64, Tiles(16, 128, split=4, unroll=2)),  # unrolled split-K
+        (33, 512, 192, -1, Tiles(32, 64, split=2, unroll=2)),  # per channel, unrolled split-K
         (17, 1024, 192, 128, Tiles(16, 64, split=1, unroll=4)),  # unrolled K loop, M edge
-        (40, 576, 200, 64, Tiles(64, 64, split=3, swap=True, atomic=True)),  # transposed product
+        (40, 576, 200, 64, Tiles(64, 64, split=3, swap=True)),  # transposed product
         (9, 512, 192, -1, Tiles(16, 64, split=2, swap=True)),  # transposed, per channel
-        (5, 1024, 200, 64, Tiles(16, 128, split=4, bias_dequant=True, atomic=True)),  # bit-built weights
+        (5, 1024, 200, 64, Tiles(16, 128, split=4, bias_dequant=True)),  # bit-built weights
         (40, 576, 192, -1, Tiles(64, 64, split=3, bias_dequant=True, swap=True)),
         (70, 576, 200, 64, Tiles(16, 128, dequant=True)),  # dequantize + XLA dot, masked N edge
         (9, 512, 1600, -1, Tiles(16, 128, dequant=True)),  # per channel
@@ -301,9 +301,8 @@ def test_activation_ties_round_to_even(rng):
     _, qw = make_weight(rng, 64, 128, 64)
     ref = w4a4_matmul(jnp.asarray(x), qw, act_bits=8, backend="reference")
     for backend in KERNEL_BACKENDS:
-        for fused in (True, False):
-            y = w4a4_matmul(jnp.asarray(x), qw, act_bits=8, backend=backend, tiles=Tiles(16, 128, fuse_quant=fused))
-            assert rel_err(y, np.asarray(ref, np.float64)) < 1e-6, (backend, fused)
+        y = w4a4_matmul(jnp.asarray(x), qw, act_bits=8, backend=backend, tiles=Tiles(16, 128))
+        assert rel_err(y, np.asarray(ref, np.float64)) < 1e-6, backend
 
 
 def test_four_bit_activations_clip_the_largest_values(rng):
@@ -353,15 +352,15 @@ def test_w4a4_matches_float64_and_reference(rng, bits, M, K, N, gs):
 @pytest.mark.parametrize(
     "M,K,N,gs,tiles",
     [
-        (5, 576, 192, 64, Tiles(16, 128, split=3, fuse_quant=False)),
-        (33, 512, 200, -1, Tiles(32, 64, split=4, fuse_quant=True)),
-        (33, 512, 200, -1, Tiles(64, 128, split=1, fuse_quant=False)),
-        (1, 576, 192, -1, Tiles(16, 64, split=9, fuse_quant=True)),
-        (5, 1024, 200, 64, Tiles(16, 128, split=4, unroll=2, atomic=True)),
-        (33, 512, 192, -1, Tiles(32, 64, split=2, unroll=2, atomic=True, fuse_quant=False)),
-        (17, 1024, 192, 128, Tiles(16, 64, split=1, unroll=4, fuse_quant=False)),
+        (5, 576, 192, 64, Tiles(16, 128, split=3)),
+        (33, 512, 200, -1, Tiles(32, 64, split=4)),
+        (33, 512, 200, -1, Tiles(64, 128, split=1)),
+        (1, 576, 192, -1, Tiles(16, 64, split=9)),
+        (5, 1024, 200, 64, Tiles(16, 128, split=4, unroll=2)),
+        (33, 512, 192, -1, Tiles(32, 64, split=2, unroll=2)),
+        (17, 1024, 192, 128, Tiles(16, 64, split=1, unroll=4)),
         (17, 576, 200, 64, Tiles(16, 128, split=3)),
-        (33, 512, 192, -1, Tiles(16, 64, split=2, fuse_quant=False)),
+        (33, 512, 192, -1, Tiles(16, 64, split=2)),
     ],
 )
 def test_w4a4_tile_variants(rng, M, K, N, gs, tiles):
@@ -444,12 +443,10 @@ def test_triton_lowering(verify_triton_modules, kind, K, N, gs, M):
     ]
     on = variants[2]
     unroll = 2 if (nblocks // on.split) % 2 == 0 else 1
-    variants.append(dataclasses.replace(on, atomic=True, unroll=unroll))  # atomic split-K
+    variants.append(dataclasses.replace(on, unroll=unroll))  # unrolled split-K
     if kind == "w4a16":
         variants.append(dataclasses.replace(auto, swap=True))  # transposed product
         variants.append(dataclasses.replace(auto, dequant=True))  # dequantize + XLA dot
-    if kind != "w4a16":
-        variants += [dataclasses.replace(t, fuse_quant=not t.fuse_quant) for t in variants[:2]]
     for dtype in (jnp.bfloat16, jnp.float32) if kind == "w4a16" else (jnp.bfloat16,):
         x = jax.ShapeDtypeStruct((M, K), dtype)
         for tiles in variants:

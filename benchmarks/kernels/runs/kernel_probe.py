@@ -1,5 +1,8 @@
 """What bounds the int4 kernels at decode sizes? (device experiment, run 3)
 
+(A run record: it needs the kernels of commit 09cc211 or earlier, whose Tiles still had `atomic` and
+`fuse_quant`; both are gone since.)
+
 (A `split_loads` kernel option, one load per nibble half, was also probed: h100_probe_3.json. It
 made no difference and was removed from the kernels.)
 
