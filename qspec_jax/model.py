@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from pallas_kernels.int4_mosaic import dequantize_mosaic, is_mosaic_layout, mosaic_matmul
 from qspec_jax.config import LlamaConfig
 from qspec_jax import hierarchical_kv as hkv
 from qspec_jax.kv_cache import HierarchicalKVCache, KVCache, write_layer
@@ -40,8 +41,9 @@ KV_VIEWS = ("int8", "int4")  # how a forward reads a HierarchicalKVCache (ignore
 
 
 def is_quantized(w) -> bool:
-    """A quantized weight is a dict holding int4 `packed` values and `scales`."""
-    return isinstance(w, dict) and "packed" in w
+    """A quantized weight is a dict of int4 values and `scales`: packed for the Triton kernels
+    (`packed`) or laid out for the Mosaic kernels (`w`, see qspec_jax/kernel_choice.py)."""
+    return isinstance(w, dict) and ("packed" in w or "w" in w)
 
 
 def linear(x: jax.Array, w, mode: str) -> jax.Array:
@@ -50,6 +52,10 @@ def linear(x: jax.Array, w, mode: str) -> jax.Array:
         if mode != "bf16":
             raise ValueError(f"mode {mode!r} needs quantized weights: run qspec_jax.quantize first")
         return jnp.dot(x, w.astype(x.dtype))
+    if is_mosaic_layout(w):
+        if mode == "bf16":
+            return jnp.dot(x, dequantize_mosaic(w, x.dtype))
+        return mosaic_matmul(x, w, mode)
     if mode == "bf16":
         return jnp.dot(x, pallas_kernels.dequantize_weight(w).astype(x.dtype))
     if mode == "w4a16":
@@ -66,8 +72,9 @@ def _fuse_layer(layer: dict) -> dict:
         if fused in layer or not all(p in layer for p in parts):
             continue
         ws = [layer.pop(p) for p in parts]
-        if is_quantized(ws[0]):
-            layer[fused] = {k: jnp.concatenate([w[k] for w in ws], axis=-1) for k in ws[0]}
+        if is_quantized(ws[0]):  # outputs are the last axis, but Mosaic's w is [..., N, K]
+            layer[fused] = {k: jnp.concatenate([w[k] for w in ws], axis=-2 if k == "w" else -1)
+                            for k in ws[0]}
         else:
             layer[fused] = jnp.concatenate(ws, axis=-1)
     return layer

@@ -667,7 +667,9 @@ def _model_shape(params: dict, config: LlamaConfig) -> dict:
 
     def width(name):
         w = first.get(name)
-        return None if w is None else int((w["packed"] if isinstance(w, dict) else w).shape[-1])
+        if isinstance(w, dict):  # quantized: packed [K//2, N] or Mosaic-layout w [N, K]
+            return int(w["packed"].shape[-1] if "packed" in w else w["w"].shape[0])
+        return None if w is None else int(w.shape[-1])
 
     kv = 2 * width("wk") if "wk" in first else (width("wqkv") or 0) - config.num_heads * config.head_dim
     return {"embed": tuple(np.shape(params["embed"])), "layers": n, "kv width": kv}

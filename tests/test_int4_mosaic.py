@@ -1,0 +1,148 @@
+"""The Mosaic GPU int4 matmuls (pallas_kernels/int4_mosaic.py) and the weight layout they read.
+
+On CPU the kernels run under Mosaic GPU's interpreter (`plgpu.kernel(..., interpret=...)`), which
+executes the same TMA pipeline, grid, split-K and scale arithmetic, with one difference: its wgmma
+reads A from shared memory, so the converted weights are staged there instead of passed in
+registers (the register path is checked compiled on the GPU: scripts/bench_mosaic.py's check).
+W4A16 is compared with float64 NumPy (bf16 output rounding: ~1.6e-3 relative); W4A8 / W4A4 with
+w4a4_reference, the same exact integer dots summed in another order (f32 output: ~1e-7).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import TEST_SEED
+from pallas_kernels import dequantize_weight, quantize_weight
+from pallas_kernels.int4_mosaic import (
+    MosaicTiles,
+    choose_tiles,
+    from_mosaic_layout,
+    mosaic_matmul,
+    supported,
+    to_mosaic_layout,
+    w4a8_mosaic,
+    w4a16_mosaic,
+)
+from pallas_kernels.w4a4 import w4a4_reference
+from pallas_kernels.w4a16 import w4a16_reference
+from qspec_jax.kernel_choice import arrange_weights, resolve_kernels
+
+BF16_TOL = 6e-3
+F32_TOL = 2e-6
+
+
+def weights(rng, K, N, group):
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    return quantize_weight(w, group)
+
+
+def rel(y, ref):
+    y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+    return np.linalg.norm(y - ref) / np.linalg.norm(ref)
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng([TEST_SEED, abs(hash(request.node.name)) % 2**31])
+
+
+@pytest.mark.parametrize("K,N,M,group,tiles", [
+    (512, 256, 1, 128, MosaicTiles()),
+    (512, 256, 5, 128, MosaicTiles(rows=128, split=2, stages=2)),
+    (256, 128, 9, 64, MosaicTiles(split=2)),
+    (512, 256, 3, -1, MosaicTiles(rows=128, split=4, stages=1)),
+    (256, 192, 20, 128, MosaicTiles(rows=64, stages=3)),
+])
+def test_w4a16_matches_float64(rng, K, N, M, group, tiles):
+    qw = weights(rng, K, N, group)
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+    ref = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(dequantize_weight(qw), np.float64)
+    y = w4a16_mosaic(x, to_mosaic_layout(qw), tiles=tiles, interpret=True)
+    assert y.shape == (M, N) and y.dtype == jnp.bfloat16
+    assert rel(y, ref) < BF16_TOL
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("K,N,M,group,tiles", [
+    (512, 256, 3, 128, MosaicTiles(split=2)),
+    (256, 128, 9, 64, MosaicTiles(rows=128, stages=2)),
+    (512, 128, 2, -1, MosaicTiles(split=4)),
+])
+def test_w4a8_matches_integer_reference(rng, bits, K, N, M, group, tiles):
+    qw = weights(rng, K, N, group)
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+    ref = np.asarray(w4a4_reference(x, qw, act_bits=bits), np.float64)
+    y = w4a8_mosaic(x, to_mosaic_layout(qw), act_bits=bits, tiles=tiles, interpret=True)
+    assert rel(y, ref) < (F32_TOL if tiles.split > 1 else BF16_TOL)  # split 1 writes bf16
+
+
+@pytest.mark.parametrize("group", [128, 64, -1])
+def test_layout_round_trip(rng, group):
+    qw = weights(rng, 256, 192, group)
+    mw = to_mosaic_layout(qw)
+    assert mw["w"].shape == (192, 256) and mw["w"].dtype == jnp.int4
+    back = from_mosaic_layout(mw)
+    for k in qw:
+        np.testing.assert_array_equal(np.asarray(back[k]), np.asarray(qw[k]))
+
+
+@pytest.mark.parametrize("mode", ["w4a16", "w4a8", "w4a4"])
+def test_mosaic_matmul_falls_back_to_the_same_math(rng, mode):
+    """On CPU (and above 256 rows) mosaic_matmul runs XLA math equal to the packed references."""
+    qw = weights(rng, 256, 128, 64)
+    x = jnp.asarray(rng.standard_normal((2, 3, 256)), jnp.float32)
+    y = mosaic_matmul(x, to_mosaic_layout(qw), mode)
+    ref = w4a16_reference(x, qw) if mode == "w4a16" else w4a4_reference(x, qw, int(mode[-1]))
+    assert y.shape == (2, 3, 128)
+    assert rel(y, np.asarray(ref, np.float64)) < F32_TOL
+
+
+def test_mosaic_matmul_interpreted_kernel(rng):
+    qw = weights(rng, 256, 128, 64)
+    x = jnp.asarray(rng.standard_normal((4, 256)), jnp.bfloat16)
+    ref = np.asarray(w4a16_reference(x.astype(jnp.float32), qw), np.float64)
+    assert rel(mosaic_matmul(x, to_mosaic_layout(qw), "w4a16", interpret=True), ref) < BF16_TOL
+
+
+@pytest.mark.parametrize("K,N", [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096),
+                                 (576, 960), (1536, 576)])
+def test_chosen_tiles_are_supported(K, N):
+    G = K // (128 if K % 128 == 0 else 64)
+    for M in (1, 2, 7, 16, 33, 64, 100, 128, 256):
+        for x_bytes in (1, 2):
+            assert supported(M, N, K, G, choose_tiles(M, N, K, G, x_bytes), x_bytes) is None
+
+
+def test_bad_inputs():
+    qw = quantize_weight(np.ones((256, 128), np.float32), 64)
+    mw = to_mosaic_layout(qw)
+    with pytest.raises(ValueError, match="rows"):
+        w4a16_mosaic(jnp.ones((2, 256), jnp.bfloat16), mw, tiles=MosaicTiles(rows=96), interpret=True)
+    with pytest.raises(ValueError, match="1..256"):
+        w4a16_mosaic(jnp.ones((300, 256), jnp.bfloat16), mw, interpret=True)
+    with pytest.raises(ValueError, match="kernels must be"):
+        resolve_kernels("cuda")
+    with pytest.raises(ValueError, match="Mosaic layout"):
+        arrange_weights({"w": mw}, "triton")
+
+
+def test_model_on_mosaic_weights_matches_packed(tiny_float_and_int4):
+    """forward on weights arranged for the Mosaic kernels equals forward on the packed pytree."""
+    from qspec_jax.config import get_preset
+    from qspec_jax.kv_cache import KVCache
+    from qspec_jax.model import forward, fuse_projections, unstack_layers
+
+    config = get_preset("tiny")
+    packed = unstack_layers(fuse_projections(tiny_float_and_int4[1]))
+    mosaic = arrange_weights(packed, "mosaic")
+    tokens = jax.random.randint(jax.random.key(TEST_SEED), (2, 7), 0, config.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    for mode in ("w4a16", "w4a8", "bf16"):
+        outs = []
+        for params in (packed, mosaic):
+            cache = KVCache.create(config, 2, 16, jnp.float32)
+            logits = forward(params, tokens, positions, cache, config=config, mode=mode)[0]
+            outs.append(np.asarray(logits, np.float64))
+        assert rel(outs[1], outs[0]) < 1e-5, mode
