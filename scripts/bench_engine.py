@@ -46,6 +46,7 @@ from qspec_jax.config import get_preset  # noqa: E402
 from bandwidth import best_copy_bandwidth  # noqa: E402
 from qspec_jax.evaluation import run_metadata  # noqa: E402
 from qspec_jax.kv_cache import KVCache  # noqa: E402
+from qspec_jax.kernel_choice import arrange_weights  # noqa: E402
 from qspec_jax.model import forward, fuse_projections, unstack_layers  # noqa: E402
 
 DATASHEET_BPS = {"H200": 4.8e12, "H100": 3.35e12}
@@ -200,12 +201,18 @@ def step_cells(args, copy_bps):
     cells = []
     max_len, ctx, steps = args.context + 64, args.context, 16
     runs = [(m, v) for m in args.modes for v in (args.step_variants if m == "w4a16" else ["default"])]
+    # the quantized modes once per kernel family (qspec_jax/kernel_choice.py): mode "w4a16_mosaic" etc.
+    runs = [(m, v, k) for m, v in runs for k in (args.kernels if m != "bf16" else ["triton"])]
+    arranged = {k: arrange_weights(qparams, k) for k in args.kernels}
+    jax.block_until_ready(arranged)
     for batch in args.batches:
-        for mode, variant in runs:
+        for mode, variant, kernels in runs:
+            if batch > 16 and (mode == "bf16" or kernels != "mosaic"):
+                continue  # large batches: the Mosaic draft-vs-verify pair only
             # variants of the W4A16 dispatch (read by choose_tiles / w4a16_matmul at trace time)
             tiling.ASM_DEQUANT = variant in ("asm", "asm_mma1")
             tiling.GEMV_MAX_M = 0 if variant == "asm_mma1" else 1
-            params = fparams if mode == "bf16" else qparams
+            params = fparams if mode == "bf16" else arranged[kernels]
             prog = step_program(config, mode, batch, max_len, ctx, steps)
             cache = KVCache.create(config, batch, max_len, jnp.bfloat16)
             tok = jnp.zeros((batch,), jnp.int32) + 3
@@ -219,18 +226,22 @@ def step_cells(args, copy_bps):
                 cache, _ = jax.block_until_ready(compiled(params, cache, tok))
                 times.append(time.perf_counter() - t0)
             step_s = float(np.median(times)) / steps
-            leaves = jax.tree.leaves({k: v for k, v in params.items() if k != "embed"})
-            wbytes = sum(x.nbytes for x in leaves) + (0 if "lm_head" in params else params["embed"].nbytes)
+            # bytes from the packed layout: the same bytes, and jnp.int4's nbytes counts a byte per value
+            counted = fparams if mode == "bf16" else qparams
+            leaves = jax.tree.leaves({k: v for k, v in counted.items() if k != "embed"})
+            wbytes = sum(x.nbytes for x in leaves) + (0 if "lm_head" in counted else counted["embed"].nbytes)
             kv_read = 2 * config.num_layers * batch * config.num_kv_heads * ctx * config.head_dim * 2
             floor = (wbytes + kv_read) / copy_bps
-            cell = {"batch": batch, "mode": mode if variant == "default" else f"{mode}_{variant}", "step_ms": 1e3 * step_s, "compile_s": compile_s,
+            label = mode if variant == "default" else f"{mode}_{variant}"
+            label = label if kernels == "triton" or mode == "bf16" else f"{label}_{kernels}"
+            cell = {"batch": batch, "mode": label, "step_ms": 1e3 * step_s, "compile_s": compile_s,
                     "weight_bytes": wbytes, "kv_bytes_read": kv_read, "floor_ms": 1e3 * floor,
                     "over_floor": step_s / floor, "tokens_per_s": batch / step_s}
             cells.append(cell)
             print(f"step B={batch} {cell['mode']}: {1e3 * step_s:.2f} ms (floor {1e3 * floor:.2f}, "
                   f"{step_s / floor:.2f}x), compile {compile_s:.0f} s", flush=True)
             del cache, compiled
-        if torch_available():
+        if torch_available() and batch <= 16:
             import torch_peer
 
             for kind in ("tinygemm", "cublas_bf16"):
@@ -287,6 +298,7 @@ def main(argv=None):
     ap.add_argument("--step-variants", default="default",
                     help="W4A16 dispatch variants in the step: default, asm (inline-PTX conversion), "
                          "asm_mma1 (asm, and the tensor-core kernel at M = 1 too)")
+    ap.add_argument("--kernels", default="triton", help="int4 kernel families of the step, e.g. triton,mosaic")
     ap.add_argument("--context", type=int, default=456, help="KV positions attention reads in the step")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--iters", type=int, default=60)
@@ -308,6 +320,7 @@ def main(argv=None):
     args.modes = args.modes.split(",")
     args.methods = args.methods.split(",")
     args.step_variants = args.step_variants.split(",")
+    args.kernels = args.kernels.split(",")
     NO_PEERS[0] = args.no_peers
     rotate = 256 * 2**20
     if args.smoke:
