@@ -41,12 +41,17 @@ class MosaicTiles:
 
     rows: output channels per program (a multiple of 64: the A operand's rows);
     split: number of K ranges (divides the number of pipeline steps, one weight group each);
-    stages: pipeline depth (TMA loads in flight per program).
+    stages: pipeline depth (TMA loads in flight per program);
+    scale_in_a: W4A16 only: multiply the group scales onto the converted weights (bf16, like
+      Marlin) and accumulate every step into one wgmma accumulator, the next step's conversion
+      overlapping the previous MMA (one wgmma in flight), instead of one accumulator per step
+      read back and scaled in f32 (exact, but it waits for each MMA).
     """
 
     rows: int = 64
     split: int = 1
     stages: int = 4
+    scale_in_a: bool = False
 
 
 def is_mosaic_layout(w) -> bool:
@@ -135,6 +140,7 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, probe: st
         scales = jnp.broadcast_to(scales, (steps_total, N))
     tm = token_tile(M)
     rows, split, stages = tiles.rows, tiles.split, tiles.stages
+    scale_in_a = tiles.scale_in_a and not int8
     steps = steps_total // split  # pipeline steps per program
     if M < tm:  # padded tokens are zeros (and scale 1): their outputs are dropped below
         x = jnp.pad(x, ((0, tm - M), (0, 0)))
@@ -177,12 +183,9 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, probe: st
                 part = part * lax.broadcast_in_dim(xs_smem[0][0], (rows, tm), [1])
             return acc + part
 
-        acc0 = jnp.zeros((rows, tm), jnp.float32)
-        if not interpret:  # the interpreter has no layouts
-            acc0 = plgpu.layout_cast(acc0, plgpu.Layout.WGMMA)
         in_specs = [
             plgpu.BlockSpec((rows, tk), lambda k: (0, k), transforms=_swizzled(tk // 2, 4, "lhs")),
-            plgpu.BlockSpec((tm, tk), lambda k: (0, k),
+            plgpu.BlockSpec((tm, tk), lambda k: (0, k), delay_release=int(scale_in_a),
                             transforms=_swizzled(tk * (1 if int8 else 2), 8 if int8 else 16, "rhs")),
             plgpu.BlockSpec((1, rows), lambda k: (k, 0)),
         ]
@@ -190,9 +193,34 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, probe: st
         if int8:
             in_specs.append(plgpu.BlockSpec((1, tm), lambda k: (k, 0)))
             operands.append(xs_gmem.at[step_range, :])
-        acc = plgpu.emit_pipeline(
-            step, grid=(steps,), in_specs=in_specs, max_concurrent_steps=stages, init_carry=acc0,
-        )(*operands)
+        if scale_in_a:
+            def scaled_step(_, w_smem, x_smem, s_smem, acc_ref):
+                # the group's scales on the converted weights: bf16 [rows, tk], one accumulator
+                w_reg = w_smem[...].astype(jnp.bfloat16) * lax.broadcast_in_dim(
+                    s_smem[0].astype(jnp.bfloat16), (rows, tk), [0])
+                if a_smem is None:
+                    plgpu.wgmma(acc_ref, w_reg, plgpu.transpose_ref(x_smem, (1, 0)))
+                else:  # interpreter: A and B staged through SMEM
+                    a_smem[...] = w_reg
+                    b_smem[...] = x_smem[...].T
+                    plgpu.wgmma(acc_ref, a_smem, b_smem)
+                plgpu.wgmma_wait(1)  # keep one MMA in flight; its x slot is released a step late
+                return acc_ref
+
+            def accumulate(acc_ref):
+                plgpu.emit_pipeline(scaled_step, grid=(steps,), in_specs=in_specs,
+                                    max_concurrent_steps=stages, init_carry=acc_ref)(*operands)
+                plgpu.wgmma_wait(0)
+                return acc_ref[...]
+
+            acc = pl.run_scoped(accumulate, plgpu.ACC((rows, tm), jnp.float32))
+        else:
+            acc0 = jnp.zeros((rows, tm), jnp.float32)
+            if not interpret:  # the interpreter has no layouts
+                acc0 = plgpu.layout_cast(acc0, plgpu.Layout.WGMMA)
+            acc = plgpu.emit_pipeline(
+                step, grid=(steps,), in_specs=in_specs, max_concurrent_steps=stages, init_carry=acc0,
+            )(*operands)
         out_smem[...] = acc.astype(out_smem.dtype)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[s_idx, n_rows])

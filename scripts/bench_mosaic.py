@@ -121,6 +121,8 @@ def configs(K, N, M, x_bytes=2):
              dataclasses.replace(base, rows=128), dataclasses.replace(base, stages=base.stages + 2)]
     if base.split > 1:
         cands.insert(1, dataclasses.replace(base, split=base.split // 2))
+    if x_bytes == 2:  # W4A16: the scales-on-weights body, at the rule's tiles and twice the split
+        cands += [dataclasses.replace(t, scale_in_a=True) for t in cands[:2]]
     out = []
     for t in cands:
         if t not in out and not supported(M, N, K, K // GROUP, t, x_bytes):
