@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from qspec_jax import conversion_cache
 from qspec_jax.config import PRESETS, LlamaConfig, get_preset
 from qspec_jax.gguf_format import (  # noqa: F401 (public names)
-    SMOLLM2_GGUF, load_gguf, read_gguf, read_gguf_metadata, smollm2_gguf_path, unpermute_qk)
+    SMOLLM2_GGUF, load_gguf, load_gguf_config, read_gguf, read_gguf_metadata, smollm2_gguf_path, unpermute_qk)
 from qspec_jax.hf_format import load_hf_config, load_hf_dir  # noqa: F401
 from qspec_jax.layout import (  # noqa: F401
     LAYER_KEYS, cast_floats, check_shapes, is_plain_params, param_shapes, random_params)
@@ -64,6 +64,25 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype=jnp.float32,
     if name.endswith(".gguf") or magic == b"GGUF":
         return load_gguf(name, dtype)
     raise ValueError(f"{name}: unsupported checkpoint file (expected a .gguf file or a directory)")
+
+
+def load_config(name_or_path: str) -> Optional[LlamaConfig]:
+    """The config of a model, read without its weights (None for a `save_params` directory, whose
+    pytree may already be quantized). Errors as `load_model`'s for missing or unreadable sources."""
+    name = os.fspath(name_or_path)
+    if name == DEFAULT_MODEL:
+        return load_gguf_config(smollm2_gguf_path())
+    if name in PRESETS:
+        return get_preset(name)
+    if os.path.isdir(name):
+        if os.path.isfile(os.path.join(name, "config.json")):
+            return load_hf_config(name)
+        return None if is_saved_params(name) else load_model(name)[0]  # load_model words the error
+    if os.path.isfile(name):
+        with open(name, "rb") as f:
+            if name.endswith(".gguf") or f.read(4) == b"GGUF":
+                return load_gguf_config(name)
+    return load_model(name)[0]  # a missing path or unsupported file: load_model's error
 
 
 def model_source(name_or_path: str) -> Optional[str]:

@@ -18,7 +18,9 @@ what they were made from, verified when read, written atomically, shared safely 
 - Atomic writes: an entry is written to `<key>.tmp-<pid>-<thread>` beside it and renamed into place
   complete, manifest included; a crash leaves only a tmp folder, removed by the next writer.
 - Concurrency: `cache_dir/<name>/<key>.lock` is held (fcntl.flock) while an entry is checked or
-  built, so a second run of the same conversion waits and then reads the first one's entry.
+  built, so a second run of the same conversion waits (saying so on stderr) and then reads the first
+  one's entry. A conversion that fails, or is abandoned (`abandon`, on Ctrl-C), leaves no lock file,
+  tmp folder or empty folder behind.
 """
 
 from __future__ import annotations
@@ -241,20 +243,62 @@ def verify_entry(directory: str, key: str) -> Optional[str]:
 # --------------------------------------------------------------------------- locking, quiet orbax
 
 
+_held: set = set()  # lock files this process holds, and tmp folders it is writing (for `abandon`)
+_writing: set = set()
+_warned: set = set()  # cache roots already reported unwritable
+
+
 @contextlib.contextmanager
-def _locked(path: str):
-    """Exclusive flock on `path` (created if needed); yields False when it cannot be created."""
+def _locked(path: str, on_wait: Optional[Callable[[], None]] = None):
+    """Exclusive flock on `path` (created if needed); yields False when it cannot be created.
+    `on_wait()` is called once if another holder makes us wait. A holder that failed removes the
+    file while holding it: a waiter that then gets the removed file's lock takes the new file's."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            yield False
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+                on_wait = None
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    _held.add(path)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        yield False
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield True
     finally:
+        _held.discard(path)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _remove_lock(lock: str, folder: str) -> None:
+    """Remove a lock file we hold, unless its entry exists, and its folder if that is now empty."""
+    if os.path.isdir(lock[: -len(".lock")]):
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(lock)
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)  # fails unless empty
+
+
+def abandon() -> None:
+    """Clean up after conversions this process is abandoning (Ctrl-C, right before exiting): remove
+    their tmp folders and, where no entry was made, their lock files. Their flocks go with the process."""
+    for tmp in list(_writing):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for lock in list(_held):
+        _remove_lock(lock, os.path.dirname(lock))
 
 
 _quiet_lock = threading.Lock()
@@ -302,8 +346,9 @@ def load_or_convert(cache_dir: Optional[str], name: str, fields: dict,
 
     `name` is a readable folder name (e.g. "smollm2-135m-int4-gauto-rot"); `fields` a JSON-able
     dict of everything the result depends on. `on_convert(entry_path)` is called before a
-    conversion starts (to tell the user). A damaged entry is reported in one warning line and
-    replaced; an unwritable cache is reported in one line and the conversion returned anyway.
+    conversion starts (to tell the user; None when the result will not be cached). A damaged entry
+    is reported in one warning line and replaced; an unwritable cache is reported in one line (once
+    per process) and the conversion returned anyway. A failed conversion leaves nothing behind.
     """
     from qspec_jax import store
 
@@ -314,11 +359,18 @@ def load_or_convert(cache_dir: Optional[str], name: str, fields: dict,
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        warn(f"conversion cache {root} is not writable ({e}); converting without caching")
+        if root not in _warned:
+            _warned.add(root)
+            warn(f"conversion cache {root} is not writable ({e}); converting without caching")
         if on_convert:
-            on_convert(entry)
+            on_convert(None)
         return convert()
-    with _locked(entry + ".lock") as have_lock:
+
+    def waiting():
+        print(f"waiting: another process holds {entry}.lock (it is converting or checking this entry)",
+              file=sys.stderr, flush=True)
+
+    with _locked(entry + ".lock", on_wait=waiting) as have_lock:
         if os.path.isdir(entry):
             problem = verify_entry(entry, key)
             if problem is None:
@@ -331,8 +383,13 @@ def load_or_convert(cache_dir: Optional[str], name: str, fields: dict,
             if have_lock:
                 shutil.rmtree(entry, ignore_errors=True)
         if on_convert:
-            on_convert(entry)
-        config, tree = convert()
+            on_convert(entry if have_lock else None)
+        try:
+            config, tree = convert()
+        except BaseException:  # an error or Ctrl-C: no lock file or empty folder stays behind
+            if have_lock:
+                _remove_lock(entry + ".lock", folder)
+            raise
         if not have_lock:
             warn(f"cannot lock {entry}.lock; the conversion is not cached")
             return config, tree
@@ -340,6 +397,7 @@ def load_or_convert(cache_dir: Optional[str], name: str, fields: dict,
             if stale.startswith(key + ".tmp-"):
                 shutil.rmtree(os.path.join(folder, stale), ignore_errors=True)
         tmp = f"{entry}.{_tmp_suffix()}"
+        _writing.add(tmp)
         try:
             with quiet_orbax():
                 store.save_params(tree, tmp, config, metadata={"cache_key": key, "fields": fields})
@@ -350,4 +408,11 @@ def load_or_convert(cache_dir: Optional[str], name: str, fields: dict,
         except Exception as e:  # a full or read-only disk: the run goes on, uncached
             warn(f"could not write the conversion cache {entry} ({type(e).__name__}: {e})")
             shutil.rmtree(tmp, ignore_errors=True)
+            _remove_lock(entry + ".lock", folder)
+        except BaseException:  # Ctrl-C while writing
+            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_lock(entry + ".lock", folder)
+            raise
+        finally:
+            _writing.discard(tmp)
         return config, tree

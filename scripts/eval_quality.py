@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from qspec_jax import datasets, speculative  # noqa: E402
 from qspec_jax.evaluation import next_token_nll, perplexity, run_metadata, tokenize_texts  # noqa: E402
-from qspec_jax.generate import CALIBRATION_TOKENS, load_params, weight_rounding  # noqa: E402
+from qspec_jax.loading import CALIBRATION_TOKENS, load_params, weight_rounding  # noqa: E402
 
 # SmolLM2 is an instruct model: asked through its chat template, it answers with a code block.
 INSTRUCTION = "Complete the following Python function. Reply with the whole function in one ```python code block.\n\n"
@@ -120,7 +120,7 @@ def main():
         _, qparams = load_params(args.model, quantized=True, calibration_tokens=args.calibration_tokens)
         tok = load_tokenizer(args.model)
         problems = datasets.humaneval_problems(args.humaneval)
-        from qspec_jax.generate import encode_prompts
+        from qspec_jax.loading import encode_prompts
 
         prompts = encode_prompts(tok, [humaneval_request(p) for p in problems], chat=True)
         ppl_tokens, ppl_mask = tokenize_texts(tok, datasets.sharegpt_texts(args.sharegpt), args.ppl_len, config.bos_token_id)

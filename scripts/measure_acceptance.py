@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from qspec_jax import datasets, speculative  # noqa: E402
 from qspec_jax.evaluation import git_commit  # noqa: E402
-from qspec_jax.generate import CALIBRATION_TOKENS, encode_prompts, load_params, weight_rounding  # noqa: E402
+from qspec_jax.loading import CALIBRATION_TOKENS, encode_prompts, load_params, weight_rounding  # noqa: E402
 
 
 def build_batch(args):

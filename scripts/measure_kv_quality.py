@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from qspec_jax import datasets, speculative  # noqa: E402
 from qspec_jax.evaluation import run_metadata, tokenize_texts  # noqa: E402
-from qspec_jax.generate import encode_prompts  # noqa: E402
+from qspec_jax.loading import encode_prompts  # noqa: E402
 from qspec_jax.kv_cache import HierarchicalKVCache, KVCache, flush  # noqa: E402
 from qspec_jax.model import forward, unstack_layers  # noqa: E402
 
@@ -163,7 +163,7 @@ def main():
         args.extra_gammas = "2"
         weights, long_records = "round to nearest", []
     else:
-        from qspec_jax.generate import CALIBRATION_ROW, CALIBRATION_TOKENS, load_params, weight_rounding
+        from qspec_jax.loading import CALIBRATION_ROW, CALIBRATION_TOKENS, load_params, weight_rounding
         from qspec_jax.tokenizer import load_tokenizer
 
         calib = CALIBRATION_TOKENS if args.calibration_tokens is None else args.calibration_tokens

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from qspec_jax import checkpoint  # noqa: E402
 from qspec_jax.datasets import humaneval_texts, sharegpt_texts  # noqa: E402
 from qspec_jax.evaluation import git_commit, next_token_nll, tokenize_texts  # noqa: E402
-from qspec_jax.generate import CALIBRATION_TOKENS, calibration_batch  # noqa: E402
+from qspec_jax.loading import CALIBRATION_TOKENS, calibration_batch  # noqa: E402
 from qspec_jax.quantize import quantize_params, rotate_params  # noqa: E402
 from qspec_jax.tokenizer import load_tokenizer  # noqa: E402
 

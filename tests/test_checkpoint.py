@@ -21,7 +21,7 @@ GGUF_NAMES = {  # HF name inside model.layers.N. -> GGUF name inside blk.N.
     "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.down_proj.weight": "ffn_down.weight", "self_attn.q_proj.bias": "attn_q.bias",
 }
 
 
@@ -336,6 +336,25 @@ def test_missing_and_unexpected_tensors(tmp_path):
     path = write_hf_dir(tmp_path / "b", TINY_HF_CONFIG, tensors)
     with pytest.raises(ValueError, match="unexpected tensors.*q_proj.bias"):
         checkpoint.load_hf_dir(path)
+
+
+def test_gguf_with_tensors_the_model_does_not_compute(tmp_path):
+    """A GGUF carrying q-projection biases, or more blocks than its block_count, is refused in one
+    line naming the tensors (the model would silently run without them), as the HF loader does."""
+    import dataclasses
+
+    config = dataclasses.replace(TINY_HF_CONFIG, rope_scaling=None)
+    tensors = random_hf_weights(config)
+    write_tiny_gguf(tmp_path / "ok.gguf", config, tensors)
+    assert checkpoint.load_gguf(tmp_path / "ok.gguf")[0].num_layers == 2  # the same file without extras loads
+    biased = dict(tensors, **{f"model.layers.{i}.self_attn.q_proj.bias": np.ones(64, np.float32) for i in range(2)})
+    write_tiny_gguf(tmp_path / "bias.gguf", config, biased)
+    with pytest.raises(ValueError, match=r"bias.gguf: unexpected tensors .*: blk.0.attn_q.bias, blk.1.attn_q.bias$"):
+        checkpoint.load_gguf(tmp_path / "bias.gguf")
+    deeper = random_hf_weights(dataclasses.replace(config, num_layers=3))  # block 2 beyond block_count 2
+    write_tiny_gguf(tmp_path / "deep.gguf", config, deeper)
+    with pytest.raises(ValueError, match=r"deep.gguf: unexpected tensors .*: blk.2.attn_k.weight, .*blk.2.ffn_norm.weight \(and 1 more\)$"):
+        checkpoint.load_model(str(tmp_path / "deep.gguf"))
 
 
 def test_shape_mismatch_names_the_tensor(tmp_path):

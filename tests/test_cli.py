@@ -114,6 +114,96 @@ def test_options_a_mode_does_not_use_are_not_errors(argv):
     validate_args(parse_args(argv))
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-0.5"])
+def test_temperature_must_be_a_finite_number(capsys, tmp_path, no_weights, value):
+    """nan once ran greedy and inf sampled noise at "acceptance 1.00": both are refused."""
+    code, _, err = run_cli(capsys, "--prompt", "hi", f"--temperature={value}", "--cache-dir", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: --temperature must be a finite number >= 0") and value.lstrip("-") in err
+    validate_args(parse_args(["--temperature", "1e-3"]))  # a small finite temperature stays allowed
+
+
+def test_a_long_prompt_gets_no_transformers_warning(caplog, smollm2_tokenizer):
+    """Encoding a prompt longer than the model's context logs nothing: the generation's own error
+    follows. The same encode straight through transformers warns (the check can fail)."""
+    from qspec_jax.loading import encode_prompts
+    from qspec_jax.tokenizer import load_tokenizer
+
+    long_text = "word " * (smollm2_tokenizer.model_max_length + 10)
+    for chat in (False, True):
+        caplog.clear()
+        ids = encode_prompts(load_tokenizer("smollm2-135m"), [long_text], chat=chat)
+        assert len(ids[0]) > smollm2_tokenizer.model_max_length and caplog.records == []
+    load_tokenizer("smollm2-135m").encode(long_text)  # a fresh tokenizer: its warning is not spent yet
+    assert "Token indices sequence length is longer" in caplog.text
+
+
+def test_json_summary_holds_plain_numbers():
+    """--json's batch summary and stats are plain Python numbers: no np.float64(...) in their repr."""
+    import numpy as np
+
+    summary = {"acceptance_rate": np.float64(0.5), "at": np.arange(3), "nested": {"n": np.int64(4)}, "none": None}
+    plain = generate._plain(summary)
+    assert plain == {"acceptance_rate": 0.5, "at": [0, 1, 2], "nested": {"n": 4}, "none": None}
+    assert "np." not in repr(plain) and type(plain["nested"]["n"]) is int
+    assert "np." in repr(summary)  # the check can fail
+
+
+_INTERRUPTED = """
+import sys, time
+sys.path.insert(0, {root!r})
+from qspec_jax import generate, quantize, tokenizer
+
+class Tok:
+    chat_template = None
+    def encode(self, text): return [5, 6, 7]
+    def decode(self, ids, skip_special_tokens=True): return ""
+
+def slow(*a, **k):
+    print("quantizing", file=sys.stderr, flush=True)
+    time.sleep(600)
+
+tokenizer.load_tokenizer = lambda model: Tok()
+quantize.quantize_params = slow
+sys.exit(generate.main(["--prompt", "hi", "--model", {path!r}, "--cache-dir", {cache!r}, "--calibration-tokens", "0"]))
+"""
+
+
+def test_ctrl_c_during_conversion_stops_at_once_with_one_line(tmp_path):
+    """SIGINT while the conversion runs (here: a sleep standing in for a long compiled call): exit 130
+    within seconds, one line, no traceback, and no lock file or tmp folder left in the cache."""
+    import dataclasses
+    import signal
+    import time
+
+    from conftest import TINY_HF_CONFIG, random_hf_weights
+    from test_checkpoint import write_tiny_gguf
+
+    config = dataclasses.replace(TINY_HF_CONFIG, rope_scaling=None)
+    path, cache = str(tmp_path / "model.gguf"), str(tmp_path / "cache")
+    write_tiny_gguf(path, config, random_hf_weights(config))
+    code = _INTERRUPTED.format(root=ROOT, path=path, cache=cache)
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    lines = []
+    for line in proc.stderr:
+        lines.append(line.rstrip("\n"))
+        if line.strip() == "quantizing":
+            break
+    else:
+        proc.wait(30)
+        pytest.fail(f"the conversion never started: {lines}")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(60) == 130 and time.monotonic() - t0 < 10, rest
+    tail = [line for line in rest.splitlines() if line.strip()]
+    assert tail == ["interrupted (Ctrl-C)"], rest
+    assert lines[0].startswith("converting model.gguf to int4 (once; cached in "), lines
+    left = [os.path.relpath(os.path.join(r, n), cache) for r, ds, ns in os.walk(cache) for n in ns + ds]
+    assert [f for f in left if not f.startswith("sources")] == [], left
+
+
 def test_top_p_is_checked_when_sampling():
     with pytest.raises(ValueError, match="--top-p"):
         validate_args(parse_args(["--temperature", "0.7", "--top-p", "0"]))

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import TINY_HF_CONFIG, random_hf_weights
 from qspec_jax import checkpoint, conversion_cache, quantize
-from qspec_jax.generate import load_params
+from qspec_jax.loading import load_params
 from test_checkpoint import tree_equal, write_tiny_gguf
 
 CONFIG = dataclasses.replace(TINY_HF_CONFIG, rope_scaling=None)
@@ -79,8 +79,13 @@ def data_files(entry) -> list:
     return sorted(files, key=os.path.getsize, reverse=True)
 
 
-def stderr_lines(capfd) -> list:
-    return [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+def stderr_lines(capfd, progress: bool = False) -> list:
+    """Non-blank stderr lines; without `progress`, less the conversion's progress report (its
+    "converting ..." line and indented stages) and "waiting: ..." lines."""
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    if progress:
+        return lines
+    return [line for line in lines if not line.startswith(("converting ", "  ", "waiting: "))]
 
 
 def test_same_file_name_in_two_folders(tmp_path, conversions):
@@ -125,11 +130,115 @@ def test_settings_change_the_key(tmp_path):
         conversion_cache.int4_fields(path, str(tmp_path), group_size=None, rotate=False),
         conversion_cache.int4_fields(path, str(tmp_path), group_size=None, rotate=True,
                                      calibration={"tokens": 512, "row": 256}),
+        conversion_cache.int4_fields(path, str(tmp_path), group_size=None, rotate=True,
+                                     calibration={"tokens": 1024, "row": 256}),
         dict(base, code="another version of the converter"),
     )}
-    assert len(keys) == 5
+    assert len(keys) == 6
     assert conversion_cache.entry_key(base) == conversion_cache.entry_key(
         conversion_cache.int4_fields(path, str(tmp_path), group_size=None, rotate=True))
+
+
+def test_calibration_count_is_in_the_key(tmp_path, monkeypatch):
+    """load_params (the API path) keys its cache entry on the number of calibration tokens: two
+    non-zero counts give two keys, each recording its count."""
+    path = make_gguf(tmp_path / "model.gguf", seed=5)
+    seen = []
+
+    def capture(root, name, fields, convert, on_convert=None):
+        seen.append((name, fields))
+        raise LookupError("stop before converting")
+    monkeypatch.setattr(conversion_cache, "load_or_convert", capture)
+    for n in (256, 512):
+        with pytest.raises(LookupError):
+            load_params(path, quantized=True, cache_dir=str(tmp_path / "c"), calibration_tokens=n)
+    (name_a, a), (name_b, b) = seen
+    assert [a["calibration"]["tokens"], b["calibration"]["tokens"]] == [256, 512]
+    assert conversion_cache.entry_key(a) != conversion_cache.entry_key(b) and name_a != name_b
+    assert conversion_cache.entry_key(dict(b, calibration=a["calibration"])) == conversion_cache.entry_key(a)
+
+
+def cache_files(cache) -> list:
+    return sorted(os.path.relpath(os.path.join(r, n), cache) for r, ds, ns in os.walk(cache) for n in ns + ds)
+
+
+@pytest.mark.parametrize("bad", ["group size 7", "group size 0", "truncated"])
+def test_bad_conversion_is_refused_before_it_is_announced(tmp_path, capfd, bad):
+    """Settings a conversion cannot take are refused before "converting ..." and write nothing."""
+    path = make_gguf(tmp_path / "model.gguf", seed=13)
+    group = {"group size 7": 7, "group size 0": 0}.get(bad)
+    if bad == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) - 100)
+    cache = tmp_path / "cache"
+    match = {"group size 7": "group_size=7 does not divide K=64", "group size 0": "group_size must be positive",
+             "truncated": "model.gguf: not a readable GGUF file.*truncated"}[bad]
+    with pytest.raises(ValueError, match=match):
+        load_params(path, quantized=True, cache_dir=str(cache), calibration_tokens=0, group_size=group)
+    assert stderr_lines(capfd, progress=True) == []
+    assert not os.path.exists(cache)
+
+
+def test_failed_conversion_leaves_nothing_behind(tmp_path, capfd, monkeypatch):
+    path = make_gguf(tmp_path / "model.gguf", seed=14)
+    cache = tmp_path / "cache"
+
+    def fail(*a, **k):
+        raise RuntimeError("conversion failed")
+    monkeypatch.setattr(quantize, "quantize_params", fail)
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        int4(path, cache)
+    lines = stderr_lines(capfd, progress=True)
+    assert lines[0].startswith("converting model.gguf to int4 (once; cached in ") and len(lines) == 4, lines
+    assert cache_files(cache) == [f for f in cache_files(cache) if f.startswith("sources")]  # no lock, no folder
+    monkeypatch.undo()
+    assert tree_equal(int4(path, cache), fresh_int4(path, tmp_path))  # the next run converts and caches
+
+
+def test_waiting_for_another_process_is_announced(tmp_path, capfd):
+    """A run that must wait for another's lock says so, then goes on once the lock is free."""
+    import fcntl
+    import time
+
+    path = make_gguf(tmp_path / "model.gguf", seed=15)
+    cache = tmp_path / "cache"
+    expected = int4(path, cache)
+    lock = only_entry(cache) + ".lock"
+    capfd.readouterr()
+    result = []
+    with open(lock, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        worker = threading.Thread(target=lambda: result.append(int4(path, cache)))
+        worker.start()
+        err, deadline = "", time.monotonic() + 60
+        while "waiting: " not in err and time.monotonic() < deadline:
+            time.sleep(0.05)
+            err += capfd.readouterr().err
+        assert f"waiting: another process holds {lock}" in err and not result
+    worker.join(60)
+    assert result and tree_equal(result[0], expected)
+
+
+def test_a_lock_removed_by_its_holder_is_taken_afresh(tmp_path):
+    """A holder that failed removes the lock file while holding it; a waiter on the removed file
+    then locks the new file at that path, so a third run cannot hold another copy at once."""
+    import fcntl
+
+    lock = str(tmp_path / "k.lock")
+    got, waited = [], threading.Event()
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+    def waiter():
+        with conversion_cache._locked(lock, on_wait=waited.set) as ok:
+            got.append((ok, os.path.exists(lock)))  # without the re-check: a lock on the removed file
+    t = threading.Thread(target=waiter)
+    t.start()
+    assert waited.wait(30)
+    os.unlink(lock)
+    os.close(fd)  # releases the removed file's lock
+    t.join(30)
+    assert got == [(True, True)]
 
 
 @pytest.mark.parametrize("damage", ["overwrite", "truncate", "delete", "manifest"])
@@ -197,7 +306,7 @@ _CHILD = """
 import sys
 sys.path.insert(0, {root!r})
 import jax.numpy as jnp
-from qspec_jax.generate import load_params
+from qspec_jax.loading import load_params
 load_params({path!r}, quantized=True, cache_dir={cache!r}, calibration_tokens=0, dtype=jnp.float32)
 print("ok")
 """
@@ -275,10 +384,14 @@ def test_source_hash_is_remembered(tmp_path, monkeypatch):
 
 
 def test_unwritable_cache_still_converts(tmp_path, capfd):
+    """One warning for an unusable cache, however many loads use it, and no line claiming a cache."""
     path = make_gguf(tmp_path / "model.gguf", seed=12)
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder should be")
     q = int4(path, blocker / "cache")
-    lines = stderr_lines(capfd)
-    assert len(lines) == 1 and "not writable" in lines[0], lines
+    assert tree_equal(int4(path, blocker / "cache"), q)
+    lines = stderr_lines(capfd, progress=True)
+    assert len([line for line in lines if "not writable" in line]) == 1 and lines[0].startswith("warning: "), lines
+    assert [line for line in lines if line.startswith("converting ")] == ["converting model.gguf to int4 (not cached):"] * 2
+    assert not [line for line in lines if "cached in" in line]
     assert tree_equal(q, fresh_int4(path, tmp_path))

@@ -5,6 +5,7 @@ import dataclasses
 import itertools
 import json
 import os
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,11 @@ from qspec_jax.config import get_preset
 from qspec_jax.generate import MAX_GAMMA, parse_args, validate_args
 from qspec_jax.policy import AutoGamma, CostTable, choose, expected_tokens, expected_tokens_single
 from qspec_jax.speculative import GenerationResult, generate, pad_prompts, prepare
+
+from conftest import TEST_SEED  # noqa: E402  (printed with every test)
+
+sys.path.insert(0, os.path.join(policy.ROOT, "scripts"))
+import build_cost_table as builder  # noqa: E402  (scripts/: the cost-table builder is a tool, not the library)
 
 TINY = get_preset("tiny")
 
@@ -128,15 +134,15 @@ def test_build_cost_table_with_a_context_axis(tmp_path):
     engine = os.path.join(policy.ROOT, "benchmarks", "engine")
     with open(os.path.join(engine, "h200_step_run2.json")) as f:
         step = json.load(f)
-    assert policy.step_context(step) == 456  # no --context in its argv: bench_engine's default
+    assert builder.step_context(step) == 456  # no --context in its argv: bench_engine's default
     # A second step file at another context (its times doubled: a made-up file, only the layout is tested).
     long = {"meta": {**step["meta"], "argv": step["meta"]["argv"] + ["--context", "8192"]},
             "step": [{**s, "step_ms": 2 * s["step_ms"]} for s in step["step"]]}
     (tmp_path / "long.json").write_text(json.dumps(long))
     kernels = os.path.join(engine, "h200_kernels.json")
-    built = policy.build_cost_table([str(tmp_path / "long.json"), os.path.join(engine, "h200_step_run2.json")],
+    built = builder.build_cost_table([str(tmp_path / "long.json"), os.path.join(engine, "h200_step_run2.json")],
                                     kernels, kv="int8")
-    one = policy.build_cost_table(os.path.join(engine, "h200_step_run2.json"), kernels)
+    one = builder.build_cost_table(os.path.join(engine, "h200_step_run2.json"), kernels)
     assert built["contexts"] == [456, 8192] and "context" not in built and built["kv"] == "int8"
     assert built["plain_ms"][0] == one["plain_ms"] and built["verify_ms"][0] == one["verify_ms"]
     assert built["plain_ms"][1] == pytest.approx([2 * v for v in one["plain_ms"]], abs=1e-4)
@@ -144,7 +150,7 @@ def test_build_cost_table_with_a_context_axis(tmp_path):
     assert t.t_verify(2, 16, 8192) == pytest.approx(2 * one["verify_ms"][1][2], rel=1e-3)
     assert t.t_plain(1, (456 + 8192) / 2) == pytest.approx(1.5 * one["plain_ms"][0], rel=1e-3)
     with pytest.raises(ValueError, match="share a context"):
-        policy.build_cost_table([os.path.join(engine, "h200_step_run2.json")] * 2, kernels)
+        builder.build_cost_table([os.path.join(engine, "h200_step_run2.json")] * 2, kernels)
 
 
 def test_trace_prior_fits_the_replay_traces():
@@ -202,6 +208,42 @@ def test_no_table_default():
     assert policy.find_table("some unmeasured gpu") is None
 
 
+_INSTALLED = """
+import qspec_jax, qspec_jax.policy as policy
+table = policy.find_table("NVIDIA H200")
+print(qspec_jax.__file__)
+print(table.source, [int(b) for b in table.batches], table.t_plain(1))
+"""
+
+
+def test_cost_tables_are_found_from_a_non_editable_install(tmp_path):
+    """`pip install --target` (a copy in site-packages, not this checkout) still finds the shipped table:
+    the tables are package data read through importlib.resources, not paths beside the source tree."""
+    import shutil
+    import subprocess
+
+    src = tmp_path / "src"  # build from a copy: pip leaves build/ and egg-info folders behind
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(policy.ROOT, name), src / name)
+    for pkg in ("qspec_jax", "pallas_kernels"):
+        shutil.copytree(os.path.join(policy.ROOT, pkg), src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    site = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                          "--no-index", "--target", str(site), str(src)], capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0, pip.stderr
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"], env["JAX_PLATFORMS"] = str(site), "cpu"
+    out = subprocess.run([sys.executable, "-c", _INSTALLED], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    where, found = out.stdout.splitlines()
+    assert where.startswith(str(site)), where  # the installed copy, not this checkout
+    with open(os.path.join(policy.ROOT, "qspec_jax", policy.TABLES, "h200_costs.json")) as f:
+        committed = json.load(f)
+    assert found == f"qspec_jax/cost_tables/h200_costs.json {committed['batches']} {committed['plain_ms'][0]}"
+
+
 def test_acceptance_prior_from_the_real_model():
     prior = policy.acceptance_prior()
     assert 0.95 < prior["w4a8"] < 1.0 and 0.8 < prior["w4a4"] < 0.9
@@ -213,11 +255,11 @@ def test_acceptance_prior_from_the_real_model():
 
 
 def test_h200_table_is_reproducible_labelled_and_chooses_plain_decoding():
-    path = os.path.join(policy.TABLE_DIR, "h200_costs.json")
+    path = os.path.join(policy.ROOT, "qspec_jax", policy.TABLES, "h200_costs.json")
     with open(path) as f:
         committed = json.load(f)
     engine = os.path.join(policy.ROOT, "benchmarks", "engine")
-    built = policy.build_cost_table(os.path.join(engine, "h200_step_run2.json"),
+    built = builder.build_cost_table(os.path.join(engine, "h200_step_run2.json"),
                                     os.path.join(engine, "h200_kernels.json"))
     assert json.loads(json.dumps(built)) == committed
     assert all(d["estimate"] == (d["gamma"] > 0) for d in committed["verify_detail"])
@@ -227,7 +269,7 @@ def test_h200_table_is_reproducible_labelled_and_chooses_plain_decoding():
     auto = AutoGamma(table)
     for batch in (1, 16):  # the draft step costs about a W4A16 step on the H200: drafting cannot pay
         assert auto.choose(batch, 456) == (0, None), auto.last_choice
-        assert auto.last_choice.policy_source.startswith("benchmarks/policy/h200_costs.json")
+        assert auto.last_choice.policy_source.startswith("qspec_jax/cost_tables/h200_costs.json")
 
 
 # --- gamma="auto" through generate ----------------------------------------------------------------
@@ -307,7 +349,7 @@ def reference_pick(accepted, reached, adaptive):
 
 
 def test_pick_gamma_matches_a_float64_reference():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(TEST_SEED)
     for _ in range(200):
         adaptive = policy.AdaptiveGamma(tuple(rng.uniform(1.0, 3.0, 7)), tuple(rng.uniform(0.3, 1.0, 6)),
                                         strength=float(rng.uniform(1, 100)))
@@ -363,7 +405,7 @@ def simulate_adaptive(traces, adaptive, max_new_tokens):
 def test_adaptive_loop_follows_the_policy_under_replay(tiny_qparams):
     """The compiled loop's per-cycle choice, with acceptance replayed from random traces, against the
     same choice made in float64 on the host, cycle by cycle: identical gamma histograms and counts."""
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(TEST_SEED)
     toks, lens = pad_prompts([list(rng.integers(3, TINY.vocab_size, n)) for n in (5, 12, 9)])
     # Acceptance falls from a perfect start to none: the loop walks down to plain decoding (200 float64
     # re-runs of such draws all reached gamma 0 through at least one gamma between).

@@ -110,7 +110,7 @@ def test_bench_auto_reuses_a_program_only_when_it_is_the_same(tmp_path):
     c = cell(policy.AutoGamma.for_device("NVIDIA H200"), step_split=[])
     a = c["auto"]
     assert (a["gamma"], a["draft"], a["same_program_as"], a["compile_s"]) == (0, None, "plain w4a16", 0.0)
-    assert a["seconds"] == c["modes"]["w4a16"]["seconds"] and a["policy_source"].startswith("benchmarks/policy/")
+    assert a["seconds"] == c["modes"]["w4a16"]["seconds"] and a["policy_source"].startswith("qspec_jax/cost_tables/")
     assert c["modes"]["w4a16"]["step_ms"] is None and c["qspec"][0]["verify_ms_residual"] is None  # not split
     # gamma 1 with w4a8: the adaptive loop (gamma re-chosen in 0..1 every cycle) is not the cell's fixed
     # g1 program, so it is compiled and timed on its own, replayed from the same trace.
