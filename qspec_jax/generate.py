@@ -92,6 +92,9 @@ def parse_args(argv=None):
     ap.add_argument("--kv", default="bf16", choices=("bf16", "int8"),
                     help="KV cache: bf16, or QuantSpec's hierarchical int8 (two 4-bit planes + a full-precision "
                          "recent buffer; qspec drafts read the int4 upper plane); quantspec always runs on int8")
+    ap.add_argument("--kernels", default="auto", choices=("auto", "mosaic", "triton"),
+                    help="int4 kernels on the GPU: Pallas Mosaic GPU (Hopper) or Pallas Triton (any GPU since "
+                         "Ampere); auto picks mosaic on sm_90, else triton (the CPU runs the same math in XLA)")
     ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template")
     ap.add_argument("--json", action="store_true",
                     help="print one JSON object per prompt, with keys 'prompt', 'text', 'tokens' and 'stats' "
@@ -198,6 +201,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from qspec_jax import policy, speculative
+    from qspec_jax.kernel_choice import arrange_weights
     from qspec_jax.model import unstack_layers
     from qspec_jax.tokenizer import load_tokenizer
 
@@ -215,9 +219,10 @@ def run(args) -> int:
     )
     quantspec = args.mode == "quantspec"
     if quantspec:  # QuantSpec: the float weights verify, the int4 pytree (loaded above) drafts
-        draft_params = unstack_layers(params)
+        draft_params = arrange_weights(unstack_layers(params), args.kernels)
         _, params = load_params(args.model, quantized=False, dtype=dtype, cache_dir=args.cache_dir)
-    params = unstack_layers(params)  # per-layer buffers once, not on every batch's `prepare`
+    # per-layer buffers once, not on every batch's `prepare`; int4 weights in the kernels' layout
+    params = arrange_weights(unstack_layers(params), args.kernels)
     kv = "int8" if quantspec else args.kv
 
     sampling = args.temperature > 0

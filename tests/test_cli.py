@@ -48,6 +48,7 @@ def test_generate_json_with_the_default_model(capsys, tmp_path, monkeypatch):
      "exceeds the model's context"),
     (["--prompts-file", "/nonexistent/prompts.txt"], "prompts file not found"),
     (["--prompt", "hi", "--calibration-tokens", "100"], "must be a multiple of 256"),
+    (["--prompt", "hi", "--kernels", "cuda"], "invalid choice"),
 ])
 def test_bad_input_gives_a_clear_error(capsys, tmp_path, argv, message):
     code, out, err = run_cli(capsys, *argv, "--cache-dir", str(tmp_path / "ckpt"))
