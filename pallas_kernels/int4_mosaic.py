@@ -161,7 +161,10 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, probe: st
         def step(_, w_smem, x_smem, s_smem, *rest):
             # w_smem [rows, tk] int4; x_smem [tm, tk]; s_smem [1, rows]; xs_smem [1, tm]
             *xs_smem, acc = rest
-            w_reg = w_smem[...].astype(op_dtype)  # int4 -> bf16 / int8 in registers
+            if probe == "via_bf16":  # int4 -> bf16 -> int8 (exact for -8..7)
+                w_reg = w_smem[...].astype(jnp.bfloat16).astype(op_dtype)
+            else:
+                w_reg = w_smem[...].astype(op_dtype)  # int4 -> bf16 / int8 in registers
             x_t = plgpu.transpose_ref(x_smem, (1, 0))  # [tk, tm]
 
             def mma(acc_ref):

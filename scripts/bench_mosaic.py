@@ -158,6 +158,60 @@ def sweep(results, fn_of, tiles, x, ws, ref):
     return rows, best
 
 
+PEERS = ("xla_bf16", "xla_int4", "torch_tinygemm", "torch_cublas_bf16")
+
+
+def summarize(sweep: dict, step: dict | None) -> dict:
+    """benchmarks/engine/hopper_summary.json (issue 18's keys) from one run's sweep and step files."""
+    meta = sweep["meta"]
+    bw = meta["copy_bw_Bps"]
+    s = {"commit": meta.get("commit"), "device": meta["device"], "jax": meta["jax"], "timing": "cupti",
+         "copy_bw_Bps": bw, "kernel_frac_copy_bw": {}, "kernel_vs_best_peer": {},
+         "kernel_vs_triton_w4a16": {}, "verify_flatness": {}, "w4a8_vs_cublas_bf16": {}}
+    us = {(c["proj"], c["M"]): {k: v["us"] for k, v in c["methods"].items() if "us" in v}
+          for c in sweep["sweep"]}
+    for (proj, M), t in sorted(us.items()):
+        if "mosaic_w4a16" not in t:
+            continue
+        ours = t["mosaic_w4a16"]
+        if proj in ("gate_up", "down") and M <= 16:
+            nbytes = next(c["weight_bytes_int4"] for c in sweep["sweep"] if c["proj"] == proj)
+            s["kernel_frac_copy_bw"].setdefault(proj, {})[str(M)] = nbytes / (ours * 1e-6) / bw
+        peers = [t[p] for p in PEERS if p in t]
+        if peers:
+            s["kernel_vs_best_peer"].setdefault(proj, {})[str(M)] = min(peers) / ours
+        if "triton_w4a16" in t:
+            s["kernel_vs_triton_w4a16"].setdefault(proj, {})[str(M)] = t["triton_w4a16"] / ours
+        if M in (128, 256) and proj in ("gate_up", "down") and "mosaic_w4a8" in t \
+                and "torch_cublas_bf16" in t:
+            s["w4a8_vs_cublas_bf16"].setdefault(proj, {})[str(M)] = t["torch_cublas_bf16"] / t["mosaic_w4a8"]
+    for proj in ("gate_up", "down"):
+        a, b = us.get((proj, 16), {}), us.get((proj, 64), {})
+        if "mosaic_w4a16" in a and "mosaic_w4a16" in b:
+            s["verify_flatness"][proj] = b["mosaic_w4a16"] / a["mosaic_w4a16"]
+    if step:
+        by = {(c["batch"], c["mode"]): c for c in step["step"]}
+        s.update({"step_over_floor": {"w4a16": {}}, "w4a16_vs_torch_peer": {}, "bf16_vs_torch_bf16": {},
+                  "w4a16_vs_bf16_step": {}, "draft_vs_verify_step": {}, "step_ms": {}})
+        for (b, mode), c in sorted(by.items()):
+            s["step_ms"].setdefault(str(b), {})[mode] = c["step_ms"]
+        for b in sorted({b for b, _ in by}):
+            ours = by.get((b, "w4a16_mosaic"))
+            if ours:
+                s["step_over_floor"]["w4a16"][str(b)] = ours["step_ms"] * 1e-3 * bw / (
+                    ours["weight_bytes"] + ours["kv_bytes_read"])
+                torch_int4 = [by[(b, m)]["step_ms"] for m in ("torch_tinygemm",) if (b, m) in by]
+                if torch_int4:
+                    s["w4a16_vs_torch_peer"][str(b)] = min(torch_int4) / ours["step_ms"]
+                if (b, "bf16") in by:
+                    s["w4a16_vs_bf16_step"][str(b)] = by[(b, "bf16")]["step_ms"] / ours["step_ms"]
+                if (b, "w4a8_mosaic") in by:
+                    s["draft_vs_verify_step"][str(b)] = ours["step_ms"] / by[(b, "w4a8_mosaic")]["step_ms"]
+            if (b, "bf16") in by and (b, "torch_cublas_bf16") in by:
+                s["bf16_vs_torch_bf16"][str(b)] = by[(b, "torch_cublas_bf16")]["step_ms"] / by[(b, "bf16")]["step_ms"]
+    return s
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -172,7 +226,17 @@ def main():
     ap.add_argument("--kernels", default="w4a16,w4a8", help="which Mosaic kernels to check and sweep")
     ap.add_argument("--probe", default=None, help="(debug) check W4A8 once with this probe and exit")
     ap.add_argument("--w4a8-probe", default="", help="(debug) the probe the W4A8 sweep runs with")
+    ap.add_argument("--summary", nargs="+", metavar=("SWEEP_JSON", "STEP_JSON"),
+                    help="write the summary of a run's sweep (and step) JSON to --out and exit")
     args = ap.parse_args()
+    if args.summary:
+        sweep = json.load(open(args.summary[0]))
+        step = json.load(open(args.summary[1])) if len(args.summary) > 1 else None
+        summary = summarize(sweep, step)
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=1)
+        print(json.dumps(summary, indent=1))
+        return
     if args.probe is not None:
         return probe_w4a8(args.probe)
     os.makedirs(args.out, exist_ok=True)

@@ -6,7 +6,7 @@ out=${1:?usage: scripts/mosaic_run.sh OUTDIR [sweep_budget_s] [projections]}
 budget=${2:-300}; projections=${3:-gate_up,down,qkv,o}
 mkdir -p "$out"; export PYTHONUNBUFFERED=1
 kernels=w4a16; w4a8_probe=""; modes=w4a16,bf16
-for p in "" a_smem no_xs; do
+for p in "" a_smem via_bf16 no_xs; do
   log="$out/probe_${p:-default}.log"
   timeout 90 python3 scripts/bench_mosaic.py --out "$out" --probe "$p" > "$log" 2>&1
   grep -E "^probe" "$log" || tail -c 300 "$log"

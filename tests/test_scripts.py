@@ -176,3 +176,43 @@ def test_bench_long_context_smoke(tmp_path):
     assert summ["qspec_int8kv_vs_w4a16_bf16kv"][key] == pytest.approx(t["w4a16_bf16kv"] / t["qspec_w4a8_int8kv_g3"])
     assert summ["qspec_int8kv_vs_w4a16_int8kv"][key] == pytest.approx(t["w4a16_int8kv"] / t["qspec_w4a8_int8kv_g3"])
     assert summ["quantspec_vs_bf16"][key] == pytest.approx(t["bf16_bf16kv"] / t["quantspec_g3"])
+
+
+def test_bench_mosaic_summary_keys_and_ratios(tmp_path):
+    """The issue-18 summary from a made-up run: every key the issue names, ratios the right way up."""
+    bw = 3.0e12
+    cells = []
+    for proj in ("qkv", "o", "gate_up", "down"):
+        for M in (1, 4, 8, 16, 64, 128, 256):
+            t = 10.0 + M / 16
+            methods = {"mosaic_w4a16": {"us": t}, "xla_bf16": {"us": 2 * t}, "xla_int4": {"us": 3 * t},
+                       "torch_tinygemm": {"us": 1.5 * t}, "torch_cublas_bf16": {"us": 2.5 * t},
+                       "triton_w4a16": {"us": 4 * t}, "mosaic_w4a8": {"us": t / 2}}
+            cells.append({"proj": proj, "M": M, "weight_bytes_int4": 3.0e7, "methods": methods})
+    sweep = {"meta": {"device": "H100", "jax": "0.11.2", "commit": "abc", "copy_bw_Bps": bw}, "sweep": cells}
+    step = {"step": [
+        {"batch": b, "mode": m, "step_ms": ms, "weight_bytes": 4.5e9, "kv_bytes_read": 5e8}
+        for b in (1, 16) for m, ms in (("w4a16_mosaic", 2.0), ("bf16", 5.0), ("torch_tinygemm", 4.0),
+                                        ("torch_cublas_bf16", 6.0), ("w4a8_mosaic", 1.6))
+    ] + [{"batch": b, "mode": m, "step_ms": ms, "weight_bytes": 4.5e9, "kv_bytes_read": 5e8}
+         for b in (64, 128) for m, ms in (("w4a16_mosaic", 3.0), ("w4a8_mosaic", 2.0))]}
+    (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+    (tmp_path / "step.json").write_text(json.dumps(step))
+    run_script("bench_mosaic.py", "--summary", str(tmp_path / "sweep.json"), str(tmp_path / "step.json"),
+               "--out", str(tmp_path / "summary.json"))
+    s = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("copy_bw_Bps", "commit", "device", "jax", "timing"):
+        assert key in s
+    assert s["timing"] == "cupti"
+    assert set(s["kernel_frac_copy_bw"]) == {"gate_up", "down"}
+    assert math.isclose(s["kernel_frac_copy_bw"]["down"]["1"], 3.0e7 / (10.0625e-6) / bw)
+    assert set(s["kernel_frac_copy_bw"]["gate_up"]) == {"1", "4", "8", "16"}
+    assert math.isclose(s["kernel_vs_best_peer"]["qkv"]["64"], 1.5)  # tinygemm is the fastest peer
+    assert math.isclose(s["verify_flatness"]["gate_up"], (10 + 4) / 11.0)
+    assert math.isclose(s["w4a8_vs_cublas_bf16"]["down"]["256"], 5.0)
+    assert math.isclose(s["step_over_floor"]["w4a16"]["16"], 2e-3 * bw / 5.0e9)
+    assert math.isclose(s["w4a16_vs_torch_peer"]["1"], 2.0)
+    assert math.isclose(s["w4a16_vs_bf16_step"]["16"], 2.5)
+    assert math.isclose(s["bf16_vs_torch_bf16"]["1"], 1.2)
+    assert math.isclose(s["draft_vs_verify_step"]["128"], 1.5)
+    assert set(s["draft_vs_verify_step"]) == {"1", "16", "64", "128"}
