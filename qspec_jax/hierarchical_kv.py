@@ -333,14 +333,14 @@ def prefill(cache: HierarchicalKV, k: jax.Array, v: jax.Array, lengths: jax.Arra
 # ---------------------------------------------------------------- attention
 
 
-def attention(cache: HierarchicalKV, q: jax.Array, q_pos: jax.Array, *, variant: str = "int8",
+def attention(cache: HierarchicalKV, q: jax.Array, q_pos: jax.Array, *, view: str = "int8",
               backend: str = "auto", **tiling) -> jax.Array:
     """Decode attention of q [B, T, H, hd] at positions q_pos [B, T] over the planes (int8: the
     verifier, int4: the draft) and the full-precision buffer, each query split at its own cut c(p)
     (module docstring); the new tokens must already be written. Returns [B, T, H, hd]."""
-    if variant not in ("int8", "int4"):
-        raise ValueError(f"the hierarchical cache is read as 'int8' or 'int4', got {variant!r}")
-    return decode_attention(q, q_pos, cache.planes(), cache.q_len, variant=variant,
+    if view not in ("int8", "int4"):
+        raise ValueError(f"the hierarchical cache is read as 'int8' or 'int4', got {view!r}")
+    return decode_attention(q, q_pos, cache.planes(), cache.q_len, variant=view,
                             recent=(cache.k_recent, cache.v_recent), recent_start=cache.r_start,
                             cut=cache.cut, backend=backend, v_layout=V_LAYOUT, **tiling)
 
@@ -391,7 +391,7 @@ class HierarchicalKVCache:
         return self.replace(layers=replace_at(self.layers, i, write(self.layers[i], k, v, starts)))
 
     def attend(self, i: int, q: jax.Array, positions: jax.Array, view: str = "int8") -> jax.Array:
-        return attention(self.layers[i], q, positions, variant=view)
+        return attention(self.layers[i], q, positions, view=view)
 
     def flush(self, headroom: int) -> "HierarchicalKVCache":
         """After acceptance has set `lengths`: quantize each row's newly completed group, drop

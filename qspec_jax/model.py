@@ -149,11 +149,6 @@ def _online_rotation(params, name):
     return None if rot is None else partial(online_transform, rotation=rot[name])
 
 
-def project(x: jax.Array, lp: dict, name: str, *, mode: str) -> jax.Array:
-    """Projection `name` of layer weights `lp` applied to x in `mode` (`linear`)."""
-    return linear(x, lp[name], mode)
-
-
 def decoder_layer(x, lp, i, cache, positions, *, config: LlamaConfig, params: dict, project, kv_view="int8"):
     """Layer i of the model: attention through `cache`'s layer i, then the MLP. Returns (x, cache).
 
@@ -215,11 +210,13 @@ def forward(
         raise ValueError(f"unknown kv_view {kv_view!r}; expected one of {KV_VIEWS}")
     kv = NoCache() if cache is None else cache
     x = params["embed"][tokens]
-    proj = partial(project, mode=mode)
+    def project(x, lp, name):
+        return linear(x, lp[name], mode)
+
     # The layers unrolled in Python over separate per-layer buffers (see unstack_layers): a
     # lax.scan over stacked weights made XLA copy every layer's weights and KV slice each step.
     for i, lp in enumerate(layer_params(params, config.num_layers)):
-        x, kv = decoder_layer(x, lp, i, kv, positions, config=config, params=params, project=proj, kv_view=kv_view)
+        x, kv = decoder_layer(x, lp, i, kv, positions, config=config, params=params, project=project, kv_view=kv_view)
     if logit_index is not None:
         x = jnp.take_along_axis(x, logit_index[..., None], axis=1)
     x = rms_norm(x, params.get("final_norm"), config.rms_norm_eps)
