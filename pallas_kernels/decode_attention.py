@@ -26,7 +26,7 @@ Masking: key slot j of the main cache is at position `j`, slot r of the recent b
 `recent_start + r`; a query at position p sees keys at positions <= p, and only main-cache slots
 below `kv_len` (the caller has written the row's new tokens before attending). With
 `cut=(G, D)` (the hierarchical cache) each query row also has its own cut
-c(p) = G * floor(max(p + 1 - D, 0) / G): it reads positions < c(p) from the main cache (planes) and
+c(p) (kv_cut.py): it reads positions < c(p) from the main cache (planes) and
 positions in [c(p), p] from the recent buffer, so what a query sees depends on its position only,
 not on how far the cache's maintenance has got or which other queries share its block.
 
@@ -75,6 +75,7 @@ from jax.experimental.pallas import triton as plt
 
 from .bitfloat import FLOAT_BASE, asm_nibble_floats, nibble_floats
 from .common import compute_dtype, dot_precision, pow2_at_least
+from .kv_cut import cut_position
 from .tiling import NUM_SMS
 from .w4a16 import resolve_backend
 
@@ -159,9 +160,8 @@ def _decode_kernel(
     row_pos = row_pos_ref[...]
     n, off = n_ref[...], off_ref[...]
 
-    def cut_of(pos):  # c(p) = G * floor(max(p + 1 - D, 0) / G); non-negative, so lax.div is floor
-        x = jnp.maximum(pos + (1 - cut_delay), 0)
-        return lax.div(x, jnp.full_like(x, cut_group)) * cut_group
+    def cut_of(pos):  # c(p): kv_cut.py
+        return cut_position(pos, cut_group, cut_delay)
 
     end = jnp.minimum(n, jnp.max(row_pos) - off + 1)  # slots past `end` are masked for every row
     if cut_side is not None:
@@ -462,12 +462,6 @@ def merge_partials(parts):
 # ---------------------------------------------------------------- API
 
 
-def cut_positions(pos, cut):
-    """c(p) = G * floor(max(p + 1 - D, 0) / G) for cut = (G, D), elementwise on int32 positions."""
-    G, D = cut
-    return jnp.maximum(pos + 1 - D, 0) // G * G
-
-
 def _check(q, q_pos, kv, variant, recent, cut=None):
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -524,7 +518,7 @@ def decode_attention(
 
     A query at position p sees the keys at positions <= p (main-cache slots below kv_len, recent
     slots at recent_start + r). With cut=(G, D), a query at p reads main-cache positions below
-    c(p) = G * floor(max(p + 1 - D, 0) / G) and recent positions from c(p) to p (the hierarchical
+    c(p) (kv_cut.py) and recent positions from c(p) to p (the hierarchical
     cache; the caller keeps c(p) <= kv_len and the buffer holding [c(p), p]). backend: "auto"
     (triton on GPU, else reference), "triton", "interpret", "reference". block_k, splits and
     `launch` tune the main launch (attention_partials); the recent buffer runs bf16's DEFAULTS.
@@ -583,7 +577,7 @@ def decode_attention_reference(q, q_pos, kv, kv_len, *, variant="bf16", recent=N
     s = jnp.einsum("btgrd,bgsd->bgrts", qf, k, precision=hp) * sm_scale
     mask = valid[:, None, None, None, :] & (k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None])
     if cut is not None:  # main-cache keys below the query's cut, buffer keys from it
-        c = cut_positions(q_pos.astype(jnp.int32), cut)[:, None, None, :, None]  # [B, 1, 1, T, 1]
+        c = cut_position(q_pos.astype(jnp.int32), *cut)[:, None, None, :, None]  # [B, 1, 1, T, 1]
         in_buf = (jnp.arange(k.shape[2]) >= S)[None, None, None, None, :]
         kp = k_pos[:, None, None, None, :]
         mask &= jnp.where(in_buf, kp >= c, kp < c)

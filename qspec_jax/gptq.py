@@ -7,7 +7,7 @@ gets minimized rather than ||W - Q||. On SmolLM2 that matters: a few massive res
 carry most of the energy of every input (benchmarks/quality/NOTES.md), and H tells the rounding
 which directions the model actually uses.
 
-    grams = calibration_grams(rotated_params, tokens, config)   # one float forward
+    grams = calibration_grams(rotated_params, tokens, config)   # one float pass over the layers
     qw = gptq_quantize(w, grams["attn"][layer], group_size)      # same format as quantize_weight
 
 The Hessians come from the rotated float model in one pass (not layer by layer through the
@@ -27,24 +27,40 @@ import jax.numpy as jnp
 import pallas_kernels
 from qspec_jax.config import LlamaConfig
 from qspec_jax.int4 import mse_scales, round_int4
-from qspec_jax.model import forward
+from qspec_jax.kv_cache import NoCache
+from qspec_jax.model import decoder_layer, layer_params, linear
 
 DAMP = 0.01  # H += DAMP * mean(diag H) * I, the paper's default: keeps the inverse well conditioned
 
 # Which calibration input each projection reads (q/k/v share the normed stream, as do gate/up).
-INPUT_OF = {"wq": "attn", "wk": "attn", "wv": "attn", "wo": "o",
-            "w_gate": "mlp", "w_up": "mlp", "w_down": "down"}
+INPUT_OF = {"wq": "attn", "wk": "attn", "wv": "attn", "wqkv": "attn", "wo": "o",
+            "w_gate": "mlp", "w_up": "mlp", "w_gate_up": "mlp", "w_down": "down"}
 
 
 @partial(jax.jit, static_argnames=("config",))
 def calibration_grams(params: dict, tokens: jax.Array, config: LlamaConfig) -> dict:
     """{input kind: f32 [L, K, K]} Gram matrices X^T X of every projection input, summed over the
-    rows of `tokens` [B, T] (unpadded calibration sequences) run through float `params`."""
+    rows of `tokens` [B, T] (unpadded calibration sequences) run through float `params`.
+
+    The model's own layers (`model.decoder_layer`, causal, no cache) run with a projection that
+    records its input's Gram matrix before the float matmul; `forward` itself knows nothing of it.
+    """
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    _, _, grams = forward(params, tokens, positions, None, config=config, mode="bf16",
-                          collect_grams=True)
-    return grams
+    grams = []  # per layer: {input kind: [K, K]}
+
+    def observed(x, lp, name):
+        kind = INPUT_OF[name]
+        if kind not in grams[-1]:  # q/k/v (gate/up) read the same input: one Gram matrix
+            xf = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+            grams[-1][kind] = jnp.dot(xf.T, xf, precision=jax.lax.Precision.HIGHEST)
+        return linear(x, lp[name], "bf16")
+
+    x, kv = params["embed"][tokens], NoCache()
+    for i, lp in enumerate(layer_params(params, config.num_layers)):
+        grams.append({})
+        x, kv = decoder_layer(x, lp, i, kv, positions, config=config, params=params, project=observed)
+    return {kind: jnp.stack([g[kind] for g in grams]) for kind in grams[0]}
 
 
 def _upper_inverse_cholesky(gram):

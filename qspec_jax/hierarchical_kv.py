@@ -1,4 +1,8 @@
-"""QuantSpec's hierarchical KV cache for ONE layer: INT8 codes stored as two 4-bit planes + a recent buffer.
+"""QuantSpec's hierarchical KV cache: INT8 codes stored as two 4-bit planes + a full-precision recent buffer.
+
+`HierarchicalKVCache` (all layers) implements the cache interface of qspec_jax/kv_cache.py
+(`write`, `attend`, `flush`, `dense`); it holds one `HierarchicalKV` per layer, which the functions
+below (`create`, `prefill`, `write`, `flush_layers`, `attention`) work on.
 
 Format (the kernel side is pallas_kernels/decode_attention.py, which reads it):
 - Each element x gets an upper nibble u = clip(round((x - m) / s), 0, 15), asymmetric 4-bit with
@@ -22,10 +26,9 @@ Format (the kernel side is pallas_kernels/decode_attention.py, which reads it):
 
 What a query reads depends on its position p only (so a verify block of gamma + 1 queries and
 gamma + 1 single decode steps read the same values, and greedy QSpec equals plain greedy decoding on
-this cache by construction): with a fixed delay D (`delay`, G // 2 by default, independent of gamma)
-its cut is c(p) = G * floor(max(p + 1 - D, 0) / G); keys at positions < c(p) come from the planes
-(int8 or int4 view), keys in [c(p), p] from the full-precision buffer. A query therefore sees its last
-D .. D + G - 1 tokens in full precision.
+this cache by construction): keys at positions below its cut c(p) (pallas_kernels/kv_cut.py; fixed
+delay D = `delay`, G // 2 by default, independent of gamma) come from the planes (int8 or int4
+view), keys in [c(p), p] from the full-precision buffer.
 
 Life cycle, all inside the compiled generate program; the cache state (q_len, r_start) is a function
 of the row's length alone, however lengths advance:
@@ -49,7 +52,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from pallas_kernels.decode_attention import QuantKV, cut_positions, decode_attention, dequantize_planes
+from pallas_kernels.decode_attention import QuantKV, decode_attention, dequantize_planes
+from pallas_kernels.kv_cut import cut_position
+from qspec_jax.config import LlamaConfig
+from qspec_jax.kv_cache import replace_at
 
 V_LAYOUT = "tokens"  # how the value planes are stored (decode_attention's v_layout)
 
@@ -86,11 +92,12 @@ class HierarchicalKV:
 
     @property
     def cut(self) -> tuple:
-        """(G, D): a query at p reads the planes below c(p) = G * floor(max(p + 1 - D, 0) / G)."""
+        """(G, D): a query at p reads the planes below c(p) (pallas_kernels/kv_cut.py)."""
         return (self.group, self.delay)
 
     def cuts(self, positions: jax.Array) -> jax.Array:
-        return cut_positions(positions, self.cut)
+        """c(p) of each position."""
+        return cut_position(positions, self.group, self.delay)
 
     def planes(self) -> QuantKV:
         """The kernel's view (value planes transposed: v_layout V_LAYOUT)."""
@@ -326,13 +333,90 @@ def prefill(cache: HierarchicalKV, k: jax.Array, v: jax.Array, lengths: jax.Arra
 # ---------------------------------------------------------------- attention
 
 
-def attention(cache: HierarchicalKV, q: jax.Array, q_pos: jax.Array, *, variant: str = "int8",
+def attention(cache: HierarchicalKV, q: jax.Array, q_pos: jax.Array, *, view: str = "int8",
               backend: str = "auto", **tiling) -> jax.Array:
     """Decode attention of q [B, T, H, hd] at positions q_pos [B, T] over the planes (int8: the
     verifier, int4: the draft) and the full-precision buffer, each query split at its own cut c(p)
     (module docstring); the new tokens must already be written. Returns [B, T, H, hd]."""
-    if variant not in ("int8", "int4"):
-        raise ValueError(f"the hierarchical cache is read as 'int8' or 'int4', got {variant!r}")
-    return decode_attention(q, q_pos, cache.planes(), cache.q_len, variant=variant,
+    if view not in ("int8", "int4"):
+        raise ValueError(f"the hierarchical cache is read as 'int8' or 'int4', got {view!r}")
+    return decode_attention(q, q_pos, cache.planes(), cache.q_len, variant=view,
                             recent=(cache.k_recent, cache.v_recent), recent_start=cache.r_start,
                             cut=cache.cut, backend=backend, v_layout=V_LAYOUT, **tiling)
+
+
+# ---------------------------------------------------------------- the cache of all layers
+
+
+@struct.dataclass
+class HierarchicalKVCache:
+    """QuantSpec's INT8 KV cache, the hierarchical implementation of the cache interface
+    (qspec_jax/kv_cache.py): one `HierarchicalKV` per layer plus each row's length.
+
+    `attend`'s view: "int8" (both planes: the verifier and plain decoding) or "int4" (the upper
+    plane only: the draft). New K/V always go to the recent buffer; `flush` (after acceptance has
+    set `lengths`) quantizes each group once all its tokens are accepted and drops it from the
+    buffer once no query needs it there. A prompt is prefilled by a plain causal pass and
+    `from_prompt`.
+    """
+
+    layers: tuple  # num_layers x HierarchicalKV
+    lengths: jax.Array  # [batch] int32
+
+    @classmethod
+    def from_prompt(cls, config: LlamaConfig, k: tuple, v: tuple, lengths: jax.Array, max_len: int, *,
+                    headroom: int, group: int = 128, window: int = 256, delay=None,
+                    dtype=jnp.bfloat16) -> "HierarchicalKVCache":
+        """A cache of `max_len` positions per row filled from a prompt's per-layer k, v
+        [B, KV, P, hd] (e.g. a bf16 `KVCache`'s buffers after a causal prefill); `headroom` is the
+        most tokens a cycle writes (gamma + 1), only checked; `delay` D defaults to group // 2."""
+        b = k[0].shape[0]
+        layers = tuple(
+            prefill(create(b, config.num_kv_heads, config.head_dim, max_len, group=group, window=window,
+                           delay=delay, dtype=dtype), ki, vi, lengths, headroom)
+            for ki, vi in zip(k, v)
+        )
+        return cls(layers=layers, lengths=lengths)
+
+    @property
+    def max_len(self) -> int:
+        return self.layers[0].max_len
+
+    @property
+    def batch(self) -> int:
+        return self.layers[0].k_upper.shape[0]
+
+    def write(self, i: int, k: jax.Array, v: jax.Array, starts: jax.Array) -> "HierarchicalKVCache":
+        """New K/V go to layer i's recent buffer (`write`); drafts never reach the planes."""
+        return self.replace(layers=replace_at(self.layers, i, write(self.layers[i], k, v, starts)))
+
+    def attend(self, i: int, q: jax.Array, positions: jax.Array, view: str = "int8") -> jax.Array:
+        return attention(self.layers[i], q, positions, view=view)
+
+    def flush(self, headroom: int) -> "HierarchicalKVCache":
+        """After acceptance has set `lengths`: quantize each row's newly completed group, drop
+        buffered groups no query reads any more (`flush_layers`; `headroom` = gamma + 1 is only
+        checked)."""
+        return self.replace(layers=flush_layers(self.layers, self.lengths, headroom))
+
+    def dense(self, i: int, view: str = "int8") -> tuple:
+        """(k, v) f32 [B, KV, S, hd]: what a query at each row's length reads, the dequantized
+        `view` below its cut and the buffer from there (slots past the length are stale)."""
+        c = self.layers[i]
+        k, v = dequantize(c, view)
+        pos = jnp.arange(c.max_len)
+        in_buf = (pos[None, :] >= c.cuts(self.lengths)[:, None])[:, None, :, None]  # [B, 1, S, 1]
+        idx = jnp.clip(pos[None, :] - c.r_start[:, None], 0, c.window - 1)[:, None, :, None]
+        from_buf = lambda buf: jnp.take_along_axis(buf, idx, axis=2).astype(jnp.float32)
+        return jnp.where(in_buf, from_buf(c.k_recent), k), jnp.where(in_buf, from_buf(c.v_recent), v)
+
+
+def check_cache(config: LlamaConfig, batch: int, max_len: int, *, headroom: int, group: int, window: int,
+                delay=None):
+    """Host-side capacity check of a `HierarchicalKVCache` before generation (clear ValueError)."""
+    try:
+        shapes = jax.eval_shape(lambda: create(batch, config.num_kv_heads, config.head_dim, max_len,
+                                               group=group, window=window, delay=delay))
+        check_capacity(shapes, headroom, max_len)
+    except ValueError as e:
+        raise ValueError(f"kv='int8' (group {group}, window {window}, gamma + 1 = {headroom}): {e}") from None

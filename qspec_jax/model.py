@@ -7,12 +7,13 @@
   "w4a8"  - the same kernel with 8-bit activations.
 Embedding, norms, attention and the head stay in float in every mode.
 
-Rows are right-padded and a token at position p is cached in slot p (see kv_cache.py).
-
-The cache is a bf16 `KVCache` or QuantSpec's `HierarchicalKVCache` (INT8 = two 4-bit planes + a
-full-precision recent buffer); the static `kv_view` says how a forward reads the latter: "int8"
-(both planes: the verifier, plain decoding) or "int4" (upper plane only: the draft). `mode` alone
-cannot say which: a W4A16 verify and a W4A16 draft would read different views.
+Rows are right-padded and a token at position p is cached in slot p. The cache is any
+implementation of the interface in kv_cache.py (write a layer's K/V, attend, flush): the bf16
+`KVCache` or QuantSpec's `hierarchical_kv.HierarchicalKVCache` (INT8 = two 4-bit planes + a
+full-precision recent buffer); `forward` never asks which. The static `kv_view` says how a forward
+reads a hierarchical cache: "int8" (both planes: the verifier, plain decoding) or "int4" (upper
+plane only: the draft). `mode` alone cannot say which: a W4A16 verify and a W4A16 draft read
+different views.
 """
 
 from __future__ import annotations
@@ -27,16 +28,10 @@ import jax.numpy as jnp
 import pallas_kernels
 from pallas_kernels.int4_mosaic import dequantize_mosaic, is_mosaic_layout, mosaic_matmul
 from qspec_jax.config import LlamaConfig
-from qspec_jax import hierarchical_kv as hkv
-from qspec_jax.kv_cache import HierarchicalKVCache, KVCache, write_layer
+from qspec_jax.kv_cache import NoCache
+from qspec_jax.rotation import online_transform
 
 MODES = ("bf16", "w4a16", "w4a4", "w4a8")
-# Decode and verify passes (T <= this many new positions) over a bf16 cache read it through the
-# flash-decoding kernel on the GPU (pallas_kernels/decode_attention.py), which reads only the slots
-# below each row's length; prefill chunks and the CPU use the einsum `attention`. 0 turns the
-# kernel off (scripts/bench_long_context.py's "+einsum" modes measure the difference).
-KERNEL_ATTENTION_MAX_T = 32
-KERNEL_ATTENTION_BACKEND = "auto"  # "auto": the kernel on GPU only; tests set "interpret" to run it on CPU
 KV_VIEWS = ("int8", "int4")  # how a forward reads a HierarchicalKVCache (ignored by a bf16 KVCache)
 
 
@@ -155,153 +150,83 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention(q, k, v, q_pos, k_pos):
-    """Grouped-query attention. q: [B, T, H, hd]; k, v: [B, KV, S, hd]; q_pos: [B, T]; k_pos: [B, S].
-
-    A query at position p sees keys at positions <= p; everything else (padding, stale or future
-    slots) is masked.
-    """
-    b, t, h, hd = q.shape
-    kv = k.shape[1]
-    q = q.reshape(b, t, kv, h // kv, hd).transpose(0, 2, 3, 1, 4)  # [B, KV, rep, T, hd]
-    scores = jnp.einsum("bgrtd,bgsd->bgrts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(hd)
-    mask = k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None]
-    scores = jnp.where(mask, scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bgrts,bgsd->bgrtd", probs, v.astype(q.dtype), preferred_element_type=jnp.float32)
-    return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)
-
-
 def _online_rotation(params, name):
     """The online transform before `o_proj` / `down_proj` of a rotated model, or None."""
     rot = params.get("online_rotation")
-    if rot is None:
-        return None
-    from qspec_jax.rotation import online_transform
+    return None if rot is None else partial(online_transform, rotation=rot[name])
 
-    return partial(online_transform, rotation=rot[name])
+
+def decoder_layer(x, lp, i, cache, positions, *, config: LlamaConfig, params: dict, project, kv_view="int8"):
+    """Layer i of the model: attention through `cache`'s layer i, then the MLP. Returns (x, cache).
+
+    x: [B, T, D]; lp: the layer's weights; `project(x, lp, name)` applies projection `name` ("wqkv"
+    or "wq"/"wk"/"wv", "wo", "w_gate_up" or "w_gate"/"w_up", "w_down"): `forward` runs it in its
+    mode, GPTQ's calibration (qspec_jax.gptq) also records what each projection reads.
+    """
+    b, t, _ = x.shape
+    nh, nkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    inv_freq = rope_inv_freq(config)
+    rot_o, rot_down = _online_rotation(params, "o_proj"), _online_rotation(params, "down_proj")
+    h = rms_norm(x, lp.get("attn_norm"), config.rms_norm_eps)
+    if "wqkv" in lp:
+        q, k, v = jnp.split(project(h, lp, "wqkv"), [nh * hd, (nh + nkv) * hd], axis=-1)
+    else:
+        q, k, v = project(h, lp, "wq"), project(h, lp, "wk"), project(h, lp, "wv")
+    q = apply_rope(q.reshape(b, t, nh, hd), positions, inv_freq)
+    k = apply_rope(k.reshape(b, t, nkv, hd), positions, inv_freq).transpose(0, 2, 1, 3)
+    v = v.reshape(b, t, nkv, hd).transpose(0, 2, 1, 3)
+    cache = cache.write(i, k, v, positions[:, 0])
+    a = cache.attend(i, q, positions, view=kv_view).reshape(b, t, nh * hd)
+    if rot_o is not None:
+        a = rot_o(a)
+    x = x + project(a, lp, "wo").astype(x.dtype)
+    h = rms_norm(x, lp.get("mlp_norm"), config.rms_norm_eps)
+    if "w_gate_up" in lp:
+        gate, up = jnp.split(project(h, lp, "w_gate_up"), 2, axis=-1)
+    else:
+        gate, up = project(h, lp, "w_gate"), project(h, lp, "w_up")
+    g = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
+    if rot_down is not None:
+        g = rot_down(g)
+    return x + project(g, lp, "w_down").astype(x.dtype), cache
 
 
 def forward(
     params: dict,
     tokens: jax.Array,
     positions: jax.Array,
-    cache,  # Optional[KVCache | HierarchicalKVCache]
+    cache,  # None, or a cache of the kv_cache.py interface: KVCache, hierarchical_kv.HierarchicalKVCache
     *,
     config: LlamaConfig,
     mode: str = "bf16",
     kv_view: str = "int8",
     logit_index: Optional[jax.Array] = None,
-    collect_grams: bool = False,
 ):
-    """Run the model over `tokens: [B, T]` at `positions: [B, T]` (int32).
+    """Run the model over `tokens: [B, T]` at `positions: [B, T]` (int32). Returns `(logits f32, cache)`.
 
-    With a cache, each row's new K/V are written at slots `positions[:, 0] + arange(T)` and attention
-    reads the whole cache; the caller keeps `positions[:, 0] + T <= cache.max_len`. With `cache=None`
-    it is a plain causal forward over the given tokens. `logit_index: [B, n]` picks which of the T
-    positions get logits (saves the head's cost in prefill). Returns `(logits f32, cache)`; the
-    cache's `lengths` are left for the caller to set. `collect_grams=True` (calibration, see
-    qspec_jax.gptq) also returns the f32 Gram matrices X^T X of every projection input over all
-    B*T rows, per layer: `{"attn": [L, D, D], "o": .., "mlp": .., "down": ..}` (q/k/v share "attn",
-    gate/up share "mlp").
-
-    With a `HierarchicalKVCache` (decode and verify steps; prompts are prefilled with a plain causal
-    pass, see `HierarchicalKVCache.from_prompt`), each layer writes its new K/V into the recent
-    buffer at `positions[:, 0] + arange(T)` and attends over the `kv_view` ("int8" / "int4") planes
-    plus the buffer (pallas_kernels.decode_attention). `kv_view` is ignored with a bf16 `KVCache`.
+    With a cache, each layer writes its new K/V at positions `positions[:, 0] + arange(T)` and
+    attends over the cache (`kv_view`: how a hierarchical cache is read, "int8" or "int4"); the
+    caller keeps `positions[:, 0] + T <= cache.max_len` and sets the returned cache's `lengths`.
+    With `cache=None` it is a plain causal forward over the given tokens (and returns None).
+    `logit_index: [B, n]` picks which of the T positions get logits (saves the head's cost in
+    prefill).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     if kv_view not in KV_VIEWS:
         raise ValueError(f"unknown kv_view {kv_view!r}; expected one of {KV_VIEWS}")
-    hier = isinstance(cache, HierarchicalKVCache)
-    dtype = params["embed"].dtype
-    b, t = tokens.shape
-    nh, nkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
-    inv_freq = rope_inv_freq(config)
+    kv = NoCache() if cache is None else cache
     x = params["embed"][tokens]
-    lin = partial(linear, mode=mode)
-    rot_o, rot_down = _online_rotation(params, "o_proj"), _online_rotation(params, "down_proj")
-    starts = positions[:, 0]
-    backend = pallas_kernels.resolve_backend(KERNEL_ATTENTION_BACKEND)
-    use_kernel = (cache is not None and not hier and t <= KERNEL_ATTENTION_MAX_T and cache.max_len % 16 == 0
-                  and backend != "reference")
-    if hier:
-        k_pos = None
-    elif cache is not None:
-        k_pos = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (b, cache.max_len))
-    else:
-        k_pos = positions
-
-    def layer(x, lp, k_cache, v_cache):
-        grams = {}
-
-        def observe(kind, inp):  # the Gram matrix of a projection input, for GPTQ calibration
-            if collect_grams:
-                xf = inp.reshape(-1, inp.shape[-1]).astype(jnp.float32)
-                grams[kind] = jnp.dot(xf.T, xf, precision=jax.lax.Precision.HIGHEST)
-
-        h = rms_norm(x, lp.get("attn_norm"), config.rms_norm_eps)
-        observe("attn", h)
-        if "wqkv" in lp:
-            q, k, v = jnp.split(lin(h, lp["wqkv"]), [nh * hd, (nh + nkv) * hd], axis=-1)
-        else:
-            q, k, v = lin(h, lp["wq"]), lin(h, lp["wk"]), lin(h, lp["wv"])
-        q = apply_rope(q.reshape(b, t, nh, hd), positions, inv_freq)
-        k = apply_rope(k.reshape(b, t, nkv, hd), positions, inv_freq).transpose(0, 2, 1, 3)
-        v = v.reshape(b, t, nkv, hd).transpose(0, 2, 1, 3)
-        if hier:  # k_cache is this layer's HierarchicalKV, v_cache None
-            k_cache = hkv.write(k_cache, k, v, starts)
-            a = hkv.attention(k_cache, q, positions, variant=kv_view).reshape(b, t, nh * hd)
-        else:
-            if k_cache is not None:
-                k = k_cache = write_layer(k_cache, k, starts)
-                v = v_cache = write_layer(v_cache, v, starts)
-            if use_kernel:
-                a = pallas_kernels.decode_attention(q, positions, (k, v), starts + t, backend=backend)
-                a = a.reshape(b, t, nh * hd)
-            else:
-                a = attention(q, k, v, positions, k_pos)
-        if rot_o is not None:
-            a = rot_o(a)
-        observe("o", a)
-        x = x + lin(a, lp["wo"]).astype(dtype)
-        h = rms_norm(x, lp.get("mlp_norm"), config.rms_norm_eps)
-        observe("mlp", h)
-        if "w_gate_up" in lp:
-            gate, up = jnp.split(lin(h, lp["w_gate_up"]), 2, axis=-1)
-        else:
-            gate, up = lin(h, lp["w_gate"]), lin(h, lp["w_up"])
-        g = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
-        g = g.astype(dtype)
-        if rot_down is not None:
-            g = rot_down(g)
-        observe("down", g)
-        x = x + lin(g, lp["w_down"]).astype(dtype)
-        return x, k_cache, v_cache, grams
+    def project(x, lp, name):
+        return linear(x, lp[name], mode)
 
     # The layers unrolled in Python over separate per-layer buffers (see unstack_layers): a
     # lax.scan over stacked weights made XLA copy every layer's weights and KV slice each step.
-    nl = config.num_layers
-    ks, vs = [None] * nl, [None] * nl
-    if hier:
-        ks = list(cache.layers)
-    elif cache is not None:
-        ks, vs = list(cache.k), list(cache.v)
-    all_grams = []
-    for i, lp in enumerate(layer_params(params, nl)):
-        x, ks[i], vs[i], grams = layer(x, lp, ks[i], vs[i])
-        all_grams.append(grams)
+    for i, lp in enumerate(layer_params(params, config.num_layers)):
+        x, kv = decoder_layer(x, lp, i, kv, positions, config=config, params=params, project=project, kv_view=kv_view)
     if logit_index is not None:
         x = jnp.take_along_axis(x, logit_index[..., None], axis=1)
     x = rms_norm(x, params.get("final_norm"), config.rms_norm_eps)
     head = params["lm_head"] if "lm_head" in params else params["embed"].T
-    logits = jnp.dot(x, head.astype(dtype), preferred_element_type=jnp.float32)
-    if hier:
-        cache = cache.replace(layers=tuple(ks))
-    elif cache is not None:
-        cache = cache.replace(k=tuple(ks), v=tuple(vs))
-    if collect_grams:
-        return logits, cache, {kind: jnp.stack([g[kind] for g in all_grams]) for kind in all_grams[0]}
-    return logits, cache
+    logits = jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    return logits, None if cache is None else kv

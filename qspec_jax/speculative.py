@@ -36,7 +36,8 @@ import numpy as np
 from flax import struct
 
 from qspec_jax.config import LlamaConfig
-from qspec_jax.kv_cache import HierarchicalKVCache, KVCache, check_hierarchical, flush
+from qspec_jax.hierarchical_kv import HierarchicalKVCache, check_cache
+from qspec_jax.kv_cache import KVCache
 from qspec_jax.model import MODES, forward, unstack_layers
 from qspec_jax.policy import AdaptiveGamma, pick_gamma
 from qspec_jax.sampling import greedy_accept, probabilities, sample, speculative_accept
@@ -438,7 +439,7 @@ def decode_loop(
         n_acc, nxt = accept(k, drafts, q, logits, temperature, forced, policy=policy, top_p=top_p, limit=drafted)
         state = advance(state.replace(cache=cache, key=key), drafts, n_acc, nxt, eos_ids=eos_ids,
                         max_new_tokens=max_new_tokens, drafted=drafted)
-        return state.replace(cache=flush(state.cache, gamma + 1))  # int8: quantize accepted groups; bf16: as is
+        return state.replace(cache=state.cache.flush(gamma + 1))  # int8: quantize accepted groups; bf16: as is
 
     def fixed_cycle(g: int):
         def cycle(state: LoopState) -> LoopState:
@@ -629,7 +630,7 @@ def prepare(
     if kv not in KV_CACHES:
         raise ValueError(f"unknown kv {kv!r}; expected one of {KV_CACHES}")
     if kv == "int8":  # on the host: a cycle's writes must fit the recent buffer
-        check_hierarchical(config, b, cache_length(p, max_new_tokens, gamma), headroom=int(gamma) + 1,
+        check_cache(config, b, cache_length(p, max_new_tokens, gamma), headroom=int(gamma) + 1,
                            group=int(kv_group), window=int(kv_window))
     eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
     args = (

@@ -7,7 +7,7 @@ layer's cache (a batch-16 cache at 8k tokens is 1 GB in bf16: far beyond L2), ea
 tiny fraction of its output back into q. Bytes = what the variant must read (codes, scales and
 minimums; bf16 K and V); fraction = bytes / time / the measured memcpy bandwidth. Beside it, jax's
 own `jax.experimental.pallas.ops.gpu.decode_attention.gqa` over the same bf16 KV, and XLA's
-attention (the einsum path of qspec_jax.model.attention). INT8 / INT4 planes are built in the layout
+attention (the einsum path of qspec_jax.kv_cache.attention). INT8 / INT4 planes are built in the layout
 the hierarchical cache stores (value planes transposed, `decode_attention.V_LAYOUT`).
 
   python scripts/bench_attention.py --out benchmarks/kv/h200_attention.json     # GPU
@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 from pallas_kernels.decode_attention import DEFAULTS, V_LAYOUT, QuantKV, decode_attention  # noqa: E402
 from bandwidth import best_copy_bandwidth  # noqa: E402
 from qspec_jax.evaluation import run_metadata  # noqa: E402
-from qspec_jax.model import attention as xla_attention  # noqa: E402
+from qspec_jax.kv_cache import attention as xla_attention  # noqa: E402
 
 H, KV, HD, GROUP = 32, 8, 128, 128
 

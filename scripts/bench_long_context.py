@@ -44,10 +44,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bandwidth import best_copy_bandwidth  # noqa: E402
-from qspec_jax import checkpoint, hierarchical_kv, model, quantize, speculative  # noqa: E402
+from qspec_jax import checkpoint, hierarchical_kv, kv_cache, quantize, speculative  # noqa: E402
 from qspec_jax.config import get_preset  # noqa: E402
 from qspec_jax.evaluation import run_metadata  # noqa: E402
-from qspec_jax.kv_cache import HierarchicalKVCache, KVCache  # noqa: E402
+from qspec_jax.hierarchical_kv import HierarchicalKVCache  # noqa: E402
+from qspec_jax.kv_cache import KVCache  # noqa: E402
 from qspec_jax.model import fuse_projections, unstack_layers  # noqa: E402
 
 # The target cells (batch x context): G1/G2 at batch 16, G3 at 1 x 8k and 4 x 32k.
@@ -174,14 +175,14 @@ def plan_mode(name, weights, config, batch, context, new_tokens, traces, fallbac
             "cache": lambda: build_cache(config, s["kv"], batch, context, max_len, key=key, group=group,
                                          window=window, headroom=s["gamma"] + 1, dtype=jnp.bfloat16),
             "args": lambda c: (params, c, first, jax.random.key(1), jnp.float32(1.0), trace)}
-    kernel_t = model.KERNEL_ATTENTION_MAX_T
-    model.KERNEL_ATTENTION_MAX_T = 0 if s.get("einsum") else kernel_t  # read when the forward is traced
+    kernel_t = kv_cache.KERNEL_ATTENTION_MAX_T
+    kv_cache.KERNEL_ATTENTION_MAX_T = 0 if s.get("einsum") else kernel_t  # read when the forward is traced
     speculative.decode_jit.clear_cache()  # so the flag's value, not a cached trace, decides
     try:
         plan["lowered"] = speculative.decode_jit.lower(*plan["args"](jax.eval_shape(plan["cache"])), *plan["extra"],
                                                        **static)
     finally:
-        model.KERNEL_ATTENTION_MAX_T = kernel_t
+        kv_cache.KERNEL_ATTENTION_MAX_T = kernel_t
         speculative.decode_jit.clear_cache()
     return plan
 

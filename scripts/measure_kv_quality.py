@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from qspec_jax import datasets, speculative  # noqa: E402
 from qspec_jax.evaluation import run_metadata, tokenize_texts  # noqa: E402
 from qspec_jax.loading import encode_prompts  # noqa: E402
-from qspec_jax.kv_cache import HierarchicalKVCache, KVCache, flush  # noqa: E402
+from qspec_jax.hierarchical_kv import HierarchicalKVCache  # noqa: E402
+from qspec_jax.kv_cache import KVCache  # noqa: E402
 from qspec_jax.model import forward, unstack_layers  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def cached_nll(params, tokens, *, config, kv, prefix, block, group, window):
         logits, cache = forward(params, inp, pos, cache, config=config, mode="w4a16", kv_view=view)
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
-        cache = flush(cache.replace(lengths=cache.lengths + block), block)
+        cache = cache.replace(lengths=cache.lengths + block).flush(block)
         return cache, nll
 
     _, nll = jax.lax.scan(step, cache, jnp.arange(n))  # [n, B, block]

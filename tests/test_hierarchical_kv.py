@@ -193,7 +193,7 @@ def test_attention_over_the_cache(rng, variant):
     k_pos = np.broadcast_to(np.arange(200), (B, 200))
     exact = np_attention(f64(q), q_pos, k.astype(np.float64), v.astype(np.float64), k_pos, np.ones((B, 200), bool))
     for backend in KERNEL_BACKENDS + ["reference"]:
-        out = f64(hkv.attention(cache, q, q_pos, variant=variant, backend=backend))
+        out = f64(hkv.attention(cache, q, q_pos, view=variant, backend=backend))
         assert np.abs(out - want).max() < 2e-5, backend
         rel = np.linalg.norm(out - exact) / np.linalg.norm(exact)
         assert rel < (0.02 if variant == "int8" else 0.25), (backend, rel)

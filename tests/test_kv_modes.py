@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from qspec_jax import quantize
-from qspec_jax import hierarchical_kv as hkv
 from qspec_jax.config import get_preset
-from qspec_jax.kv_cache import HierarchicalKVCache, KVCache, flush
+from qspec_jax.hierarchical_kv import HierarchicalKVCache
+from qspec_jax.kv_cache import KVCache
 from qspec_jax.model import forward as _forward
 
 forward = jax.jit(_forward, static_argnames=("config", "mode", "kv_view"))
@@ -41,18 +41,8 @@ def _prefilled(params, toks, lens, max_len, *, group, window, headroom):
 def _as_plain(hier: HierarchicalKVCache, view: str) -> KVCache:
     """A KVCache holding what the hierarchical cache's `view` reads for a query at each row's
     length L: dequantized planes below the cut c(L), the recent buffer from c(L) on."""
-    ks, vs = [], []
-    for c in hier.layers:
-        k, v = hkv.dequantize(c, view)
-        S, R = c.max_len, c.window
-        pos = jnp.arange(S)
-        cut = c.cuts(hier.lengths)
-        r = jnp.clip(pos[None, :] - c.r_start[:, None], 0, R - 1)  # [B, S]
-        idx = r[:, None, :, None]
-        in_buf = (pos[None, :] >= cut[:, None])[:, None, :, None]
-        ks.append(jnp.where(in_buf, jnp.take_along_axis(c.k_recent, idx, axis=2), k))
-        vs.append(jnp.where(in_buf, jnp.take_along_axis(c.v_recent, idx, axis=2), v))
-    return KVCache(k=tuple(ks), v=tuple(vs), lengths=hier.lengths)
+    k, v = zip(*(hier.dense(i, view) for i in range(len(hier.layers))))
+    return KVCache(k=k, v=v, lengths=hier.lengths)
 
 
 @pytest.mark.parametrize("view", ["int8", "int4"])
@@ -81,11 +71,11 @@ def test_forward_reads_the_view(tiny_qparams, view):
                 w, seq = forward(tiny_qparams, new[:, i:i + 1], pos[:, i:i + 1], seq, config=TINY, mode="w4a16",
                                  kv_view=view)
                 wants.append(w)
-                seq = flush(seq.replace(lengths=seq.lengths + 1), 1)
+                seq = seq.replace(lengths=seq.lengths + 1).flush(1)
             want = jnp.concatenate(wants, axis=1)
         got, hier = forward(tiny_qparams, new, pos, hier, config=TINY, mode="w4a16", kv_view=view)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4, err_msg=f"step {step}")
-        hier = flush(hier.replace(lengths=hier.lengths + t), headroom)
+        hier = hier.replace(lengths=hier.lengths + t).flush(headroom)
         if t > 1:  # the maintained state depends on the lengths only
             for a, b in zip(jax.tree_util.tree_leaves(hier), jax.tree_util.tree_leaves(seq)):
                 if a.dtype == jnp.int32:
@@ -206,9 +196,9 @@ def test_cli_kv_flag():
 
 def test_bf16_cache_read_through_the_kernel_matches_einsum(tiny_qparams, monkeypatch):
     """On the GPU, decode and verify passes over a bf16 cache read it through the flash-decoding
-    kernel (model.KERNEL_ATTENTION_BACKEND); here it runs in interpret mode against the einsum path:
+    kernel (kv_cache.KERNEL_ATTENTION_BACKEND); here it runs in interpret mode against the einsum path:
     the same logits for a verify block over a prefilled cache with rows of different lengths."""
-    import qspec_jax.model as model
+    import qspec_jax.kv_cache as kv_cache
 
     rng = np.random.default_rng(SEED)
     toks, lens = pad_prompts([list(rng.integers(3, TINY.vocab_size, n)) for n in (37, 9)])
@@ -216,7 +206,7 @@ def test_bf16_cache_read_through_the_kernel_matches_einsum(tiny_qparams, monkeyp
     block = jnp.asarray(rng.integers(3, TINY.vocab_size, (2, 4)), jnp.int32)
     pos = lens[:, None] + jnp.arange(4, dtype=jnp.int32)
     ref, ref_cache = _forward(tiny_qparams, block, pos, cache, config=TINY, mode="w4a16")
-    monkeypatch.setattr(model, "KERNEL_ATTENTION_BACKEND", "interpret")
+    monkeypatch.setattr(kv_cache, "KERNEL_ATTENTION_BACKEND", "interpret")
     out, out_cache = _forward(tiny_qparams, block, pos, cache, config=TINY, mode="w4a16")
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-4, atol=2e-4)
     # Layer 1's new keys come from layer 0's attention output: equal up to f32 rounding.

@@ -289,9 +289,9 @@ def test_generate_never_writes_past_the_cache(tiny_qparams, rng, monkeypatch):
     dropped by the scatter, or with a clamping write lands on earlier slots: silent either way.)
     Row 0 accepts every draft and finishes in two cycles, its last one cut by the budget; row 1
     accepts nothing and keeps the loop running."""
-    import qspec_jax.model as model
+    import qspec_jax.kv_cache as kv_cache
 
-    ends, sizes, real = [], set(), model.write_layer
+    ends, sizes, real = [], set(), kv_cache.write_layer
 
     def spy(layer_cache, new, starts):
         sizes.add(layer_cache.shape[-2])
@@ -300,7 +300,7 @@ def test_generate_never_writes_past_the_cache(tiny_qparams, rng, monkeypatch):
 
     g, n = 6, 10
     toks, lens = pad_prompts(random_prompts([9, 9, 4], TINY.vocab_size, rng))
-    monkeypatch.setattr(model, "write_layer", spy)
+    monkeypatch.setattr(kv_cache, "write_layer", spy)
     generate_jit.clear_cache()  # trace again, through the spy
     try:
         res = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=n, gamma=g, eos_ids=(),
