@@ -264,8 +264,11 @@ def w4a8_mosaic(x, mw, *, act_bits: int = 8, tiles: MosaicTiles = MosaicTiles(),
                 interpret: bool = False, probe: str = ""):
     """W4A8 (act_bits 8) or W4A4 (act_bits 4): x [M, K] quantized per token over the weight's
     groups as w4a4.quantize_activations does, int8 x int8 MMAs, f32 rescale per group."""
+    import os
+
     from .w4a4 import quantize_activations
 
+    probe = probe or os.environ.get("QSPEC_MOSAIC_W4A8_PROBE", "")  # debugging the int8 path
     N, K = mw["w"].shape
     G = mw["scales"].shape[0]
     xq, xs = quantize_activations(x, K // G, act_bits)  # int8 [M, K], f32 [M, G]

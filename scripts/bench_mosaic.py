@@ -38,7 +38,7 @@ from pallas_kernels.int4_mosaic import (  # noqa: E402
     MosaicTiles, choose_tiles, supported, w4a8_mosaic, w4a16_mosaic,
 )
 from pallas_kernels.packing import pack_block, pack_int4  # noqa: E402
-from pallas_kernels.w4a4 import w4a4_matmul, w4a4_reference  # noqa: E402
+from pallas_kernels.w4a4 import w4a4_reference  # noqa: E402
 from pallas_kernels.w4a16 import w4a16_matmul  # noqa: E402
 from qspec_jax.evaluation import git_commit  # noqa: E402
 
@@ -113,16 +113,17 @@ def cupti(fn, x, ws, iterations=5):
             1e3 * statistics.median(names[main]) * len(names[main]) / len(timings) / n, main)
 
 
-def configs(K, N, M, x_bytes=2):
+def configs(K, N, M, x_bytes=2, wide=False):
     """The sweep's MosaicTiles for one shape: int4_mosaic.choose_tiles' rule and its neighbours
     (half and twice the split, 128-row programs, one more pipeline stage), those that fit."""
     base = choose_tiles(M, N, K, K // GROUP, x_bytes)
-    cands = [base, dataclasses.replace(base, split=base.split * 2),
-             dataclasses.replace(base, rows=128), dataclasses.replace(base, stages=base.stages + 2)]
-    if base.split > 1:
-        cands.insert(1, dataclasses.replace(base, split=base.split // 2))
-    if x_bytes == 2:  # W4A16: the scales-on-weights body, at the rule's tiles and twice the split
-        cands += [dataclasses.replace(t, scale_in_a=True) for t in cands[:2]]
+    cands = [base, dataclasses.replace(base, split=base.split * 2)]
+    if x_bytes == 2:  # W4A16: the scales-on-weights body at the rule's tiles
+        cands.append(dataclasses.replace(base, scale_in_a=True))
+    if wide:
+        cands += [dataclasses.replace(base, rows=128), dataclasses.replace(base, stages=base.stages + 2)]
+        if base.split > 1:
+            cands.insert(1, dataclasses.replace(base, split=base.split // 2))
     out = []
     for t in cands:
         if t not in out and not supported(M, N, K, K // GROUP, t, x_bytes):
@@ -219,10 +220,11 @@ def main():
     ap.add_argument("--same-as", default="4:1,8:1", help="M:M0 pairs timed with M0's best config "
                     "(M <= 8 pads to the same 8-token kernel)")
     ap.add_argument("--no-peers-at", default="8", help="batch sizes timed for our kernels only")
-    ap.add_argument("--w4a8-ms", default="1,16,64,128,256", help="batch sizes of the W4A8 sweep")
+    ap.add_argument("--w4a8-ms", default="1,16,128,256", help="batch sizes of the W4A8 sweep")
     ap.add_argument("--projections", default="gate_up,down,qkv,o")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop sweeping after this long")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--check-s", type=float, default=60.0, help="seconds the float64 checks may add")
     ap.add_argument("--kernels", default="w4a16,w4a8", help="which Mosaic kernels to check and sweep")
     ap.add_argument("--probe", default=None, help="(debug) check W4A8 once with this probe and exit")
     ap.add_argument("--w4a8-probe", default="", help="(debug) the probe the W4A8 sweep runs with")
@@ -260,9 +262,6 @@ def main():
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
 
-    if not args.skip_check:
-        run_checks(results, key, args.kernels)
-        save()
 
     same_as = dict(tuple(map(int, p.split(":"))) for p in args.same_as.split(",") if p)
     ms = sorted(set(map(int, args.ms.split(","))) | set(same_as))
@@ -274,8 +273,7 @@ def main():
         for M in ms:
             if time.time() - t_start > args.budget_s:
                 print("budget spent", flush=True)
-                save()
-                return
+                break
             x = jax.random.normal(jax.random.fold_in(key, M), (M, K), jnp.bfloat16)
             ref = np.asarray(device_reference(x, ws[0]["mosaic"]), np.float64)
             ref8 = np.asarray(w4a4_reference(x, ws[0]["packed"], act_bits=8).astype(jnp.float32),
@@ -288,7 +286,6 @@ def main():
                                                    preferred_element_type=jnp.float32)
                                            * w["int4"][1]).astype(jnp.bfloat16)),
                 "triton_w4a16": (lambda x, w: w4a16_matmul(x, w["packed"])),
-                "triton_w4a8": (lambda x, w: w4a4_matmul(x, w["packed"], act_bits=8)),
             }
             no_peers = str(M) in args.no_peers_at.split(",")
             for name, fn in peers.items():
@@ -320,7 +317,7 @@ def main():
                     if kind == "mosaic_w4a8" and ("mosaic_w4a16", M) in best_of:
                         # the int8 kernel has the same shape: sweep the W4A16 winner's neighbours
                         b = best_of[("mosaic_w4a16", M)]
-                        tiles = [b] + [t for t in tiles if t != b][:1]
+                        tiles = [dataclasses.replace(b, scale_in_a=False)]
                 rows, best = sweep(results, fn_of, tiles, x, ws, r)
                 cell[kind + "_sweep"] = rows
                 if best:
@@ -330,6 +327,8 @@ def main():
             line = " ".join(f"{k}={v['us']:.1f}" for k, v in cell["methods"].items() if "us" in v)
             print(f"{proj:8s} M={M:4d} {line}", flush=True)
             save()
+    if not args.skip_check:  # small shapes against float64, with the time left
+        run_checks(results, key, args.kernels, deadline=t_start + args.budget_s + args.check_s)
     save()
 
 
@@ -354,13 +353,14 @@ def probe_w4a8(probe):
           flush=True)
 
 
-def run_checks(results, key, kernels="w4a16,w4a8"):
+def run_checks(results, key, kernels="w4a16,w4a8", deadline=float("inf")):
     """Small shapes, both scale kinds, odd M: each kernel against float64 on the host."""
     for (K, N, M, gs), t in itertools.product(
-        [(512, 256, 1, 128), (512, 256, 5, 128), (1024, 384, 16, 128), (512, 256, 33, -1),
-         (1152, 576, 7, 64), (4096, 1024, 200, 128)],
-        [MosaicTiles(), MosaicTiles(rows=128, split=2, stages=2), MosaicTiles(rows=64, split=3, stages=3)],
+        [(512, 256, 5, 128), (512, 256, 33, -1), (1152, 576, 7, 64), (4096, 1024, 200, 128)],
+        [MosaicTiles(rows=128, split=2, stages=2), MosaicTiles(rows=64, split=3, stages=3, scale_in_a=True)],
     ):
+        if time.time() > deadline:
+            break
         G = 1 if gs == -1 else K // gs
         if supported(M, N, K, G, t):
             continue

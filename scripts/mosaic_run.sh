@@ -1,27 +1,25 @@
 #!/usr/bin/env bash
-# The Mosaic kernels' GPU run (issue 18), one call: W4A8 probes (each in its own process: a CUDA
-# fault ends only that process), the decode step on both kernel families, then the kernel check +
-# sweep with what time is left. Writes under $1; $2 = sweep budget in seconds.
-out=${1:?usage: scripts/mosaic_run.sh OUTDIR [sweep_budget_s] [projections]}
-budget=${2:-300}; projections=${3:-gate_up,down,qkv,o}
+# The Mosaic kernels' GPU run (issue 18), one call inside a deadline: W4A8 probes (each in its own
+# process: a CUDA fault ends only that process), the decode step on both kernel families, the
+# kernel sweep beside the peers, then the float64 checks. Writes under $1.
+out=${1:?usage: scripts/mosaic_run.sh OUTDIR [seconds] [projections]}
+deadline=$((SECONDS + ${2:-540})); projections=${3:-gate_up,down,qkv,o}
 mkdir -p "$out"; export PYTHONUNBUFFERED=1
-kernels=w4a16; w4a8_probe=""; modes=w4a16,bf16
-for p in "" a_smem via_bf16 no_xs; do
+kernels=w4a16; modes=w4a16,bf16; batches=1,16; export QSPEC_MOSAIC_W4A8_PROBE=""
+for p in "" via_bf16 a_smem; do
   log="$out/probe_${p:-default}.log"
-  timeout 90 python3 scripts/bench_mosaic.py --out "$out" --probe "$p" > "$log" 2>&1
-  grep -E "^probe" "$log" || tail -c 300 "$log"
-  if [ "$kernels" = w4a16 ] && grep -q "rel_err" "$log" && [ "$p" != no_xs ]; then
-    kernels=w4a16,w4a8; w4a8_probe=$p
+  timeout 45 python3 scripts/bench_mosaic.py --out "$out" --probe "$p" > "$log" 2>&1
+  grep -E "^probe" "$log" || tail -c 200 "$log"
+  if grep -q "rel_err" "$log"; then
+    kernels=w4a16,w4a8; modes=w4a16,bf16,w4a8; batches=1,16,64,128; export QSPEC_MOSAIC_W4A8_PROBE=$p; break
   fi
 done
-[ "$kernels" = w4a16,w4a8 ] && [ -z "$w4a8_probe" ] && modes=w4a16,bf16,w4a8
-echo "step modes=$modes; sweep kernels=$kernels w4a8_probe='$w4a8_probe'"
-if [ "${SKIP_STEP:-0}" != 1 ]; then
-  timeout 330 python3 scripts/bench_engine.py --parts step --modes "$modes" --kernels triton,mosaic \
-    --batches 1,16,64,128 --out "$out/step.json" > "$out/step.log" 2>&1
-  echo "step rc=$?"; grep -E "^step|copy|Error" "$out/step.log" | cut -c1-200
-fi
-timeout $((budget + 60)) python3 scripts/bench_mosaic.py --out "$out" --budget-s "$budget" \
-  --kernels "$kernels" --w4a8-probe "$w4a8_probe" --projections "$projections" > "$out/sweep.log" 2>&1
+echo "kernels=$kernels W4A8 probe='$QSPEC_MOSAIC_W4A8_PROBE' ($((deadline - SECONDS)) s left)"
+timeout $((deadline - SECONDS - 240)) python3 scripts/bench_engine.py --parts step --modes "$modes" \
+  --kernels triton,mosaic --batches $batches --repeats 3 --out "$out/step.json" > "$out/step.log" 2>&1
+echo "step rc=$?"; grep -E "^step|copy" "$out/step.log" | cut -c1-160
+left=$((deadline - SECONDS - 15))
+timeout $left python3 scripts/bench_mosaic.py --out "$out" --budget-s $((left - 60)) --check-s 40 \
+  --kernels "$kernels" --projections "$projections" > "$out/sweep.log" 2>&1
 echo "sweep rc=$?"
-grep -E "^(gate_up|down|qkv|o) |budget" "$out/sweep.log" | cut -c1-330
+grep -E "^(gate_up|down|qkv|o) |budget|^check" "$out/sweep.log" | cut -c1-240
