@@ -183,9 +183,9 @@ def summarize(sweep: dict, step: dict | None) -> dict:
             s["kernel_vs_best_peer"].setdefault(proj, {})[str(M)] = min(peers) / ours
         if "triton_w4a16" in t:
             s["kernel_vs_triton_w4a16"].setdefault(proj, {})[str(M)] = t["triton_w4a16"] / ours
-        if M in (128, 256) and proj in ("gate_up", "down") and "mosaic_w4a8" in t \
-                and "torch_cublas_bf16" in t:
-            s["w4a8_vs_cublas_bf16"].setdefault(proj, {})[str(M)] = t["torch_cublas_bf16"] / t["mosaic_w4a8"]
+        cublas = t.get("torch_cublas_bf16", t.get("xla_bf16"))  # XLA's bf16 dot is a cuBLAS call too
+        if M in (128, 256) and proj in ("gate_up", "down") and "mosaic_w4a8" in t and cublas:
+            s["w4a8_vs_cublas_bf16"].setdefault(proj, {})[str(M)] = cublas / t["mosaic_w4a8"]
     for proj in ("gate_up", "down"):
         a, b = us.get((proj, 16), {}), us.get((proj, 64), {})
         if "mosaic_w4a16" in a and "mosaic_w4a16" in b:
@@ -224,6 +224,7 @@ def main():
     ap.add_argument("--projections", default="gate_up,down,qkv,o")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop sweeping after this long")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--torch-kinds", default="tinygemm,cublas_bf16", help="PyTorch linears timed beside")
     ap.add_argument("--check-s", type=float, default=60.0, help="seconds the float64 checks may add")
     ap.add_argument("--kernels", default="w4a16,w4a8", help="which Mosaic kernels to check and sweep")
     ap.add_argument("--probe", default=None, help="(debug) check W4A8 once with this probe and exit")
@@ -294,7 +295,7 @@ def main():
                 cell["methods"][name] = time_kernel(results, fn, x, ws, ref8 if "w4a8" in name else ref)
             cell["methods"].get("xla_int4", {}).pop("rel_err", None)  # per-channel: another function
             if torch_peer is not None and not no_peers:
-                for kind in ("tinygemm", "cublas_bf16"):
+                for kind in args.torch_kinds.split(","):
                     try:
                         us = torch_peer.time_linear("tinygemm" if kind == "tinygemm" else "bf16", M, K, N)
                         cell["methods"]["torch_" + kind] = {"us": us}
