@@ -88,7 +88,7 @@ def main():
         "model": "tiny (random, smoke)" if args.smoke else args.model, "device": "cpu (reference kernels: exact W4A4)",
         "jax": jax.__version__, "commit": git_commit(), "prompts": {str(n): int((labels == n).sum()) for n in sorted(set(labels))},
         "prompt_lengths": [len(r) for r in rows], "padded_width": int(toks.shape[1]),
-        "max_new_tokens": args.max_new_tokens, "eos": "disabled (fixed-length rows)", "policy": "greedy",
+        "max_new_tokens": args.max_new_tokens, "eos": "disabled (fixed-length rows)", "rule": "greedy",
         "w4a16_seconds_cpu": round(base_s, 2), "group_size": args.group_size or "default",
         "weight_rounding": weight_rounding(0 if args.smoke else args.calibration_tokens),
     }

@@ -245,7 +245,7 @@ def main():
            "long_prompts": {"source": "multi-turn ShareGPT conversations (chat template, turns up to the last user "
                                       "turn within long_max tokens)", "records": long_records,
                             "long_min": args.long_min, "long_max": args.long_max},
-           "max_new_tokens": args.max_new_tokens, "eos": "disabled (fixed-length rows)", "policy": "greedy",
+           "max_new_tokens": args.max_new_tokens, "eos": "disabled (fixed-length rows)", "rule": "greedy",
            "identity_reference": "plain greedy decoding (gamma 0) by the run's verifier on the same kv cache: "
                                  "W4A16 int4 weights for QSpec, the float weights for QuantSpec",
            "baselines": [], "runs": []}
@@ -255,7 +255,7 @@ def main():
     trace_meta.update({
         "device": "cpu (reference kernels: exact W4A4 / W4A8 math)",
         "long_prompt_records": long_records, "max_new_tokens": args.max_new_tokens,
-        "eos": "disabled (fixed-length rows)", "policy": "greedy",
+        "eos": "disabled (fixed-length rows)", "rule": "greedy",
         "batches": "short: HumanEval + ShareGPT first-turn prompts (traces_<kv>kv.json); long: multi-turn ShareGPT "
                    "conversations of long_min..long_max tokens (traces_<kv>kv_long.json)",
         "long_min": args.long_min, "long_max": args.long_max,
