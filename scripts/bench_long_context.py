@@ -7,7 +7,7 @@ leave it (random K/V for the context's positions; the int8 cache quantized from 
 `hierarchical_kv.prefill` a real prefill ends with) and only the decode loop is timed:
 `speculative.decode_jit`, the while loop `generate` runs after its prefill, compiled ahead of time,
 one warm-up call, then the median of `reps` calls, each on a freshly built cache (the call donates
-it). Acceptance is replayed per cycle from traces recorded on the real SmolLM2 (`replay` policy):
+it). Acceptance is replayed per cycle from traces recorded on the real SmolLM2 (`scripts/replay.py`):
 QSpec on the int8 cache and QuantSpec from benchmarks/kv/traces_int8kv.json
 (scripts/measure_kv_quality.py: the drafts read the INT4 view there too), QSpec on bf16 KV from
 benchmarks/acceptance/traces.json. The real model's context is 8192 tokens (its traces are from

@@ -2,7 +2,7 @@
 
 Every mode runs its whole compiled generate program (prefill + `lax.while_loop`), timed after an
 ahead-of-time compile and a warm-up call. QSpec on generated weights cannot produce meaningful
-acceptance, so it uses the `replay` policy with per-cycle acceptance traces recorded on the real
+acceptance, so it uses the replay rule (`scripts/replay.py`) with per-cycle acceptance traces recorded on the real
 SmolLM2 (scripts/measure_acceptance.py): the control flow is what the real model would execute.
 
 Per-step times come from the same run: t_step(mode) = (T(n) - T_prefill) / (n - 1), where T_prefill
@@ -220,7 +220,7 @@ def qspec_entry(res, t, compile_s, batch, new_tokens, base, step, prefill_s, dra
 
 def auto_settings(auto, prompts, lens, new_tokens, common, traces=None):
     """(settings to time, policy.Choice): `gamma="auto"` resolved exactly as `generate` resolves it for
-    a user (`speculative.resolve_auto`, greedy policy); with gamma > 0 the acceptance is then replayed
+    a user (`speculative.resolve_auto`, greedy rule); with gamma > 0 the acceptance is then replayed
     from the real-model trace at that (draft, gamma), as the fixed-gamma entries are (an adaptive loop
     clips each cycle's count to the gamma it drafted)."""
     settings, choice = speculative.resolve_auto(prompts, lens, dict(max_new_tokens=new_tokens, gamma="auto", **common),

@@ -15,7 +15,7 @@
 3. Traces: every speculative run's per-cycle accepted counts (`GenerationResult.trace`, [B, cycles])
    go to traces_<kv>kv.json (short batch) and traces_<kv>kv_long.json (long batch), in the format of
    benchmarks/acceptance/traces.json (keys "<draft>_g<gamma>", QuantSpec "quantspec_w4a16_g<gamma>"),
-   for the `replay` policy of the GPU benchmarks. Results are saved after every run.
+   for the replay rule (`scripts/replay.py`) of the GPU benchmarks. Results are saved after every run.
 
     python scripts/measure_kv_quality.py            # results in benchmarks/kv/kv_quality.json
     python scripts/measure_kv_quality.py --smoke    # tiny random model, about two minutes

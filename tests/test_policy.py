@@ -344,7 +344,7 @@ def test_pick_gamma_matches_a_float64_reference():
 
 
 def simulate_adaptive(traces, adaptive, max_new_tokens):
-    """The adaptive loop's bookkeeping under the replay policy, in float64 NumPy: each cycle picks its
+    """The adaptive loop's bookkeeping under the replay rule, in float64 NumPy: each cycle picks its
     gamma from the pooled counts (`reference_pick`) until that is 0, plain decoding after; every active
     row accepts its trace's next count clipped to that gamma and emits it plus one token, cut at its
     budget. Returns the per-row (gamma_cycles, accepted_at, reached_at) the loop should end with."""
