@@ -221,19 +221,24 @@ def draft(params, state: LoopState, gamma, spec: GenerationSpec):
     """`gamma` draft steps from each row's pending token, each writing its K/V at the row's next slot.
     Returns (Drafts, state with the cache and key they moved on). A fixed gamma is a scan of that many
     steps; a traced one (<= spec.gamma) a loop of that many iterations into buffers of width spec.gamma."""
-    if isinstance(gamma, int):
-        if gamma == 0:
-            return Drafts(jnp.zeros((state.pending.shape[0], 0), jnp.int32), None, 0), state
+    if not isinstance(gamma, int):
+        return _draft_upto(params, state, gamma, spec)
+    if gamma == 0:
+        return Drafts(jnp.zeros((state.pending.shape[0], 0), jnp.int32), None, 0), state
 
-        def scan_step(carry, j):
-            cache, tok, key = carry
-            nxt, q, cache, key = draft_step(params, cache, tok, key, j, spec)
-            return (cache, nxt, key), (nxt, q)
+    def scan_step(carry, j):
+        cache, tok, key = carry
+        nxt, q, cache, key = draft_step(params, cache, tok, key, j, spec)
+        return (cache, nxt, key), (nxt, q)
 
-        (cache, _, key), (tokens, q) = jax.lax.scan(scan_step, (state.cache, state.pending, state.key), jnp.arange(gamma))
-        q = None if q is None else jnp.swapaxes(q, 0, 1)
-        return Drafts(tokens.T, q, gamma), state.replace(cache=cache, key=key)
+    (cache, _, key), (tokens, q) = jax.lax.scan(scan_step, (state.cache, state.pending, state.key), jnp.arange(gamma))
+    q = None if q is None else jnp.swapaxes(q, 0, 1)
+    return Drafts(tokens.T, q, gamma), state.replace(cache=cache, key=key)
 
+
+def _draft_upto(params, state: LoopState, gamma, spec: GenerationSpec):
+    """`draft` for a traced gamma <= spec.gamma (an adaptive cycle): a loop of that many steps; the
+    entries from `gamma` on stay zeros and are never accepted."""
     b, width = state.pending.shape[0], spec.gamma
     tokens = jnp.zeros((b, width), jnp.int32)
     q = jnp.zeros((b, width, spec.config.vocab_size), jnp.float32) if spec.rule.keeps_q else None
