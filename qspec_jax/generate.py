@@ -201,6 +201,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from qspec_jax import policy, speculative
+    from qspec_jax.acceptance import Greedy, Sampling
     from qspec_jax.kernel_choice import arrange_weights
     from qspec_jax.model import unstack_layers
     from qspec_jax.tokenizer import load_tokenizer
@@ -236,8 +237,7 @@ def run(args) -> int:
         gamma=args.gamma if qspec else gamma if quantspec else 0,
         draft_mode=(args.draft or ("w4a4" if auto is None else None)) if qspec else "w4a16",
         verify_mode="w4a16" if args.mode == "qspec" else "bf16" if quantspec else args.mode,
-        policy="sampling" if sampling else "greedy",
-        temperature=args.temperature if sampling else 1.0, top_p=args.top_p if sampling else 1.0, seed=args.seed,
+        rule=Sampling(args.temperature, args.top_p) if sampling else Greedy(), seed=args.seed,
         prefill_chunk=args.prefill_chunk, kv=kv,
     )
     if quantspec:

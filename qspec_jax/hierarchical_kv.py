@@ -59,6 +59,9 @@ from qspec_jax.kv_cache import replace_at
 
 V_LAYOUT = "tokens"  # how the value planes are stored (decode_attention's v_layout)
 
+# Default key group (tokens per per-channel key scale) and full-precision recent window, in slots.
+KV_GROUP, KV_WINDOW = 128, 256
+
 
 @struct.dataclass
 class HierarchicalKV:
@@ -111,7 +114,7 @@ def default_delay(group: int) -> int:
     return max(1, group // 2)
 
 
-def create(batch: int, kv_heads: int, head_dim: int, max_len: int, *, group: int = 128, window: int = 256,
+def create(batch: int, kv_heads: int, head_dim: int, max_len: int, *, group: int = KV_GROUP, window: int = KV_WINDOW,
            delay: int = None, dtype=jnp.bfloat16, scale_dtype=jnp.float16) -> HierarchicalKV:
     """An empty cache; the planes hold max_len rounded up to a multiple of `group` slots. `delay`
     (D, default `default_delay(group)`) fixes every query's cut (module docstring)."""
@@ -365,7 +368,7 @@ class HierarchicalKVCache:
 
     @classmethod
     def from_prompt(cls, config: LlamaConfig, k: tuple, v: tuple, lengths: jax.Array, max_len: int, *,
-                    headroom: int, group: int = 128, window: int = 256, delay=None,
+                    headroom: int, group: int = KV_GROUP, window: int = KV_WINDOW, delay=None,
                     dtype=jnp.bfloat16) -> "HierarchicalKVCache":
         """A cache of `max_len` positions per row filled from a prompt's per-layer k, v
         [B, KV, P, hd] (e.g. a bf16 `KVCache`'s buffers after a causal prefill); `headroom` is the

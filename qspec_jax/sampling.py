@@ -1,4 +1,5 @@
-"""Token choice: greedy, temperature / top-p sampling, and the two speculative acceptance rules."""
+"""Token-choice math: temperature / top-p probabilities, sampling, and the two speculative acceptance
+rules (greedy top-1 match, speculative sampling) that `acceptance.py`'s rule values call."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def sample(key: jax.Array, probs: jax.Array) -> jax.Array:
 
 
 def greedy_accept(draft: jax.Array, target_logits: jax.Array, limit=None):
-    """Top-1 acceptance (the QSpec paper's policy).
+    """Top-1 acceptance (the QSpec paper's rule; `acceptance.Greedy`).
 
     draft: [B, g] drafted tokens; target_logits: [B, g+1, V] the verifier's logits at the g+1 positions.
     Returns (n_accepted [B], next_token [B]): the drafted prefix that matches the verifier's argmax,

@@ -1,18 +1,20 @@
 """QSpec: draft in W4A4 (or W4A8), verify in W4A16, one weight pytree, one KV cache, one program.
 
-A cycle, for every row at once:
-  1. `gamma` draft steps in the draft mode, each writing its K/V at the row's next slot;
-  2. one verify forward in W4A16 over the pending token and the `gamma` drafts, which overwrites
+One cycle, for every row at once (`cycle`, below; each step a module-level function over the named
+loop state `LoopState`, testable alone):
+  1. `draft`: gamma draft steps in the draft mode, each writing its K/V at the row's next slot;
+  2. `verify`: one forward in the verify mode over the pending token and the drafts, overwriting
      those same slots with the verifier's K/V;
-  3. acceptance: the longest drafted prefix the verifier agrees with, plus the verifier's own next
-     token (a correction, or a bonus token when everything was accepted).
-Each step is a module-level function (`draft`, `verify`, `accept`, then `advance` for the
-bookkeeping) over a named carry, `LoopState`. The whole generation (prefill, then a
-`lax.while_loop` over cycles) is one jitted function, `generate_jit`. With
-`gamma=0` there are no drafts and a cycle is one plain decode step in `verify_mode`: that is how the
-autoregressive baselines (bf16, w4a16, w4a4, w4a8) run, through the same loop.
+  3. `accept`: the acceptance rule (`acceptance.Greedy`, `acceptance.Sampling`) keeps the longest
+     drafted prefix it agrees with, plus the verifier's own next token;
+  4. `advance`: emit the kept tokens, cut at EOS and the budget, count; then the cache's after-accept
+     bookkeeping (`cache.flush`).
+The whole generation (prefill, then a `lax.while_loop` over cycles) is one jitted function,
+`generate_jit`, whose single static argument is a `spec.GenerationSpec`. With gamma 0 there are no
+drafts and a cycle is one plain decode step in the verify mode: that is how the autoregressive
+baselines (bf16, w4a16, w4a4, w4a8) run, through the same loop.
 
-KV cache (`kv`, static): "bf16" (`KVCache`), or "int8", QuantSpec's hierarchical cache
+KV cache (`spec.kv`): "bf16" (`KVCache`), or "int8", QuantSpec's hierarchical cache
 (`HierarchicalKVCache`: two 4-bit planes + a full-precision recent buffer per layer). With "int8" the
 prompt is prefilled with plain causal attention and then quantized, the drafts read the INT4 view
 (upper plane), the verify pass (and gamma=0 plain decoding) the INT8 view, and the cache is flushed
@@ -28,23 +30,18 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from qspec_jax.config import LlamaConfig
-from qspec_jax.hierarchical_kv import HierarchicalKVCache, check_cache
+from qspec_jax.hierarchical_kv import HierarchicalKVCache
 from qspec_jax.kv_cache import KVCache
-from qspec_jax.model import MODES, forward, unstack_layers
+from qspec_jax.model import forward, unstack_layers
 from qspec_jax.policy import AdaptiveGamma, pick_gamma
-from qspec_jax.sampling import greedy_accept, probabilities, sample, speculative_accept
-
-POLICIES = ("greedy", "sampling", "replay")
-KV_CACHES = ("bf16", "int8")
-
+from qspec_jax.spec import GenerationSpec, cache_length, default, validate
 
 @struct.dataclass
 class GenerationResult:
@@ -58,7 +55,7 @@ class GenerationResult:
     reached_at: [B, gamma] cycles that drafted position j after accepting every draft before it (the
     denominator of position j's conditional acceptance rate, accepted_at[j] / reached_at[j]);
     trace: [B, max_new_tokens] accepted count of each cycle (-1 where the row was not active),
-    the input of the `replay` policy;
+    what a benchmark's replay rule replays (scripts/replay.py);
     policy: the `policy.Choice` behind `gamma="auto"` (static data, not an array), else None.
     """
 
@@ -120,6 +117,7 @@ class GenerationResult:
         }
 
 
+
 @struct.dataclass
 class LoopState:
     """The carry of the generation loop: what a cycle reads and returns (B rows, N = max_new_tokens).
@@ -140,18 +138,21 @@ class LoopState:
     trace: jax.Array  # [B, N] int32: accepted count of each cycle, -1 where the row was not active
 
     @classmethod
-    def start(cls, cache, first, key, *, gamma: int, max_new_tokens: int, eos_ids: tuple) -> "LoopState":
+    def start(cls, cache, first, key, spec: GenerationSpec) -> "LoopState":
         """The state after prefill: `first` [B] emitted and pending, `cache.lengths` = prompt lengths."""
-        b = first.shape[0]
+        b, n, g = first.shape[0], spec.max_new_tokens, spec.gamma
         n_out = jnp.ones((b,), jnp.int32)
         return cls(
             cache=cache, pending=first, n_out=n_out, key=key, step=jnp.int32(0),
-            out=jnp.full((b, max_new_tokens + gamma + 1), -1, jnp.int32).at[:, 0].set(first),
-            done=is_eos(first, eos_ids) | (n_out >= max_new_tokens),
-            accepted_at=jnp.zeros((b, gamma), jnp.int32), reached_at=jnp.zeros((b, gamma), jnp.int32),
-            gamma_cycles=jnp.zeros((b, gamma + 1), jnp.int32),
-            trace=jnp.full((b, max_new_tokens), -1, jnp.int32),
+            out=jnp.full((b, n + g + 1), -1, jnp.int32).at[:, 0].set(first),
+            done=is_eos(first, spec.eos_ids) | (n_out >= n),
+            accepted_at=jnp.zeros((b, g), jnp.int32), reached_at=jnp.zeros((b, g), jnp.int32),
+            gamma_cycles=jnp.zeros((b, g + 1), jnp.int32), trace=jnp.full((b, n), -1, jnp.int32),
         )
+
+    def running(self, spec: GenerationSpec) -> jax.Array:
+        """The loop's condition: some row is still active (and a cycle is left in `trace`)."""
+        return jnp.any(~self.done) & (self.step < spec.max_new_tokens)
 
     def result(self) -> GenerationResult:
         """Tokens cut at each row's count; drafted / accepted / cycles totalled from the counts."""
@@ -165,10 +166,171 @@ class LoopState:
         )
 
 
-def cache_length(prompt_len: int, max_new_tokens: int, gamma: int) -> int:
-    """Slots a row needs: its prompt, its budget and the `gamma + 1` slack a last cycle may write."""
-    return prompt_len + max_new_tokens + gamma + 1
+class Drafts(NamedTuple):
+    """A cycle's drafts: tokens [B, width] int32, q [B, width, V] their distributions (only where the
+    rule keeps them, else None), count: how many were drafted (an int equal to width, or a traced
+    scalar <= width in an adaptive cycle, the entries from `count` on then padding, never accepted)."""
 
+    tokens: jax.Array
+    q: Optional[jax.Array]
+    count: Union[int, jax.Array]
+
+
+class Verdict(NamedTuple):
+    """The rule's decision per row: n_accepted [B] drafts kept, next [B] the verifier's token after them."""
+
+    n_accepted: jax.Array
+    next: jax.Array
+
+
+# --------------------------------------------------------------------------------------------------
+# The cycle
+
+
+def cycle(state: LoopState, params, drafter, gamma, spec: GenerationSpec) -> LoopState:
+    """One draft -> verify -> accept -> advance cycle. gamma: an int (fixed), or a traced scalar in
+    0..spec.gamma (an adaptive cycle). `drafter`: the drafts' weights (`params` unless separate)."""
+    drafts, state = draft(drafter, state, gamma, spec)
+    logits, state = verify(params, state, drafts, spec)
+    verdict, state = accept(state, drafts, logits, spec)
+    state = advance(state, drafts, verdict, spec)
+    return state.replace(cache=state.cache.flush(spec.gamma + 1))  # int8: quantize accepted groups; bf16: as is
+
+
+def decode_loop(params, cache, first, key, draft_params=None, adaptive=None, *, spec: GenerationSpec) -> LoopState:
+    """Cycles in a `lax.while_loop` until every row is done; returns the final `LoopState`.
+
+    Fixed gamma: every cycle drafts spec.gamma. Adaptive (`adaptive`: `policy.AdaptiveGamma.arrays()`):
+    a first loop runs while `policy.pick_gamma` over the counts so far picks some g in 1..gamma; it
+    drafts g, verifies at the full width gamma + 1 and accepts at most g (no conditional: XLA would
+    copy the cache that a branch updates in place). Once it picks 0, plain decoding runs to the end."""
+    state = LoopState.start(cache, first, key, spec)
+    drafter = draft_params if spec.separate_draft else params  # QuantSpec: its own int4 weights
+    if not spec.adaptive:
+        return jax.lax.while_loop(lambda s: s.running(spec), lambda s: cycle(s, params, drafter, spec.gamma, spec), state)
+    chosen = lambda s: pick_gamma(adaptive, s.accepted_at, s.reached_at)
+    state = jax.lax.while_loop(lambda s: s.running(spec) & (chosen(s) > 0),
+                               lambda s: cycle(s, params, drafter, chosen(s), spec), state)
+    return jax.lax.while_loop(lambda s: s.running(spec), lambda s: cycle(s, params, drafter, 0, spec), state)
+
+
+# --------------------------------------------------------------------------------------------------
+# The cycle's steps
+
+
+def draft(params, state: LoopState, gamma, spec: GenerationSpec):
+    """`gamma` draft steps from each row's pending token, each writing its K/V at the row's next slot.
+    Returns (Drafts, state with the cache and key they moved on). A fixed gamma is a scan of that many
+    steps; a traced one (<= spec.gamma) a loop of that many iterations into buffers of width spec.gamma."""
+    if not isinstance(gamma, int):
+        return _draft_upto(params, state, gamma, spec)
+    if gamma == 0:
+        return Drafts(jnp.zeros((state.pending.shape[0], 0), jnp.int32), None, 0), state
+
+    def scan_step(carry, j):
+        cache, tok, key = carry
+        nxt, q, cache, key = draft_step(params, cache, tok, key, j, spec)
+        return (cache, nxt, key), (nxt, q)
+
+    (cache, _, key), (tokens, q) = jax.lax.scan(scan_step, (state.cache, state.pending, state.key), jnp.arange(gamma))
+    q = None if q is None else jnp.swapaxes(q, 0, 1)
+    return Drafts(tokens.T, q, gamma), state.replace(cache=cache, key=key)
+
+
+def _draft_upto(params, state: LoopState, gamma, spec: GenerationSpec):
+    """`draft` for a traced gamma <= spec.gamma (an adaptive cycle): a loop of that many steps; the
+    entries from `gamma` on stay zeros and are never accepted."""
+    b, width = state.pending.shape[0], spec.gamma
+    tokens = jnp.zeros((b, width), jnp.int32)
+    q = jnp.zeros((b, width, spec.config.vocab_size), jnp.float32) if spec.rule.keeps_q else None
+
+    def loop_step(j, carry):
+        cache, tok, key, tokens, q = carry
+        nxt, qj, cache, key = draft_step(params, cache, tok, key, j, spec)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, nxt[:, None], j, axis=1)
+        if q is not None:
+            q = jax.lax.dynamic_update_slice_in_dim(q, qj[:, None], j, axis=1)
+        return cache, nxt, key, tokens, q
+
+    cache, _, key, tokens, q = jax.lax.fori_loop(0, gamma, loop_step, (state.cache, state.pending, state.key, tokens, q))
+    return Drafts(tokens, q, gamma), state.replace(cache=cache, key=key)
+
+
+def draft_step(params, cache, tok, key, j, spec: GenerationSpec):
+    """One draft step: token `tok` [B] at each row's slot lengths + j, on the cache's draft view (the
+    INT4 view of a hierarchical cache). Returns (next [B], q [B, V] or None, cache, key)."""
+    logits, cache = forward(params, tok[:, None], (cache.lengths + j)[:, None], cache, config=spec.config,
+                            mode=spec.draft_mode, kv_view="int4")  # ignored by a bf16 cache
+    key, k = jax.random.split(key)
+    nxt, q = spec.rule.draft(k, logits[:, 0])
+    return nxt, q, cache, key
+
+
+def verify(params, state: LoopState, drafts: Drafts, spec: GenerationSpec):
+    """One forward in the verify mode over each row's pending token and its drafts at the row's next
+    width + 1 slots (overwriting the drafts' K/V), on the cache's verify view (INT8 for a hierarchical
+    cache). Returns (logits [B, width + 1, V], state with that cache)."""
+    block = jnp.concatenate([state.pending[:, None], drafts.tokens], axis=1)
+    positions = state.cache.lengths[:, None] + jnp.arange(block.shape[1], dtype=jnp.int32)
+    logits, cache = forward(params, block, positions, state.cache, config=spec.config, mode=spec.verify_mode,
+                            kv_view="int8")
+    return logits, state.replace(cache=cache)
+
+
+def accept(state: LoopState, drafts: Drafts, logits, spec: GenerationSpec):
+    """The rule's verdict on the drafts given the verifier's logits [B, width + 1, V]: (Verdict, state
+    with its key moved on). An adaptive cycle's padding past `drafts.count` is never accepted."""
+    key, k = jax.random.split(state.key)
+    limit = None if isinstance(drafts.count, int) else drafts.count
+    cycles = jnp.sum(state.gamma_cycles, axis=1)
+    n_acc, nxt = spec.rule.accept(k, drafts.tokens, drafts.q, logits, limit=limit, cycles=cycles)
+    return Verdict(n_acc, nxt), state.replace(key=key)
+
+
+def advance(state: LoopState, drafts: Drafts, verdict: Verdict, spec: GenerationSpec) -> LoopState:
+    """Bookkeeping after acceptance: each active row emits its accepted drafts and then the verifier's
+    token, cut after an EOS and at its budget; its cache length grows by what it emitted, so a finished
+    row's later (masked) writes stay inside the `cache_length` slots. `drafts` may be narrower than the
+    state's counters (plain decoding after an adaptive loop)."""
+    n_acc, nxt, g, n = verdict.n_accepted, verdict.next, drafts.count, spec.max_new_tokens
+    active = ~state.done
+    idx = jnp.arange(drafts.tokens.shape[1] + 1)
+    emitted = jnp.where(idx < n_acc[:, None], jnp.pad(drafts.tokens, ((0, 0), (0, 1))), nxt[:, None])  # [B, width + 1]
+    stops = is_eos(emitted, spec.eos_ids) & (idx <= n_acc[:, None])
+    hit_eos = jnp.any(stops, axis=1)
+    count = jnp.where(hit_eos, jnp.argmax(stops, axis=1) + 1, n_acc + 1)
+    count = jnp.where(active, jnp.minimum(count, n - state.n_out), 0)
+    n_out = state.n_out + count
+    at = jnp.where(active, state.n_out, n)  # a finished row writes -1s into the overhang
+    pos = jnp.arange(state.accepted_at.shape[1])  # draft positions the counters hold
+    return state.replace(
+        cache=state.cache.replace(lengths=state.cache.lengths + count),
+        pending=jnp.where(active, nxt, state.pending),
+        out=_write_rows(state.out, jnp.where(active[:, None], emitted, -1), at),
+        n_out=n_out,
+        done=state.done | (active & (hit_eos | (n_out >= n))),
+        step=state.step + 1,
+        accepted_at=state.accepted_at + (active[:, None] & (pos < n_acc[:, None])),
+        reached_at=state.reached_at + (active[:, None] & (pos < g) & (pos <= n_acc[:, None])),
+        gamma_cycles=state.gamma_cycles.at[:, g].add(active.astype(jnp.int32)),
+        trace=state.trace.at[:, state.step].set(jnp.where(active, n_acc, -1)),
+    )
+
+
+def _write_rows(buf, block, starts):
+    """buf[b, starts[b] : starts[b] + block.shape[1]] = block[b], per row."""
+    return jax.vmap(lambda row, blk, s: jax.lax.dynamic_update_slice(row, blk, (s,)))(buf, block, starts)
+
+
+def is_eos(tokens: jax.Array, eos_ids: tuple) -> jax.Array:
+    """Boolean mask of `tokens` that are in the static `eos_ids` (all False when it is empty)."""
+    if not eos_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
+
+
+# --------------------------------------------------------------------------------------------------
+# Prefill and the compiled programs
 
 CACHE_MULTIPLE = 128  # the decode-attention kernel reads the cache in blocks of up to 128 slots
 
@@ -186,25 +348,6 @@ def bf16_cache_slots(prompt_len: int, max_new_tokens: int, gamma: int, prefill_c
     if 0 < prefill_chunk < prompt_len:
         slots = max(slots, -(-prompt_len // prefill_chunk) * prefill_chunk)
     return slots
-
-
-def _choose(key, logits, policy, temperature, top_p):
-    """Verifier's pick for a single position: argmax, or a sample under the sampling policy."""
-    if policy == "sampling":
-        return sample(key, probabilities(logits, temperature, top_p))
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-
-def _write_rows(buf, block, starts):
-    """buf[b, starts[b] : starts[b] + block.shape[1]] = block[b], per row."""
-    return jax.vmap(lambda row, blk, s: jax.lax.dynamic_update_slice(row, blk, (s,)))(buf, block, starts)
-
-
-def is_eos(tokens: jax.Array, eos_ids: tuple) -> jax.Array:
-    """Boolean mask of `tokens` that are in the static `eos_ids` (all False when it is empty)."""
-    if not eos_ids:
-        return jnp.zeros(tokens.shape, bool)
-    return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
 
 
 def prefill(params, prompts, prompt_lens, cache, *, config, mode, chunk):
@@ -238,243 +381,55 @@ def prefill(params, prompts, prompt_lens, cache, *, config, mode, chunk):
     return out, cache
 
 
-def draft(params, cache, pending, key, temperature, *, config, mode, gamma, sampling, top_p):
-    """`gamma` draft steps in `mode` from each row's pending token, each writing its K/V at the
-    row's next slot. Returns (drafts [B, gamma] int32, q, cache, key): q [B, gamma, V] are the draft
-    distributions when `sampling` (the drafts are drawn from them), else None (drafts are argmaxes)."""
-    if gamma == 0:
-        return jnp.zeros((pending.shape[0], 0), jnp.int32), None, cache, key
 
-    def step(carry, j):
-        cache, tok, key = carry
-        nxt, q, cache, key = draft_step(params, cache, tok, key, temperature, j, config=config, mode=mode,
-                                        sampling=sampling, top_p=top_p)
-        return (cache, nxt, key), (nxt, q)
-
-    (cache, _, key), (drafts, q) = jax.lax.scan(step, (cache, pending, key), jnp.arange(gamma))
-    return drafts.T, None if q is None else jnp.swapaxes(q, 0, 1), cache, key
-
-
-def draft_step(params, cache, tok, key, temperature, j, *, config, mode, sampling, top_p):
-    """One draft step: token `tok` [B] at each row's slot lengths + j. Returns (next [B], q, cache,
-    key); q [B, V] is the distribution `next` was drawn from when `sampling`, else None (argmax)."""
-    logits, cache = forward(params, tok[:, None], (cache.lengths + j)[:, None], cache, config=config, mode=mode,
-                            kv_view="int4")  # a hierarchical cache's draft view (ignored by bf16)
-    if not sampling:
-        return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), None, cache, key
-    key, k = jax.random.split(key)
-    q = probabilities(logits[:, 0], temperature, top_p)
-    return sample(k, q), q, cache, key
-
-
-def draft_upto(params, cache, pending, key, temperature, n, *, config, mode, width, sampling, top_p):
-    """`draft` for a traced number of steps `n` <= `width` (an adaptive loop's cycle; a loop of that
-    many iterations, not a scan). Returns (drafts [B, width], q [B, width, V] or None, cache, key);
-    entries from position n on are zeros and are never read."""
-    b = pending.shape[0]
-    drafts = jnp.zeros((b, width), jnp.int32)
-    q = jnp.zeros((b, width, config.vocab_size), jnp.float32) if sampling else None
-
-    def step(j, carry):
-        cache, tok, key, drafts, q = carry
-        nxt, qj, cache, key = draft_step(params, cache, tok, key, temperature, j, config=config, mode=mode,
-                                         sampling=sampling, top_p=top_p)
-        drafts = jax.lax.dynamic_update_slice_in_dim(drafts, nxt[:, None], j, axis=1)
-        if sampling:
-            q = jax.lax.dynamic_update_slice_in_dim(q, qj[:, None], j, axis=1)
-        return cache, nxt, key, drafts, q
-
-    cache, _, key, drafts, q = jax.lax.fori_loop(0, n, step, (cache, pending, key, drafts, q))
-    return drafts, q, cache, key
-
-
-def verify(params, cache, pending, drafts, *, config, mode):
-    """One forward in `mode` over each row's pending token and its drafts at the row's next
-    `gamma + 1` slots (overwriting the drafts' K/V). Returns (logits [B, gamma + 1, V], cache)."""
-    block = jnp.concatenate([pending[:, None], drafts], axis=1)
-    positions = cache.lengths[:, None] + jnp.arange(block.shape[1], dtype=jnp.int32)
-    return forward(params, block, positions, cache, config=config, mode=mode, kv_view="int8")
-
-
-def accept(key, drafts, q, logits, temperature, forced, *, policy, top_p, limit=None):
-    """Per row, how many drafts to keep and the verifier's next token: (n_accepted [B], next [B]).
-
-    drafts [B, g], q their distributions (sampling only), logits [B, g + 1, V] the verifier's.
-    greedy: the drafted prefix that matches the verifier's argmax; sampling: speculative sampling
-    at temperature / top_p (output distributed as the verifier's sampling); replay: the `forced`
-    counts [B] (clipped to 0..g), then the verifier's argmax after them. limit (traced, <= g): only
-    the first `limit` drafts are real (an adaptive loop's cycle); the rest are never accepted.
-    """
-    g = drafts.shape[1]
-    if policy == "sampling":
-        p = probabilities(logits, temperature, top_p)
-        if g == 0:
-            return jnp.zeros(drafts.shape[:1], jnp.int32), sample(key, p[:, 0])
-        return speculative_accept(key, drafts, q, p, limit)
-    if policy == "replay":
-        n_acc = jnp.clip(forced, 0, g if limit is None else limit)
-        target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return n_acc, jnp.take_along_axis(target, n_acc[:, None], axis=1)[:, 0]
-    return greedy_accept(drafts, logits, limit)
-
-
-def advance(state: LoopState, drafts, n_acc, nxt, *, eos_ids: tuple, max_new_tokens: int, drafted=None) -> LoopState:
-    """Bookkeeping after acceptance: each active row emits its accepted drafts and then `nxt`, cut
-    after an EOS and at its budget; its cache length grows by what it emitted, so a finished row's
-    later (masked) writes stay inside the `cache_length` slots. drafted: the cycle's gamma when only
-    the first `drafted` (traced) of `drafts` were drafted (an adaptive loop); default: all of them.
-    `drafts` may be narrower than the state's counters (plain decoding after an adaptive loop)."""
-    g = drafts.shape[1] if drafted is None else drafted
-    active = ~state.done
-    idx = jnp.arange(drafts.shape[1] + 1)
-    emitted = jnp.where(idx < n_acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])  # [B, width + 1]
-    stops = is_eos(emitted, eos_ids) & (idx <= n_acc[:, None])
-    hit_eos = jnp.any(stops, axis=1)
-    count = jnp.where(hit_eos, jnp.argmax(stops, axis=1) + 1, n_acc + 1)
-    count = jnp.where(active, jnp.minimum(count, max_new_tokens - state.n_out), 0)
-    n_out = state.n_out + count
-    at = jnp.where(active, state.n_out, max_new_tokens)  # a finished row writes -1s into the overhang
-    pos = jnp.arange(state.accepted_at.shape[1])  # draft positions the counters hold
-    return state.replace(
-        cache=state.cache.replace(lengths=state.cache.lengths + count),
-        pending=jnp.where(active, nxt, state.pending),
-        out=_write_rows(state.out, jnp.where(active[:, None], emitted, -1), at),
-        n_out=n_out,
-        done=state.done | (active & (hit_eos | (n_out >= max_new_tokens))),
-        step=state.step + 1,
-        accepted_at=state.accepted_at + (active[:, None] & (pos < n_acc[:, None])),
-        reached_at=state.reached_at + (active[:, None] & (pos < g) & (pos <= n_acc[:, None])),
-        gamma_cycles=state.gamma_cycles.at[:, g].add(active.astype(jnp.int32)),
-        trace=state.trace.at[:, state.step].set(jnp.where(active, n_acc, -1)),
-    )
-
-
-def replay_counts(replay_trace, state: LoopState):
-    """The `replay` policy's accepted count for each row's next cycle: its trace, cycled."""
-    cycles = jnp.sum(state.gamma_cycles, axis=1)
-    length = jnp.maximum(jnp.sum(replay_trace >= 0, axis=1), 1)
-    return jnp.take_along_axis(replay_trace, (cycles % length)[:, None], axis=1)[:, 0]
-
-
-@partial(
-    jax.jit,
-    static_argnames=(
-        "config", "max_new_tokens", "gamma", "draft_mode", "verify_mode", "policy", "top_p", "eos_ids", "prefill_chunk",
-        "kv", "kv_group", "kv_window",
-    ),
-)
-def generate_jit(
-    params, prompts, prompt_lens, key, temperature, replay_trace, draft_params=None, adaptive=None, *,
-    config: LlamaConfig, max_new_tokens: int, gamma: int, draft_mode: str, verify_mode: str,
-    policy: str, top_p: float, eos_ids: tuple, prefill_chunk: int = 0, kv: str = "bf16", kv_group: int = 128,
-    kv_window: int = 256,
-) -> GenerationResult:
-    """The compiled program behind `generate` (inputs already validated; see there): prefill, then
-    draft -> verify -> accept cycles in one `lax.while_loop` until every row is done. The drafts run
-    on `draft_params` when given (QuantSpec: int4 drafts, a float verifier), else on `params`. With
-    `adaptive` (`policy.AdaptiveGamma.arrays()`) each cycle picks its gamma in 0..gamma (`decode_loop`)."""
+@partial(jax.jit, static_argnames="spec")
+def generate_jit(params, prompts, prompt_lens, key, draft_params=None, adaptive=None, *,
+                 spec: GenerationSpec) -> GenerationResult:
+    """The compiled program behind `generate` (inputs already validated by `prepare`, which returns
+    these arguments): prefill in the verify mode, the first token by the rule, then `decode`.
+    draft_params: the drafts' own weights (spec.separate_draft), else None; adaptive:
+    `policy.AdaptiveGamma.arrays()` (spec.adaptive), else None. None is an empty pytree: a program
+    without them has no such inputs."""
     b, p = prompts.shape
-    max_len = bf16_cache_slots(p, max_new_tokens, gamma, prefill_chunk)
-    dtype = params["embed"].dtype
-    if kv == "int8":  # prefill into a bf16 cache of the prompt's slots, then quantize it
-        pre_len = -(-p // prefill_chunk) * prefill_chunk if 0 < prefill_chunk < p else p
-        cache = KVCache.create(config, b, pre_len, dtype)
+    chunk, dtype = spec.prefill_chunk, params["embed"].dtype
+    if spec.kv == "int8":  # prefill into a bf16 cache of the prompt's slots, then quantize it
+        cache = KVCache.create(spec.config, b, -(-p // chunk) * chunk if 0 < chunk < p else p, dtype)
     else:
-        cache = KVCache.create(config, b, max_len, dtype)
-
-    # Prefill in the verifier's mode; logits only at each row's last prompt token.
-    logits, cache = prefill(params, prompts, prompt_lens, cache, config=config, mode=verify_mode, chunk=prefill_chunk)
-    if kv == "int8":
-        cache = HierarchicalKVCache.from_prompt(config, cache.k, cache.v, prompt_lens, cache_length(p, max_new_tokens, gamma),
-                                                headroom=gamma + 1, group=kv_group, window=kv_window, dtype=dtype)
+        cache = KVCache.create(spec.config, b, bf16_cache_slots(p, spec.max_new_tokens, spec.gamma, chunk), dtype)
+    logits, cache = prefill(params, prompts, prompt_lens, cache, config=spec.config, mode=spec.verify_mode, chunk=chunk)
+    if spec.kv == "int8":
+        cache = HierarchicalKVCache.from_prompt(spec.config, cache.k, cache.v, prompt_lens, spec.cache_length(p),
+                                                headroom=spec.gamma + 1, group=spec.kv_group, window=spec.kv_window,
+                                                dtype=dtype)
     key, k0 = jax.random.split(key)
-    first = _choose(k0, logits, policy, temperature, top_p)
-    return decode(params, cache.replace(lengths=prompt_lens), first, key, temperature, replay_trace, draft_params,
-                  adaptive, config=config, max_new_tokens=max_new_tokens, gamma=gamma, draft_mode=draft_mode,
-                  verify_mode=verify_mode, policy=policy, top_p=top_p, eos_ids=eos_ids)
+    first = spec.rule.pick(k0, logits)
+    return decode(params, cache.replace(lengths=prompt_lens), first, key, draft_params, adaptive, spec=spec)
 
 
-DECODE_STATIC = ("config", "max_new_tokens", "gamma", "draft_mode", "verify_mode", "policy", "top_p", "eos_ids")
-
-
-def decode(params, cache, first, key, temperature, replay_trace, draft_params=None, adaptive=None,
-           **static) -> GenerationResult:
-    """The decode half of a generation: draft -> verify -> accept cycles in one `lax.while_loop`,
-    from a prefilled cache, until every row is done (`decode_loop`'s result).
+def decode(params, cache, first, key, draft_params=None, adaptive=None, *, spec: GenerationSpec) -> GenerationResult:
+    """The decode half of a generation: cycles from a prefilled cache until every row is done.
 
     params (and draft_params) as `prepare` returns them (per-layer buffers, `model.unstack_layers`);
-    cache: a `KVCache` or `HierarchicalKVCache` whose `lengths` are the rows' prompt lengths and
-    with room for `cache_length(prompt, max_new_tokens, gamma)` slots; first: [B] the token each row
-    emitted from its prompt (it counts as the first of `max_new_tokens`); replay_trace: [B, C]
-    (policy "replay", else ignored); adaptive: `policy.AdaptiveGamma.arrays()` or None (fixed gamma);
-    `static`: DECODE_STATIC, as `generate_jit` takes them.
+    cache: a `KVCache` or `HierarchicalKVCache` whose `lengths` are the rows' prompt lengths, with
+    room for `spec.cache_length(prompt)` slots; first: [B] the token each row emitted from its prompt
+    (the first of `max_new_tokens`); draft_params / adaptive as `generate_jit` takes them.
     `generate_jit` is `prefill` followed by this; `decode_jit` compiles it alone (see there).
     """
-    return decode_loop(params, cache, first, key, temperature, replay_trace, draft_params, adaptive, **static).result()
+    return decode_loop(params, cache, first, key, draft_params, adaptive, spec=spec).result()
 
 
-def decode_loop(
-    params, cache, first, key, temperature, replay_trace, draft_params=None, adaptive=None, *,
-    config: LlamaConfig, max_new_tokens: int, gamma: int, draft_mode: str, verify_mode: str,
-    policy: str, top_p: float, eos_ids: tuple,
-) -> LoopState:
-    """`decode`'s while loop, returning its final `LoopState` (cache included).
-
-    Fixed gamma (`adaptive` None): every cycle is `draft` (a scan of `gamma` steps), `verify`,
-    `accept`, `advance`. Adaptive: a first loop runs while the in-loop policy (`policy.pick_gamma`
-    over the counts so far) picks some g in 1..gamma: it drafts g tokens (`draft_upto`), verifies at
-    the full width gamma + 1 and accepts at most g (no conditional: XLA would copy the cache that a
-    branch updates in place). Once the policy picks 0, a second loop decodes plainly to the end.
-    Every cycle ends with a cache flush at the widest cycle's headroom."""
-    state = LoopState.start(cache, first, key, gamma=gamma, max_new_tokens=max_new_tokens, eos_ids=eos_ids)
-    drafter = params if draft_params is None else draft_params  # QuantSpec: its own int4 weights
-    sampling = policy == "sampling"
-
-    def finish(state: LoopState, drafts, q, drafted=None) -> LoopState:
-        """Verify `drafts` (and the pending token; `state` holds the cache the drafts wrote), accept at
-        most `drafted` of them (default: all), advance, flush."""
-        logits, cache = verify(params, state.cache, state.pending, drafts, config=config, mode=verify_mode)
-        key, k = jax.random.split(state.key)
-        forced = replay_counts(replay_trace, state) if policy == "replay" else None
-        n_acc, nxt = accept(k, drafts, q, logits, temperature, forced, policy=policy, top_p=top_p, limit=drafted)
-        state = advance(state.replace(cache=cache, key=key), drafts, n_acc, nxt, eos_ids=eos_ids,
-                        max_new_tokens=max_new_tokens, drafted=drafted)
-        return state.replace(cache=state.cache.flush(gamma + 1))  # int8: quantize accepted groups; bf16: as is
-
-    def fixed_cycle(g: int):
-        def cycle(state: LoopState) -> LoopState:
-            drafts, q, cache, key = draft(drafter, state.cache, state.pending, state.key, temperature, config=config,
-                                          mode=draft_mode, gamma=g, sampling=sampling, top_p=top_p)
-            return finish(state.replace(cache=cache, key=key), drafts, q)
-        return cycle
-
-    def running(state: LoopState):
-        return jnp.any(~state.done) & (state.step < max_new_tokens)
-
-    if adaptive is None:
-        return jax.lax.while_loop(running, fixed_cycle(gamma), state)
-
-    def chosen(state: LoopState):
-        return pick_gamma(adaptive, state.accepted_at, state.reached_at)
-
-    def adaptive_cycle(state: LoopState) -> LoopState:
-        g = chosen(state)
-        drafts, q, cache, key = draft_upto(drafter, state.cache, state.pending, state.key, temperature, g,
-                                           config=config, mode=draft_mode, width=gamma, sampling=sampling, top_p=top_p)
-        return finish(state.replace(cache=cache, key=key), drafts, q, drafted=g)
-
-    state = jax.lax.while_loop(lambda s: running(s) & (chosen(s) > 0), adaptive_cycle, state)
-    return jax.lax.while_loop(running, fixed_cycle(0), state)
-
-
-@partial(jax.jit, static_argnames=DECODE_STATIC, donate_argnames=("cache",))
-def decode_jit(params, cache, first, key, temperature, replay_trace, draft_params=None, adaptive=None, **static):
+@partial(jax.jit, static_argnames="spec", donate_argnames=("cache",))
+def decode_jit(params, cache, first, key, draft_params=None, adaptive=None, *, spec: GenerationSpec):
     """`decode` compiled alone: (GenerationResult, the final cache). The cache is donated and the
     loop works in its buffers (returned as the final cache), so a cache of most of the device's
     memory is not copied. Long-context speed runs time this over a cache built directly instead of
     prefilled (scripts/bench_long_context.py); research code can continue from the returned cache."""
-    state = decode_loop(params, cache, first, key, temperature, replay_trace, draft_params, adaptive, **static)
+    state = decode_loop(params, cache, first, key, draft_params, adaptive, spec=spec)
     return state.result(), state.cache
+
+
+# --------------------------------------------------------------------------------------------------
+# The host API
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, multiple: int = 1):
@@ -496,14 +451,12 @@ def generate(params: dict, prompts: jax.Array, prompt_lens: jax.Array, *, auto=N
     """Generate up to `max_new_tokens` per row with QSpec (or plain decoding when `gamma=0`).
 
     prompts: [B, P] int32 right-padded token ids (see `pad_prompts`); prompt_lens: [B] lengths.
-    Settings (keywords, see `prepare`): config, max_new_tokens, gamma=3, draft_mode="w4a4",
-    verify_mode="w4a16", policy="greedy", temperature=1.0, top_p=1.0, seed=0, eos_ids=None,
-    replay_trace=None, prefill_chunk=512, kv="bf16", kv_group=128, kv_window=256, draft_params=None
-    (a second weight pytree for the drafts; default: the drafts share `params`; see `quantspec`),
-    adaptive=None (a `policy.AdaptiveGamma`: each cycle drafts a gamma in 0..gamma chosen from the
-    acceptance so far; `gamma="auto"` builds one).
-    Compiled once per shapes and static settings; a second call with the same padded shapes does
-    not recompile.
+    Settings (keywords): the fields of `spec.GenerationSpec` (config, max_new_tokens, gamma=3,
+    draft_mode="w4a4", verify_mode="w4a16", rule=acceptance.Greedy() or acceptance.Sampling(temperature,
+    top_p), eos_ids=None, prefill_chunk=512, kv="bf16", kv_group, kv_window) and `prepare`'s seed=0,
+    draft_params=None (a second weight pytree for the drafts; see `quantspec`) and adaptive=None (a
+    `policy.AdaptiveGamma`: each cycle drafts a gamma in 0..gamma chosen from the acceptance so far).
+    Compiled once per shapes and spec; a second call with the same padded shapes does not recompile.
 
     gamma="auto": the draft and a gamma are chosen on the host before compiling by `auto` (a
     `policy.AutoGamma`; default: the current device's), from its cost table and acceptance estimates
@@ -523,6 +476,7 @@ def generate(params: dict, prompts: jax.Array, prompt_lens: jax.Array, *, auto=N
 
 
 QUANTSPEC_GAMMA = 3  # the CLI's fixed-gamma default; gamma="auto" prices only the w4a16 verifier
+QUANTSPEC = dict(verify_mode="bf16", draft_mode="w4a16", kv="int8", gamma=QUANTSPEC_GAMMA)  # `quantspec`'s defaults
 
 
 def quantspec(float_params: dict, int4_params: dict, prompts: jax.Array, prompt_lens: jax.Array,
@@ -533,30 +487,29 @@ def quantspec(float_params: dict, int4_params: dict, prompts: jax.Array, prompt_
     Holds both weight copies (about 1.25x the bf16 model's weight memory, against QSpec's one int4
     pytree). float_params and int4_params must be the same model (`quantize.quantize_params` of it;
     its rotation leaves the K/V the cache holds unchanged). `settings` as `generate`'s; defaults
-    verify_mode="bf16", draft_mode="w4a16", kv="int8", gamma=3. Greedy output is plain greedy bf16
-    decoding on the same cache kind, token for token.
+    QUANTSPEC (verify_mode="bf16", draft_mode="w4a16", kv="int8", gamma=3). Greedy output is plain
+    greedy bf16 decoding on the same cache kind, token for token.
     """
     if "draft_params" in settings:
         raise ValueError("quantspec takes the draft weights as int4_params, not draft_params")
-    settings = {"verify_mode": "bf16", "draft_mode": "w4a16", "kv": "int8", "gamma": QUANTSPEC_GAMMA, **settings}
-    return generate(float_params, prompts, prompt_lens, draft_params=int4_params, **settings)
+    return generate(float_params, prompts, prompt_lens, draft_params=int4_params, **{**QUANTSPEC, **settings})
 
 
 def resolve_auto(prompts, prompt_lens, settings: dict, auto=None, *, adapt: bool = True):
-    """`settings` with gamma="auto" replaced by the policy's integer gamma and draft (and, with
-    `adapt`, the `adaptive` policy that lets the loop re-choose gamma each cycle, where a cost table priced a
-    gamma > 0: gamma is then the largest candidate); returns (settings, policy.Choice). Needs the
-    w4a16 verifier. A replay trace (speed runs) is replayed with each cycle's count clipped to its gamma."""
+    """`settings` with gamma="auto" replaced by the gamma policy's integer gamma and draft (and, with
+    `adapt`, the `adaptive` chooser that lets the loop re-choose gamma each cycle, where a cost table
+    priced a gamma > 0: gamma is then the largest candidate); returns (settings, policy.Choice). Needs
+    the w4a16 verifier. A replayed rule (speed runs) has each cycle's count clipped to its gamma."""
     from qspec_jax import policy as policy_lib
 
     settings = dict(settings)
-    if settings.get("verify_mode", "w4a16") != "w4a16":
+    if settings.get("verify_mode", default("verify_mode")) != "w4a16":
         raise ValueError("gamma='auto' chooses QSpec settings for the w4a16 verifier, not "
                          f"{settings['verify_mode']!r}")
     lens = np.asarray(prompt_lens)
     batch = int(np.shape(prompts)[0]) if np.ndim(prompts) == 2 else 0
     context = int(lens.max()) + int(settings.get("max_new_tokens", 0)) // 2 if lens.size else 0
-    auto = auto if auto is not None else policy_lib.AutoGamma.for_device(kv=settings.get("kv", "bf16"))
+    auto = auto if auto is not None else policy_lib.AutoGamma.for_device(kv=settings.get("kv", default("kv")))
     choice = policy_lib.resolve(auto, batch, context, settings.get("draft_mode"))
     adaptive = auto.adaptive(choice) if adapt else None
     if adaptive is not None:
@@ -567,168 +520,25 @@ def resolve_auto(prompts, prompt_lens, settings: dict, auto=None, *, adapt: bool
     return settings, choice
 
 
-def prepare(
-    params: dict,
-    prompts: jax.Array,
-    prompt_lens: jax.Array,
-    *,
-    config: LlamaConfig,
-    max_new_tokens: int,
-    gamma: int = 3,
-    draft_mode: str = "w4a4",
-    verify_mode: str = "w4a16",
-    policy: str = "greedy",
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int = 0,
-    eos_ids: Optional[Sequence[int]] = None,
-    replay_trace: Optional[jax.Array] = None,
-    prefill_chunk: int = 512,
-    kv: str = "bf16",
-    kv_group: int = 128,
-    kv_window: int = 256,
-    draft_params: Optional[dict] = None,
-    adaptive: Optional[AdaptiveGamma] = None,
-):
-    """Validate a generation request; return `(args, static_kwargs)` for `generate_jit`.
+def prepare(params: dict, prompts: jax.Array, prompt_lens: jax.Array, *, seed: int = 0,
+            draft_params: Optional[dict] = None, adaptive: Optional[AdaptiveGamma] = None, **fields):
+    """Validate a generation request; return `(args, {"spec": GenerationSpec})` for `generate_jit`.
 
-    Split out so callers can compile ahead of time (`generate_jit.lower(*args, **static).compile()`)
-    and time compilation and generation separately.
-
-    draft_mode drafts `gamma` tokens a cycle, verify_mode (w4a16: QSpec's verifier) checks them.
-    policy: "greedy" (top-1 match; output equals plain `verify_mode` greedy decoding), "sampling"
-    (speculative sampling at `temperature` / `top_p`; output distributed as `verify_mode` sampling),
-    or "replay" (accept exactly the counts of `replay_trace: [B, C]`, a `GenerationResult.trace`
-    recorded on a real model: for speed runs with generated weights; the tokens are meaningless).
-    eos_ids default to the config's; pass () to never stop early.
-    prefill_chunk: prompts longer than this are prefilled `prefill_chunk` positions at a time
-    (bounds prefill memory for long prompts); 0 prefills the whole prompt in one pass.
-    kv: "bf16" or "int8" (QuantSpec's hierarchical cache, see the module docstring): keys quantized
-    per channel over groups of `kv_group` tokens; a query reads its last D .. D + kv_group - 1 tokens
-    (D = kv_group // 2) in full precision; needs gamma + 1 <= D and
-    kv_window >= kv_group + D + gamma - 1 (qspec_jax/hierarchical_kv.py).
-    draft_params: weights the drafts run `draft_mode` on (prefill and verify still run `verify_mode`
-    on `params`); the same model (config and shapes), e.g. its int4 pytree beside float `params`.
-    None (default): the drafts share `params` and the program is QSpec's single-pytree one.
-    adaptive: a `policy.AdaptiveGamma` whose largest gamma is `gamma`: each cycle drafts the gamma in
-    0..gamma it picks from the acceptance so far (verifying at width gamma + 1), and plain decoding
-    takes over once it picks 0; None: every cycle drafts `gamma`. With policy "replay" each cycle's
-    count is clipped to the gamma it drafted.
+    Split out so callers can compile ahead of time (`generate_jit.lower(*args, **static).compile()`,
+    then `compiled(*args)`) and time compilation and generation separately. `fields`: the spec's
+    (see `spec.GenerationSpec`); seed: the PRNG seed of sampling rules; draft_params: weights the drafts
+    run `draft_mode` on (prefill and verify still run `verify_mode` on `params`), the same model, e.g.
+    its int4 pytree beside float `params`; None: the drafts share `params` (QSpec's single pytree).
+    adaptive: a `policy.AdaptiveGamma` whose largest gamma is `gamma` (each cycle drafts the gamma in
+    0..gamma it picks, verifying at width gamma + 1); None: every cycle drafts `gamma`.
+    args: (params, prompts, prompt_lens, key, draft_params or None, adaptive arrays or None).
     """
-    b, p = _validate(
-        prompts, prompt_lens, config, max_new_tokens, gamma, draft_mode, verify_mode, policy, temperature, top_p,
-        prefill_chunk,
-    )
-    if policy == "replay":
-        if replay_trace is None:
-            raise ValueError("policy 'replay' needs replay_trace (a GenerationResult.trace)")
-        replay_trace = jnp.asarray(replay_trace, jnp.int32)
-        if replay_trace.ndim != 2 or replay_trace.shape[0] != b:
-            raise ValueError(f"replay_trace must be [batch={b}, cycles], got shape {replay_trace.shape}")
-    else:
-        replay_trace = jnp.zeros((b, 1), jnp.int32)
-    if kv not in KV_CACHES:
-        raise ValueError(f"unknown kv {kv!r}; expected one of {KV_CACHES}")
-    if kv == "int8":  # on the host: a cycle's writes must fit the recent buffer
-        check_cache(config, b, cache_length(p, max_new_tokens, gamma), headroom=int(gamma) + 1,
-                           group=int(kv_group), window=int(kv_window))
-    eos = tuple(int(e) for e in (config.eos_token_ids if eos_ids is None else eos_ids))
+    spec = GenerationSpec(**fields, adaptive=adaptive is not None, separate_draft=draft_params is not None)
+    validate(spec, params, prompts, prompt_lens, draft_params, adaptive)
     args = (
         unstack_layers(params),  # per-layer buffers: the compiled loop reads weights where they lie
         jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lens, jnp.int32), jax.random.PRNGKey(seed),
-        jnp.float32(temperature), replay_trace,
+        None if draft_params is None else unstack_layers(draft_params),
+        None if adaptive is None else adaptive.arrays(),
     )
-    if draft_params is not None:  # a 7th argument only when given: the shared-pytree program is unchanged
-        _check_draft_params(params, draft_params, config)
-        args += (unstack_layers(draft_params),)
-    if adaptive is not None:
-        if not isinstance(adaptive, AdaptiveGamma):
-            raise ValueError(f"adaptive must be a policy.AdaptiveGamma, got {type(adaptive).__name__}")
-        if adaptive.max_gamma != gamma:
-            raise ValueError(f"gamma ({gamma}) must be the adaptive policy's largest gamma ({adaptive.max_gamma})")
-        args += (None,) * (7 - len(args)) + (adaptive.arrays(),)
-    static = dict(
-        config=config, max_new_tokens=int(max_new_tokens), gamma=int(gamma), draft_mode=draft_mode,
-        verify_mode=verify_mode, policy=policy, top_p=float(top_p), eos_ids=eos, prefill_chunk=int(prefill_chunk),
-        kv=kv, kv_group=int(kv_group) if kv == "int8" else 128, kv_window=int(kv_window) if kv == "int8" else 256,
-    )
-    return args, static
-
-
-def _model_shape(params: dict, config: LlamaConfig) -> dict:
-    """What the drafts and the verifier must agree on to share one KV cache: the embedding's shape,
-    the layer count and each layer's K/V width (float or int4 weights, stacked or per layer, fused or not)."""
-    layers = params.get("layers") if isinstance(params, dict) else None
-    if layers is None or "embed" not in params:
-        return {"structure": "not a model weight pytree (no 'embed' / 'layers')"}
-    if isinstance(layers, (list, tuple)):
-        n, first = len(layers), (layers[0] if layers else {})
-    else:
-        n, first = int(jax.tree_util.tree_leaves(layers)[0].shape[0]), layers
-
-    def width(name):
-        w = first.get(name)
-        if isinstance(w, dict):  # quantized: packed [K//2, N] or Mosaic-layout w [N, K]
-            return int(w["packed"].shape[-1] if "packed" in w else w["w"].shape[0])
-        return None if w is None else int(w.shape[-1])
-
-    kv = 2 * width("wk") if "wk" in first else (width("wqkv") or 0) - config.num_heads * config.head_dim
-    return {"embed": tuple(np.shape(params["embed"])), "layers": n, "kv width": kv}
-
-
-def _check_draft_params(params: dict, draft_params: dict, config: LlamaConfig) -> None:
-    """Refuse draft weights that are not the verifier's model: they share its KV cache."""
-    want = {"embed": (config.vocab_size, config.hidden_size), "layers": config.num_layers,
-            "kv width": 2 * config.num_kv_heads * config.head_dim}
-    for name, tree in (("params", params), ("draft_params", draft_params)):
-        got = _model_shape(tree, config)
-        if got != want:
-            bad = ", ".join(f"{k} {got.get(k)} (config: {want.get(k)})" for k in sorted(set(got) | set(want))
-                            if got.get(k) != want.get(k))
-            raise ValueError(f"{name} do not match the config (drafts and verifier share one KV cache, so they "
-                             f"must be the same model, e.g. its float and int4 weights): {bad}")
-
-
-def _validate(
-    prompts, prompt_lens, config, max_new_tokens, gamma, draft_mode, verify_mode, policy, temperature, top_p,
-    prefill_chunk,
-):
-    """Host-side checks, so bad input fails here with a clear message and never inside the loop."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
-    for name, mode in (("draft_mode", draft_mode), ("verify_mode", verify_mode)):
-        if mode not in MODES:
-            raise ValueError(f"unknown {name} {mode!r}; expected one of {MODES}")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if isinstance(gamma, str) and gamma == "auto":
-        raise ValueError("gamma='auto' is resolved by `generate` (or `resolve_auto`) before `prepare`, which "
-                         "takes the resolved integer")
-    if not isinstance(gamma, (int, np.integer)) or isinstance(gamma, bool) or gamma < 0:
-        raise ValueError(f"gamma must be a non-negative integer or 'auto', got {gamma!r}")
-    if policy == "sampling" and not temperature > 0:
-        raise ValueError(f"sampling needs temperature > 0, got {temperature}")
-    if not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 0:
-        raise ValueError(f"prefill_chunk must be a non-negative integer, got {prefill_chunk!r}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    shape = np.shape(prompts)
-    if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
-        raise ValueError(f"prompts must be a non-empty [batch, length] array, got shape {shape}")
-    lens = np.asarray(prompt_lens)
-    if lens.shape != (shape[0],):
-        raise ValueError(f"prompt_lens must have shape ({shape[0]},), got {lens.shape}")
-    if lens.min() < 1:
-        raise ValueError(f"prompt {int(np.argmin(lens))} is empty: every prompt needs at least one token")
-    if lens.max() > shape[1]:
-        raise ValueError(f"a prompt length ({lens.max()}) exceeds the padded width {shape[1]}")
-    toks = np.asarray(prompts)
-    if toks.min() < 0 or toks.max() >= config.vocab_size:
-        raise ValueError(f"token ids must be in [0, {config.vocab_size}), got [{toks.min()}, {toks.max()}]")
-    longest = int(lens.max()) + max_new_tokens
-    if longest > config.max_position_embeddings:
-        raise ValueError(
-            f"prompt ({int(lens.max())} tokens) plus max_new_tokens ({max_new_tokens}) = {longest} exceeds the "
-            f"model's context of {config.max_position_embeddings} tokens"
-        )
-    return shape
+    return args, {"spec": spec}

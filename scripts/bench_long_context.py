@@ -7,7 +7,7 @@ leave it (random K/V for the context's positions; the int8 cache quantized from 
 `hierarchical_kv.prefill` a real prefill ends with) and only the decode loop is timed:
 `speculative.decode_jit`, the while loop `generate` runs after its prefill, compiled ahead of time,
 one warm-up call, then the median of `reps` calls, each on a freshly built cache (the call donates
-it). Acceptance is replayed per cycle from traces recorded on the real SmolLM2 (`replay` policy):
+it). Acceptance is replayed per cycle from traces recorded on the real SmolLM2 (`scripts/replay.py`):
 QSpec on the int8 cache and QuantSpec from benchmarks/kv/traces_int8kv.json
 (scripts/measure_kv_quality.py: the drafts read the INT4 view there too), QSpec on bf16 KV from
 benchmarks/acceptance/traces.json. The real model's context is 8192 tokens (its traces are from
@@ -50,6 +50,9 @@ from qspec_jax.evaluation import run_metadata  # noqa: E402
 from qspec_jax.hierarchical_kv import HierarchicalKVCache  # noqa: E402
 from qspec_jax.kv_cache import KVCache  # noqa: E402
 from qspec_jax.model import fuse_projections, unstack_layers  # noqa: E402
+from qspec_jax.acceptance import Greedy  # noqa: E402
+from qspec_jax.spec import KV_GROUP, KV_WINDOW, GenerationSpec  # noqa: E402
+from replay import Replay  # noqa: E402
 
 # The issue's target cells (batch x context): G1/G2 at batch 16, G3 at 1 x 8k and 4 x 32k.
 DEFAULT_CELLS = "16x8192:w4a16_bf16kv,w4a16_int8kv,qspec_w4a8_int8kv_g3,qspec_w4a4_int8kv_g3;" \
@@ -130,8 +133,9 @@ def load_traces(path, required):
         return json.load(f)
 
 
-def replay_trace(traces, kind, key, batch, fallback):
-    """[batch, cycles] counts recorded at this setting, rows cycled; (trace, where it came from)."""
+def replay_rule(traces, kind, key, batch, fallback):
+    """The rule replaying the [batch, cycles] counts recorded at this setting, rows cycled; (rule, where
+    the trace came from)."""
     data = traces.get(kind)
     if data is None or key not in data["traces"]:
         if fallback is None or key.split("_g")[-1] not in ("1", "2", "3", "4"):
@@ -141,7 +145,7 @@ def replay_trace(traces, kind, key, batch, fallback):
     else:
         source = f"{data['path']}:{key}"
     t = np.asarray(data["traces"][key], np.int32)
-    return jnp.asarray(t[np.arange(batch) % t.shape[0]]), source
+    return Replay.of(t[np.arange(batch) % t.shape[0]]), source
 
 
 def step_bytes(params, config, batch, context, kind):
@@ -163,24 +167,19 @@ def plan_mode(name, weights, config, batch, context, new_tokens, traces, fallbac
     max_len = (speculative.cache_length if s["kv"] == "int8" else speculative.cache_slots)(context, new_tokens, s["gamma"])
     key = jax.random.key(batch * 7919 + context)
     first = jax.random.randint(key, (batch,), 3, config.vocab_size, jnp.int32)
-    if s["trace"] is not None:
-        trace, source = replay_trace(traces, *s["trace"], batch, fallback)
-        policy = "replay"
-    else:
-        trace, source, policy = jnp.zeros((batch, 1), jnp.int32), None, "greedy"
-    static = dict(config=config, max_new_tokens=new_tokens, gamma=s["gamma"], draft_mode=s["draft_mode"],
-                  verify_mode=s["verify_mode"], policy=policy, top_p=1.0, eos_ids=())
+    rule, source = replay_rule(traces, *s["trace"], batch, fallback) if s["trace"] is not None else (Greedy(), None)
+    spec = GenerationSpec(config=config, max_new_tokens=new_tokens, gamma=s["gamma"], draft_mode=s["draft_mode"],
+                          verify_mode=s["verify_mode"], rule=rule, eos_ids=(), separate_draft=draft_params is not None)
     plan = {"name": name, "settings": s, "batch": batch, "context": context, "new_tokens": new_tokens,
-            "source": source, "extra": () if draft_params is None else (draft_params,),
+            "source": source,
             "cache": lambda: build_cache(config, s["kv"], batch, context, max_len, key=key, group=group,
                                          window=window, headroom=s["gamma"] + 1, dtype=jnp.bfloat16),
-            "args": lambda c: (params, c, first, jax.random.key(1), jnp.float32(1.0), trace)}
+            "args": lambda c: (params, c, first, jax.random.key(1), draft_params, None)}  # no adaptive arrays
     kernel_t = kv_cache.KERNEL_ATTENTION_MAX_T
     kv_cache.KERNEL_ATTENTION_MAX_T = 0 if s.get("einsum") else kernel_t  # read when the forward is traced
     speculative.decode_jit.clear_cache()  # so the flag's value, not a cached trace, decides
     try:
-        plan["lowered"] = speculative.decode_jit.lower(*plan["args"](jax.eval_shape(plan["cache"])), *plan["extra"],
-                                                       **static)
+        plan["lowered"] = speculative.decode_jit.lower(*plan["args"](jax.eval_shape(plan["cache"])), spec=spec)
     finally:
         kv_cache.KERNEL_ATTENTION_MAX_T = kernel_t
         speculative.decode_jit.clear_cache()
@@ -213,7 +212,7 @@ def measure(plan, reps) -> dict:
         c = jax.block_until_ready(plan["cache"]())
         result = None
         t0 = time.perf_counter()
-        result, c = jax.block_until_ready(compiled(*plan["args"](c), *plan["extra"]))
+        result, c = jax.block_until_ready(compiled(*plan["args"](c)))
         times.append(time.perf_counter() - t0)
         del c  # the final cache (the donated input's buffers)
     summ = result.summary()
@@ -303,8 +302,8 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens per row, the first one included")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--compile-threads", type=int, default=8, help="programs compiled at once")
-    ap.add_argument("--kv-group", type=int, default=128)
-    ap.add_argument("--kv-window", type=int, default=256)
+    ap.add_argument("--kv-group", type=int, default=KV_GROUP)
+    ap.add_argument("--kv-window", type=int, default=KV_WINDOW)
     ap.add_argument("--traces-int8", default="benchmarks/kv/traces_int8kv.json")
     ap.add_argument("--traces-bf16", default="benchmarks/acceptance/traces.json")
     ap.add_argument("--smoke", action="store_true", help="tiny preset, short contexts: CPU check that it runs")

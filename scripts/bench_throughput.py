@@ -2,7 +2,7 @@
 
 Every mode runs its whole compiled generate program (prefill + `lax.while_loop`), timed after an
 ahead-of-time compile and a warm-up call. QSpec on generated weights cannot produce meaningful
-acceptance, so it uses the `replay` policy with per-cycle acceptance traces recorded on the real
+acceptance, so it uses the replay rule (`scripts/replay.py`) with per-cycle acceptance traces recorded on the real
 SmolLM2 (scripts/measure_acceptance.py): the control flow is what the real model would execute.
 
 Per-step times come from the same run: t_step(mode) = (T(n) - T_prefill) / (n - 1), where T_prefill
@@ -48,6 +48,7 @@ from qspec_jax.config import get_preset  # noqa: E402
 from qspec_jax.evaluation import copy_bandwidth, run_metadata  # noqa: E402
 from qspec_jax.kv_cache import KVCache  # noqa: E402
 from qspec_jax.model import fuse_projections, unstack_layers  # noqa: E402
+from replay import Replay  # noqa: E402  (beside this script)
 
 
 def load_traces(path):
@@ -57,10 +58,10 @@ def load_traces(path):
         return json.load(f)
 
 
-def replay_rows(traces, draft, gamma, batch):
-    """A [batch, cycles] replay trace: rows of the recorded trace at this (draft, gamma), cycled."""
+def replay_rows(traces, draft, gamma, batch) -> Replay:
+    """The rule that replays the recorded trace at this (draft, gamma), its rows cycled to `batch`."""
     t = np.asarray(traces["traces"][f"{draft}_g{gamma}"], np.int32)
-    return jnp.asarray(t[np.arange(batch) % t.shape[0]])
+    return Replay.of(t[np.arange(batch) % t.shape[0]])
 
 
 def timed(fn, reps):
@@ -81,8 +82,8 @@ def timed(fn, reps):
 
 def program_key(params, args, static):
     """What makes two runs literally the same compiled program on the same inputs: the weights
-    (the same pytree object), every static setting, and the shape, dtype and value of every other
-    argument (prompts, lengths, PRNG key, temperature, replay trace)."""
+    (the same pytree object), the static spec (the replayed trace included), and the shape, dtype and
+    value of every other argument (prompts, lengths, PRNG key, draft weights, adaptive arrays)."""
     data = tuple((tuple(x.shape), str(x.dtype), hashlib.sha1(np.asarray(x).tobytes()).hexdigest())
                  for x in jax.tree.leaves(args[1:]))
     return id(params), tuple(sorted((k, repr(v)) for k, v in static.items())), data
@@ -162,15 +163,15 @@ def measure_cell(fparams, qparams, config, spec, new_tokens, traces, reps, rng, 
     base = cell["modes"]["w4a16"]
     for draft in drafts:
         for gamma in gammas:
-            trace = replay_rows(traces, draft, gamma, batch)
+            replay = replay_rows(traces, draft, gamma, batch)
             t, res, c, _ = timed_generate(qparams, prompts, lens, reps, programs, f"qspec {draft} g{gamma}",
-                                          max_new_tokens=new_tokens, gamma=gamma, draft_mode=draft, policy="replay",
-                                          replay_trace=trace, **common)
+                                          max_new_tokens=new_tokens, gamma=gamma, draft_mode=draft, rule=replay,
+                                          **common)
             entry = qspec_entry(res, t, c, batch, new_tokens, base, step, prefill_s, draft, gamma)
             if adaptive_pinned:
                 ta, res_a, ca, _ = timed_generate(qparams, prompts, lens, reps, programs, f"adaptive {draft} g{gamma}",
                                                   max_new_tokens=new_tokens, gamma=gamma, draft_mode=draft,
-                                                  policy="replay", replay_trace=trace, adaptive=pinned_adaptive(gamma),
+                                                  rule=replay, adaptive=pinned_adaptive(gamma),
                                                   **common)
                 entry["adaptive_pinned"] = {
                     "seconds": ta, "compile_s": ca, "time_over_fixed": ta / t,
@@ -219,14 +220,13 @@ def qspec_entry(res, t, compile_s, batch, new_tokens, base, step, prefill_s, dra
 
 def auto_settings(auto, prompts, lens, new_tokens, common, traces=None):
     """(settings to time, policy.Choice): `gamma="auto"` resolved exactly as `generate` resolves it for
-    a user (`speculative.resolve_auto`, greedy policy); with gamma > 0 the acceptance is then replayed
+    a user (`speculative.resolve_auto`, greedy rule); with gamma > 0 the acceptance is then replayed
     from the real-model trace at that (draft, gamma), as the fixed-gamma entries are (an adaptive loop
     clips each cycle's count to the gamma it drafted)."""
     settings, choice = speculative.resolve_auto(prompts, lens, dict(max_new_tokens=new_tokens, gamma="auto", **common),
                                                 auto)
     if choice.gamma > 0 and traces is not None:
-        settings = dict(settings, policy="replay",
-                        replay_trace=replay_rows(traces, choice.draft, choice.gamma, int(np.shape(prompts)[0])))
+        settings = dict(settings, rule=replay_rows(traces, choice.draft, choice.gamma, int(np.shape(prompts)[0])))
     return settings, choice
 
 

@@ -4,7 +4,7 @@ the GPU kernels accept the same tokens).
 One batch of real prompts (HumanEval code prompts and ShareGPT chat prompts, mixed lengths) is
 generated greedily in plain W4A16 and with QSpec for every (draft mode, gamma). Every QSpec output is
 compared token for token with W4A16; acceptance rate and tokens per cycle are reported per dataset.
-The per-cycle acceptance traces are saved for the `replay` policy of the throughput benchmark.
+The per-cycle acceptance traces are saved for the replay rule (`scripts/replay.py`) of the throughput benchmark.
 
     python scripts/measure_acceptance.py                      # 8 + 8 prompts x 128 tokens, gamma 1..7
     python scripts/measure_acceptance.py --smoke               # tiny random model, seconds
@@ -88,7 +88,7 @@ def main():
         "model": "tiny (random, smoke)" if args.smoke else args.model, "device": "cpu (reference kernels: exact W4A4)",
         "jax": jax.__version__, "commit": git_commit(), "prompts": {str(n): int((labels == n).sum()) for n in sorted(set(labels))},
         "prompt_lengths": [len(r) for r in rows], "padded_width": int(toks.shape[1]),
-        "max_new_tokens": args.max_new_tokens, "eos": "disabled (fixed-length rows)", "policy": "greedy",
+        "max_new_tokens": args.max_new_tokens, "eos": "disabled (fixed-length rows)", "rule": "greedy",
         "w4a16_seconds_cpu": round(base_s, 2), "group_size": args.group_size or "default",
         "weight_rounding": weight_rounding(0 if args.smoke else args.calibration_tokens),
     }
@@ -172,7 +172,7 @@ def report(out, meta, runs):
             f"raw, ShareGPT first turns through the chat template), {meta['max_new_tokens']} new tokens each, "
             f"greedy, EOS {meta['eos']}. `identical` compares every row token for token with plain W4A16 "
             "greedy decoding of the same batch. `traces.json` holds each run's per-row, per-cycle accepted "
-            "counts: the input of the `replay` policy of `scripts/bench_throughput.py`.\n\n"
+            "counts: the input of the replay rule (`scripts/replay.py`) of `scripts/bench_throughput.py`.\n\n"
             "Caveat: with EOS disabled, rows keep generating past their natural end, where text is often "
             "repetitive and easy to draft; acceptance on the model's own greedy text is also far higher than "
             "the teacher-forced agreement on human text in `benchmarks/quality/`, and it depends on how "

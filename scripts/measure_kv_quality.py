@@ -15,7 +15,7 @@
 3. Traces: every speculative run's per-cycle accepted counts (`GenerationResult.trace`, [B, cycles])
    go to traces_<kv>kv.json (short batch) and traces_<kv>kv_long.json (long batch), in the format of
    benchmarks/acceptance/traces.json (keys "<draft>_g<gamma>", QuantSpec "quantspec_w4a16_g<gamma>"),
-   for the `replay` policy of the GPU benchmarks. Results are saved after every run.
+   for the replay rule (`scripts/replay.py`) of the GPU benchmarks. Results are saved after every run.
 
     python scripts/measure_kv_quality.py            # results in benchmarks/kv/kv_quality.json
     python scripts/measure_kv_quality.py --smoke    # tiny random model, about two minutes
@@ -246,7 +246,7 @@ def main():
            "long_prompts": {"source": "multi-turn ShareGPT conversations (chat template, turns up to the last user "
                                       "turn within long_max tokens)", "records": long_records,
                             "long_min": args.long_min, "long_max": args.long_max},
-           "max_new_tokens": args.max_new_tokens, "eos": "disabled (fixed-length rows)", "policy": "greedy",
+           "max_new_tokens": args.max_new_tokens, "eos": "disabled (fixed-length rows)", "rule": "greedy",
            "identity_reference": "plain greedy decoding (gamma 0) by the run's verifier on the same kv cache: "
                                  "W4A16 int4 weights for QSpec, the float weights for QuantSpec",
            "baselines": [], "runs": []}
@@ -256,7 +256,7 @@ def main():
     trace_meta.update({
         "device": "cpu (reference kernels: exact W4A4 / W4A8 math)",
         "long_prompt_records": long_records, "max_new_tokens": args.max_new_tokens,
-        "eos": "disabled (fixed-length rows)", "policy": "greedy",
+        "eos": "disabled (fixed-length rows)", "rule": "greedy",
         "batches": "short: HumanEval + ShareGPT first-turn prompts (traces_<kv>kv.json); long: multi-turn ShareGPT "
                    "conversations of long_min..long_max tokens (traces_<kv>kv_long.json)",
         "long_min": args.long_min, "long_max": args.long_max,

@@ -16,12 +16,15 @@ from qspec_jax.model import fuse_projections, unstack_layers
 from qspec_jax.config import get_preset
 from qspec_jax.generate import MAX_GAMMA, parse_args, validate_args
 from qspec_jax.policy import AutoGamma, CostTable, choose, expected_tokens, expected_tokens_single
+from qspec_jax.acceptance import Sampling
+from qspec_jax.spec import GenerationSpec
 from qspec_jax.speculative import GenerationResult, generate, pad_prompts, prepare
 
 from conftest import TEST_SEED  # noqa: E402  (printed with every test)
 
 sys.path.insert(0, os.path.join(policy.ROOT, "scripts"))
 import build_cost_table as builder  # noqa: E402  (scripts/: the cost-table builder is a tool, not the library)
+from replay import Replay  # noqa: E402  (benchmark-only: lives beside the benchmarks)
 
 TINY = get_preset("tiny")
 
@@ -325,8 +328,8 @@ def test_speculative_sampling_with_auto_keeps_the_verifier_distribution():
     temperature, top_p, v, n = 0.7, 0.8, MICRO.vocab_size, 6000
     auto = AutoGamma(synthetic_table(t_draft=0.1, max_gamma=2), max_gamma=2, drafts=("w4a4",))
     toks, lens = pad_prompts([PROMPT] * n)
-    res = generate(qp, toks, lens, config=MICRO, max_new_tokens=4, gamma="auto", policy="sampling",
-                   temperature=temperature, top_p=top_p, seed=3, eos_ids=(), auto=auto)
+    res = generate(qp, toks, lens, config=MICRO, max_new_tokens=4, gamma="auto",
+                   rule=Sampling(temperature, top_p), seed=3, eos_ids=(), auto=auto)
     assert (res.policy.gamma, res.policy.draft, res.policy.adaptive) == (2, "w4a4", True)
     assert res.summary()["acceptance_rate"] < 0.9  # the draft differs: rejections happen
     p12, _, p34 = verifier_token_pairs(qp, temperature, top_p)
@@ -380,7 +383,7 @@ def test_pick_gamma_matches_a_float64_reference():
 
 
 def simulate_adaptive(traces, adaptive, max_new_tokens):
-    """The adaptive loop's bookkeeping under the replay policy, in float64 NumPy: each cycle picks its
+    """The adaptive loop's bookkeeping under the replay rule, in float64 NumPy: each cycle picks its
     gamma from the pooled counts (`reference_pick`) until that is 0, plain decoding after; every active
     row accepts its trace's next count clipped to that gamma and emits it plus one token, cut at its
     budget. Returns the per-row (gamma_cycles, accepted_at, reached_at) the loop should end with."""
@@ -414,7 +417,7 @@ def test_adaptive_loop_follows_the_policy_under_replay(tiny_qparams):
     trace = np.array([t + [-1] * (width - len(t)) for t in traces], np.int32)
     adaptive = policy.AdaptiveGamma((1.0, 1.45, 1.8, 2.15, 2.5), (0.95,) * 4, strength=4.0)
     res = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=64, gamma=4, draft_mode="w4a8",
-                   policy="replay", replay_trace=trace, eos_ids=(), adaptive=adaptive)
+                   rule=Replay.of(trace), eos_ids=(), adaptive=adaptive)
     gamma_cycles, acc, reached = simulate_adaptive(traces, adaptive, 64)
     np.testing.assert_array_equal(np.asarray(res.gamma_cycles), gamma_cycles)
     np.testing.assert_array_equal(np.asarray(res.accepted_at), acc)
@@ -457,12 +460,12 @@ def test_adaptive_loop_copies_no_cache_sized_buffer():
     b, slots = 2, 256
     cache = KVCache.create(CFG, b, slots, jnp.float32).replace(lengths=jnp.asarray([5, 9], jnp.int32))
     adaptive = policy.AdaptiveGamma((1.0, 1.6, 1.9, 2.2, 2.5), (0.9,) * 4)
-    static = dict(config=CFG, max_new_tokens=32, gamma=4, draft_mode="w4a4", verify_mode="w4a16", policy="greedy",
-                  top_p=1.0, eos_ids=())
     shape = f"f32[{b},{CFG.num_kv_heads},{slots},{CFG.head_dim}]"
     for arrays in (None, adaptive.arrays()):
-        text = decode_jit.lower(qp, cache, jnp.asarray([3, 4], jnp.int32), jax.random.PRNGKey(0), jnp.float32(1),
-                                jnp.zeros((b, 1), jnp.int32), None, arrays, **static).compile().as_text()
+        spec = GenerationSpec(config=CFG, max_new_tokens=32, gamma=4, draft_mode="w4a4", verify_mode="w4a16",
+                              eos_ids=(), adaptive=arrays is not None)
+        text = decode_jit.lower(qp, cache, jnp.asarray([3, 4], jnp.int32), jax.random.PRNGKey(0), None, arrays,
+                                spec=spec).compile().as_text()
         assert shape in text  # the pattern below looks for the right buffers
         copies = re.findall(re.escape(shape) + r"\{[^}]*\} copy\(", text)
         assert not copies, f"{len(copies)} cache-sized copies (adaptive={arrays is not None})"

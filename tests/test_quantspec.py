@@ -64,14 +64,15 @@ def test_greedy_quantspec_equals_bf16_on_int8_kv(tiny_params):
 
 def test_quantspec_defaults_and_program(tiny_params):
     """The defaults are QuantSpec's (int8 cache, gamma 3, bf16 verifies, w4a16 drafts); the draft
-    weights are a 7th argument only when given, so QSpec's shared-pytree call is unchanged."""
+    weights are an input only when given (None, an empty pytree, otherwise), so QSpec's shared-pytree
+    program is unchanged."""
     fp, qp = tiny_params
     toks, lens = _prompts([5, 9])
     args, static = prepare(qp, toks, lens, config=TINY, max_new_tokens=4, gamma=3, eos_ids=())
-    assert len(args) == 6
+    assert args[4] is None and not static["spec"].separate_draft
     args, static = prepare(fp, toks, lens, config=TINY, max_new_tokens=4, gamma=3, eos_ids=(), kv="int8",
                            kv_group=16, kv_window=32, verify_mode="bf16", draft_mode="w4a16", draft_params=qp)
-    assert len(args) == 7
+    assert args[4] is not None and static["spec"].separate_draft
     assert "stablehlo.while" in generate_jit.lower(*args, **static).as_text()
     res = quantspec(fp, qp, toks, lens, config=TINY, max_new_tokens=4, eos_ids=(), kv_group=16, kv_window=32)
     assert res.summary()["gamma_histogram"] == {"3": int(np.sum(np.asarray(res.cycles)))}

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import secrets
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,12 +16,17 @@ import numpy as np
 import pytest
 
 from qspec_jax import checkpoint, quantize
+from qspec_jax.acceptance import Greedy, Sampling
 from qspec_jax.config import LlamaConfig, get_preset
 from qspec_jax.kv_cache import KVCache, write_layer
 from qspec_jax.model import forward
 from qspec_jax.sampling import probabilities, speculative_accept
 from qspec_jax.model import unstack_layers
+from qspec_jax.spec import GenerationSpec
 from qspec_jax.speculative import cache_length, cache_slots, decode_jit, generate, generate_jit, pad_prompts, prefill, prepare
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from replay import Replay  # noqa: E402  (benchmark-only: lives beside the benchmarks)
 
 TINY = get_preset("tiny")
 SEED = int(os.environ.get("QSPEC_TEST_SEED", secrets.randbits(30)))
@@ -75,9 +81,9 @@ def test_decode_from_a_prefilled_cache_continues_generate(tiny_qparams, rng):
     logits, cache = prefill(params, toks, lens, cache, config=TINY, mode="w4a16", chunk=0)
     first = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     # The cache is donated, lengths included: give it its own copy of lens.
-    res, final = decode_jit(params, cache.replace(lengths=jnp.array(lens)), first, jax.random.PRNGKey(1), jnp.float32(1.0),
-                            jnp.zeros((2, 1), jnp.int32), config=TINY, max_new_tokens=n, gamma=gamma,
-                            draft_mode="w4a8", verify_mode="w4a16", policy="greedy", top_p=1.0, eos_ids=())
+    spec = GenerationSpec(config=TINY, max_new_tokens=n, gamma=gamma, draft_mode="w4a8", verify_mode="w4a16",
+                          rule=Greedy(), eos_ids=())
+    res, final = decode_jit(params, cache.replace(lengths=jnp.array(lens)), first, jax.random.PRNGKey(1), spec=spec)
     np.testing.assert_array_equal(np.asarray(res.tokens), np.asarray(ref.tokens))
     np.testing.assert_array_equal(np.asarray(final.lengths), np.asarray(lens) + n - 1)
     # The returned cache holds the verifier's K/V: a plain W4A16 forward of prompt + tokens agrees.
@@ -167,15 +173,19 @@ def test_dynamic_update_slice_clamps_and_the_cache_never_reaches_it(rng):
     (dict(max_new_tokens=0), "max_new_tokens must be a positive"),
     (dict(gamma=-1), "gamma must be"),
     (dict(draft_mode="w2a2"), "unknown draft_mode"),
-    (dict(policy="beam"), "unknown policy"),
-    (dict(policy="sampling", temperature=0.0), "temperature > 0"),
-    (dict(policy="replay"), "needs replay_trace"),
+    (dict(rule="beam"), "unknown rule"),
+    (dict(rule=lambda: Sampling(temperature=0.0)), "temperature > 0"),
+    (dict(rule=lambda: Sampling(temperature=float("nan"))), "temperature > 0"),
+    (dict(rule=lambda: Sampling(temperature=float("inf"))), "temperature > 0"),
+    (dict(rule=lambda: Replay.of(np.zeros((2, 3), np.int32))), "replay trace must be"),
     (dict(prefill_chunk=-4), "prefill_chunk must be"),
 ])
 def test_bad_settings_are_refused(tiny_qparams, bad, match):
     toks, lens = pad_prompts([[5, 6, 7]])
     kw = {"config": TINY, "max_new_tokens": 4, **bad}
     with pytest.raises(ValueError, match=match):
+        if callable(kw.get("rule")):  # a rule refuses bad settings when it is built
+            kw["rule"] = kw["rule"]()
         generate(tiny_qparams, toks, lens, **kw)
 
 
@@ -214,7 +224,7 @@ def test_replay_accepts_exactly_the_trace(tiny_qparams, rng):
     forced[1, :6] = [0, 0, 1, 3, 3, 2]
     forced[2, :1] = [2]
     res = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=n, gamma=g, eos_ids=(),
-                   policy="replay", replay_trace=forced)
+                   rule=Replay.of(forced))
     trace = np.asarray(res.trace)
     for b in range(3):
         counts, want, n_out = forced[b][forced[b] >= 0], [], 1
@@ -225,7 +235,7 @@ def test_replay_accepts_exactly_the_trace(tiny_qparams, rng):
         assert int(res.cycles[b]) == len(want) and int(res.num_tokens[b]) == n
     real = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=n, gamma=g, eos_ids=())
     replay = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=n, gamma=g, eos_ids=(),
-                      policy="replay", replay_trace=real.trace)
+                      rule=Replay.of(real.trace))
     np.testing.assert_array_equal(np.asarray(replay.trace), np.asarray(real.trace))
     np.testing.assert_array_equal(np.asarray(replay.cycles), np.asarray(real.cycles))
 
@@ -304,7 +314,7 @@ def test_generate_never_writes_past_the_cache(tiny_qparams, rng, monkeypatch):
     generate_jit.clear_cache()  # trace again, through the spy
     try:
         res = generate(tiny_qparams, toks, lens, config=TINY, max_new_tokens=n, gamma=g, eos_ids=(),
-                       policy="replay", replay_trace=np.asarray([[g], [0], [2]], np.int32), prefill_chunk=0)
+                       rule=Replay.of([[g], [0], [2]]), prefill_chunk=0)
         jax.block_until_ready(res.tokens)
     finally:
         generate_jit.clear_cache()
@@ -423,8 +433,8 @@ def test_speculative_sampling_keeps_the_verifier_distribution(micro_qparams):
 
     n = 12000
     toks, lens = pad_prompts([PROMPT] * n)
-    res = generate(qp, toks, lens, config=MICRO, max_new_tokens=4, gamma=2, policy="sampling",
-                   temperature=temperature, top_p=top_p, seed=SEED, eos_ids=())
+    res = generate(qp, toks, lens, config=MICRO, max_new_tokens=4, gamma=2,
+                   rule=Sampling(temperature, top_p), seed=SEED, eos_ids=())
     s = res.summary()
     assert s["acceptance_rate"] < 0.9 and s["accepted_at_position"][1] > n / 4  # rejections, and bonus tokens
     t = np.asarray(res.tokens)
@@ -442,8 +452,8 @@ def test_eos_under_sampling(micro_qparams):
     eos = int(np.argmax(p1 * (1 - p1) + p12.sum(0)))  # likely both first and second
     n, budget = 4000, 6
     toks, lens = pad_prompts([PROMPT] * n)
-    res = generate(qp, toks, lens, config=MICRO, max_new_tokens=budget, gamma=3, policy="sampling",
-                   temperature=temperature, top_p=top_p, seed=SEED, eos_ids=(eos,))
+    res = generate(qp, toks, lens, config=MICRO, max_new_tokens=budget, gamma=3,
+                   rule=Sampling(temperature, top_p), seed=SEED, eos_ids=(eos,))
     t, k = np.asarray(res.tokens), np.asarray(res.num_tokens)
     valid = np.arange(budget) < k[:, None]
     assert np.all(t[~valid] == -1) and np.all(t[valid] >= 0)
