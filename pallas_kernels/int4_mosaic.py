@@ -197,22 +197,21 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, probe: st
             in_specs.append(plgpu.BlockSpec((1, tm), lambda k: (k, 0)))
             operands.append(xs_gmem.at[step_range, :])
         if scale_in_a:
-            def scaled_step(_, w_smem, x_smem, s_smem, acc_ref):
-                # the group's scales on the converted weights: bf16 [rows, tk], one accumulator
-                w_reg = w_smem[...].astype(jnp.bfloat16) * lax.broadcast_in_dim(
-                    s_smem[0].astype(jnp.bfloat16), (rows, tk), [0])
-                if a_smem is None:
-                    plgpu.wgmma(acc_ref, w_reg, plgpu.transpose_ref(x_smem, (1, 0)))
-                else:  # interpreter: A and B staged through SMEM
-                    a_smem[...] = w_reg
-                    b_smem[...] = x_smem[...].T
-                    plgpu.wgmma(acc_ref, a_smem, b_smem)
-                plgpu.wgmma_wait(1)  # keep one MMA in flight; its x slot is released a step late
-                return acc_ref
-
             def accumulate(acc_ref):
+                def scaled_step(_, w_smem, x_smem, s_smem):
+                    # the group's scales on the converted weights: bf16 [rows, tk], one accumulator
+                    w_reg = w_smem[...].astype(jnp.bfloat16) * lax.broadcast_in_dim(
+                        s_smem[0].astype(jnp.bfloat16), (rows, tk), [0])
+                    if a_smem is None:
+                        plgpu.wgmma(acc_ref, w_reg, plgpu.transpose_ref(x_smem, (1, 0)))
+                    else:  # interpreter: A and B staged through SMEM
+                        a_smem[...] = w_reg
+                        b_smem[...] = x_smem[...].T
+                        plgpu.wgmma(acc_ref, a_smem, b_smem)
+                    plgpu.wgmma_wait(1)  # one MMA in flight; its x slot is released a step late
+
                 plgpu.emit_pipeline(scaled_step, grid=(steps,), in_specs=in_specs,
-                                    max_concurrent_steps=stages, init_carry=acc_ref)(*operands)
+                                    max_concurrent_steps=stages)(*operands)
                 plgpu.wgmma_wait(0)
                 return acc_ref[...]
 
