@@ -16,9 +16,10 @@ for p in "" via_bf16 a_smem; do
 done
 echo "kernels=$kernels W4A8 probe='$QSPEC_MOSAIC_W4A8_PROBE' ($((deadline - SECONDS)) s left)"
 timeout $((deadline - SECONDS - ${SWEEP_S:-200})) python3 scripts/bench_engine.py --parts step --modes "$modes" \
-  --kernels triton,mosaic --batches $batches --repeats 3 --out "$out/step.json" > "$out/step.log" 2>&1
+  --kernels ${STEP_KERNELS:-triton,mosaic} --batches $batches --repeats 3 --out "$out/step.json" > "$out/step.log" 2>&1
 echo "step rc=$?"; grep -E "^step|copy" "$out/step.log" | cut -c1-160
 left=$((deadline - SECONDS - 15))
+[ $left -lt 40 ] && exit 0
 timeout $left python3 scripts/bench_mosaic.py --out "$out" --budget-s $((left - 60)) --check-s 40 \
   --kernels "$kernels" --projections "$projections" --torch-kinds tinygemm > "$out/sweep.log" 2>&1
 echo "sweep rc=$?"
