@@ -166,7 +166,7 @@ def summarize(sweep: dict, step: dict | None) -> dict:
     bw = meta["copy_bw_Bps"]
     s = {"commit": meta.get("commit"), "device": meta["device"], "jax": meta["jax"], "timing": "cupti",
          "copy_bw_Bps": bw, "kernel_frac_copy_bw": {}, "kernel_vs_best_peer": {},
-         "kernel_vs_triton_w4a16": {}, "verify_flatness": {}, "w4a8_vs_cublas_bf16": {}}
+         "verify_flatness": {}, "w4a8_vs_cublas_bf16": {}}
     us = {(c["proj"], c["M"]): {k: v["us"] for k, v in c["methods"].items() if "us" in v}
           for c in sweep["sweep"]}
     for (proj, M), t in sorted(us.items()):
@@ -179,8 +179,6 @@ def summarize(sweep: dict, step: dict | None) -> dict:
         peers = [t[p] for p in PEERS if p in t]
         if peers:
             s["kernel_vs_best_peer"].setdefault(proj, {})[str(M)] = min(peers) / ours
-        if "triton_w4a16" in t:
-            s["kernel_vs_triton_w4a16"].setdefault(proj, {})[str(M)] = t["triton_w4a16"] / ours
         cublas = t.get("torch_cublas_bf16", t.get("xla_bf16"))  # XLA's bf16 dot is a cuBLAS call too
         if M in (128, 256) and proj in ("gate_up", "down") and "mosaic_w4a8" in t and cublas:
             s["w4a8_vs_cublas_bf16"].setdefault(proj, {})[str(M)] = cublas / t["mosaic_w4a8"]
@@ -191,9 +189,7 @@ def summarize(sweep: dict, step: dict | None) -> dict:
     if step:
         by = {(c["batch"], c["mode"]): c for c in step["step"]}
         s.update({"step_over_floor": {"w4a16": {}}, "w4a16_vs_torch_peer": {}, "bf16_vs_torch_bf16": {},
-                  "w4a16_vs_bf16_step": {}, "draft_vs_verify_step": {}, "step_ms": {}})
-        for (b, mode), c in sorted(by.items()):
-            s["step_ms"].setdefault(str(b), {})[mode] = c["step_ms"]
+                  "w4a16_vs_bf16_step": {}, "draft_vs_verify_step": {}})
         for b in sorted({b for b, _ in by}):
             ours = by.get((b, "w4a16_mosaic"))
             if ours:
