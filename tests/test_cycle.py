@@ -6,7 +6,6 @@ Every random draw comes from one seed, printed with each test: rerun with QSPEC_
 """
 
 import os
-import secrets
 import sys
 
 import jax
@@ -24,15 +23,11 @@ from qspec_jax.speculative import (Drafts, LoopState, Verdict, accept, advance, 
                                    prefill, verify)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from conftest import TEST_SEED  # noqa: E402
 from replay import Replay  # noqa: E402
 
 TINY = get_preset("tiny")
-SEED = int(os.environ.get("QSPEC_TEST_SEED", secrets.randbits(30)))
-
-
-@pytest.fixture(autouse=True)
-def print_seed():
-    print(f"QSPEC_TEST_SEED={SEED}")
+SEED = TEST_SEED  # the suite's seed (conftest prints it with every test)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ rerun with QSPEC_TEST_SEED=<seed> to reproduce.
 import json
 import math
 import os
-import secrets
 import sys
 
 import jax
@@ -26,15 +25,11 @@ from qspec_jax.spec import GenerationSpec
 from qspec_jax.speculative import cache_length, cache_slots, decode_jit, generate, generate_jit, pad_prompts, prefill, prepare
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+from conftest import TEST_SEED  # noqa: E402
 from replay import Replay  # noqa: E402  (benchmark-only: lives beside the benchmarks)
 
 TINY = get_preset("tiny")
-SEED = int(os.environ.get("QSPEC_TEST_SEED", secrets.randbits(30)))
-
-
-@pytest.fixture(autouse=True)
-def print_seed():
-    print(f"QSPEC_TEST_SEED={SEED}")
+SEED = TEST_SEED  # the suite's seed (conftest prints it with every test)
 
 
 @pytest.fixture
