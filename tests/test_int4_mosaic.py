@@ -151,3 +151,26 @@ def test_model_on_mosaic_weights_matches_packed(tiny_float_and_int4):
             logits = forward(params, tokens, positions, cache, config=config, mode=mode)[0]
             outs.append(np.asarray(logits, np.float64))
         assert rel(outs[1], outs[0]) < 1e-5, mode
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("M,tiles", [(1, MosaicTiles()), (20, MosaicTiles(rows=128, split=2, stages=3))])
+def test_kernels_lower_for_cuda(int8, M, tiles):
+    """jax 0.10.2 lowers the Mosaic kernels for CUDA without a GPU: catches code that traces under
+    the interpreter but cannot become a Mosaic GPU module (it does not run ptxas or the GPU)."""
+    from jax import export
+
+    from pallas_kernels.int4_mosaic import _int4_matmul
+
+    K, N = 512, 256
+    w = jax.ShapeDtypeStruct((N, K), jnp.int4)
+    s = jax.ShapeDtypeStruct((K // 128, N), jnp.float32)
+    x = jax.ShapeDtypeStruct((M, K), jnp.int8 if int8 else jnp.bfloat16)
+    xs = jax.ShapeDtypeStruct((K // 128, M), jnp.float32) if int8 else None
+
+    def f(x, w, s, xs=None):
+        return _int4_matmul(x, xs, {"w": w, "scales": s}, tiles, interpret=False)
+
+    args = (x, w, s, xs) if int8 else (x, w, s)
+    module = export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
+    assert "mosaic_gpu" in module
