@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-from .packing import pack_int4, unpack_int4, weight_layout
+from .packing import pack_block, pack_int4, unpack_int4, weight_layout
 
 WGMMA_ROWS = 64  # wgmma's M side
 TMA_ALIGN = 128  # bytes: a TMA copy's shared-memory destination must start on this boundary
@@ -66,8 +66,6 @@ def to_mosaic_layout(qw) -> dict:
 
 def from_mosaic_layout(mw) -> dict:
     """Inverse of to_mosaic_layout: packing.py's {"packed", "scales"}."""
-    from .packing import pack_block
-
     N, K = mw["w"].shape
     G = mw["scales"].shape[0]
     return {"packed": pack_int4(mw["w"].T.astype(jnp.int8), pack_block(K, G)),

@@ -22,6 +22,7 @@ counts lives beside the benchmarks (scripts/replay.py): the loop knows nothing o
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from typing import ClassVar
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 from qspec_jax.sampling import greedy_accept, probabilities, sample, speculative_accept
 
 
-class Rule:
+class Rule(abc.ABC):
     """The interface every acceptance rule implements (see the module docstring)."""
 
     keeps_q: ClassVar[bool] = False  # `draft` returns the draft distribution q, which `accept` reads
@@ -46,8 +47,9 @@ class Rule:
     def draft(self, key: jax.Array, logits: jax.Array):
         return self.pick(key, logits), None
 
+    @abc.abstractmethod
     def accept(self, key, drafts, q, logits, limit=None, cycles=None):
-        raise NotImplementedError
+        """(n_accepted [B], next [B]): see the module docstring."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pallas_kernels.int4_mosaic import (  # noqa: E402
-    MosaicTiles, choose_tiles, supported, w4a8_mosaic, w4a16_mosaic,
+    MosaicTiles, choose_tiles, dequantize_mosaic, supported, w4a8_mosaic, w4a16_mosaic,
 )
 from pallas_kernels.packing import pack_block, pack_int4  # noqa: E402
 from pallas_kernels.w4a4 import w4a4_reference  # noqa: E402
@@ -63,8 +63,7 @@ def make_weights(key, K, N, copies):
         out.append(dict(
             packed={"packed": pack_int4(q, GROUP), "scales": s},
             mosaic={"w": q.T.astype(jnp.int4), "scales": s},
-            bf16=(q.astype(jnp.float32).reshape(K // GROUP, GROUP, N) * s[:, None]).reshape(K, N)
-            .astype(jnp.bfloat16),
+            bf16=dequantize_mosaic({"w": q.T.astype(jnp.int4), "scales": s}, jnp.bfloat16),
             int4=(q.astype(jnp.int4), s[0]),
         ))
     return out
@@ -84,10 +83,8 @@ def reference64(x, q, s):
 def device_reference(x, mw):
     """f32 y = x @ (q * s) on the device at full f32 precision (the sweep's sanity check; the
     float64 check runs on the host at small shapes)."""
-    q = mw["w"].T.astype(jnp.float32)
-    G = mw["scales"].shape[0]
-    w = (q.reshape(G, -1, q.shape[1]) * mw["scales"][:, None]).reshape(q.shape)
-    return jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    return jnp.dot(x.astype(jnp.float32), dequantize_mosaic(mw, jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
 
 
 def rel_err(y, ref):
