@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.int4_mosaic import INT8_FAULT, is_mosaic_layout, to_mosaic_layout
+from pallas_kernels.int4_mosaic import INT8_FAULT, int8_on_gpu, is_mosaic_layout, to_mosaic_layout
 
 KERNELS = ("auto", "mosaic", "triton")
 INT8_MODES = ("w4a8", "w4a4")  # int8-held activations: the Mosaic kernel for them does not run yet
@@ -37,7 +37,7 @@ def resolve_kernels(kernels: str = "auto", modes=()) -> str:
     int8 = any(m in INT8_MODES for m in modes)
     if kernels == "auto":
         return "mosaic" if is_hopper() and not int8 else "triton"
-    if kernels == "mosaic" and int8 and jax.default_backend() == "gpu":
+    if kernels == "mosaic" and int8 and jax.default_backend() == "gpu" and not int8_on_gpu():
         raise ValueError(INT8_FAULT)
     return kernels
 

@@ -116,7 +116,8 @@ def configs(K, N, M, x_bytes=2, wide=False):
     base = choose_tiles(M, N, K, K // GROUP, x_bytes)
     cands = [base, dataclasses.replace(base, split=base.split * 2)]
     if wide:
-        cands += [dataclasses.replace(base, rows=128), dataclasses.replace(base, stages=base.stages + 2)]
+        cands += [dataclasses.replace(base, stages=base.stages + 2), dataclasses.replace(base, stages=8),
+                  dataclasses.replace(base, rows=128)]
         if base.split > 1:
             cands.insert(1, dataclasses.replace(base, split=base.split // 2))
     out = []
@@ -215,10 +216,13 @@ def main():
     ap.add_argument("--projections", default="gate_up,down,qkv,o")
     ap.add_argument("--budget-s", type=float, default=480.0, help="stop sweeping after this long")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--check-only", action="store_true", help="run the float64 checks only")
+    ap.add_argument("--wide-ms", default="1,16", help="batch sizes swept over more configs "
+                    "(deeper pipelines, 128-row programs)")
     ap.add_argument("--torch-kinds", default="tinygemm,cublas_bf16", help="PyTorch linears timed beside")
     ap.add_argument("--check-s", type=float, default=60.0, help="seconds the float64 checks may add")
     ap.add_argument("--kernels", default="w4a16", help="which Mosaic kernels to check and sweep "
-                    "(w4a8 faults on the GPU so far: its kernel refuses to run outside the interpreter)")
+                    "(w4a8 needs QSPEC_MOSAIC_INT8=1 on the GPU until its fix is confirmed)")
     ap.add_argument("--summary", nargs="+", metavar=("SWEEP_JSON", "STEP_JSON"),
                     help="write the summary of a run's sweep (and step) JSON to --out and exit")
     args = ap.parse_args()
@@ -251,6 +255,10 @@ def main():
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
 
+    if args.check_only:
+        run_checks(results, key, args.kernels)
+        save()
+        return
 
     same_as = dict(tuple(map(int, p.split(":"))) for p in args.same_as.split(",") if p)
     ms = sorted(set(map(int, args.ms.split(","))) | set(same_as))
@@ -301,7 +309,7 @@ def main():
                 if M in same_as and (kind, same_as[M]) in best_of:
                     tiles = [best_of[(kind, same_as[M])]]
                 else:
-                    tiles = configs(K, N, M, x_bytes)
+                    tiles = configs(K, N, M, x_bytes, wide=str(M) in args.wide_ms.split(","))
                     if kind == "mosaic_w4a8" and ("mosaic_w4a16", M) in best_of:
                         # the int8 kernel has the same shape: sweep the W4A16 winner's neighbours
                         b = best_of[("mosaic_w4a16", M)]
