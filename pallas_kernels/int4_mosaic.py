@@ -20,6 +20,7 @@ scales as the packed layout of packing.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -225,6 +226,10 @@ def int8_on_gpu() -> bool:
     return os.environ.get(INT8_OPT_IN) == "1"
 
 
+# Jitted with static tiles, so a model that calls a kernel at the same shape in every layer lowers
+# it once: unjitted, each call site lowered its own Mosaic module (64 calls: 9.8 s against 0.2 s
+# on the CPU, and a 53 s compile of the 32-layer step on the H100).
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def w4a16_mosaic(x, mw, *, tiles: MosaicTiles = MosaicTiles(), interpret: bool = False):
     """y = x @ dequant(W) for x [M, K] (M <= 256, any float dtype; the MMA runs in bf16) and
     weights in the Mosaic layout. Returns [M, N] in x's dtype (f32 accumulation)."""
@@ -232,6 +237,7 @@ def w4a16_mosaic(x, mw, *, tiles: MosaicTiles = MosaicTiles(), interpret: bool =
     return y.astype(x.dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("act_bits", "tiles", "interpret"))
 def w4a8_mosaic(x, mw, *, act_bits: int = 8, tiles: MosaicTiles = MosaicTiles(),
                 interpret: bool = False):
     """W4A8 (act_bits 8) or W4A4 (act_bits 4): x [M, K] quantized per token over the weight's

@@ -185,7 +185,7 @@ def test_bench_mosaic_summary_keys_and_ratios(tmp_path):
     for proj in ("qkv", "o", "gate_up", "down"):
         for M in (1, 4, 8, 16, 64, 128, 256):
             t = 10.0 + M / 16
-            methods = {"mosaic_w4a16": {"us": t}, "xla_bf16": {"us": 2 * t}, "xla_int4": {"us": 3 * t},
+            methods = {"mosaic_w4a16": {"us": t, "kernel_us": 0.9 * t}, "xla_bf16": {"us": 2 * t}, "xla_int4": {"us": 3 * t},
                        "torch_tinygemm": {"us": 1.5 * t}, "torch_cublas_bf16": {"us": 2.5 * t},
                        "triton_w4a16": {"us": 4 * t}, "mosaic_w4a8": {"us": t / 2}}
             cells.append({"proj": proj, "M": M, "weight_bytes_int4": 3.0e7, "methods": methods})
@@ -205,7 +205,8 @@ def test_bench_mosaic_summary_keys_and_ratios(tmp_path):
         assert key in s
     assert s["timing"] == "cupti"
     assert set(s["kernel_frac_copy_bw"]) == {"gate_up", "down"}
-    assert math.isclose(s["kernel_frac_copy_bw"]["down"]["1"], 3.0e7 / (10.0625e-6) / bw)
+    # the kernel's own time (the pad and transpose around it fuse into neighbours in the model)
+    assert math.isclose(s["kernel_frac_copy_bw"]["down"]["1"], 3.0e7 / (0.9 * 10.0625e-6) / bw)
     assert set(s["kernel_frac_copy_bw"]["gate_up"]) == {"1", "4", "8", "16"}
     assert math.isclose(s["kernel_vs_best_peer"]["qkv"]["64"], 1.5)  # tinygemm is the fastest peer
     assert math.isclose(s["verify_flatness"]["gate_up"], (10 + 4) / 11.0)
