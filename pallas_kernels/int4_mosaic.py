@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +33,6 @@ from .packing import pack_block, pack_int4, unpack_int4, weight_layout
 
 WGMMA_ROWS = 64  # wgmma's M side
 TMA_ALIGN = 128  # bytes: a TMA copy's shared-memory destination must start on this boundary
-INT8_FAULT = ("the Mosaic W4A8/W4A4 kernel faults on the GPU (CUDA misaligned address, issue 18): "
-              "run the int8-activation modes with --kernels triton (what --kernels auto picks for them)")
-INT8_OPT_IN = "QSPEC_MOSAIC_INT8"  # =1 runs the int8 kernel on the GPU anyway (to check the fix)
 MAX_TOKENS = 256  # wgmma's largest N
 SMEM_BYTES = 227 * 1024  # per program on sm_90
 
@@ -221,11 +217,6 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool):
     return y[:, :M].T
 
 
-def int8_on_gpu() -> bool:
-    """Whether the int8-activation kernel may run outside the interpreter (opt-in until checked)."""
-    return os.environ.get(INT8_OPT_IN) == "1"
-
-
 # Jitted with static tiles, so a model that calls a kernel at the same shape in every layer lowers
 # it once: unjitted, each call site lowered its own Mosaic module (64 calls: 9.8 s against 0.2 s
 # on the CPU, and a 53 s compile of the 32-layer step on the H100).
@@ -243,18 +234,14 @@ def w4a8_mosaic(x, mw, *, act_bits: int = 8, tiles: MosaicTiles = MosaicTiles(),
     """W4A8 (act_bits 8) or W4A4 (act_bits 4): x [M, K] quantized per token over the weight's
     groups as w4a4.quantize_activations does, int8 x int8 MMAs, f32 rescale per group.
 
-    Not usable on the GPU yet: compiled on the H100 (jax 0.11.2) it faulted with a CUDA misaligned
-    address (benchmarks/engine/h100_mosaic_w4a8_fault.log), also with the weights converted
-    through bf16 and with A staged through shared memory; it is right under the interpreter.
-    Read off the lowered module on the CPU afterwards: the token scales' pipeline stages were
-    8 floats (32 B) apart, so three of every four TMA copies wrote to a shared-memory address off
-    the 128-byte boundary TMA needs. The rows are now padded to 128 B (`TMA_ALIGN`); the guard
-    below stays until a GPU run confirms the fix.
+    The token scales' pipeline rows are padded to 128 bytes (`TMA_ALIGN`): at 8 floats (32 B) a
+    row, three of every four TMA copies wrote off the shared-memory alignment TMA needs and the
+    kernel faulted on the H100 with a CUDA misaligned address (benchmarks/engine/
+    h100_mosaic_w4a8_fault.log); padded, it matches the integer reference there
+    (h100_mosaic_gpu_check.log).
     """
     from .w4a4 import quantize_activations
 
-    if not interpret and not int8_on_gpu():
-        raise NotImplementedError(INT8_FAULT)
     N, K = mw["w"].shape
     G = mw["scales"].shape[0]
     xq, xs = quantize_activations(x, K // G, act_bits)  # int8 [M, K], f32 [M, G]
@@ -320,8 +307,6 @@ def mosaic_matmul(x, mw, mode: str, *, interpret: bool = False):
             y = jnp.dot(x2, dequantize_mosaic(mw, x2.dtype), preferred_element_type=jnp.float32)
     elif mode in ("w4a8", "w4a4"):
         bits = 8 if mode == "w4a8" else 4
-        if jax.default_backend() == "gpu" and not interpret and not int8_on_gpu():
-            raise NotImplementedError(INT8_FAULT)
         if kernel:
             y = w4a8_mosaic(x2, mw, act_bits=bits, tiles=tiles, interpret=interpret)
         else:

@@ -94,8 +94,7 @@ def parse_args(argv=None):
                          "recent buffer; qspec drafts read the int4 upper plane); quantspec always runs on int8")
     ap.add_argument("--kernels", default="auto", choices=("auto", "mosaic", "triton"),
                     help="int4 kernels on the GPU: Pallas Mosaic GPU (Hopper) or Pallas Triton (any GPU since "
-                         "Ampere); auto picks mosaic on sm_90 for W4A16-only runs (--mode w4a16, quantspec's "
-                         "draft), else triton: the Mosaic W4A8/W4A4 kernel does not run on the GPU yet")
+                         "Ampere); auto picks mosaic on sm_90, else triton")
     ap.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True, help="apply the chat template")
     ap.add_argument("--json", action="store_true",
                     help="print one JSON object per prompt, with keys 'prompt', 'text', 'tokens' and 'stats' "
@@ -196,13 +195,6 @@ def validate_args(args):
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
 
 
-def quantized_modes(args) -> tuple:
-    """The int4 modes a run's main weights serve (they pick the kernels: kernel_choice)."""
-    if args.mode == "qspec":
-        return ("w4a16", args.draft) if args.draft else ("w4a16", "w4a4", "w4a8")
-    return () if args.mode in ("bf16", "quantspec") else (args.mode,)
-
-
 def run(args) -> int:
     import jax
     import jax.numpy as jnp
@@ -228,10 +220,10 @@ def run(args) -> int:
     )
     quantspec = args.mode == "quantspec"
     if quantspec:  # QuantSpec: the float weights verify, the int4 pytree (loaded above) drafts
-        draft_params = arrange_weights(unstack_layers(params), args.kernels, modes=("w4a16",))
+        draft_params = arrange_weights(unstack_layers(params), args.kernels)
         _, params = load_params(args.model, quantized=False, dtype=dtype, cache_dir=args.cache_dir)
     # per-layer buffers once, not on every batch's `prepare`; int4 weights in the kernels' layout
-    params = arrange_weights(unstack_layers(params), args.kernels, modes=quantized_modes(args))
+    params = arrange_weights(unstack_layers(params), args.kernels)
     kv = "int8" if quantspec else args.kv
 
     sampling = args.temperature > 0

@@ -46,8 +46,7 @@ from qspec_jax.config import get_preset  # noqa: E402
 from bandwidth import best_copy_bandwidth  # noqa: E402
 from qspec_jax.evaluation import run_metadata  # noqa: E402
 from qspec_jax.kv_cache import KVCache  # noqa: E402
-from pallas_kernels.int4_mosaic import int8_on_gpu  # noqa: E402
-from qspec_jax.kernel_choice import INT8_MODES, arrange_weights  # noqa: E402
+from qspec_jax.kernel_choice import arrange_weights  # noqa: E402
 from qspec_jax.model import forward, fuse_projections, unstack_layers  # noqa: E402
 
 DATASHEET_BPS = {"H200": 4.8e12, "H100": 3.35e12}
@@ -205,8 +204,7 @@ def step_cells(args, copy_bps):
     # the quantized modes once per kernel family (qspec_jax/kernel_choice.py): mode "w4a16_mosaic"
     # etc.; with both families, the Triton drafts are left out (the earlier runs hold them)
     runs = [(m, v, k) for m, v in runs for k in (args.kernels if m != "bf16" else ["triton"])
-            if (k != "triton" or m in ("w4a16", "bf16") or args.kernels == ["triton"])
-            and not (k == "mosaic" and m in INT8_MODES and not int8_on_gpu())]  # opt-in until checked
+            if k != "triton" or m in ("w4a16", "bf16") or args.kernels == ["triton"]]
     arranged = {k: arrange_weights(qparams, k) for k in args.kernels}
     jax.block_until_ready(arranged)
     for batch in args.batches:

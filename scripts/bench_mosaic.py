@@ -158,6 +158,21 @@ def sweep(results, fn_of, tiles, x, ws, ref):
 PEERS = ("xla_bf16", "xla_int4", "torch_tinygemm", "torch_cublas_bf16")
 
 
+def join_sweeps(runs: list) -> dict:
+    """One sweep from several runs on one device kind: each cell keeps its run's copy bandwidth and
+    commit, a cell measured again replaces the earlier one; meta is the first run's."""
+    cells = {}
+    for run in runs:
+        for c in run["sweep"]:
+            cells[(c["proj"], c["M"])] = {**c, "copy_bw_Bps": run["meta"].get("copy_bw_Bps"),
+                                          "commit": run["meta"].get("commit")}
+    devices = {run["meta"]["device"] for run in runs}
+    if len(devices) > 1:
+        raise ValueError(f"sweeps from different devices: {sorted(devices)}")
+    return {"meta": runs[0]["meta"], "sweep": list(cells.values()),
+            "errors": {k: v for run in runs for k, v in run.get("errors", {}).items()}}
+
+
 def summarize(sweep: dict, step: dict | None) -> dict:
     """benchmarks/engine/hopper_summary.json (issue 18's keys) from one run's sweep and step files
     (a sweep file may be several runs' "sweep" lists joined, all from one device)."""
@@ -168,7 +183,7 @@ def summarize(sweep: dict, step: dict | None) -> dict:
          "verify_flatness": {}, "w4a8_vs_cublas_bf16": {}}
     cells = sweep["sweep"]
     us = {(c["proj"], c["M"]): {k: v["us"] for k, v in c["methods"].items() if "us" in v} for c in cells}
-    kernel_us = {(c["proj"], c["M"]): c["methods"]["mosaic_w4a16"]["kernel_us"]
+    kernel_us = {(c["proj"], c["M"]): (c["methods"]["mosaic_w4a16"]["kernel_us"], c.get("copy_bw_Bps") or bw)
                  for c in cells if "kernel_us" in c["methods"].get("mosaic_w4a16", {})}
     for (proj, M), t in sorted(us.items()):
         if "mosaic_w4a16" not in t:
@@ -177,8 +192,8 @@ def summarize(sweep: dict, step: dict | None) -> dict:
         if proj in ("gate_up", "down") and M <= 16:  # the kernel's own time (the pad and the
             # output's transpose are separate small ops that XLA fuses into neighbours in the model)
             nbytes = next(c["weight_bytes_int4"] for c in sweep["sweep"] if c["proj"] == proj)
-            kern = kernel_us[(proj, M)]
-            s["kernel_frac_copy_bw"].setdefault(proj, {})[str(M)] = nbytes / (kern * 1e-6) / bw
+            kern, cell_bw = kernel_us[(proj, M)]
+            s["kernel_frac_copy_bw"].setdefault(proj, {})[str(M)] = nbytes / (kern * 1e-6) / cell_bw
         peers = [t[p] for p in PEERS if p in t]
         if peers:
             s["kernel_vs_best_peer"].setdefault(proj, {})[str(M)] = min(peers) / ours
@@ -191,6 +206,7 @@ def summarize(sweep: dict, step: dict | None) -> dict:
             s["verify_flatness"][proj] = b["mosaic_w4a16"] / a["mosaic_w4a16"]
     if step:
         by = {(c["batch"], c["mode"]): c for c in step["step"]}
+        bw = step["meta"].get("copy_bytes_per_s", bw)  # the step's floors at its own machine's copy
         s.update({"step_over_floor": {"w4a16": {}}, "w4a16_vs_torch_peer": {}, "bf16_vs_torch_bf16": {},
                   "w4a16_vs_bf16_step": {}, "draft_vs_verify_step": {}})
         for b in sorted({b for b, _ in by}):
@@ -226,14 +242,19 @@ def main():
                     "(deeper pipelines, 128-row programs)")
     ap.add_argument("--torch-kinds", default="tinygemm,cublas_bf16", help="PyTorch linears timed beside")
     ap.add_argument("--check-s", type=float, default=60.0, help="seconds the float64 checks may add")
-    ap.add_argument("--kernels", default="w4a16", help="which Mosaic kernels to check and sweep "
-                    "(w4a8 needs QSPEC_MOSAIC_INT8=1 on the GPU until its fix is confirmed)")
-    ap.add_argument("--summary", nargs="+", metavar=("SWEEP_JSON", "STEP_JSON"),
-                    help="write the summary of a run's sweep (and step) JSON to --out and exit")
+    ap.add_argument("--kernels", default="w4a16,w4a8", help="which Mosaic kernels to check and sweep")
+    ap.add_argument("--summary", nargs="+", metavar="SWEEP_JSON",
+                    help="write the summary of sweep JSONs (later files win a repeated cell) and "
+                         "--step to --out and exit")
+    ap.add_argument("--step", help="bench_engine.py --parts step JSON for --summary")
+    ap.add_argument("--merged", help="with --summary: also write the joined sweep here")
     args = ap.parse_args()
     if args.summary:
-        sweep_run = json.load(open(args.summary[0]))
-        step = json.load(open(args.summary[1])) if len(args.summary) > 1 else None
+        sweep_run = join_sweeps([json.load(open(p)) for p in args.summary])
+        if args.merged:
+            with open(args.merged, "w") as f:
+                json.dump(sweep_run, f, indent=1)
+        step = json.load(open(args.step)) if args.step else None
         summary = summarize(sweep_run, step)
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=1)

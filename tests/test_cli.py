@@ -335,19 +335,3 @@ def test_throughput_verify_time_is_labelled_a_residual(tmp_path):
         assert "verify ms (residual)" in table and "| 1.00 |" in table
 
 
-@pytest.mark.parametrize("argv, modes", [
-    (["--mode", "qspec"], ("w4a16", "w4a4", "w4a8")),
-    (["--mode", "qspec", "--draft", "w4a8"], ("w4a16", "w4a8")),
-    (["--mode", "w4a16"], ("w4a16",)),
-    (["--mode", "quantspec"], ()),
-    (["--mode", "bf16"], ()),
-])
-def test_the_modes_that_choose_the_kernels(argv, modes):
-    """--kernels auto takes the Mosaic kernels on Hopper only when no int8-activation draft runs."""
-    from qspec_jax.generate import parse_args, quantized_modes
-    from qspec_jax.kernel_choice import resolve_kernels
-
-    args = parse_args(["--prompt", "hi", *argv])
-    assert quantized_modes(args) == modes
-    if any(m in ("w4a4", "w4a8") for m in modes):
-        assert resolve_kernels("auto", modes) == "triton"

@@ -190,7 +190,7 @@ def test_bench_mosaic_summary_keys_and_ratios(tmp_path):
                        "triton_w4a16": {"us": 4 * t}, "mosaic_w4a8": {"us": t / 2}}
             cells.append({"proj": proj, "M": M, "weight_bytes_int4": 3.0e7, "methods": methods})
     sweep = {"meta": {"device": "H100", "jax": "0.11.2", "commit": "abc", "copy_bw_Bps": bw}, "sweep": cells}
-    step = {"step": [
+    step = {"meta": {"copy_bytes_per_s": bw}, "step": [
         {"batch": b, "mode": m, "step_ms": ms, "weight_bytes": 4.5e9, "kv_bytes_read": 5e8}
         for b in (1, 16) for m, ms in (("w4a16_mosaic", 2.0), ("bf16", 5.0), ("torch_tinygemm", 4.0),
                                         ("torch_cublas_bf16", 6.0), ("w4a8_mosaic", 1.6))
@@ -198,15 +198,21 @@ def test_bench_mosaic_summary_keys_and_ratios(tmp_path):
          for b in (64, 128) for m, ms in (("w4a16_mosaic", 3.0), ("w4a8_mosaic", 2.0))]}
     (tmp_path / "sweep.json").write_text(json.dumps(sweep))
     (tmp_path / "step.json").write_text(json.dumps(step))
-    run_script("bench_mosaic.py", "--summary", str(tmp_path / "sweep.json"), str(tmp_path / "step.json"),
-               "--out", str(tmp_path / "summary.json"))
+    # two runs: the second re-measures one cell on a machine with another copy bandwidth
+    again = {"meta": {**sweep["meta"], "copy_bw_Bps": 2 * bw}, "sweep": [
+        {**cells[-7], "methods": {**cells[-7]["methods"], "mosaic_w4a16": {"us": 20.0, "kernel_us": 18.0}}}]}
+    assert (cells[-7]["proj"], cells[-7]["M"]) == ("down", 1)
+    (tmp_path / "again.json").write_text(json.dumps(again))
+    run_script("bench_mosaic.py", "--summary", str(tmp_path / "sweep.json"), str(tmp_path / "again.json"),
+               "--step", str(tmp_path / "step.json"), "--out", str(tmp_path / "summary.json"))
     s = json.loads((tmp_path / "summary.json").read_text())
     for key in ("copy_bw_Bps", "commit", "device", "jax", "timing"):
         assert key in s
     assert s["timing"] == "cupti"
     assert set(s["kernel_frac_copy_bw"]) == {"gate_up", "down"}
     # the kernel's own time (the pad and transpose around it fuse into neighbours in the model)
-    assert math.isclose(s["kernel_frac_copy_bw"]["down"]["1"], 3.0e7 / (0.9 * 10.0625e-6) / bw)
+    assert math.isclose(s["kernel_frac_copy_bw"]["down"]["1"], 3.0e7 / 18.0e-6 / (2 * bw))
+    assert math.isclose(s["kernel_frac_copy_bw"]["gate_up"]["4"], 3.0e7 / (0.9 * 10.25e-6) / bw)
     assert set(s["kernel_frac_copy_bw"]["gate_up"]) == {"1", "4", "8", "16"}
     assert math.isclose(s["kernel_vs_best_peer"]["qkv"]["64"], 1.5)  # tinygemm is the fastest peer
     assert math.isclose(s["verify_flatness"]["gate_up"], (10 + 4) / 11.0)
