@@ -1,0 +1,355 @@
+"""Decode attention partials in Pallas Mosaic GPU (Hopper wgmma) over a bf16 cache or QuantSpec's
+hierarchical INT8/INT4 planes: the same contract as decode_attention.attention_partials.
+
+One program per (batch row, kv head, context split), as in the Triton kernel. The M query rows of
+one kv head (rep heads x T positions, padded to a power of 2 >= 16) are few, and wgmma's M side is
+64 rows, so every product is computed transposed: the KV tile sits on the 64-row side and the query
+rows on the N side (the MMA's N is 8..256; a bf16 B tile with rows under 32 bytes has no swizzle
+Mosaic accepts, hence at least 16 query rows).
+
+- Scores: S^T [64 tokens, M] = K_tile [64, hd] @ Q^T [hd, M], Q^T laid out by the wrapper.
+- Values: O^T [hd, M] += V^T [hd, 64] @ P^T [64, M]. P^T is the softmax of S^T in registers, stored
+  to shared memory as the B operand as it is (no transpose). The bf16 value tile is read through a
+  transposed view; the quantized value planes are already stored transposed ([hd/2, S]), so their
+  tile is the A operand as it lies.
+- Online softmax over the tiles in f32, per query row: m, l are [M] vectors (reductions over the
+  64 token rows of S^T), O^T is rescaled per column.
+
+Quantized planes (format: decode_attention's module docstring). Byte i of a plane row holds channel
+i in its low nibble and channel i + hd/2 in its high nibble, so a tile is two MMAs over the two
+channel halves: keys [64, hd/2] bytes give two A tiles of 64 channels against two halves of Q^T;
+value bytes [hd/2, 64] give the two 64-row halves of O^T. The codes are unpacked with bit ops in
+registers and converted to bf16 (exact small integers) as the A operand:
+
+- INT4 view: code u (0..15), value u * s + m;
+- INT8 view: code 16 u + l (0..255, one byte: (u << 4) | l, built per channel half by masks and
+  shifts), value (16 u + l - 8) * s / 16 + m, the -8 an offset term.
+
+Scales never touch the codes. Keys have (s, m) per channel per group of G tokens (G a multiple of the
+64-token tile, so one scale row per tile): s * cs * sm_scale is folded into Q^T (the B operand, one
+[hd/2, M] multiply per tile), and the minimum (and the INT8 offset) enters as a bias per query row,
+q . m * sm_scale - 8 * sum(qs). Values have (s, m) per token: s * cs is folded into P^T (one [64, M]
+multiply), the minimum and offset enter as a per-column term sum_t p m - 8 * sum_t ps.
+
+Masking: every query row r has a visible slot range [lo_r, hi_r) computed by the wrapper from its
+position, the cache length n, the offset of slot 0 and the cut c(p) (kv_cut.py), so the kernel
+compares an iota against two vectors. Padding rows have an empty range.
+
+Pipeline: `plgpu.emit_pipeline` TMA-loads each tile's planes and scale rows into a multi-stage SMEM
+ring. Each split reads a static share of the cache's tiles (tiles past a row's length are read and
+masked, unlike the Triton kernel's dynamic splits: the benchmark shape is full caches).
+
+Interpreter (`interpret=True`, jax 0.10.2's Mosaic GPU interpreter on CPU): its wgmma reads A from
+shared memory only and B untransposed, and it has no layouts, so register A operands and the bf16
+V^T view are staged through SMEM scratch there; the rest of the body is the same code.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+from .decode_attention import NEG, VARIANTS, QuantKV
+from .kv_cut import cut_position
+
+TILE = 64  # KV tokens per pipeline step: wgmma's M side for the scores
+MAX_ROWS = 256  # wgmma's largest N: query rows per kv head
+SMEM_BYTES = 227 * 1024
+
+
+def row_tile(M: int) -> int:
+    """Query rows on the MMA's N side: M padded to a power of 2 >= 16 (bf16 B tiles need 32-byte rows)."""
+    return max(16, 1 << (M - 1).bit_length())
+
+
+def _stage_bytes(variant: str, hd: int) -> int:
+    if variant == "bf16":
+        return 2 * TILE * hd * 2
+    planes = 1 if variant == "int4" else 2
+    return 2 * planes * TILE * hd // 2 + 2 * hd * 4 + 2 * TILE * 4
+
+
+def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: int, stages: int = 2) -> str | None:
+    """Why these shapes cannot run on the Mosaic kernel, or None when they can."""
+    if variant not in VARIANTS:
+        return f"variant must be one of {VARIANTS}, got {variant!r}"
+    if not 1 <= M <= MAX_ROWS:
+        return f"{M} query rows per kv head is outside 1..{MAX_ROWS}"
+    if variant == "bf16" and hd not in (64, 128, 256):
+        return f"head_dim {hd} is not 64, 128 or 256"
+    if variant != "bf16" and hd != 128:
+        return f"the quantized planes need head_dim 128 (two 64-channel halves), got {hd}"
+    if S % TILE:
+        return f"the cache length {S} is not a multiple of the {TILE}-token tile"
+    if group is not None and group % TILE:
+        return f"the key group {group} is not a multiple of the {TILE}-token tile"
+    if splits < 1 or (S // TILE) % splits:
+        return f"splits={splits} does not divide the {S // TILE} tiles"
+    tm = row_tile(M)
+    fixed = hd * tm * (2 + 4) + 2 * tm * 4 + TILE * tm * 2 + 2 * 64 * 64 * 2
+    if fixed + stages * _stage_bytes(variant, hd) > SMEM_BYTES:
+        return "the pipeline stages do not fit in shared memory"
+    return None
+
+
+def _swizzled(minor_bytes: int, bits: int, kind: str):
+    """SMEM tiling + swizzle for a tile whose rows are minor_bytes long (none under 32 B)."""
+    if minor_bytes < 32:
+        return ()
+    swizzle = plgpu.find_swizzle(minor_bytes * 8, kind)
+    return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
+
+
+def _bounds(row_pos, n, off, tm, cut, cut_side):
+    """[B, 2, tm] int32: the visible slot range [lo, hi) of each query row (module docstring)."""
+    B, M = row_pos.shape
+    pos = jnp.pad(row_pos.astype(jnp.int32), ((0, 0), (0, tm - M)), constant_values=-1)
+    off = off.astype(jnp.int32)[:, None]
+    hi = jnp.minimum(n.astype(jnp.int32)[:, None], pos - off + 1)
+    lo = jnp.zeros_like(hi)
+    if cut_side is not None:
+        c = cut_position(pos, int(cut[0]), int(cut[1])) - off
+        hi = jnp.minimum(hi, c) if cut_side == "below" else hi
+        lo = c if cut_side == "from" else lo
+    hi = jnp.where(pos < 0, 0, hi)  # padding rows see nothing
+    return jnp.stack([lo, hi], axis=1)
+
+
+def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits=1, stages=2,
+                       interpret=False, cut=None, cut_side=None):
+    """One launch: unnormalized partials over the slots [0, n) of `kv`, slot j at position off + j
+    (decode_attention.attention_partials' contract; merge with decode_attention.merge_partials).
+    With cut=(G, D) and cut_side "below" / "from", a query row at position p reads only the positions
+    below / from its cut c(p).
+
+    q_rows: [B, KV, M, hd] query blocks; row_pos: [B, M] int32 query positions (-1 for padding);
+    kv: (k, v) [B, KV, S, hd] for "bf16" or a QuantKV (value planes [B, KV, hd/2, S]); n, off: [B] int32;
+    splits: context splits (programs per row and kv head), dividing S / 64; stages: pipeline depth.
+    Returns o [B, KV, P, M, hd] f32 (unnormalized), m and l [B, KV, P, M] f32.
+    """
+    B, KV, M, hd = q_rows.shape
+    if variant == "bf16":
+        k, v = kv
+        S, group = k.shape[2], None
+        operands = [k, v]
+    else:
+        if not isinstance(kv, QuantKV):
+            raise ValueError(f"variant {variant!r} takes QuantKV planes")
+        S = kv.k_upper.shape[2]
+        group = S // kv.k_scale.shape[2]
+        names = ["k_upper", "k_lower", "k_scale", "k_min", "v_upper", "v_lower", "v_scale", "v_min"]
+        if variant == "int4":
+            names = [x for x in names if not x.endswith("_lower")]
+        operands = [getattr(kv, x) for x in names]
+    why = supported(variant, M, hd, S, group, splits, stages)
+    if why:
+        raise ValueError(why)
+    if (cut is None) != (cut_side is None) or cut_side not in (None, "below", "from"):
+        raise ValueError(f"cut (G, D) and cut_side ('below' / 'from') go together, got {cut}, {cut_side!r}")
+    tm = row_tile(M)
+    P = splits
+    per = S // TILE // P  # tiles per split
+    hd2 = hd // 2
+    quant = variant != "bf16"
+    cs = 1.0 if variant == "int4" else 1.0 / 16  # code scale: value = code * cs * s + m
+    offset = 8.0 if variant == "int8" else 0.0  # INT8 codes are 16u + l; the value's code is 16u + l - 8
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    q_t = jnp.pad(q_rows, ((0, 0), (0, 0), (0, tm - M), (0, 0))).swapaxes(-1, -2)  # [B, KV, hd, tm]
+    q_t = q_t.astype(f32 if quant else bf16)  # quantized: scaled per tile in f32, then rounded
+    bounds = _bounds(row_pos, n, off, tm, cut, cut_side)
+    if quant:  # scale rows in f32: every TMA row a multiple of 16 bytes
+        operands = [x.astype(f32) if x.dtype != jnp.uint8 else x for x in operands]
+
+    def mma(shape, a, b, init=None):
+        """A fresh f32 accumulator of `shape` = a @ b (one or more (a, b) pairs summed)."""
+        pairs = [(a, b)] if init is None else init
+
+        def run(acc_ref):
+            for x, y in pairs:
+                plgpu.wgmma(acc_ref, x, y)
+            return acc_ref[...]
+
+        return pl.run_scoped(run, plgpu.ACC(shape, f32))
+
+    def body(q_gmem, bnd_gmem, *refs, p_smem, o_smem, ml_smem, a_smem=None, qs_smem=None):
+        # q_gmem [B, KV, hd, tm]; bnd_gmem [B, 2, tm] int32; then the cache operands (bf16: k, v
+        # [B, KV, S, hd]; int8: ku, kl [B, KV, S, hd/2], ks, km [B, KV, S/G, hd], vu, vl
+        # [B, KV, hd/2, S], vs, vm [B, KV, S]; int4 without kl, vl); then o_gmem [B, KV, P, hd, tm],
+        # ml_gmem [B, KV, P, 2, tm] (m and l).
+        *cache, o_gmem, ml_gmem = refs
+        b, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
+        first = s * per
+
+        def tile_of(i):
+            return first + i
+
+        def lo_hi(bnd):  # [64, tm] bools: slot visible to query row
+            lo = lax.broadcast_in_dim(bnd[0], (TILE, tm), (1,))
+            hi = lax.broadcast_in_dim(bnd[1], (TILE, tm), (1,))
+            return lo, hi
+
+        def softmax_step(i, scores, bnd, carry):
+            """Online-softmax update of (o, m, l) with this tile's scaled scores S^T [64, tm];
+            returns the probabilities P^T [64, tm] f32 and the rescaled carry."""
+            o, m_prev, l_prev = carry
+            slots = tile_of(i) * TILE + lax.broadcasted_iota(jnp.int32, (TILE, tm), 0)
+            lo, hi = lo_hi(bnd)
+            mask = (slots >= lo) & (slots < hi)
+            scores = jnp.where(mask, scores, NEG)
+            m_next = jnp.maximum(m_prev, jnp.max(scores, axis=0))
+            corr = jnp.exp(m_prev - m_next)
+            p = jnp.where(mask, jnp.exp(scores - lax.broadcast_in_dim(m_next, (TILE, tm), (1,))), 0.0)
+            l_next = l_prev * corr + jnp.sum(p, axis=0)
+            o = tuple(x * lax.broadcast_in_dim(corr, x.shape, (1,)) for x in o)
+            return p, (o, m_next, l_next)
+
+        def a_operand(x, scratch):
+            """A register tile as wgmma's A operand (staged through SMEM for the interpreter)."""
+            if scratch is None:
+                return x
+            scratch[...] = x
+            return scratch
+
+        def step_bf16(idx, q_s, bnd_s, k_s, v_s, carry):
+            # q_s [hd, tm] bf16; bnd_s [2, tm]; k_s, v_s [64, hd] bf16
+            (i,) = idx
+            with jax.named_scope("scores"):
+                scores = mma((TILE, tm), k_s, q_s) * sm_scale
+            p, (o, m, l) = softmax_step(i, scores, bnd_s, carry)
+            p_smem[...] = p.astype(bf16)
+            plgpu.commit_smem()
+            with jax.named_scope("values"):
+                if interpret:  # no transposed views in the interpreter: stage V^T
+                    a_smem[...] = v_s[...].T
+                    v_t = a_smem
+                else:
+                    v_t = plgpu.transpose_ref(v_s, (1, 0))  # [hd, 64]
+                (o0,) = o
+                o = (o0 + mma((hd, tm), v_t, p_smem),)
+            return o, m, l
+
+        def unpack(planes):
+            """Codes of a tile of packed bytes (one or two planes) as two bf16 register tiles: the
+            low-nibble channels and the high-nibble channels (module docstring)."""
+            if len(planes) == 1:
+                x = planes[0]
+                lo, hi = x & 15, x >> 4
+            else:
+                u, l = planes
+                lo, hi = ((u & 15) << 4) | (l & 15), (u & 0xF0) | (l >> 4)
+            return lo.astype(bf16), hi.astype(bf16)
+
+        def step_quant(idx, q_s, bnd_s, *tiles_and_carry):
+            # q_s [hd, tm] f32; bnd_s [2, tm]; key planes [64, hd/2] u8; ks, km [1, hd] f32;
+            # value planes [hd/2, 64] u8; vs, vm [64] f32
+            *tiles, carry = tiles_and_carry
+            if variant == "int8":
+                ku, kl, ks, km, vu, vl, vs, vm = tiles
+                k_planes, v_planes = (ku[...], kl[...]), (vu[...], vl[...])
+            else:
+                ku, ks, km, vu, vs, vm = tiles
+                k_planes, v_planes = (ku[...],), (vu[...],)
+            (i,) = idx
+            with jax.named_scope("scores"):
+                bias = None
+                for half in range(2):
+                    chans = pl.ds(half * hd2, hd2)
+                    q_half = q_s[chans, :]  # [hd/2, tm] f32
+                    scale = lax.broadcast_in_dim(ks[0, chans] * (cs * sm_scale), (hd2, tm), (0,))
+                    qs = (q_half * scale).astype(bf16)
+                    qs_smem[half] = qs
+                    term = jnp.sum(q_half * lax.broadcast_in_dim(km[0, chans] * sm_scale, (hd2, tm), (0,)), axis=0)
+                    if offset:
+                        term = term - offset * jnp.sum(qs.astype(f32), axis=0)
+                    bias = term if bias is None else bias + term
+                plgpu.commit_smem()
+                k_lo, k_hi = unpack(k_planes)  # [64, hd/2] each
+                if interpret:
+                    a_smem[0] = k_lo
+                    a_smem[1] = k_hi
+                    k_lo, k_hi = a_smem.at[0], a_smem.at[1]
+                scores = mma((TILE, tm), None, None, init=[(k_lo, qs_smem.at[0]), (k_hi, qs_smem.at[1])])
+                scores = scores + lax.broadcast_in_dim(bias, (TILE, tm), (1,))
+            p, (o, m, l) = softmax_step(i, scores, bnd_s, carry)
+            with jax.named_scope("values"):
+                ps = (p * lax.broadcast_in_dim(vs[...] * cs, (TILE, tm), (0,))).astype(bf16)
+                p_smem[...] = ps
+                plgpu.commit_smem()
+                shift = jnp.sum(p * lax.broadcast_in_dim(vm[...], (TILE, tm), (0,)), axis=0)
+                if offset:
+                    shift = shift - offset * jnp.sum(ps.astype(f32), axis=0)
+                shift = lax.broadcast_in_dim(shift, (hd2, tm), (1,))
+                v_lo, v_hi = unpack(v_planes)  # [hd/2, 64] each
+                if interpret:
+                    a_smem[0] = v_lo
+                    a_smem[1] = v_hi
+                    v_lo, v_hi = a_smem.at[0], a_smem.at[1]
+                o = (o[0] + mma((hd2, tm), v_lo, p_smem) + shift,
+                     o[1] + mma((hd2, tm), v_hi, p_smem) + shift)
+            return o, m, l
+
+        fixed = lambda i: (0, 0)  # noqa: E731
+        in_specs = [
+            plgpu.BlockSpec((hd, tm), fixed, transforms=() if quant else _swizzled(tm * 2, 16, "rhs")),
+            plgpu.BlockSpec((2, tm), fixed),
+        ]
+        gmem = [q_gmem.at[b, h], bnd_gmem.at[b]]
+        if variant == "bf16":
+            kv_spec = plgpu.BlockSpec((TILE, hd), lambda i: (tile_of(i), 0),
+                                      transforms=_swizzled(hd * 2, 16, "lhs"))
+            in_specs += [kv_spec, kv_spec]
+        else:
+            k_spec = plgpu.BlockSpec((TILE, hd2), lambda i: (tile_of(i), 0))
+            ks_spec = plgpu.BlockSpec((1, hd), lambda i: (tile_of(i) * TILE // group, 0))
+            v_spec = plgpu.BlockSpec((hd2, TILE), lambda i: (0, tile_of(i)))
+            vs_spec = plgpu.BlockSpec((TILE,), lambda i: (tile_of(i),))
+            planes = 1 if variant == "int4" else 2
+            in_specs += [k_spec] * planes + [ks_spec] * 2 + [v_spec] * planes + [vs_spec] * 2
+        gmem += [r.at[b, h] for r in cache]
+        halves = 1 if variant == "bf16" else 2
+        rows = hd // halves
+        o0 = jnp.zeros((rows, tm), f32)
+        m0 = jnp.full((tm,), NEG, f32)
+        l0 = jnp.zeros((tm,), f32)
+        if not interpret:  # the interpreter has no layouts
+            o0 = plgpu.layout_cast(o0, plgpu.Layout.WGMMA)
+        carry0 = ((o0,) * halves, m0, l0)
+        o, m, l = plgpu.emit_pipeline(
+            step_bf16 if variant == "bf16" else step_quant, grid=(per,), in_specs=in_specs,
+            max_concurrent_steps=stages, init_carry=carry0,
+        )(*gmem)
+        for j, x in enumerate(o):
+            o_smem[pl.ds(j * rows, rows), :] = x
+        ml_smem[0] = m
+        ml_smem[1] = l
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[b, h, s])
+        plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[b, h, s])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = dict(
+        p_smem=plgpu.SMEM((TILE, tm), bf16, transforms=_swizzled(tm * 2, 16, "rhs")),
+        o_smem=plgpu.SMEM((hd, tm), f32),
+        ml_smem=plgpu.SMEM((2, tm), f32),
+    )
+    if quant:
+        scratch["qs_smem"] = plgpu.SMEM((2, hd2, tm), bf16, transforms=_swizzled(tm * 2, 16, "rhs"))
+    if interpret:
+        scratch["a_smem"] = plgpu.SMEM((hd, TILE) if variant == "bf16" else (2, 64, 64), bf16)
+    kernel = plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct((B, KV, P, hd, tm), f32), jax.ShapeDtypeStruct((B, KV, P, 2, tm), f32)),
+        grid=(B, KV, P),
+        grid_names=("b", "h", "s"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        scratch_types=scratch,
+        interpret=InterpretGPUParams() if interpret else None,
+        kernel_name=f"attention_mosaic_{variant}",
+    )
+    o_t, ml = kernel(q_t, bounds, *operands)
+    o = o_t.swapaxes(-1, -2)[:, :, :, :M]
+    return o, ml[:, :, :, 0, :M], ml[:, :, :, 1, :M]
