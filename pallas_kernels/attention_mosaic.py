@@ -158,93 +158,83 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     cs = 1.0 if variant == "int4" else 1.0 / 16  # code scale: value = code * cs * s + m
     offset = 8.0 if variant == "int8" else 0.0  # INT8 codes are 16u + l; the value's code is 16u + l - 8
     bf16, f32 = jnp.bfloat16, jnp.float32
-    q_t = jnp.pad(q_rows, ((0, 0), (0, 0), (0, tm - M), (0, 0))).swapaxes(-1, -2)  # [B, KV, hd, tm]
-    q_t = q_t.astype(f32 if quant else bf16)  # quantized: scaled per tile in f32, then rounded
+    parts = 2 if quant else 1  # channel halves: one MMA per nibble half of the key planes
+    q = jnp.pad(q_rows, ((0, 0), (0, 0), (0, tm - M), (0, 0))).astype(bf16)
+    q = q.reshape(B, KV, tm, parts, hd // parts).transpose(0, 1, 3, 2, 4)  # [B, KV, parts, tm, hd/parts]
+    if interpret:  # the interpreter's wgmma takes B untransposed
+        q = q.swapaxes(-1, -2)
     bounds = _bounds(row_pos, n, off, tm, cut, cut_side)
     if quant:  # scale rows in f32: every TMA row a multiple of 16 bytes
         operands = [x.astype(f32) if x.dtype != jnp.uint8 else x for x in operands]
 
-    def mma(shape, a, b, init=None):
-        """A fresh f32 accumulator of `shape` = a @ b (one or more (a, b) pairs summed)."""
-        pairs = [(a, b)] if init is None else init
+    def mma(shape, pairs):
+        """A fresh f32 accumulator of `shape` holding the sum of a @ b over the (a, b) pairs."""
 
         def run(acc_ref):
-            for x, y in pairs:
-                plgpu.wgmma(acc_ref, x, y)
+            for a, b in pairs:
+                plgpu.wgmma(acc_ref, a, b)
             return acc_ref[...]
 
         return pl.run_scoped(run, plgpu.ACC(shape, f32))
 
-    def body(q_gmem, bnd_gmem, *refs, p_smem, o_smem, ml_smem, a_smem=None, qs_smem=None):
-        # q_gmem [B, KV, hd, tm]; bnd_gmem [B, 2, tm] int32; then the cache operands (bf16: k, v
-        # [B, KV, S, hd]; int8: ku, kl [B, KV, S, hd/2], ks, km [B, KV, S/G, hd], vu, vl
-        # [B, KV, hd/2, S], vs, vm [B, KV, S]; int4 without kl, vl); then o_gmem [B, KV, P, hd, tm],
-        # ml_gmem [B, KV, P, 2, tm] (m and l).
+    def body(q_gmem, bnd_gmem, *refs, p_smem, o_smem, ml_smem, a_smem=None, ka_smem=None):
+        # q_gmem [B, KV, parts, tm, hd/parts] bf16 ([B, KV, parts, hd/parts, tm] under the
+        # interpreter); bnd_gmem [B, 2, tm] int32; then the cache operands (bf16: k, v
+        # [B, KV, S, hd]; int8: ku, kl [B, KV, S, hd/2] u8, ks, km [B, KV, S/G, hd] f32, vu, vl
+        # [B, KV, hd/2, S] u8, vs, vm [B, KV, S] f32; int4 without kl, vl); then o_gmem
+        # [B, KV, P, hd, tm], ml_gmem [B, KV, P, 2, tm] (m and l).
         *cache, o_gmem, ml_gmem = refs
         b, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
-        first = s * per
 
-        def tile_of(i):
-            return first + i
-
-        def lo_hi(bnd):  # [64, tm] bools: slot visible to query row
-            lo = lax.broadcast_in_dim(bnd[0], (TILE, tm), (1,))
-            hi = lax.broadcast_in_dim(bnd[1], (TILE, tm), (1,))
-            return lo, hi
+        def q_operand(q_s, j):  # Q^T [hd/parts, tm] of channel part j as wgmma's B
+            return q_s.at[j] if interpret else plgpu.transpose_ref(q_s.at[j], (1, 0))
 
         def softmax_step(i, scores, bnd, carry):
-            """Online-softmax update of (o, m, l) with this tile's scaled scores S^T [64, tm];
-            returns the probabilities P^T [64, tm] f32 and the rescaled carry."""
+            """Online-softmax update of (o, m, l) with this tile's scaled scores S^T [64, tm]:
+            the probabilities P^T [64, tm] f32, the column rescale and the new m, l."""
             o, m_prev, l_prev = carry
-            slots = tile_of(i) * TILE + lax.broadcasted_iota(jnp.int32, (TILE, tm), 0)
-            lo, hi = lo_hi(bnd)
+            slots = (s * per + i) * TILE + lax.broadcasted_iota(jnp.int32, (TILE, tm), 0)
+            lo = lax.broadcast_in_dim(bnd[0], (TILE, tm), (1,))
+            hi = lax.broadcast_in_dim(bnd[1], (TILE, tm), (1,))
             mask = (slots >= lo) & (slots < hi)
             scores = jnp.where(mask, scores, NEG)
             m_next = jnp.maximum(m_prev, jnp.max(scores, axis=0))
             corr = jnp.exp(m_prev - m_next)
             p = jnp.where(mask, jnp.exp(scores - lax.broadcast_in_dim(m_next, (TILE, tm), (1,))), 0.0)
             l_next = l_prev * corr + jnp.sum(p, axis=0)
-            o = tuple(x * lax.broadcast_in_dim(corr, x.shape, (1,)) for x in o)
-            return p, (o, m_next, l_next)
-
-        def a_operand(x, scratch):
-            """A register tile as wgmma's A operand (staged through SMEM for the interpreter)."""
-            if scratch is None:
-                return x
-            scratch[...] = x
-            return scratch
-
-        def step_bf16(idx, q_s, bnd_s, k_s, v_s, carry):
-            # q_s [hd, tm] bf16; bnd_s [2, tm]; k_s, v_s [64, hd] bf16
-            (i,) = idx
-            with jax.named_scope("scores"):
-                scores = mma((TILE, tm), k_s, q_s) * sm_scale
-            p, (o, m, l) = softmax_step(i, scores, bnd_s, carry)
-            p_smem[...] = p.astype(bf16)
-            plgpu.commit_smem()
-            with jax.named_scope("values"):
-                if interpret:  # no transposed views in the interpreter: stage V^T
-                    a_smem[...] = v_s[...].T
-                    v_t = a_smem
-                else:
-                    v_t = plgpu.transpose_ref(v_s, (1, 0))  # [hd, 64]
-                (o0,) = o
-                o = (o0 + mma((hd, tm), v_t, p_smem),)
-            return o, m, l
+            return p, o * lax.broadcast_in_dim(corr, (hd, tm), (1,)), m_next, l_next
 
         def unpack(planes):
-            """Codes of a tile of packed bytes (one or two planes) as two bf16 register tiles: the
+            """Codes of a tile of packed bytes (one or two planes) as two f32 register tiles: the
             low-nibble channels and the high-nibble channels (module docstring)."""
+            planes = [x.astype(jnp.int16) for x in planes]  # Mosaic has no 8-bit shifts
             if len(planes) == 1:
                 x = planes[0]
                 lo, hi = x & 15, x >> 4
             else:
                 u, l = planes
                 lo, hi = ((u & 15) << 4) | (l & 15), (u & 0xF0) | (l >> 4)
-            return lo.astype(bf16), hi.astype(bf16)
+            return lo.astype(f32), hi.astype(f32)
+
+        def step_bf16(idx, q_s, bnd_s, k_s, v_s, carry):
+            # q_s [1, tm, hd] bf16; bnd_s [2, tm]; k_s, v_s [64, hd] bf16
+            (i,) = idx
+            with jax.named_scope("scores"):
+                scores = mma((TILE, tm), [(k_s, q_operand(q_s, 0))]) * sm_scale
+            p, o, m, l = softmax_step(i, scores, bnd_s, carry)
+            with jax.named_scope("values"):
+                p_smem[...] = p.astype(bf16)
+                if interpret:  # no transposed views in the interpreter: stage V^T
+                    a_smem[...] = v_s[...].T
+                    v_t = a_smem
+                else:
+                    v_t = plgpu.transpose_ref(v_s, (1, 0))  # [hd, 64]
+                plgpu.commit_smem()
+                o = o + mma((hd, tm), [(v_t, p_smem)])
+            return o, m, l
 
         def step_quant(idx, q_s, bnd_s, *tiles_and_carry):
-            # q_s [hd, tm] f32; bnd_s [2, tm]; key planes [64, hd/2] u8; ks, km [1, hd] f32;
+            # q_s [2, tm, hd/2] bf16; bnd_s [2, tm]; key planes [64, hd/2] u8; ks, km [1, hd] f32;
             # value planes [hd/2, 64] u8; vs, vm [64] f32
             *tiles, carry = tiles_and_carry
             if variant == "int8":
@@ -254,76 +244,66 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                 ku, ks, km, vu, vs, vm = tiles
                 k_planes, v_planes = (ku[...],), (vu[...],)
             (i,) = idx
+            with jax.named_scope("dequant_keys"):
+                keys = []
+                for j, codes in enumerate(unpack(k_planes)):  # [64 tokens, 64 channels] each
+                    chans = pl.ds(j * hd2, hd2)
+                    scale = ks[0, chans] * cs
+                    shift = km[0, chans] - offset * scale
+                    k = codes * lax.broadcast_in_dim(scale, (TILE, hd2), (1,)) \
+                        + lax.broadcast_in_dim(shift, (TILE, hd2), (1,))
+                    k = k.astype(bf16)
+                    if interpret:  # the interpreter's wgmma reads A from SMEM
+                        ka_smem[j] = k
+                        k = ka_smem.at[j]
+                    keys.append(k)
             with jax.named_scope("scores"):
-                bias = None
-                for half in range(2):
-                    chans = pl.ds(half * hd2, hd2)
-                    q_half = q_s[chans, :]  # [hd/2, tm] f32
-                    scale = lax.broadcast_in_dim(ks[0, chans] * (cs * sm_scale), (hd2, tm), (0,))
-                    qs = (q_half * scale).astype(bf16)
-                    qs_smem[half] = qs
-                    term = jnp.sum(q_half * lax.broadcast_in_dim(km[0, chans] * sm_scale, (hd2, tm), (0,)), axis=0)
-                    if offset:
-                        term = term - offset * jnp.sum(qs.astype(f32), axis=0)
-                    bias = term if bias is None else bias + term
-                plgpu.commit_smem()
-                k_lo, k_hi = unpack(k_planes)  # [64, hd/2] each
-                if interpret:
-                    a_smem[0] = k_lo
-                    a_smem[1] = k_hi
-                    k_lo, k_hi = a_smem.at[0], a_smem.at[1]
-                scores = mma((TILE, tm), None, None, init=[(k_lo, qs_smem.at[0]), (k_hi, qs_smem.at[1])])
-                scores = scores + lax.broadcast_in_dim(bias, (TILE, tm), (1,))
-            p, (o, m, l) = softmax_step(i, scores, bnd_s, carry)
+                scores = mma((TILE, tm), [(keys[j], q_operand(q_s, j)) for j in range(2)]) * sm_scale
+            p, o, m, l = softmax_step(i, scores, bnd_s, carry)
             with jax.named_scope("values"):
                 ps = (p * lax.broadcast_in_dim(vs[...] * cs, (TILE, tm), (0,))).astype(bf16)
                 p_smem[...] = ps
-                plgpu.commit_smem()
                 shift = jnp.sum(p * lax.broadcast_in_dim(vm[...], (TILE, tm), (0,)), axis=0)
                 if offset:
                     shift = shift - offset * jnp.sum(ps.astype(f32), axis=0)
-                shift = lax.broadcast_in_dim(shift, (hd2, tm), (1,))
-                v_lo, v_hi = unpack(v_planes)  # [hd/2, 64] each
-                if interpret:
-                    a_smem[0] = v_lo
-                    a_smem[1] = v_hi
-                    v_lo, v_hi = a_smem.at[0], a_smem.at[1]
-                o = (o[0] + mma((hd2, tm), v_lo, p_smem) + shift,
-                     o[1] + mma((hd2, tm), v_hi, p_smem) + shift)
+                # V^T codes [hd, 64]: low-nibble channels on rows 0..hd/2-1, high on the rest,
+                # staged through SMEM into one 128-row A operand
+                for j, codes in enumerate(unpack(v_planes)):
+                    a_smem[pl.ds(j * hd2, hd2), :] = codes.astype(bf16)
+                plgpu.commit_smem()
+                o = o + mma((hd, tm), [(a_smem, p_smem)]) + lax.broadcast_in_dim(shift, (hd, tm), (1,))
             return o, m, l
 
-        fixed = lambda i: (0, 0)  # noqa: E731
+        parts = 1 if variant == "bf16" else 2
+        fixed = lambda i: (0, 0, 0)  # noqa: E731
+        q_shape = (parts, hd // parts, tm) if interpret else (parts, tm, hd // parts)
         in_specs = [
-            plgpu.BlockSpec((hd, tm), fixed, transforms=() if quant else _swizzled(tm * 2, 16, "rhs")),
-            plgpu.BlockSpec((2, tm), fixed),
+            plgpu.BlockSpec(q_shape, fixed, transforms=() if interpret else _swizzled(hd // parts * 2, 16, "rhs")),
+            plgpu.BlockSpec((2, tm), lambda i: (0, 0)),
         ]
         gmem = [q_gmem.at[b, h], bnd_gmem.at[b]]
+        tile = lambda i: s * per + i  # noqa: E731
         if variant == "bf16":
-            kv_spec = plgpu.BlockSpec((TILE, hd), lambda i: (tile_of(i), 0),
-                                      transforms=_swizzled(hd * 2, 16, "lhs"))
-            in_specs += [kv_spec, kv_spec]
+            in_specs += [plgpu.BlockSpec((TILE, hd), lambda i: (tile(i), 0),
+                                         transforms=_swizzled(hd * 2, 16, "lhs")),
+                         plgpu.BlockSpec((TILE, hd), lambda i: (tile(i), 0),  # A of a 32B-swizzled MMA
+                                         transforms=_swizzled(32, 16, "lhs"))]
         else:
-            k_spec = plgpu.BlockSpec((TILE, hd2), lambda i: (tile_of(i), 0))
-            ks_spec = plgpu.BlockSpec((1, hd), lambda i: (tile_of(i) * TILE // group, 0))
-            v_spec = plgpu.BlockSpec((hd2, TILE), lambda i: (0, tile_of(i)))
-            vs_spec = plgpu.BlockSpec((TILE,), lambda i: (tile_of(i),))
+            k_spec = plgpu.BlockSpec((TILE, hd2), lambda i: (tile(i), 0))
+            ks_spec = plgpu.BlockSpec((1, hd), lambda i: (tile(i) * TILE // group, 0))
+            v_spec = plgpu.BlockSpec((hd2, TILE), lambda i: (0, tile(i)))
+            vs_spec = plgpu.BlockSpec((TILE,), lambda i: (tile(i),))
             planes = 1 if variant == "int4" else 2
             in_specs += [k_spec] * planes + [ks_spec] * 2 + [v_spec] * planes + [vs_spec] * 2
         gmem += [r.at[b, h] for r in cache]
-        halves = 1 if variant == "bf16" else 2
-        rows = hd // halves
-        o0 = jnp.zeros((rows, tm), f32)
-        m0 = jnp.full((tm,), NEG, f32)
-        l0 = jnp.zeros((tm,), f32)
+        o0 = jnp.zeros((hd, tm), f32)
         if not interpret:  # the interpreter has no layouts
             o0 = plgpu.layout_cast(o0, plgpu.Layout.WGMMA)
-        carry0 = ((o0,) * halves, m0, l0)
         o, m, l = plgpu.emit_pipeline(
             step_bf16 if variant == "bf16" else step_quant, grid=(per,), in_specs=in_specs,
-            max_concurrent_steps=stages, init_carry=carry0,
+            max_concurrent_steps=stages, init_carry=(o0, jnp.full((tm,), NEG, f32), jnp.zeros((tm,), f32)),
         )(*gmem)
-        for j, x in enumerate(o):
-            o_smem[pl.ds(j * rows, rows), :] = x
+        o_smem[...] = o
         ml_smem[0] = m
         ml_smem[1] = l
         plgpu.commit_smem()
@@ -331,15 +311,17 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[b, h, s])
         plgpu.wait_smem_to_gmem(0)
 
+    # P^T [64, tm] is B with its N (query) axis minor: wgmma takes one swizzle for A and B, and
+    # tm = 16 bf16 columns allow only 32 B; so the value MMA's A tiles are 32B-swizzled too.
     scratch = dict(
-        p_smem=plgpu.SMEM((TILE, tm), bf16, transforms=_swizzled(tm * 2, 16, "rhs")),
+        p_smem=plgpu.SMEM((TILE, tm), bf16, transforms=_swizzled(32, 16, "rhs")),
         o_smem=plgpu.SMEM((hd, tm), f32),
         ml_smem=plgpu.SMEM((2, tm), f32),
     )
-    if quant:
-        scratch["qs_smem"] = plgpu.SMEM((2, hd2, tm), bf16, transforms=_swizzled(tm * 2, 16, "rhs"))
-    if interpret:
-        scratch["a_smem"] = plgpu.SMEM((hd, TILE) if variant == "bf16" else (2, 64, 64), bf16)
+    if quant or interpret:  # the value tile's A operand staged in SMEM: V^T [hd, 64]
+        scratch["a_smem"] = plgpu.SMEM((hd, TILE), bf16, transforms=_swizzled(32, 16, "lhs"))
+    if quant and interpret:
+        scratch["ka_smem"] = plgpu.SMEM((2, TILE, hd2), bf16)
     kernel = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((B, KV, P, hd, tm), f32), jax.ShapeDtypeStruct((B, KV, P, 2, tm), f32)),
@@ -350,6 +332,6 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         interpret=InterpretGPUParams() if interpret else None,
         kernel_name=f"attention_mosaic_{variant}",
     )
-    o_t, ml = kernel(q_t, bounds, *operands)
+    o_t, ml = kernel(q, bounds, *operands)
     o = o_t.swapaxes(-1, -2)[:, :, :, :M]
     return o, ml[:, :, :, 0, :M], ml[:, :, :, 1, :M]
