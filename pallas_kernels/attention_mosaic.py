@@ -1,47 +1,49 @@
 """Decode attention partials in Pallas Mosaic GPU (Hopper wgmma) over a bf16 cache or QuantSpec's
-hierarchical INT8/INT4 planes: the same contract as decode_attention.attention_partials.
+hierarchical INT8/INT4 planes: the contract of decode_attention.attention_partials, so
+decode_attention.merge_partials combines its partials with any other launch's.
 
-One program per (batch row, kv head, context split), as in the Triton kernel. The M query rows of
-one kv head (rep heads x T positions, padded to a power of 2 >= 16) are few, and wgmma's M side is
-64 rows, so every product is computed transposed: the KV tile sits on the 64-row side and the query
-rows on the N side (the MMA's N is 8..256; a bf16 B tile with rows under 32 bytes has no swizzle
-Mosaic accepts, hence at least 16 query rows).
+One program (one warpgroup) per (batch row, kv head, context split), as in the Triton kernel. The
+M query rows of one kv head (rep heads x T positions) are few and wgmma's M side is 64 rows, so every
+product is computed transposed: KV on the 64-row side, the query rows on the N side, padded to
+tm = a power of 2 >= 16 (`row_tile`).
 
-- Scores: S^T [64 tokens, M] = K_tile [64, hd] @ Q^T [hd, M], Q^T laid out by the wrapper.
-- Values: O^T [hd, M] += V^T [hd, 64] @ P^T [64, M]. P^T is the softmax of S^T in registers, stored
-  to shared memory as the B operand as it is (no transpose). The bf16 value tile is read through a
-  transposed view; the quantized value planes are already stored transposed ([hd/2, S]), so their
-  tile is the A operand as it lies.
-- Online softmax over the tiles in f32, per query row: m, l are [M] vectors (reductions over the
-  64 token rows of S^T), O^T is rescaled per column.
+- Scores: S^T [64 tokens, tm] = K_tile [64, hd] @ Q^T. Q^T is B read K-major (Q [tm, hd] in SMEM
+  through a transposed view): with a 64-row accumulator and 16 columns, Mosaic's layout inference
+  accepts no N-major B (it cannot split 16 bf16 columns into two lane groups of one swizzle).
+- Values: O^T [hd, tm] += V^T [hd, 64] @ P^T [64, tm], one 128-row MMA. P^T, the softmax of S^T in
+  registers, is stored to SMEM as it lies (N-major). wgmma takes one swizzle for A and B and 16
+  bf16 columns allow only 32 B, so the value MMA's A tiles are 32B-swizzled.
+- Online softmax in f32 per query row across the tiles: m, l are [tm] vectors (reductions over the
+  64 token rows of S^T), and O^T is rescaled per column.
 
 Quantized planes (format: decode_attention's module docstring). Byte i of a plane row holds channel
-i in its low nibble and channel i + hd/2 in its high nibble, so a tile is two MMAs over the two
-channel halves: keys [64, hd/2] bytes give two A tiles of 64 channels against two halves of Q^T;
-value bytes [hd/2, 64] give the two 64-row halves of O^T. The codes are unpacked with bit ops in
-registers and converted to bf16 (exact small integers) as the A operand:
+i in its low nibble and channel i + hd/2 in its high nibble; the codes come out of registers with
+integer masks and shifts (on int16: Mosaic GPU has no 8-bit shifts): the INT4 view's code is u
+(0..15), value u * s + m; the INT8 view's code is 16 u + l (0..255), value (16 u + l - 8) * s / 16 + m.
 
-- INT4 view: code u (0..15), value u * s + m;
-- INT8 view: code 16 u + l (0..255, one byte: (u << 4) | l, built per channel half by masks and
-  shifts), value (16 u + l - 8) * s / 16 + m, the -8 an offset term.
+- Keys (s, m per channel per group of G tokens, G a multiple of the 64-token tile, so one scale row
+  per tile): the two nibble halves of a [64, hd/2] byte tile are dequantized in registers, one f32
+  multiply-add per element with the channel's (s * cs, m - 8 s cs), rounded to bf16 and fed to wgmma
+  as A from registers: two MMAs, one per channel half of Q. (Folding the scale into Q instead, as the
+  Triton kernel does, needs the scaled [tm, hd/2] tile stored to a swizzled B buffer from registers,
+  which the layout inference of jax 0.10.2 refused for 16 rows; it is a candidate once tm >= 32.)
+- Values (s, m per token): s * cs is folded into P^T (one [64, tm] multiply), the minimum and the
+  INT8 offset enter per column as sum_t p m - 8 sum_t ps, so the MMA runs on exact codes. The
+  [hd/2, 64] byte tile (value planes are stored transposed, [hd/2, S]) unpacks into the low-nibble
+  channels (rows 0..hd/2-1 of V^T) and the high ones (rows hd/2..hd-1), written to one [hd, 64] SMEM
+  A operand. (A from registers would need two 64-row MMAs, hence an N-major P^T of >= 32 columns.)
 
-Scales never touch the codes. Keys have (s, m) per channel per group of G tokens (G a multiple of the
-64-token tile, so one scale row per tile): s * cs * sm_scale is folded into Q^T (the B operand, one
-[hd/2, M] multiply per tile), and the minimum (and the INT8 offset) enters as a bias per query row,
-q . m * sm_scale - 8 * sum(qs). Values have (s, m) per token: s * cs is folded into P^T (one [64, M]
-multiply), the minimum and offset enter as a per-column term sum_t p m - 8 * sum_t ps.
+Masking: every query row r sees the slots [lo_r, hi_r), computed by the wrapper from its position,
+the cache length n, the offset of slot 0 and its cut c(p) (kv_cut.py); the kernel compares an iota
+with two [tm] vectors. Padding rows see nothing.
 
-Masking: every query row r has a visible slot range [lo_r, hi_r) computed by the wrapper from its
-position, the cache length n, the offset of slot 0 and the cut c(p) (kv_cut.py), so the kernel
-compares an iota against two vectors. Padding rows have an empty range.
+Pipeline: `plgpu.emit_pipeline` TMA-loads each tile's planes and scale rows into a `stages`-deep SMEM
+ring. Each split reads a static share of the tiles (S / 64 / splits); tiles past a row's length are
+read and masked (the Triton kernel's splits are dynamic; the benchmark shapes are full caches).
 
-Pipeline: `plgpu.emit_pipeline` TMA-loads each tile's planes and scale rows into a multi-stage SMEM
-ring. Each split reads a static share of the cache's tiles (tiles past a row's length are read and
-masked, unlike the Triton kernel's dynamic splits: the benchmark shape is full caches).
-
-Interpreter (`interpret=True`, jax 0.10.2's Mosaic GPU interpreter on CPU): its wgmma reads A from
-shared memory only and B untransposed, and it has no layouts, so register A operands and the bf16
-V^T view are staged through SMEM scratch there; the rest of the body is the same code.
+Interpreter (`interpret=True`: jax 0.10.2's Mosaic GPU interpreter on CPU): its wgmma reads A from
+SMEM and B untransposed only, and it has no layouts, so there the dequantized keys and V^T are staged
+through SMEM scratch and Q comes pre-transposed; the rest of the body is the same code.
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-from .decode_attention import NEG, VARIANTS, QuantKV
+from .decode_attention import NEG, PROGRAM_OVERHEAD_BLOCKS, VARIANTS, QuantKV
 from .kv_cut import cut_position
+from .tiling import NUM_SMS
 
 TILE = 64  # KV tokens per pipeline step: wgmma's M side for the scores
 MAX_ROWS = 256  # wgmma's largest N: query rows per kv head
@@ -66,11 +69,17 @@ def row_tile(M: int) -> int:
     return max(16, 1 << (M - 1).bit_length())
 
 
-def _stage_bytes(variant: str, hd: int) -> int:
+def smem_bytes(variant: str, M: int, hd: int, stages: int) -> int:
+    """Shared memory of one program: the pipeline ring (Q and bounds included) and the scratch."""
+    tm = row_tile(M)
     if variant == "bf16":
-        return 2 * TILE * hd * 2
-    planes = 1 if variant == "int4" else 2
-    return 2 * planes * TILE * hd // 2 + 2 * hd * 4 + 2 * TILE * 4
+        tile = 2 * TILE * hd * 2
+    else:
+        planes = 1 if variant == "int4" else 2
+        tile = 2 * planes * TILE * hd // 2 + 2 * hd * 4 + 2 * TILE * 4
+    stage = tile + tm * hd * 2 + 2 * tm * 4
+    scratch = TILE * tm * 2 + hd * tm * 4 + 2 * tm * 4 + (hd * TILE * 2 if variant != "bf16" else 0)
+    return stages * stage + scratch
 
 
 def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: int, stages: int = 2) -> str | None:
@@ -79,21 +88,28 @@ def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: 
         return f"variant must be one of {VARIANTS}, got {variant!r}"
     if not 1 <= M <= MAX_ROWS:
         return f"{M} query rows per kv head is outside 1..{MAX_ROWS}"
-    if variant == "bf16" and hd not in (64, 128, 256):
-        return f"head_dim {hd} is not 64, 128 or 256"
-    if variant != "bf16" and hd != 128:
-        return f"the quantized planes need head_dim 128 (two 64-channel halves), got {hd}"
+    if hd != 128:  # the value MMA's 128 rows (module docstring); the key halves' 64 channels
+        return f"head_dim must be 128, got {hd}"
     if S % TILE:
         return f"the cache length {S} is not a multiple of the {TILE}-token tile"
     if group is not None and group % TILE:
         return f"the key group {group} is not a multiple of the {TILE}-token tile"
     if splits < 1 or (S // TILE) % splits:
         return f"splits={splits} does not divide the {S // TILE} tiles"
-    tm = row_tile(M)
-    fixed = hd * tm * (2 + 4) + 2 * tm * 4 + TILE * tm * 2 + 2 * 64 * 64 * 2
-    if fixed + stages * _stage_bytes(variant, hd) > SMEM_BYTES:
-        return "the pipeline stages do not fit in shared memory"
+    if stages < 1 or smem_bytes(variant, M, hd, stages) > SMEM_BYTES:
+        return f"{stages} pipeline stages do not fit in shared memory"
     return None
+
+
+def choose_splits(batch: int, kv_heads: int, S: int, programs_per_sm: float = 2) -> int:
+    """Context splits: decode_attention.pick_splits' makespan rule over the divisors of S / 64."""
+    tiles = S // TILE
+    resident = max(1, int(programs_per_sm * NUM_SMS))
+
+    def makespan(p):
+        return -(-batch * kv_heads * p // resident) * (tiles // p + PROGRAM_OVERHEAD_BLOCKS)
+
+    return min((p for p in range(1, tiles + 1) if tiles % p == 0), key=lambda p: (makespan(p), p))
 
 
 def _swizzled(minor_bytes: int, bits: int, kind: str):
@@ -119,7 +135,7 @@ def _bounds(row_pos, n, off, tm, cut, cut_side):
     return jnp.stack([lo, hi], axis=1)
 
 
-def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits=1, stages=2,
+def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits=None, stages=2,
                        interpret=False, cut=None, cut_side=None):
     """One launch: unnormalized partials over the slots [0, n) of `kv`, slot j at position off + j
     (decode_attention.attention_partials' contract; merge with decode_attention.merge_partials).
@@ -128,14 +144,15 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
 
     q_rows: [B, KV, M, hd] query blocks; row_pos: [B, M] int32 query positions (-1 for padding);
     kv: (k, v) [B, KV, S, hd] for "bf16" or a QuantKV (value planes [B, KV, hd/2, S]); n, off: [B] int32;
-    splits: context splits (programs per row and kv head), dividing S / 64; stages: pipeline depth.
+    splits: context splits (programs per row and kv head) dividing S / 64, None for choose_splits;
+    stages: pipeline depth (TMA loads in flight per program).
     Returns o [B, KV, P, M, hd] f32 (unnormalized), m and l [B, KV, P, M] f32.
     """
     B, KV, M, hd = q_rows.shape
     if variant == "bf16":
         k, v = kv
         S, group = k.shape[2], None
-        operands = [k, v]
+        operands = [k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)]  # the MMA's type (no copy if bf16)
     else:
         if not isinstance(kv, QuantKV):
             raise ValueError(f"variant {variant!r} takes QuantKV planes")
@@ -145,6 +162,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         if variant == "int4":
             names = [x for x in names if not x.endswith("_lower")]
         operands = [getattr(kv, x) for x in names]
+    if splits is None:
+        splits = choose_splits(B, KV, S) if S % TILE == 0 and S > 0 else 1
     why = supported(variant, M, hd, S, group, splits, stages)
     if why:
         raise ValueError(why)
@@ -164,8 +183,6 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     if interpret:  # the interpreter's wgmma takes B untransposed
         q = q.swapaxes(-1, -2)
     bounds = _bounds(row_pos, n, off, tm, cut, cut_side)
-    if quant:  # scale rows in f32: every TMA row a multiple of 16 bytes
-        operands = [x.astype(f32) if x.dtype != jnp.uint8 else x for x in operands]
 
     def mma(shape, pairs):
         """A fresh f32 accumulator of `shape` holding the sum of a @ b over the (a, b) pairs."""
@@ -248,8 +265,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                 keys = []
                 for j, codes in enumerate(unpack(k_planes)):  # [64 tokens, 64 channels] each
                     chans = pl.ds(j * hd2, hd2)
-                    scale = ks[0, chans] * cs
-                    shift = km[0, chans] - offset * scale
+                    scale = ks[0, chans].astype(f32) * cs
+                    shift = km[0, chans].astype(f32) - offset * scale
                     k = codes * lax.broadcast_in_dim(scale, (TILE, hd2), (1,)) \
                         + lax.broadcast_in_dim(shift, (TILE, hd2), (1,))
                     k = k.astype(bf16)
@@ -261,9 +278,9 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                 scores = mma((TILE, tm), [(keys[j], q_operand(q_s, j)) for j in range(2)]) * sm_scale
             p, o, m, l = softmax_step(i, scores, bnd_s, carry)
             with jax.named_scope("values"):
-                ps = (p * lax.broadcast_in_dim(vs[...] * cs, (TILE, tm), (0,))).astype(bf16)
+                ps = (p * lax.broadcast_in_dim(vs[...].astype(f32) * cs, (TILE, tm), (0,))).astype(bf16)
                 p_smem[...] = ps
-                shift = jnp.sum(p * lax.broadcast_in_dim(vm[...], (TILE, tm), (0,)), axis=0)
+                shift = jnp.sum(p * lax.broadcast_in_dim(vm[...].astype(f32), (TILE, tm), (0,)), axis=0)
                 if offset:
                     shift = shift - offset * jnp.sum(ps.astype(f32), axis=0)
                 # V^T codes [hd, 64]: low-nibble channels on rows 0..hd/2-1, high on the rest,
