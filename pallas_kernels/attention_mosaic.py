@@ -37,9 +37,11 @@ Masking: every query row r sees the slots [lo_r, hi_r), computed by the wrapper 
 the cache length n, the offset of slot 0 and its cut c(p) (kv_cut.py); the kernel compares an iota
 with two [tm] vectors. Padding rows see nothing.
 
-Pipeline: `plgpu.emit_pipeline` TMA-loads each tile's planes and scale rows into a `stages`-deep SMEM
-ring. Each split reads a static share of the tiles (S / 64 / splits); tiles past a row's length are
-read and masked (the Triton kernel's splits are dynamic; the benchmark shapes are full caches).
+Splits are dynamic, as in the Triton kernel: the tiles any query row of a batch row can see (from
+the lowest lo to the highest hi) are divided evenly among the `splits` programs (`_tile_ranges`, a
+[first, count] pair per program that the kernel reads from SMEM), so a short row reads only its own
+tiles. Pipeline: `plgpu.emit_pipeline` over that dynamic count TMA-loads each tile's planes and scale
+rows into a `stages`-deep SMEM ring.
 
 Interpreter (`interpret=True`: jax 0.10.2's Mosaic GPU interpreter on CPU): its wgmma reads A from
 SMEM and B untransposed only, and it has no layouts, so there the dequantized keys and V^T are staged
@@ -55,9 +57,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-from .decode_attention import NEG, PROGRAM_OVERHEAD_BLOCKS, VARIANTS, QuantKV
+from .decode_attention import NEG, VARIANTS, QuantKV, pick_splits
 from .kv_cut import cut_position
-from .tiling import NUM_SMS
 
 TILE = 64  # KV tokens per pipeline step: wgmma's M side for the scores
 MAX_ROWS = 256  # wgmma's largest N: query rows per kv head
@@ -94,22 +95,21 @@ def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: 
         return f"the cache length {S} is not a multiple of the {TILE}-token tile"
     if group is not None and group % TILE:
         return f"the key group {group} is not a multiple of the {TILE}-token tile"
-    if splits < 1 or (S // TILE) % splits:
-        return f"splits={splits} does not divide the {S // TILE} tiles"
+    if not 1 <= splits <= S // TILE:
+        return f"splits={splits} is outside 1..{S // TILE} (the cache's tiles)"
     if stages < 1 or smem_bytes(variant, M, hd, stages) > SMEM_BYTES:
         return f"{stages} pipeline stages do not fit in shared memory"
     return None
 
 
-def choose_splits(batch: int, kv_heads: int, S: int, programs_per_sm: float = 2) -> int:
-    """Context splits: decode_attention.pick_splits' makespan rule over the divisors of S / 64."""
-    tiles = S // TILE
-    resident = max(1, int(programs_per_sm * NUM_SMS))
+# Programs an SM holds at once, for the split count: an assumption (about 60-110 KB of shared memory
+# per program at 2-4 stages) until ncu reads it on the GPU.
+PROGRAMS_PER_SM = 2
 
-    def makespan(p):
-        return -(-batch * kv_heads * p // resident) * (tiles // p + PROGRAM_OVERHEAD_BLOCKS)
 
-    return min((p for p in range(1, tiles + 1) if tiles % p == 0), key=lambda p: (makespan(p), p))
+def choose_splits(batch: int, kv_heads: int, S: int) -> int:
+    """Context splits for a cache of S slots: decode_attention.pick_splits over 64-token tiles."""
+    return pick_splits(batch, kv_heads, S // TILE, PROGRAMS_PER_SM)
 
 
 def _swizzled(minor_bytes: int, bits: int, kind: str):
@@ -135,6 +135,22 @@ def _bounds(row_pos, n, off, tm, cut, cut_side):
     return jnp.stack([lo, hi], axis=1)
 
 
+def _tile_ranges(bounds, S, P):
+    """[B, P, 4] int32: (first tile, tile count, 0, 0) of each split. The tiles any query row of a
+    batch row can see are divided evenly among the P splits, as in the Triton kernel."""
+    lo, hi = bounds[:, 0], bounds[:, 1]  # [B, tm]
+    seen = hi > lo
+    start = jnp.min(jnp.where(seen, lo, S), axis=1) // TILE  # [B]
+    end = (jnp.max(jnp.where(seen, hi, 0), axis=1) + TILE - 1) // TILE
+    total = jnp.maximum(end - start, 0)
+    per = (total + P - 1) // P
+    split = jnp.arange(P, dtype=jnp.int32)
+    first = start[:, None] + split * per[:, None]
+    count = jnp.clip(total[:, None] - split * per[:, None], 0, per[:, None])
+    zero = jnp.zeros_like(first)
+    return jnp.stack([first, count, zero, zero], axis=-1).astype(jnp.int32)
+
+
 def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits=None, stages=2,
                        interpret=False, cut=None, cut_side=None):
     """One launch: unnormalized partials over the slots [0, n) of `kv`, slot j at position off + j
@@ -144,7 +160,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
 
     q_rows: [B, KV, M, hd] query blocks; row_pos: [B, M] int32 query positions (-1 for padding);
     kv: (k, v) [B, KV, S, hd] for "bf16" or a QuantKV (value planes [B, KV, hd/2, S]); n, off: [B] int32;
-    splits: context splits (programs per row and kv head) dividing S / 64, None for choose_splits;
+    splits: context splits (programs per row and kv head), None for choose_splits;
     stages: pipeline depth (TMA loads in flight per program).
     Returns o [B, KV, P, M, hd] f32 (unnormalized), m and l [B, KV, P, M] f32.
     """
@@ -163,7 +179,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             names = [x for x in names if not x.endswith("_lower")]
         operands = [getattr(kv, x) for x in names]
     if splits is None:
-        splits = choose_splits(B, KV, S) if S % TILE == 0 and S > 0 else 1
+        splits = choose_splits(B, KV, S) if S >= TILE else 1
     why = supported(variant, M, hd, S, group, splits, stages)
     if why:
         raise ValueError(why)
@@ -171,7 +187,6 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         raise ValueError(f"cut (G, D) and cut_side ('below' / 'from') go together, got {cut}, {cut_side!r}")
     tm = row_tile(M)
     P = splits
-    per = S // TILE // P  # tiles per split
     hd2 = hd // 2
     quant = variant != "bf16"
     cs = 1.0 if variant == "int4" else 1.0 / 16  # code scale: value = code * cs * s + m
@@ -194,7 +209,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
 
         return pl.run_scoped(run, plgpu.ACC(shape, f32))
 
-    def body(q_gmem, bnd_gmem, *refs, p_smem, o_smem, ml_smem, a_smem=None, ka_smem=None):
+    def body(q_gmem, bnd_gmem, rng_gmem, *refs, p_smem, o_smem, ml_smem, rng_smem, barrier, a_smem=None,
+             ka_smem=None):
         # q_gmem [B, KV, parts, tm, hd/parts] bf16 ([B, KV, parts, hd/parts, tm] under the
         # interpreter); bnd_gmem [B, 2, tm] int32; then the cache operands (bf16: k, v
         # [B, KV, S, hd]; int8: ku, kl [B, KV, S, hd/2] u8, ks, km [B, KV, S/G, hd] f32, vu, vl
@@ -202,6 +218,12 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         # [B, KV, P, hd, tm], ml_gmem [B, KV, P, 2, tm] (m and l).
         *cache, o_gmem, ml_gmem = refs
         b, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
+        plgpu.copy_gmem_to_smem(rng_gmem.at[b, s], rng_smem, barrier)  # this split's tiles
+        plgpu.barrier_wait(barrier)
+        first, count = rng_smem[0], rng_smem[1]
+
+        def tile(i):  # clamped into the cache: a split with no visible tile reads one, all masked
+            return jnp.minimum(first + i, S // TILE - 1)
 
         def q_operand(q_s, j):  # Q^T [hd/parts, tm] of channel part j as wgmma's B
             return q_s.at[j] if interpret else plgpu.transpose_ref(q_s.at[j], (1, 0))
@@ -210,7 +232,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             """Online-softmax update of (o, m, l) with this tile's scaled scores S^T [64, tm]:
             the probabilities P^T [64, tm] f32, the column rescale and the new m, l."""
             o, m_prev, l_prev = carry
-            slots = (s * per + i) * TILE + lax.broadcasted_iota(jnp.int32, (TILE, tm), 0)
+            slots = (first + i) * TILE + lax.broadcasted_iota(jnp.int32, (TILE, tm), 0)
             lo = lax.broadcast_in_dim(bnd[0], (TILE, tm), (1,))
             hi = lax.broadcast_in_dim(bnd[1], (TILE, tm), (1,))
             mask = (slots >= lo) & (slots < hi)
@@ -299,7 +321,6 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             plgpu.BlockSpec((2, tm), lambda i: (0, 0)),
         ]
         gmem = [q_gmem.at[b, h], bnd_gmem.at[b]]
-        tile = lambda i: s * per + i  # noqa: E731
         if variant == "bf16":
             in_specs += [plgpu.BlockSpec((TILE, hd), lambda i: (tile(i), 0),
                                          transforms=_swizzled(hd * 2, 16, "lhs")),
@@ -317,7 +338,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         if not interpret:  # the interpreter has no layouts
             o0 = plgpu.layout_cast(o0, plgpu.Layout.WGMMA)
         o, m, l = plgpu.emit_pipeline(
-            step_bf16 if variant == "bf16" else step_quant, grid=(per,), in_specs=in_specs,
+            step_bf16 if variant == "bf16" else step_quant, grid=(jnp.maximum(count, 1),), in_specs=in_specs,
             max_concurrent_steps=stages, init_carry=(o0, jnp.full((tm,), NEG, f32), jnp.zeros((tm,), f32)),
         )(*gmem)
         o_smem[...] = o
@@ -334,6 +355,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         p_smem=plgpu.SMEM((TILE, tm), bf16, transforms=_swizzled(32, 16, "rhs")),
         o_smem=plgpu.SMEM((hd, tm), f32),
         ml_smem=plgpu.SMEM((2, tm), f32),
+        rng_smem=plgpu.SMEM((4,), jnp.int32),
+        barrier=plgpu.Barrier(num_arrivals=1),
     )
     if quant or interpret:  # the value tile's A operand staged in SMEM: V^T [hd, 64]
         scratch["a_smem"] = plgpu.SMEM((hd, TILE), bf16, transforms=_swizzled(32, 16, "lhs"))
@@ -349,6 +372,6 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         interpret=InterpretGPUParams() if interpret else None,
         kernel_name=f"attention_mosaic_{variant}",
     )
-    o_t, ml = kernel(q, bounds, *operands)
+    o_t, ml = kernel(q, bounds, _tile_ranges(bounds, S, P), *operands)
     o = o_t.swapaxes(-1, -2)[:, :, :, :M]
     return o, ml[:, :, :, 0, :M], ml[:, :, :, 1, :M]
