@@ -130,7 +130,7 @@ def _bounds(row_pos, n, off, tm, cut, cut_side):
     if cut_side is not None:
         c = cut_position(pos, int(cut[0]), int(cut[1])) - off
         hi = jnp.minimum(hi, c) if cut_side == "below" else hi
-        lo = c if cut_side == "from" else lo
+        lo = jnp.maximum(c, 0) if cut_side == "from" else lo  # >= 0: the first tile read is in the cache
     hi = jnp.where(pos < 0, 0, hi)  # padding rows see nothing
     return jnp.stack([lo, hi], axis=1)
 
