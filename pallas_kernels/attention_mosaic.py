@@ -1,0 +1,377 @@
+"""Decode attention partials in Pallas Mosaic GPU (Hopper wgmma) over a bf16 cache or QuantSpec's
+hierarchical INT8/INT4 planes: the contract of decode_attention.attention_partials, so
+decode_attention.merge_partials combines its partials with any other launch's.
+
+One program (one warpgroup) per (batch row, kv head, context split), as in the Triton kernel. The
+M query rows of one kv head (rep heads x T positions) are few and wgmma's M side is 64 rows, so every
+product is computed transposed: KV on the 64-row side, the query rows on the N side, padded to
+tm = a power of 2 >= 16 (`row_tile`).
+
+- Scores: S^T [64 tokens, tm] = K_tile [64, hd] @ Q^T. Q^T is B read K-major (Q [tm, hd] in SMEM
+  through a transposed view): with a 64-row accumulator and 16 columns, Mosaic's layout inference
+  accepts no N-major B (it cannot split 16 bf16 columns into two lane groups of one swizzle).
+- Values: O^T [hd, tm] += V^T [hd, 64] @ P^T [64, tm], one 128-row MMA. P^T, the softmax of S^T in
+  registers, is stored to SMEM as it lies (N-major). wgmma takes one swizzle for A and B and 16
+  bf16 columns allow only 32 B, so the value MMA's A tiles are 32B-swizzled.
+- Online softmax in f32 per query row across the tiles: m, l are [tm] vectors (reductions over the
+  64 token rows of S^T), and O^T is rescaled per column.
+
+Quantized planes (format: decode_attention's module docstring). Byte i of a plane row holds channel
+i in its low nibble and channel i + hd/2 in its high nibble; the codes come out of registers with
+integer masks and shifts (on int16: Mosaic GPU has no 8-bit shifts): the INT4 view's code is u
+(0..15), value u * s + m; the INT8 view's code is 16 u + l (0..255), value (16 u + l - 8) * s / 16 + m.
+
+- Keys (s, m per channel per group of G tokens, G a multiple of the 64-token tile, so one scale row
+  per tile): the two nibble halves of a [64, hd/2] byte tile are dequantized in registers, one f32
+  multiply-add per element with the channel's (s * cs, m - 8 s cs), rounded to bf16 and fed to wgmma
+  as A from registers: two MMAs, one per channel half of Q. (Folding the scale into Q instead, as the
+  Triton kernel does, needs the scaled [tm, hd/2] tile stored to a swizzled B buffer from registers,
+  which the layout inference of jax 0.10.2 refused for 16 rows; it is a candidate once tm >= 32.)
+- Values (s, m per token): s * cs is folded into P^T (one [64, tm] multiply), the minimum and the
+  INT8 offset enter per column as sum_t p m - 8 sum_t ps, so the MMA runs on exact codes. The
+  [hd/2, 64] byte tile (value planes are stored transposed, [hd/2, S]) unpacks into the low-nibble
+  channels (rows 0..hd/2-1 of V^T) and the high ones (rows hd/2..hd-1), written to one [hd, 64] SMEM
+  A operand. (A from registers would need two 64-row MMAs, hence an N-major P^T of >= 32 columns.)
+
+Masking: every query row r sees the slots [lo_r, hi_r), computed by the wrapper from its position,
+the cache length n, the offset of slot 0 and its cut c(p) (kv_cut.py); the kernel compares an iota
+with two [tm] vectors. Padding rows see nothing.
+
+Splits are dynamic, as in the Triton kernel: the tiles any query row of a batch row can see (from
+the lowest lo to the highest hi) are divided evenly among the `splits` programs (`_tile_ranges`, a
+[first, count] pair per program that the kernel reads from SMEM), so a short row reads only its own
+tiles. Pipeline: `plgpu.emit_pipeline` over that dynamic count TMA-loads each tile's planes and scale
+rows into a `stages`-deep SMEM ring.
+
+Interpreter (`interpret=True`: jax 0.10.2's Mosaic GPU interpreter on CPU): its wgmma reads A from
+SMEM and B untransposed only, and it has no layouts, so there the dequantized keys and V^T are staged
+through SMEM scratch and Q comes pre-transposed; the rest of the body is the same code.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+from .decode_attention import NEG, VARIANTS, QuantKV, pick_splits
+from .kv_cut import cut_position
+
+TILE = 64  # KV tokens per pipeline step: wgmma's M side for the scores
+MAX_ROWS = 256  # wgmma's largest N: query rows per kv head
+SMEM_BYTES = 227 * 1024
+
+
+def row_tile(M: int) -> int:
+    """Query rows on the MMA's N side: M padded to a power of 2 >= 16 (bf16 B tiles need 32-byte rows)."""
+    return max(16, 1 << (M - 1).bit_length())
+
+
+def smem_bytes(variant: str, M: int, hd: int, stages: int) -> int:
+    """Shared memory of one program: the pipeline ring (Q and bounds included) and the scratch."""
+    tm = row_tile(M)
+    if variant == "bf16":
+        tile = 2 * TILE * hd * 2
+    else:
+        planes = 1 if variant == "int4" else 2
+        tile = 2 * planes * TILE * hd // 2 + 2 * hd * 4 + 2 * TILE * 4
+    stage = tile + tm * hd * 2 + 2 * tm * 4
+    scratch = TILE * tm * 2 + hd * tm * 4 + 2 * tm * 4 + (hd * TILE * 2 if variant != "bf16" else 0)
+    return stages * stage + scratch
+
+
+def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: int, stages: int = 2) -> str | None:
+    """Why these shapes cannot run on the Mosaic kernel, or None when they can."""
+    if variant not in VARIANTS:
+        return f"variant must be one of {VARIANTS}, got {variant!r}"
+    if not 1 <= M <= MAX_ROWS:
+        return f"{M} query rows per kv head is outside 1..{MAX_ROWS}"
+    if hd != 128:  # the value MMA's 128 rows (module docstring); the key halves' 64 channels
+        return f"head_dim must be 128, got {hd}"
+    if S % TILE:
+        return f"the cache length {S} is not a multiple of the {TILE}-token tile"
+    if group is not None and group % TILE:
+        return f"the key group {group} is not a multiple of the {TILE}-token tile"
+    if not 1 <= splits <= S // TILE:
+        return f"splits={splits} is outside 1..{S // TILE} (the cache's tiles)"
+    if stages < 1 or smem_bytes(variant, M, hd, stages) > SMEM_BYTES:
+        return f"{stages} pipeline stages do not fit in shared memory"
+    return None
+
+
+# Programs an SM holds at once, for the split count: an assumption (about 60-110 KB of shared memory
+# per program at 2-4 stages) until ncu reads it on the GPU.
+PROGRAMS_PER_SM = 2
+
+
+def choose_splits(batch: int, kv_heads: int, S: int) -> int:
+    """Context splits for a cache of S slots: decode_attention.pick_splits over 64-token tiles."""
+    return pick_splits(batch, kv_heads, S // TILE, PROGRAMS_PER_SM)
+
+
+def _swizzled(minor_bytes: int, bits: int, kind: str):
+    """SMEM tiling + swizzle for a tile whose rows are minor_bytes long (none under 32 B)."""
+    if minor_bytes < 32:
+        return ()
+    swizzle = plgpu.find_swizzle(minor_bytes * 8, kind)
+    return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
+
+
+def _bounds(row_pos, n, off, tm, cut, cut_side):
+    """[B, 2, tm] int32: the visible slot range [lo, hi) of each query row (module docstring)."""
+    B, M = row_pos.shape
+    pos = jnp.pad(row_pos.astype(jnp.int32), ((0, 0), (0, tm - M)), constant_values=-1)
+    off = off.astype(jnp.int32)[:, None]
+    hi = jnp.minimum(n.astype(jnp.int32)[:, None], pos - off + 1)
+    lo = jnp.zeros_like(hi)
+    if cut_side is not None:
+        c = cut_position(pos, int(cut[0]), int(cut[1])) - off
+        hi = jnp.minimum(hi, c) if cut_side == "below" else hi
+        lo = jnp.maximum(c, 0) if cut_side == "from" else lo  # >= 0: the first tile read is in the cache
+    hi = jnp.where(pos < 0, 0, hi)  # padding rows see nothing
+    return jnp.stack([lo, hi], axis=1)
+
+
+def _tile_ranges(bounds, S, P):
+    """[B, P, 4] int32: (first tile, tile count, 0, 0) of each split. The tiles any query row of a
+    batch row can see are divided evenly among the P splits, as in the Triton kernel."""
+    lo, hi = bounds[:, 0], bounds[:, 1]  # [B, tm]
+    seen = hi > lo
+    start = jnp.min(jnp.where(seen, lo, S), axis=1) // TILE  # [B]
+    end = (jnp.max(jnp.where(seen, hi, 0), axis=1) + TILE - 1) // TILE
+    total = jnp.maximum(end - start, 0)
+    per = (total + P - 1) // P
+    split = jnp.arange(P, dtype=jnp.int32)
+    first = start[:, None] + split * per[:, None]
+    count = jnp.clip(total[:, None] - split * per[:, None], 0, per[:, None])
+    zero = jnp.zeros_like(first)
+    return jnp.stack([first, count, zero, zero], axis=-1).astype(jnp.int32)
+
+
+def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits=None, stages=2,
+                       interpret=False, cut=None, cut_side=None):
+    """One launch: unnormalized partials over the slots [0, n) of `kv`, slot j at position off + j
+    (decode_attention.attention_partials' contract; merge with decode_attention.merge_partials).
+    With cut=(G, D) and cut_side "below" / "from", a query row at position p reads only the positions
+    below / from its cut c(p).
+
+    q_rows: [B, KV, M, hd] query blocks; row_pos: [B, M] int32 query positions (-1 for padding);
+    kv: (k, v) [B, KV, S, hd] for "bf16" or a QuantKV (value planes [B, KV, hd/2, S]); n, off: [B] int32;
+    splits: context splits (programs per row and kv head), None for choose_splits;
+    stages: pipeline depth (TMA loads in flight per program).
+    Returns o [B, KV, P, M, hd] f32 (unnormalized), m and l [B, KV, P, M] f32.
+    """
+    B, KV, M, hd = q_rows.shape
+    if variant == "bf16":
+        k, v = kv
+        S, group = k.shape[2], None
+        operands = [k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)]  # the MMA's type (no copy if bf16)
+    else:
+        if not isinstance(kv, QuantKV):
+            raise ValueError(f"variant {variant!r} takes QuantKV planes")
+        S = kv.k_upper.shape[2]
+        group = S // kv.k_scale.shape[2]
+        names = ["k_upper", "k_lower", "k_scale", "k_min", "v_upper", "v_lower", "v_scale", "v_min"]
+        if variant == "int4":
+            names = [x for x in names if not x.endswith("_lower")]
+        operands = [getattr(kv, x) for x in names]
+    if splits is None:
+        splits = choose_splits(B, KV, S) if S >= TILE else 1
+    why = supported(variant, M, hd, S, group, splits, stages)
+    if why:
+        raise ValueError(why)
+    if (cut is None) != (cut_side is None) or cut_side not in (None, "below", "from"):
+        raise ValueError(f"cut (G, D) and cut_side ('below' / 'from') go together, got {cut}, {cut_side!r}")
+    tm = row_tile(M)
+    P = splits
+    hd2 = hd // 2
+    quant = variant != "bf16"
+    cs = 1.0 if variant == "int4" else 1.0 / 16  # code scale: value = code * cs * s + m
+    offset = 8.0 if variant == "int8" else 0.0  # INT8 codes are 16u + l; the value's code is 16u + l - 8
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    parts = 2 if quant else 1  # channel halves: one MMA per nibble half of the key planes
+    q = jnp.pad(q_rows, ((0, 0), (0, 0), (0, tm - M), (0, 0))).astype(bf16)
+    q = q.reshape(B, KV, tm, parts, hd // parts).transpose(0, 1, 3, 2, 4)  # [B, KV, parts, tm, hd/parts]
+    if interpret:  # the interpreter's wgmma takes B untransposed
+        q = q.swapaxes(-1, -2)
+    bounds = _bounds(row_pos, n, off, tm, cut, cut_side)
+
+    def mma(shape, pairs):
+        """A fresh f32 accumulator of `shape` holding the sum of a @ b over the (a, b) pairs."""
+
+        def run(acc_ref):
+            for a, b in pairs:
+                plgpu.wgmma(acc_ref, a, b)
+            return acc_ref[...]
+
+        return pl.run_scoped(run, plgpu.ACC(shape, f32))
+
+    def body(q_gmem, bnd_gmem, rng_gmem, *refs, p_smem, o_smem, ml_smem, rng_smem, barrier, a_smem=None,
+             ka_smem=None):
+        # q_gmem [B, KV, parts, tm, hd/parts] bf16 ([B, KV, parts, hd/parts, tm] under the
+        # interpreter); bnd_gmem [B, 2, tm] int32; then the cache operands (bf16: k, v
+        # [B, KV, S, hd]; int8: ku, kl [B, KV, S, hd/2] u8, ks, km [B, KV, S/G, hd] f32, vu, vl
+        # [B, KV, hd/2, S] u8, vs, vm [B, KV, S] f32; int4 without kl, vl); then o_gmem
+        # [B, KV, P, hd, tm], ml_gmem [B, KV, P, 2, tm] (m and l).
+        *cache, o_gmem, ml_gmem = refs
+        b, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
+        plgpu.copy_gmem_to_smem(rng_gmem.at[b, s], rng_smem, barrier)  # this split's tiles
+        plgpu.barrier_wait(barrier)
+        first, count = rng_smem[0], rng_smem[1]
+
+        def tile(i):  # clamped into the cache: a split with no visible tile reads one, all masked
+            return jnp.minimum(first + i, S // TILE - 1)
+
+        def q_operand(q_s, j):  # Q^T [hd/parts, tm] of channel part j as wgmma's B
+            return q_s.at[j] if interpret else plgpu.transpose_ref(q_s.at[j], (1, 0))
+
+        def softmax_step(i, scores, bnd, carry):
+            """Online-softmax update of (o, m, l) with this tile's scaled scores S^T [64, tm]:
+            the probabilities P^T [64, tm] f32, the column rescale and the new m, l."""
+            o, m_prev, l_prev = carry
+            slots = (first + i) * TILE + lax.broadcasted_iota(jnp.int32, (TILE, tm), 0)
+            lo = lax.broadcast_in_dim(bnd[0], (TILE, tm), (1,))
+            hi = lax.broadcast_in_dim(bnd[1], (TILE, tm), (1,))
+            mask = (slots >= lo) & (slots < hi)
+            scores = jnp.where(mask, scores, NEG)
+            m_next = jnp.maximum(m_prev, jnp.max(scores, axis=0))
+            corr = jnp.exp(m_prev - m_next)
+            p = jnp.where(mask, jnp.exp(scores - lax.broadcast_in_dim(m_next, (TILE, tm), (1,))), 0.0)
+            l_next = l_prev * corr + jnp.sum(p, axis=0)
+            return p, o * lax.broadcast_in_dim(corr, (hd, tm), (1,)), m_next, l_next
+
+        def unpack(planes):
+            """Codes of a tile of packed bytes (one or two planes) as two f32 register tiles: the
+            low-nibble channels and the high-nibble channels (module docstring)."""
+            planes = [x.astype(jnp.int16) for x in planes]  # Mosaic has no 8-bit shifts
+            if len(planes) == 1:
+                x = planes[0]
+                lo, hi = x & 15, x >> 4
+            else:
+                u, l = planes
+                lo, hi = ((u & 15) << 4) | (l & 15), (u & 0xF0) | (l >> 4)
+            return lo.astype(f32), hi.astype(f32)
+
+        def step_bf16(idx, q_s, bnd_s, k_s, v_s, carry):
+            # q_s [1, tm, hd] bf16; bnd_s [2, tm]; k_s, v_s [64, hd] bf16
+            (i,) = idx
+            with jax.named_scope("scores"):
+                scores = mma((TILE, tm), [(k_s, q_operand(q_s, 0))]) * sm_scale
+            p, o, m, l = softmax_step(i, scores, bnd_s, carry)
+            with jax.named_scope("values"):
+                p_smem[...] = p.astype(bf16)
+                if interpret:  # no transposed views in the interpreter: stage V^T
+                    a_smem[...] = v_s[...].T
+                    v_t = a_smem
+                else:
+                    v_t = plgpu.transpose_ref(v_s, (1, 0))  # [hd, 64]
+                plgpu.commit_smem()
+                o = o + mma((hd, tm), [(v_t, p_smem)])
+            return o, m, l
+
+        def step_quant(idx, q_s, bnd_s, *tiles_and_carry):
+            # q_s [2, tm, hd/2] bf16; bnd_s [2, tm]; key planes [64, hd/2] u8; ks, km [1, hd] f32;
+            # value planes [hd/2, 64] u8; vs, vm [64] f32
+            *tiles, carry = tiles_and_carry
+            if variant == "int8":
+                ku, kl, ks, km, vu, vl, vs, vm = tiles
+                k_planes, v_planes = (ku[...], kl[...]), (vu[...], vl[...])
+            else:
+                ku, ks, km, vu, vs, vm = tiles
+                k_planes, v_planes = (ku[...],), (vu[...],)
+            (i,) = idx
+            with jax.named_scope("dequant_keys"):
+                keys = []
+                for j, codes in enumerate(unpack(k_planes)):  # [64 tokens, 64 channels] each
+                    chans = pl.ds(j * hd2, hd2)
+                    scale = ks[0, chans].astype(f32) * cs
+                    shift = km[0, chans].astype(f32) - offset * scale
+                    k = codes * lax.broadcast_in_dim(scale, (TILE, hd2), (1,)) \
+                        + lax.broadcast_in_dim(shift, (TILE, hd2), (1,))
+                    k = k.astype(bf16)
+                    if interpret:  # the interpreter's wgmma reads A from SMEM
+                        ka_smem[j] = k
+                        k = ka_smem.at[j]
+                    keys.append(k)
+            with jax.named_scope("scores"):
+                scores = mma((TILE, tm), [(keys[j], q_operand(q_s, j)) for j in range(2)]) * sm_scale
+            p, o, m, l = softmax_step(i, scores, bnd_s, carry)
+            with jax.named_scope("values"):
+                ps = (p * lax.broadcast_in_dim(vs[...].astype(f32) * cs, (TILE, tm), (0,))).astype(bf16)
+                p_smem[...] = ps
+                shift = jnp.sum(p * lax.broadcast_in_dim(vm[...].astype(f32), (TILE, tm), (0,)), axis=0)
+                if offset:
+                    shift = shift - offset * jnp.sum(ps.astype(f32), axis=0)
+                # V^T codes [hd, 64]: low-nibble channels on rows 0..hd/2-1, high on the rest,
+                # staged through SMEM into one 128-row A operand
+                for j, codes in enumerate(unpack(v_planes)):
+                    a_smem[pl.ds(j * hd2, hd2), :] = codes.astype(bf16)
+                plgpu.commit_smem()
+                o = o + mma((hd, tm), [(a_smem, p_smem)]) + lax.broadcast_in_dim(shift, (hd, tm), (1,))
+            return o, m, l
+
+        parts = 1 if variant == "bf16" else 2
+        fixed = lambda i: (0, 0, 0)  # noqa: E731
+        q_shape = (parts, hd // parts, tm) if interpret else (parts, tm, hd // parts)
+        in_specs = [
+            plgpu.BlockSpec(q_shape, fixed, transforms=() if interpret else _swizzled(hd // parts * 2, 16, "rhs")),
+            plgpu.BlockSpec((2, tm), lambda i: (0, 0)),
+        ]
+        gmem = [q_gmem.at[b, h], bnd_gmem.at[b]]
+        if variant == "bf16":
+            in_specs += [plgpu.BlockSpec((TILE, hd), lambda i: (tile(i), 0),
+                                         transforms=_swizzled(hd * 2, 16, "lhs")),
+                         plgpu.BlockSpec((TILE, hd), lambda i: (tile(i), 0),  # A of a 32B-swizzled MMA
+                                         transforms=_swizzled(32, 16, "lhs"))]
+        else:
+            k_spec = plgpu.BlockSpec((TILE, hd2), lambda i: (tile(i), 0))
+            ks_spec = plgpu.BlockSpec((1, hd), lambda i: (tile(i) * TILE // group, 0))
+            v_spec = plgpu.BlockSpec((hd2, TILE), lambda i: (0, tile(i)))
+            vs_spec = plgpu.BlockSpec((TILE,), lambda i: (tile(i),))
+            planes = 1 if variant == "int4" else 2
+            in_specs += [k_spec] * planes + [ks_spec] * 2 + [v_spec] * planes + [vs_spec] * 2
+        gmem += [r.at[b, h] for r in cache]
+        o0 = jnp.zeros((hd, tm), f32)
+        if not interpret:  # the interpreter has no layouts
+            o0 = plgpu.layout_cast(o0, plgpu.Layout.WGMMA)
+        o, m, l = plgpu.emit_pipeline(
+            step_bf16 if variant == "bf16" else step_quant, grid=(jnp.maximum(count, 1),), in_specs=in_specs,
+            max_concurrent_steps=stages, init_carry=(o0, jnp.full((tm,), NEG, f32), jnp.zeros((tm,), f32)),
+        )(*gmem)
+        o_smem[...] = o
+        ml_smem[0] = m
+        ml_smem[1] = l
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[b, h, s])
+        plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[b, h, s])
+        plgpu.wait_smem_to_gmem(0)
+
+    # P^T [64, tm] is B with its N (query) axis minor: wgmma takes one swizzle for A and B, and
+    # tm = 16 bf16 columns allow only 32 B; so the value MMA's A tiles are 32B-swizzled too.
+    scratch = dict(
+        p_smem=plgpu.SMEM((TILE, tm), bf16, transforms=_swizzled(32, 16, "rhs")),
+        o_smem=plgpu.SMEM((hd, tm), f32),
+        ml_smem=plgpu.SMEM((2, tm), f32),
+        rng_smem=plgpu.SMEM((4,), jnp.int32),
+        barrier=plgpu.Barrier(num_arrivals=1),
+    )
+    if quant or interpret:  # the value tile's A operand staged in SMEM: V^T [hd, 64]
+        scratch["a_smem"] = plgpu.SMEM((hd, TILE), bf16, transforms=_swizzled(32, 16, "lhs"))
+    if quant and interpret:
+        scratch["ka_smem"] = plgpu.SMEM((2, TILE, hd2), bf16)
+    kernel = plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct((B, KV, P, hd, tm), f32), jax.ShapeDtypeStruct((B, KV, P, 2, tm), f32)),
+        grid=(B, KV, P),
+        grid_names=("b", "h", "s"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        scratch_types=scratch,
+        interpret=InterpretGPUParams() if interpret else None,
+        kernel_name=f"attention_mosaic_{variant}",
+    )
+    o_t, ml = kernel(q, bounds, _tile_ranges(bounds, S, P), *operands)
+    o = o_t.swapaxes(-1, -2)[:, :, :, :M]
+    return o, ml[:, :, :, 0, :M], ml[:, :, :, 1, :M]

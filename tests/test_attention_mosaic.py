@@ -1,0 +1,156 @@
+"""The Mosaic GPU decode attention partials (pallas_kernels/attention_mosaic.py) against float64 NumPy.
+
+On CPU the kernel runs under Mosaic GPU's interpreter, which executes the same TMA pipeline, grid,
+splits, masking and online softmax; its wgmma reads A from shared memory, so the register A operand
+(the dequantized keys) is staged there (the register path is checked compiled on a GPU:
+scripts/bench_attention_mosaic.py). Partials are merged with decode_attention.merge_partials, the
+recent buffer's partials (bf16, from the Mosaic kernel too) included. The NumPy reference decodes
+the planes itself (test_decode_attention.np_dequant). Tolerance: max-abs error over outputs of size
+~1; the queries, the dequantized keys and the (scaled) probabilities are rounded to bf16 before the
+MMAs (observed ~1e-3 to 3e-3).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import TEST_SEED
+from pallas_kernels.attention_mosaic import attention_partials, choose_splits, supported
+from pallas_kernels.decode_attention import merge_partials
+from test_decode_attention import np_attention, np_dequant, random_planes
+
+TOL = 1e-2
+HD = 128  # the kernel's head dim
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng([TEST_SEED, abs(hash(request.node.name)) % 2**31])
+
+
+def mosaic_attention(q, q_pos, kv, kv_len, variant, *, recent=None, recent_start=None, cut=None, splits=None,
+                     interpret=True):
+    """decode_attention's flow (query rows per kv head, main launch + recent buffer, merge) on the
+    Mosaic kernel: [B, T, H, hd] f32."""
+    B, T, H, hd = q.shape
+    KV = (kv[0] if variant == "bf16" else kv.k_upper).shape[1]
+    rep = H // KV
+    q_rows = q.reshape(B, T, KV, rep, hd).transpose(0, 2, 3, 1, 4).reshape(B, KV, rep * T, hd)
+    row_pos = jnp.tile(q_pos.astype(jnp.int32), (1, rep))
+    sides = ("below", "from") if cut else (None, None)
+    run = lambda *a, **k: attention_partials(q_rows, row_pos, *a, sm_scale=1 / math.sqrt(hd), cut=cut,  # noqa: E731
+                                             interpret=interpret, **k)
+    parts = [run(kv, kv_len, jnp.zeros((B,), jnp.int32), variant=variant, splits=splits, cut_side=sides[0])]
+    if recent is not None:
+        R = recent[0].shape[2]
+        parts.append(run(recent, jnp.full((B,), R, jnp.int32), recent_start, variant="bf16", splits=1,
+                         cut_side=sides[1]))
+    out = merge_partials(parts)  # [B, KV, rep*T, hd]
+    return out.reshape(B, KV, rep, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
+
+
+def cache(rng, variant, B, KV, S, G):
+    if variant == "bf16":
+        k, v = (jnp.asarray(rng.standard_normal((B, KV, S, HD)), jnp.bfloat16) for _ in range(2))
+        return (k, v), np.asarray(k.astype(jnp.float32), np.float64), np.asarray(v.astype(jnp.float32), np.float64)
+    kv = random_planes(rng, B, KV, S, HD, G)
+    return (kv, *np_dequant(kv, variant))
+
+
+@pytest.mark.parametrize("variant", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("T,H,KV,splits", [(1, 8, 2, 2), (5, 12, 3, None)])  # draft step; verify (15 -> 16 rows)
+def test_matches_float64(rng, variant, T, H, KV, splits):
+    """Decode (T=1) and verify (T=5) steps at per-row lengths: one row filling the cache, one short
+    (its last tiles fully masked), each query seeing the keys up to its own position."""
+    B, S, G = 2, 256, 64
+    kv, k64, v64 = cache(rng, variant, B, KV, S, G)
+    q = jnp.asarray(rng.standard_normal((B, T, H, HD)), jnp.float32)
+    lens = np.array([S - T, int(rng.integers(1, S // 2))])
+    q_pos = lens[:, None] + np.arange(T)
+    out = mosaic_attention(q, jnp.asarray(q_pos, jnp.int32), kv, jnp.asarray(lens + T, jnp.int32), variant,
+                           splits=splits)
+    k_pos = np.broadcast_to(np.arange(S), (B, S))
+    want = np_attention(q, q_pos, k64, v64, k_pos, k_pos < (lens + T)[:, None])
+    err = np.abs(np.asarray(out, np.float64) - want).max()
+    assert err < TOL, err
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+def test_verify_with_cut_matches_float64(rng, variant):
+    """cut=(G, D) on the hierarchical cache: a query at p reads plane slots below c(p) and recent
+    positions in [c(p), p]; rows straddle cut boundaries and the planes and buffer overlap with
+    different values there (as test_decode_attention.test_per_query_cut). Four splits over the 1-3
+    tiles below the cut leave some programs without a tile; the buffer's launch starts past its
+    first tile."""
+    B, T, H, KV, S, R, G, D = 2, 4, 8, 2, 256, 128, 64, 32
+    kv, k_deq, v_deq = cache(rng, variant, B, KV, S, G)
+    rk, rv = (jnp.asarray(rng.standard_normal((B, KV, R, HD)), jnp.bfloat16) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((B, T, H, HD)), jnp.float32)
+    cut = lambda p: np.maximum(p + 1 - D, 0) // G * G  # noqa: E731
+    lens = np.array([G + D - 1 + int(rng.integers(0, G)), 2 * G + int(rng.integers(0, G))])
+    q_len = lens // G * G
+    r_start = np.maximum(np.minimum(cut(lens), q_len) - G * rng.integers(0, 2, B), 0)
+    assert (cut(lens + T - 1) <= q_len).all()
+    q_pos = lens[:, None] + np.arange(T)
+    out = mosaic_attention(q, jnp.asarray(q_pos, jnp.int32), kv, jnp.asarray(q_len, jnp.int32), variant,
+                           recent=(rk, rv), recent_start=jnp.asarray(r_start, jnp.int32), cut=(G, D), splits=4)
+    f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)  # noqa: E731
+    k_all = np.concatenate([k_deq, f64(rk)], axis=2)
+    v_all = np.concatenate([v_deq, f64(rv)], axis=2)
+    k_pos = np.concatenate([np.broadcast_to(np.arange(S), (B, S)), r_start[:, None] + np.arange(R)], axis=1)
+    want = []
+    for t in range(T):  # each query with its own visible set
+        p = q_pos[:, t]
+        valid = np.concatenate([np.arange(S) < np.minimum(q_len, cut(p))[:, None],
+                                r_start[:, None] + np.arange(R) >= cut(p)[:, None]], axis=1)
+        want.append(np_attention(f64(q[:, t:t + 1]), q_pos[:, t:t + 1], k_all, v_all, k_pos, valid))
+    err = np.abs(np.asarray(out, np.float64) - np.concatenate(want, axis=1)).max()
+    assert err < TOL, err
+
+
+def test_supported_and_bad_inputs(rng):
+    assert supported("int8", 16, 128, 8192, 128, choose_splits(16, 8, 8192)) is None
+    assert supported("int4", 4, 128, 32768, 128, choose_splits(16, 8, 32768), stages=4) is None
+    assert "head_dim" in supported("bf16", 4, 64, 256, None, 1)
+    assert "group" in supported("int4", 4, 128, 256, 32, 1)
+    assert "splits" in supported("bf16", 4, 128, 256, None, 5)
+    assert "tile" in supported("bf16", 4, 128, 200, None, 1)
+    kv, _, _ = cache(rng, "int4", 1, 1, 128, 64)
+    q = jnp.ones((1, 1, 4, HD), jnp.float32)
+    with pytest.raises(ValueError, match="splits"):
+        attention_partials(q, jnp.zeros((1, 4), jnp.int32), kv, jnp.ones((1,), jnp.int32), jnp.zeros((1,), jnp.int32),
+                           variant="int4", sm_scale=0.1, splits=3, interpret=True)  # 2 tiles
+    with pytest.raises(ValueError, match="QuantKV"):
+        attention_partials(q, jnp.zeros((1, 4), jnp.int32), (jnp.ones((1, 1, 128, HD)),) * 2, jnp.ones((1,), jnp.int32),
+                           jnp.zeros((1,), jnp.int32), variant="int8", sm_scale=0.1, interpret=True)
+
+
+@pytest.mark.parametrize("variant", ["bf16", "int8", "int4"])
+@pytest.mark.parametrize("M,cut", [(4, False), (20, True)])
+def test_lowers_for_cuda(variant, M, cut):
+    """jax 0.10.2 lowers the kernel for CUDA without a GPU: catches code that the interpreter runs but
+    Mosaic GPU cannot lower (layout inference, wgmma operand layouts, 8-bit arithmetic)."""
+    from jax import export
+
+    from pallas_kernels.decode_attention import QuantKV
+
+    B, KV, S, G = 2, 2, 512, 128
+    sd = jax.ShapeDtypeStruct
+    u8 = lambda *s: sd(s, jnp.uint8)  # noqa: E731
+    f16 = lambda *s: sd(s, jnp.float16)  # noqa: E731
+    if variant == "bf16":
+        kv = (sd((B, KV, S, HD), jnp.bfloat16),) * 2
+    else:
+        kv = QuantKV(u8(B, KV, S, HD // 2), u8(B, KV, S, HD // 2), f16(B, KV, S // G, HD), f16(B, KV, S // G, HD),
+                     u8(B, KV, HD // 2, S), u8(B, KV, HD // 2, S), f16(B, KV, S), f16(B, KV, S))
+
+    def f(q, pos, kv, n, off):
+        return attention_partials(q, pos, kv, n, off, variant=variant, sm_scale=0.1, splits=2, stages=3,
+                                  cut=(G, 32) if cut else None, cut_side="below" if cut else None)
+
+    args = (sd((B, KV, M, HD), jnp.float32), sd((B, M), jnp.int32), kv, sd((B,), jnp.int32), sd((B,), jnp.int32))
+    module = export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
+    assert "mosaic_gpu" in module
