@@ -18,6 +18,12 @@ table up by device kind and KV kind (`policy.find_table(kind, kv=...)`). For exa
         --step benchmarks/engine/h200_step_int8kv_ctx512.json --step benchmarks/engine/h200_step_int8kv_ctx8192.json \\
         --out qspec_jax/cost_tables/h200_int8kv_costs.json
 
+On Hopper with the Mosaic kernels (issue 18) the steps are `bench_engine.py --kernels mosaic` runs
+(modes "w4a16_mosaic" etc., read as w4a16) and the kernel table is bench_mosaic.py's joined sweep:
+
+    python scripts/build_cost_table.py --step benchmarks/engine/hopper_step_costs.json \
+        --kernels benchmarks/engine/hopper_kernels.json --out qspec_jax/cost_tables/h100_costs.json
+
 The tables ship inside the package (package data, pyproject.toml), where `policy.find_table` reads them.
 """
 
@@ -45,6 +51,20 @@ def kernel_sum(kernels: list, method: str = "w4a16") -> dict:
         if k["proj"] in PROJECTIONS:
             out[k["M"]] = out.get(k["M"], 0.0) + max(k["us"][method] - k["us"].get("noop", 0.0), 0.0)
     return dict(sorted(out.items()))
+
+
+def sweep_kernels(sweep: dict) -> list:
+    """bench_mosaic.py's sweep as kernel rows: the Mosaic W4A16 call time ("us") of each cell, at
+    the M where all four projections were measured."""
+    cells = [c for c in sweep["sweep"] if "us" in c["methods"].get("mosaic_w4a16", {})]
+    full = {m for m in {c["M"] for c in cells} if {c["proj"] for c in cells if c["M"] == m} >= set(PROJECTIONS)}
+    return [{"proj": c["proj"], "M": c["M"], "us": {"w4a16": c["methods"]["mosaic_w4a16"]["us"]}}
+            for c in cells if c["M"] in full]
+
+
+def base_mode(mode: str) -> str:
+    """A step file's mode label without its kernel family ("w4a8_mosaic" -> "w4a8")."""
+    return mode.removesuffix("_mosaic")
 
 
 def monotone(sums: dict) -> dict:
@@ -112,13 +132,13 @@ def build_cost_table(step_file, kernel_file: str, *, max_gamma: int = MAX_POLICY
             raise ValueError(f"step files {files} share a context: {contexts} (one file per context)")
         order = np.argsort(contexts)
         files, steps, contexts = [files[i] for i in order], [steps[i] for i in order], sorted(contexts)
-    rows = [{(s["batch"], s["mode"]): s["step_ms"] for s in st["step"]} for st in steps]
+    rows = [{(s["batch"], base_mode(s["mode"])): s["step_ms"] for s in st["step"]} for st in steps]
     have = [{b for b, m in r if m == "w4a16" and all((b, d) in r for d in drafts)} for r in rows]
     batches = sorted(set.intersection(*have))
     if not batches:
         raise ValueError(f"{', '.join(files)}: no batch with w4a16 and {', '.join(drafts)} step times "
                          "(in every file)")
-    raw = kernel_sum(kern["kernels"])
+    raw = kernel_sum(kern["kernels"] if "kernels" in kern else sweep_kernels(kern))
     sums = monotone(raw)
     plain, draft, verify, detail = [], {d: [] for d in drafts}, [], []
     for ctx, r in zip(contexts, rows):

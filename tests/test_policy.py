@@ -156,6 +156,26 @@ def test_build_cost_table_with_a_context_axis(tmp_path):
         builder.build_cost_table([os.path.join(engine, "h200_step_run2.json")] * 2, kernels)
 
 
+def test_build_cost_table_from_the_mosaic_runs():
+    """The H100 table: Mosaic step labels read as their modes, the kernel sums from bench_mosaic's
+    sweep at the M where all four projections were measured; the shipped table is what it builds."""
+    engine = os.path.join(policy.ROOT, "benchmarks", "engine")
+    built = builder.build_cost_table(os.path.join(engine, "hopper_step_costs.json"),
+                                     os.path.join(engine, "hopper_kernels.json"))
+    with open(os.path.join(engine, "hopper_step_costs.json")) as f:
+        step = {(c["batch"], c["mode"]): c["step_ms"] for c in json.load(f)["step"]}
+    assert built["plain_ms"] == [round(step[(b, "w4a16_mosaic")], 4) for b in built["batches"]]
+    assert built["draft_ms"]["w4a4"] == [round(step[(b, "w4a4_mosaic")], 4) for b in built["batches"]]
+    assert set(built["kernel_sum_us"]) == {"1", "4", "16", "64", "128", "256"}
+    sweep = {"sweep": [{"proj": p, "M": m, "methods": {"mosaic_w4a16": {"us": 1.0}}}
+                       for p in builder.PROJECTIONS for m in (1, 2) if (p, m) != ("qkv", 2)]}
+    assert {k["M"] for k in builder.sweep_kernels(sweep)} == {1}  # M = 2 lacks qkv: left out
+    with open(os.path.join(policy.ROOT, "qspec_jax", "cost_tables", "h100_costs.json")) as f:
+        shipped = json.load(f)
+    assert shipped["plain_ms"] == built["plain_ms"] and shipped["verify_ms"] == built["verify_ms"]
+    assert policy.find_table("NVIDIA H100 80GB HBM3") is not None
+
+
 def test_trace_prior_fits_the_replay_traces():
     with open(os.path.join(policy.ROOT, "benchmarks", "acceptance", "traces.json")) as f:
         traces = json.load(f)
