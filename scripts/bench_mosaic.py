@@ -8,7 +8,8 @@ One run does, in order, writing everything under --out:
           (jax.experimental.mosaic.gpu.profiler.measure, aggregate=False: every kernel's own time),
           over rotating weight copies larger than the 50 MB L2;
   peers   in the same run: XLA's bf16 dot, XLA on `jnp.int4` weights (per-channel scale after the
-          dot), our Triton W4A16 kernel (w4a16_matmul's default dispatch).
+          dot), our Triton W4A16 kernel (w4a16_matmul's default dispatch), and our own XLA path
+          (dequantize, then XLA's bf16 dot: mosaic_matmul's fallback, not a peer).
 A call's time is the sum of its kernels (pad, kernel, split-K sum), so every method pays its whole
 op; the Mosaic kernel's own time is recorded beside it.
 
@@ -112,7 +113,8 @@ def cupti(fn, x, ws, iterations=5):
 
 def configs(K, N, M, x_bytes=2, wide=False):
     """The sweep's MosaicTiles for one shape: int4_mosaic.choose_tiles' rule and its neighbours
-    (half and twice the split, 128-row programs, one more pipeline stage), those that fit."""
+    (twice the split; `wide`: half the split, deeper pipelines, 128-row programs; M >= 64: the
+    carried-accumulator body), those that fit."""
     base = choose_tiles(M, N, K, K // GROUP, x_bytes)
     cands = [base, dataclasses.replace(base, split=base.split * 2)]
     if wide:
@@ -120,6 +122,9 @@ def configs(K, N, M, x_bytes=2, wide=False):
                   dataclasses.replace(base, rows=128)]
         if base.split > 1:
             cands.insert(1, dataclasses.replace(base, split=base.split // 2))
+    if M >= 64 and x_bytes == 2:  # wide token tiles: one carried accumulator (W4A16 only)
+        cands += [dataclasses.replace(base, carry=True)]
+        cands += [dataclasses.replace(base, rows=128, stages=n, carry=True) for n in (4, 3, 2)][:1 + (M > 64)]
     out = []
     for t in cands:
         if t not in out and not supported(M, N, K, K // GROUP, t, x_bytes):
@@ -241,6 +246,7 @@ def main():
     ap.add_argument("--wide-ms", default="1,16", help="batch sizes swept over more configs "
                     "(deeper pipelines, 128-row programs)")
     ap.add_argument("--torch-kinds", default="tinygemm,cublas_bf16", help="PyTorch linears timed beside")
+    ap.add_argument("--peers", default="all", help="JAX methods timed beside (comma list, or all)")
     ap.add_argument("--check-s", type=float, default=60.0, help="seconds the float64 checks may add")
     ap.add_argument("--kernels", default="w4a16,w4a8", help="which Mosaic kernels to check and sweep")
     ap.add_argument("--summary", nargs="+", metavar="SWEEP_JSON",
@@ -309,7 +315,11 @@ def main():
                                                    preferred_element_type=jnp.float32)
                                            * w["int4"][1]).astype(jnp.bfloat16)),
                 "triton_w4a16": (lambda x, w: w4a16_matmul(x, w["packed"])),
+                # our own XLA path (mosaic_matmul's fallback): the same function as the kernel
+                "xla_dequant_w4a16": (lambda x, w: jnp.dot(x, dequantize_mosaic(w["mosaic"], x.dtype),
+                                                           preferred_element_type=jnp.float32).astype(x.dtype)),
             }
+            peers = {k: v for k, v in peers.items() if args.peers == "all" or k in args.peers.split(",")}
             no_peers = str(M) in args.no_peers_at.split(",")
             for name, fn in peers.items():
                 if no_peers:
@@ -317,7 +327,7 @@ def main():
                 cell["methods"][name] = time_kernel(results, fn, x, ws, ref8 if "w4a8" in name else ref)
             cell["methods"].get("xla_int4", {}).pop("rel_err", None)  # per-channel: another function
             if torch_peer is not None and not no_peers:
-                for kind in args.torch_kinds.split(","):
+                for kind in filter(None, args.torch_kinds.split(",")):
                     try:
                         us = torch_peer.time_linear("tinygemm" if kind == "tinygemm" else "bf16", M, K, N)
                         cell["methods"]["torch_" + kind] = {"us": us}
@@ -339,7 +349,7 @@ def main():
                     if kind == "mosaic_w4a8" and ("mosaic_w4a16", M) in best_of:
                         # the int8 kernel has the same shape: sweep the W4A16 winner's neighbours
                         b = best_of[("mosaic_w4a16", M)]
-                        tiles = [b]
+                        tiles = [dataclasses.replace(b, carry=False)]
                 rows, best = sweep(results, fn_of, tiles, x, ws, r)
                 cell[kind + "_sweep"] = rows
                 if best:

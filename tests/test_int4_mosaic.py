@@ -54,6 +54,8 @@ def rng(request):
     (256, 128, 9, 64, MosaicTiles(split=2)),
     (512, 256, 3, -1, MosaicTiles(rows=128, split=4, stages=1)),
     (256, 192, 20, 128, MosaicTiles(rows=64, stages=3)),
+    (512, 256, 5, 128, MosaicTiles(carry=True)),  # scales on the weights, one accumulator
+    (256, 128, 130, 64, MosaicTiles(rows=128, stages=2, carry=True)),
 ])
 def test_w4a16_matches_float64(rng, K, N, M, group, tiles):
     qw = weights(rng, K, N, group)
@@ -122,6 +124,8 @@ def test_bad_inputs():
         w4a16_mosaic(jnp.ones((2, 256), jnp.bfloat16), mw, tiles=MosaicTiles(rows=96), interpret=True)
     with pytest.raises(ValueError, match="1..256"):
         w4a16_mosaic(jnp.ones((300, 256), jnp.bfloat16), mw, interpret=True)
+    with pytest.raises(ValueError, match="carry"):
+        w4a8_mosaic(jnp.ones((2, 256), jnp.float32), mw, tiles=MosaicTiles(carry=True), interpret=True)
     with pytest.raises(ValueError, match="kernels must be"):
         resolve_kernels("cuda")
     with pytest.raises(ValueError, match="Mosaic layout"):
@@ -150,8 +154,10 @@ def test_model_on_mosaic_weights_matches_packed(tiny_float_and_int4):
         assert rel(outs[1], outs[0]) < 1e-5, mode
 
 
-@pytest.mark.parametrize("int8", [False, True])
-@pytest.mark.parametrize("M,tiles", [(1, MosaicTiles()), (20, MosaicTiles(rows=128, split=2, stages=3))])
+@pytest.mark.parametrize("int8,M,tiles", [
+    (int8, M, tiles) for int8 in (False, True)
+    for M, tiles in [(1, MosaicTiles()), (20, MosaicTiles(rows=128, split=2, stages=3))]
+] + [(False, 200, MosaicTiles(stages=2, carry=True))])  # carry: a W4A16 body
 def test_kernels_lower_for_cuda(int8, M, tiles):
     """jax 0.10.2 lowers the Mosaic kernels for CUDA without a GPU: catches code that traces under
     the interpreter but cannot become a Mosaic GPU module (it does not run ptxas or the GPU)."""
