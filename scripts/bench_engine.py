@@ -174,7 +174,7 @@ def gemv_sweep(args, rotate, rows, save):
         del q4
 
 
-def step_program(config, mode, batch, max_len, context, steps):
+def step_program(config, mode, batch, max_len, context, steps, donate=True):
     """A compiled loop of `steps` decode steps; the cache holds `context` positions per row."""
 
     def run(params, cache, tok):
@@ -186,7 +186,25 @@ def step_program(config, mode, batch, max_len, context, steps):
 
         return jax.lax.fori_loop(0, steps, body, (cache, tok))
 
-    return jax.jit(run, donate_argnums=1)
+    return jax.jit(run, donate_argnums=1 if donate else ())
+
+
+def kernel_profile(config, mode, batch, max_len, context, params, top=25):
+    """One decode step's kernels by CUPTI (each kernel's own time, summed by name, us), without
+    donation so the profiler can call it repeatedly: the cache is written to a new buffer, a copy
+    a donated step does not make (it shows as its own kernel)."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    prog = step_program(config, mode, batch, max_len, context, 1, donate=False)
+    cache = KVCache.create(config, batch, max_len, jnp.bfloat16)
+    tok = jnp.zeros((batch,), jnp.int32) + 3
+    _, timings = profiler.measure(prog, aggregate=False)(params, cache, tok)
+    by_name = {}
+    for name, ms in timings:
+        by_name[name] = by_name.get(name, 0.0) + 1e3 * ms
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])
+    return {"total_us": sum(by_name.values()), "kernels": len(timings),
+            "top_us": [[name[:120], round(us, 2)] for name, us in ranked[:top]]}
 
 
 def step_cells(args, copy_bps):
@@ -243,7 +261,16 @@ def step_cells(args, copy_bps):
             print(f"step B={batch} {cell['mode']}: {1e3 * step_s:.2f} ms (floor {1e3 * floor:.2f}, "
                   f"{step_s / floor:.2f}x), compile {compile_s:.0f} s", flush=True)
             del cache, compiled
-        if torch_available() and batch <= 16:
+            if args.profile:
+                try:
+                    cell["profile"] = kernel_profile(config, mode, batch, max_len, ctx, params)
+                except Exception as e:  # noqa: BLE001 - a step time stands without its profile
+                    cell["profile"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    print("  profile failed:", cell["profile"]["error"], flush=True)
+                    continue
+                print(f"  profile: {cell['profile']['total_us']:.0f} us in {cell['profile']['kernels']} kernels; "
+                      + "; ".join(f"{n[:40]} {us:.0f}" for n, us in cell["profile"]["top_us"][:8]), flush=True)
+        if torch_available() and batch <= 16 and not args.no_peers:
             import torch_peer
 
             for kind in ("tinygemm", "cublas_bf16"):
@@ -307,6 +334,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, one M, reference kernels")
     ap.add_argument("--no-peers", action="store_true", help="time our kernels and modes only")
+    ap.add_argument("--profile", action="store_true", help="step: also each kernel's own time in one step (CUPTI)")
     ap.add_argument("--summary", nargs="*", help="result JSONs to merge into the issue-10 summary at --out")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
