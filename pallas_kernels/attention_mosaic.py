@@ -33,6 +33,35 @@ integer masks and shifts (on int16: Mosaic GPU has no 8-bit shifts): the INT4 vi
   channels (rows 0..hd/2-1 of V^T) and the high ones (rows hd/2..hd-1), written to one [hd, 64] SMEM
   A operand. (A from registers would need two 64-row MMAs, hence an N-major P^T of >= 32 columns.)
 
+v2 (`version=2`, quantized variants): the per-element work is reduced to an unpack and no
+arithmetic conversion. The query rows are padded to tm >= 32, which lets Q'^T and P'^T be N-major B
+operands (64-byte swizzle) written from registers in the WGMMA layout.
+- Codes: a byte tile is widened to int16 (no 8-bit shifts in Mosaic GPU), a nibble is taken with a
+  mask or shift and OR-ed with 0x4300; bitcast to bf16 that is exactly 128 + u (bf16 holds the
+  integers 128..255), so no convert instruction. The INT8 view's two planes are two such MMAs each,
+  combined as 16 acc_upper + acc_lower on the [64, tm] accumulators.
+- Keys: Q'^T [2, hd/2, tm] = Q^T * (s cs) per channel row, computed into SMEM once per key group (a
+  `pl.when` at a group's first tile or a split's first tile), is the B operand; the nibble tiles
+  [64 tokens, 64 channels] are A from registers. The rest of the score, q . m - (offset + 128 W)
+  sum_c Q'_c (W = 1 for INT4, 17 for INT8's 16 + 1), depends only on the key group and the query row:
+  the wrapper computes it ([B, KV, S/G, tm] f32, a small XLA op outside the kernel) with Q' rounded
+  to bf16 exactly as the kernel rounds it, so the 128 offset cancels to f32 rounding; the kernel
+  adds its row of the tile's group. The key minimums are not read by the kernel.
+- Values: P' = bf16(P * s cs) per token is B [64, tm] in SMEM; the value tile's two nibble halves
+  are two 64-row A operands from registers (channels 0..hd/2-1 and hd/2..hd-1, two accumulators),
+  so V^T never goes through SMEM; the minimum and the offsets enter per column as
+  sum_t p m - (offset + 128 W) sum_t p'.
+v3 (`version=3`): v2 with the key planes read as int4: the wrapper bitcasts each [S, hd/2] uint8
+plane to int4 [S, hd] (XLA's packing: element 2i is byte i's low nibble, so the channels come
+interleaved [c0, c64, c1, c65, ...]; Q^T and the key scales are interleaved to match), TMA loads the
+int4 tile, and the registers get `(tile ^ int4(-8)).astype(bf16)`: the xor makes the signed view of
+a nibble u equal to u - 8 (a constant, folded into the bias as -8 W), and the int4 -> bf16 cast is
+Mosaic's CUTLASS-style sequence (prmt / lop3 / sub.bf16x2, several nibbles per instruction). One
+K = hd MMA per plane. Whether XLA makes the uint8 -> int4 bitcast free on the GPU (it should be a
+no-op on packed int4) shows in the benchmark as an extra kernel outside the attention kernel. The
+values keep v2's path (an int4 view of the transposed value planes interleaves two channels along
+the token axis, which needs a B operand with interleaved rows).
+
 Masking: every query row r sees the slots [lo_r, hi_r), computed by the wrapper from its position,
 the cache length n, the offset of slot 0 and its cut c(p) (kv_cut.py); the kernel compares an iota
 with two [tm] vectors. Padding rows see nothing.
@@ -64,15 +93,28 @@ TILE = 64  # KV tokens per pipeline step: wgmma's M side for the scores
 MAX_ROWS = 256  # wgmma's largest N: query rows per kv head
 SMEM_BYTES = 227 * 1024
 MAGIC = 128  # v2: bf16 bits 0x4300 | u (u = 0..15) are the number 128 + u
+K_MAGIC_V3 = -8  # v3's keys: the int4 view's (u ^ 8) converts to u - 8
 
 
-VERSIONS = (1, 2)
+VERSIONS = (1, 2, 3)
 
 
 def row_tile(M: int, version: int = 1) -> int:
     """Query rows on the MMA's N side: M padded to a power of 2 >= 16 (bf16 B tiles need 32-byte
     rows); >= 32 on the quantized v2 path (module docstring, "v2")."""
     return max(16 if version == 1 else 32, 1 << (M - 1).bit_length())
+
+
+def int4_view(planes):
+    """[..., n] uint8 -> [..., 2n] int4, element 2i the low nibble of byte i (XLA's packing): channels
+    interleaved [c0, c_n, c1, c_n+1, ...] for the key planes (v3)."""
+    return lax.bitcast_convert_type(planes, jnp.int4).reshape(*planes.shape[:-1], 2 * planes.shape[-1])
+
+
+def interleave(x):
+    """[..., hd] with channels reordered as int4_view's: [c0, c_hd/2, c1, c_hd/2+1, ...]."""
+    h = x.shape[-1] // 2
+    return jnp.stack([x[..., :h], x[..., h:]], axis=-1).reshape(x.shape)
 
 
 def smem_bytes(variant: str, M: int, hd: int, stages: int, version: int = 1) -> int:
@@ -205,7 +247,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     if (cut is None) != (cut_side is None) or cut_side not in (None, "below", "from"):
         raise ValueError(f"cut (G, D) and cut_side ('below' / 'from') go together, got {cut}, {cut_side!r}")
     tm = row_tile(M, version)
-    v2 = version == 2
+    v2 = version >= 2  # v3 is v2 with the keys read through an int4 view
+    v3 = version == 3
     P = splits
     hd2 = hd // 2
     quant = variant != "bf16"
@@ -227,10 +270,16 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         ksf = kv.k_scale.astype(f32) * cs  # [B, KV, S/G, hd]
         q_scaled = (qf[:, :, None] * ksf[:, :, :, None, :]).astype(bf16).astype(f32)  # [B, KV, S/G, tm, hd]
         bias = jnp.einsum("bhrc,bhgc->bhgr", qf, kv.k_min.astype(f32), precision=lax.Precision.HIGHEST) \
-            - (offset + MAGIC * sum(weights)) * q_scaled.sum(-1)  # [B, KV, S/G, tm]
+            - (offset + (K_MAGIC_V3 if v3 else MAGIC) * sum(weights)) * q_scaled.sum(-1)  # [B, KV, S/G, tm]
         names = [x for x in names if x != "k_min"]
         operands = [getattr(kv, x) for x in names]
         operands.insert(names.index("k_scale") + 1, bias)
+        if v3:  # key planes as int4 [S, hd] (interleaved channels); Q^T and the key scales to match
+            for x in ("k_upper", "k_lower"):
+                if x in names:
+                    operands[names.index(x)] = int4_view(operands[names.index(x)])
+            operands[names.index("k_scale")] = interleave(kv.k_scale)
+            q = interleave(qf.astype(bf16)).swapaxes(-1, -2)[:, :, None]  # [B, KV, 1, hd, tm] (exact: qf is bf16)
 
     def mma(shape, pairs):
         """A fresh f32 accumulator of `shape` holding the sum of a @ b over the (a, b) pairs."""
@@ -243,7 +292,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         return pl.run_scoped(run, plgpu.ACC(shape, f32))
 
     def body(q_gmem, bnd_gmem, rng_gmem, *refs, p_smem, o_smem, ml_smem, rng_smem, barrier, a_smem=None,
-             ka_smem=None, qs_smem=None):
+             ka_smem=None, qs_smem=None, kf_smem=None):
         # q_gmem [B, KV, parts, tm, hd/parts] bf16 ([B, KV, parts, hd/parts, tm] under the
         # interpreter); bnd_gmem [B, 2, tm] int32; then the cache operands (bf16: k, v
         # [B, KV, S, hd]; int8: ku, kl [B, KV, S, hd/2] u8, ks, km [B, KV, S/G, hd] f32, vu, vl
@@ -387,16 +436,24 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             @pl.when((i == 0) | (tile(i) % (group // TILE) == 0))
             def _():  # a new key group: Q' = Q * s cs per channel, B of the score MMAs
                 with jax.named_scope("fold_q"):
-                    for j in range(2):
-                        scale = ks[0, pl.ds(j * hd2, hd2)].astype(f32) * cs
-                        scale = lax.broadcast_in_dim(scale, (hd2, tm), (0,))
+                    rows = hd if v3 else hd2  # v3: one [hd, tm] Q'^T, channels interleaved
+                    for j in range(1 if v3 else 2):
+                        scale = ks[0, pl.ds(j * rows, rows)].astype(f32) * cs
+                        scale = lax.broadcast_in_dim(scale, (rows, tm), (0,))
                         qs_smem[j] = (q_s[j].astype(f32) * scale).astype(bf16)  # Q'^T [hd/2, tm]
                     plgpu.commit_smem()
 
             with jax.named_scope("scores"):
                 accs = []
-                for plane in k_planes:  # [64 tokens, 64 channels] per nibble half
-                    lo, hi = nibbles(plane)
+                for plane in k_planes:
+                    if v3:  # [64 tokens, hd interleaved channels] int4: xor 8 per nibble, convert
+                        a = (plane[...] ^ jnp.int4(-8)).astype(bf16)
+                        if interpret:
+                            kf_smem[...] = a
+                            a = kf_smem
+                        accs.append(mma((TILE, tm), [(a, qs_smem.at[0])]))
+                        continue
+                    lo, hi = nibbles(plane)  # [64 tokens, 64 channels] per nibble half
                     accs.append(mma((TILE, tm), [(a_operand(lo, 0), qs_smem.at[0]),
                                                  (a_operand(hi, 1), qs_smem.at[1])]))
                 scores = (combine(accs) + lax.broadcast_in_dim(kb[0], (TILE, tm), (1,))) * sm_scale
@@ -416,7 +473,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                     o.append(o_j * corr + combine(accs) + shift)
             return (*o, m, l)
 
-        parts = 1 if variant == "bf16" else 2
+        parts = 1 if variant == "bf16" or v3 else 2
         fixed = lambda i: (0, 0, 0)  # noqa: E731
         if interpret:
             q_spec = plgpu.BlockSpec((parts, hd // parts, tm), fixed)
@@ -435,7 +492,11 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                          plgpu.BlockSpec((TILE, hd), lambda i: (tile(i), 0),  # A of a 32B-swizzled MMA
                                          transforms=_swizzled(32, 16, "lhs"))]
         else:
-            k_spec = plgpu.BlockSpec((TILE, hd2), lambda i: (tile(i), 0))
+            if v3:  # int4 [64, hd]: 64-byte rows, swizzled as the wgmma A's load expects
+                k_spec = plgpu.BlockSpec((TILE, hd), lambda i: (tile(i), 0),
+                                         transforms=() if interpret else _swizzled(hd // 2, 4, "lhs"))
+            else:
+                k_spec = plgpu.BlockSpec((TILE, hd2), lambda i: (tile(i), 0))
             ks_spec = plgpu.BlockSpec((1, hd), lambda i: (tile(i) * TILE // group, 0))
             kb_spec = plgpu.BlockSpec((1, tm), lambda i: (tile(i) * TILE // group, 0))  # v2's bias
             v_spec = plgpu.BlockSpec((hd2, TILE), lambda i: (0, tile(i)))
@@ -477,9 +538,12 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     )
     if v2:  # P'^T [64, tm] N-major B (tm >= 32: a 64B+ swizzle); Q' [2, tm, hd/2] K-major B
         scratch["p_smem"] = plgpu.SMEM((TILE, tm), bf16, transforms=_swizzled(tm * 2, 16, "rhs"))
-        scratch["qs_smem"] = plgpu.SMEM((2, hd2, tm), bf16, transforms=() if interpret else _swizzled(tm * 2, 16, "rhs"))
+        q_rows = (1, hd, tm) if v3 else (2, hd2, tm)
+        scratch["qs_smem"] = plgpu.SMEM(q_rows, bf16, transforms=() if interpret else _swizzled(tm * 2, 16, "rhs"))
         if interpret:
             scratch["ka_smem"] = plgpu.SMEM((2, TILE, TILE), bf16)
+            if v3:
+                scratch["kf_smem"] = plgpu.SMEM((TILE, hd), bf16)
     else:
         if quant or interpret:  # the value tile's A operand staged in SMEM: V^T [hd, 64]
             scratch["a_smem"] = plgpu.SMEM((hd, TILE), bf16, transforms=_swizzled(32, 16, "lhs"))
@@ -493,7 +557,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         scratch_types=scratch,
         interpret=InterpretGPUParams() if interpret else None,
-        kernel_name=f"attention_mosaic_{variant}" + ("_v2" if v2 else ""),
+        kernel_name=f"attention_mosaic_{variant}" + (f"_v{version}" if version > 1 else ""),
     )
     o_t, ml = kernel(q, bounds, _tile_ranges(bounds, S, P), *operands)
     o = o_t.swapaxes(-1, -2)[:, :, :, :M]

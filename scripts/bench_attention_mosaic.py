@@ -10,12 +10,13 @@ One run does, in order, writing everything to --out (JSON, rewritten after every
           error; NaN fails); the Triton kernel is checked the same way;
   time    per context (default 8192 and 32768) and variant, at --batch rows, every row at the full
           context: the Triton launch (its DEFAULTS, pick_splits) and each Mosaic config (version,
-          pipeline stages, splits: --v1-configs, --v2-configs; v2 is the quantized path, so bf16
-          runs v1 only), timed by CUPTI (jax.experimental.mosaic.gpu.profiler.measure,
+          pipeline stages, splits: --v1-configs, --v2-configs, --v3-configs; v2 and v3 are
+          quantized paths, so bf16 runs v1 only), timed by CUPTI (jax.experimental.mosaic.gpu.profiler.measure,
           aggregate=False): each kernel's own time, so the wrapper's small XLA ops (padding Q, the
           mask bounds) are reported apart from the attention kernel. A batch-16 cache is 0.27 GB
           (INT4) to 1 GB (bf16) at 8k tokens: far beyond the 50 MB L2, so one copy suffices.
-          v2's key bias (q . min per key group, an XLA op in the wrapper) is in `us`, not kernel_us.
+          v2/v3's key bias (q . min per key group) and v3's int4 bitcast and interleaved key scales
+          are XLA ops in the wrapper: in `us`, not in kernel_us (`kernels` names every kernel).
 Bytes are what a variant must read (codes, scales and minimums; bf16 K and V); frac_copy_bw = bytes /
 kernel time / the best measured copy bandwidth (scripts/bandwidth.py).
 
@@ -199,7 +200,8 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--v1-configs", default="2:1",
                     help="Mosaic v1 configs stages:split_factor (splits = choose_splits x factor), comma-separated")
-    ap.add_argument("--v2-configs", default="2:1,3:1,4:1,2:2", help="Mosaic v2 configs, as --v1-configs")
+    ap.add_argument("--v2-configs", default="2:1,3:1,2:2", help="Mosaic v2 configs, as --v1-configs")
+    ap.add_argument("--v3-configs", default="2:1,3:1,2:2", help="Mosaic v3 configs, as --v1-configs")
     ap.add_argument("--T", type=int, default=1, help="query positions per row in the timed step")
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="CPU interpreters, tiny shapes (a path check)")
@@ -211,10 +213,10 @@ def main(argv=None):
     def parse(text, version):
         return [(version, int(st), int(f)) for st, f in (c.split(":") for c in text.split(",") if c)]
 
-    configs = parse(args.v1_configs, 1) + parse(args.v2_configs, 2)
+    configs = parse(args.v1_configs, 1) + parse(args.v2_configs, 2) + parse(args.v3_configs, 3)
     if args.smoke:
         B, contexts, check_S = 1, [256], 512
-        configs = [c for c in configs if c[0] == 1][:1] + [c for c in configs if c[0] == 2][:1]
+        configs = [[c for c in configs if c[0] == n][0] for n in (1, 2, 3) if any(c[0] == n for c in configs)]
     bw, _ = best_copy_bandwidth(args.smoke)
     out = {"meta": {**run_metadata(), "copy_bytes_per_s": bw, "batch": B, "T": args.T,
                     "shape": {"heads": H, "kv_heads": KV, "head_dim": HD, "group": GROUP},
@@ -233,7 +235,7 @@ def main(argv=None):
         out = []
         for version, st, f in configs:
             c = dict(version=version, stages=st, splits=min(tiles, base * f))
-            if c in out or (variant == "bf16" and version == 2):
+            if c in out or (variant == "bf16" and version > 1):
                 continue
             # the verify check's rows (T = 5: 20 query rows) bound the shared memory
             if attention_mosaic.supported("int8", 20, HD, S, GROUP, c["splits"], st, version) is None:
@@ -254,7 +256,7 @@ def main(argv=None):
         for T in (1, 5):
             inputs, q, q_pos, want = check_case(jax.random.fold_in(key, T), variant, check_S, T, interpret)
             for name, config in check_configs:
-                if variant == "bf16" and config.get("version") == 2:
+                if variant == "bf16" and config.get("version", 1) > 1:
                     continue
                 fn = KERNELS[name]
                 row = {"variant": variant, "T": T, "cut": "recent" in inputs, "kernel": name, "config": config}

@@ -61,14 +61,14 @@ def cache(rng, variant, B, KV, S, G):
     return (kv, *np_dequant(kv, variant))
 
 
-# (variant, version): v2 is the quantized path (bf16 runs v1 either way)
-VARIANT_VERSIONS = [("bf16", 1), ("int8", 1), ("int4", 1), ("int8", 2), ("int4", 2)]
+# (variant, version): v2 and v3 are quantized paths (bf16 runs v1 either way)
+VARIANT_VERSIONS = [("bf16", 1), ("int8", 1), ("int4", 1), ("int8", 2), ("int4", 2), ("int8", 3), ("int4", 3)]
 
 
 CASES = [(1, 8, 2, 2), (5, 12, 3, None)]  # draft step; verify (15 -> 16 rows; 32 on v2)
 
 
-# v2 at T = 1 only here: test_verify_with_cut runs it at T = 4 (file runtime)
+# v2, v3 at T = 1 only here: test_verify_with_cut runs them at T = 4 (file runtime)
 @pytest.mark.parametrize("variant,version,T,H,KV,splits",
                          [(v, n, *c) for v, n in VARIANT_VERSIONS for c in CASES if n == 1 or c[0] == 1])
 def test_matches_float64(rng, variant, version, T, H, KV, splits):
@@ -76,7 +76,7 @@ def test_matches_float64(rng, variant, version, T, H, KV, splits):
     (its last tiles fully masked), each query seeing the keys up to its own position. v2 runs
     128-token key groups over 6 tiles: with 2 splits, each of the full row's programs crosses a group
     boundary (Q' refolded) and the second starts mid-group (folds at once)."""
-    B, S, G = (2, 256, 64) if version == 1 else (2, 384, 128)
+    B, S, G = (2, 256, 64) if version == 1 else (2, 384, 128)  # v3 as v2
     kv, k64, v64 = cache(rng, variant, B, KV, S, G)
     q = jnp.asarray(rng.standard_normal((B, T, H, HD)), jnp.float32)
     lens = np.array([S - T, int(rng.integers(1, S // 2))])
@@ -90,8 +90,8 @@ def test_matches_float64(rng, variant, version, T, H, KV, splits):
     assert err < TOL, err
 
 
-@pytest.mark.parametrize("variant", ["int8", "int4"])
-@pytest.mark.parametrize("version", [1, 2])
+# v2 and v3 share the values and the cut; each runs one variant here (both at T = 1 above)
+@pytest.mark.parametrize("variant,version", [("int8", 1), ("int4", 1), ("int8", 2), ("int4", 3)])
 def test_verify_with_cut_matches_float64(rng, variant, version):
     """cut=(G, D) on the hierarchical cache: a query at p reads plane slots below c(p) and recent
     positions in [c(p), p]; rows straddle cut boundaries and the planes and buffer overlap with
@@ -130,7 +130,7 @@ def test_supported_and_bad_inputs(rng):
     assert supported("int8", 16, 128, 8192, 128, choose_splits(16, 8, 8192)) is None
     assert supported("int4", 4, 128, 32768, 128, choose_splits(16, 8, 32768), stages=4) is None
     assert supported("int4", 32, 128, 32768, 128, choose_splits(16, 8, 32768), stages=4, version=2) is None
-    assert "version" in supported("int4", 4, 128, 256, 64, 1, version=3)
+    assert "version" in supported("int4", 4, 128, 256, 64, 1, version=4)
     assert "head_dim" in supported("bf16", 4, 64, 256, None, 1)
     assert "group" in supported("int4", 4, 128, 256, 32, 1)
     assert "splits" in supported("bf16", 4, 128, 256, None, 5)
@@ -145,8 +145,9 @@ def test_supported_and_bad_inputs(rng):
                            jnp.zeros((1,), jnp.int32), variant="int8", sm_scale=0.1, interpret=True)
 
 
-@pytest.mark.parametrize("variant,version", VARIANT_VERSIONS)
-@pytest.mark.parametrize("M,cut", [(4, False), (20, True)])
+# v2 and v3 pad both M to 32 rows: only the cut case for them
+@pytest.mark.parametrize("variant,version,M,cut", [(v, n, M, c) for v, n in VARIANT_VERSIONS
+                                                   for M, c in [(4, False), (20, True)] if n == 1 or c])
 def test_lowers_for_cuda(variant, version, M, cut):
     """jax 0.10.2 lowers the kernel for CUDA without a GPU: catches code that the interpreter runs but
     Mosaic GPU cannot lower (layout inference, wgmma operand layouts, 8-bit arithmetic)."""
