@@ -461,8 +461,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             with jax.named_scope("values"):
                 ps = (p * lax.broadcast_in_dim(vs[...].astype(f32) * cs, (TILE, tm), (0,))).astype(bf16)
                 p_smem[...] = ps
-                shift = jnp.sum(p * lax.broadcast_in_dim(vm[...].astype(f32), (TILE, tm), (0,)), axis=0) \
-                    - (offset + MAGIC * sum(weights)) * jnp.sum(ps.astype(f32), axis=0)
+                shift = jnp.sum(p * lax.broadcast_in_dim(vm[...].astype(f32), (TILE, tm), (0,))  # one reduction
+                                - (offset + MAGIC * sum(weights)) * ps.astype(f32), axis=0)
                 shift = lax.broadcast_in_dim(shift, (hd2, tm), (1,))
                 corr = lax.broadcast_in_dim(corr, (hd2, tm), (1,))
                 plgpu.commit_smem()
