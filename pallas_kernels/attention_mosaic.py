@@ -33,6 +33,35 @@ integer masks and shifts (on int16: Mosaic GPU has no 8-bit shifts): the INT4 vi
   channels (rows 0..hd/2-1 of V^T) and the high ones (rows hd/2..hd-1), written to one [hd, 64] SMEM
   A operand. (A from registers would need two 64-row MMAs, hence an N-major P^T of >= 32 columns.)
 
+v2 (`version=2`, quantized variants): the per-element work is reduced to an unpack and no
+arithmetic conversion. The query rows are padded to tm >= 32, which lets Q'^T and P'^T be N-major B
+operands (64-byte swizzle) written from registers in the WGMMA layout.
+- Codes: a byte tile is widened to int16 (no 8-bit shifts in Mosaic GPU), a nibble is taken with a
+  mask or shift and OR-ed with 0x4300; bitcast to bf16 that is exactly 128 + u (bf16 holds the
+  integers 128..255), so no convert instruction. The INT8 view's two planes are two such MMAs each,
+  combined as 16 acc_upper + acc_lower on the [64, tm] accumulators.
+- Keys: Q'^T [2, hd/2, tm] = Q^T * (s cs) per channel row, computed into SMEM once per key group (a
+  `pl.when` at a group's first tile or a split's first tile), is the B operand; the nibble tiles
+  [64 tokens, 64 channels] are A from registers. The rest of the score, q . m - (offset + 128 W)
+  sum_c Q'_c (W = 1 for INT4, 17 for INT8's 16 + 1), depends only on the key group and the query row:
+  the wrapper computes it ([B, KV, S/G, tm] f32, a small XLA op outside the kernel) with Q' rounded
+  to bf16 exactly as the kernel rounds it, so the 128 offset cancels to f32 rounding; the kernel
+  adds its row of the tile's group. The key minimums are not read by the kernel.
+- Values: P' = bf16(P * s cs) per token is B [64, tm] in SMEM; the value tile's two nibble halves
+  are two 64-row A operands from registers (channels 0..hd/2-1 and hd/2..hd-1, two accumulators),
+  so V^T never goes through SMEM; the minimum and the offsets enter per column as
+  sum_t p m - (offset + 128 W) sum_t p'.
+v3 (`version=3`): v2 with the key planes read as int4: the wrapper bitcasts each [S, hd/2] uint8
+plane to int4 [S, hd] (XLA's packing: element 2i is byte i's low nibble, so the channels come
+interleaved [c0, c64, c1, c65, ...]; Q^T and the key scales are interleaved to match), TMA loads the
+int4 tile, and the registers get `(tile ^ int4(-8)).astype(bf16)`: the xor makes the signed view of
+a nibble u equal to u - 8 (a constant, folded into the bias as -8 W), and the int4 -> bf16 cast is
+Mosaic's CUTLASS-style sequence (prmt / lop3 / sub.bf16x2, several nibbles per instruction). One
+K = hd MMA per plane. Whether XLA makes the uint8 -> int4 bitcast free on the GPU (it should be a
+no-op on packed int4) shows in the benchmark as an extra kernel outside the attention kernel. The
+values keep v2's path (an int4 view of the transposed value planes interleaves two channels along
+the token axis, which needs a B operand with interleaved rows).
+
 Masking: every query row r sees the slots [lo_r, hi_r), computed by the wrapper from its position,
 the cache length n, the offset of slot 0 and its cut c(p) (kv_cut.py); the kernel compares an iota
 with two [tm] vectors. Padding rows see nothing.
@@ -63,28 +92,56 @@ from .kv_cut import cut_position
 TILE = 64  # KV tokens per pipeline step: wgmma's M side for the scores
 MAX_ROWS = 256  # wgmma's largest N: query rows per kv head
 SMEM_BYTES = 227 * 1024
+MAGIC = 128  # v2: bf16 bits 0x4300 | u (u = 0..15) are the number 128 + u
+K_MAGIC_V3 = -8  # v3's keys: the int4 view's (u ^ 8) converts to u - 8
 
 
-def row_tile(M: int) -> int:
-    """Query rows on the MMA's N side: M padded to a power of 2 >= 16 (bf16 B tiles need 32-byte rows)."""
-    return max(16, 1 << (M - 1).bit_length())
+VERSIONS = (1, 2, 3)
 
 
-def smem_bytes(variant: str, M: int, hd: int, stages: int) -> int:
+def row_tile(M: int, version: int = 1) -> int:
+    """Query rows on the MMA's N side: M padded to a power of 2 >= 16 (bf16 B tiles need 32-byte
+    rows); >= 32 on the quantized v2 path (module docstring, "v2")."""
+    return max(16 if version == 1 else 32, 1 << (M - 1).bit_length())
+
+
+def int4_view(planes):
+    """[..., n] uint8 -> [..., 2n] int4, element 2i the low nibble of byte i (XLA's packing): channels
+    interleaved [c0, c_n, c1, c_n+1, ...] for the key planes (v3)."""
+    return lax.bitcast_convert_type(planes, jnp.int4).reshape(*planes.shape[:-1], 2 * planes.shape[-1])
+
+
+def interleave(x):
+    """[..., hd] with channels reordered as int4_view's: [c0, c_hd/2, c1, c_hd/2+1, ...]."""
+    h = x.shape[-1] // 2
+    return jnp.stack([x[..., :h], x[..., h:]], axis=-1).reshape(x.shape)
+
+
+def smem_bytes(variant: str, M: int, hd: int, stages: int, version: int = 1) -> int:
     """Shared memory of one program: the pipeline ring (Q and bounds included) and the scratch."""
-    tm = row_tile(M)
-    if variant == "bf16":
-        tile = 2 * TILE * hd * 2
-    else:
-        planes = 1 if variant == "int4" else 2
-        tile = 2 * planes * TILE * hd // 2 + 2 * hd * 4 + 2 * TILE * 4
+    if variant == "bf16" or version == 1:
+        tm = row_tile(M)
+        if variant == "bf16":
+            tile = 2 * TILE * hd * 2
+        else:
+            planes = 1 if variant == "int4" else 2
+            tile = 2 * planes * TILE * hd // 2 + 2 * hd * 4 + 2 * TILE * 4
+        stage = tile + tm * hd * 2 + 2 * tm * 4
+        scratch = TILE * tm * 2 + hd * tm * 4 + 2 * tm * 4 + (hd * TILE * 2 if variant != "bf16" else 0)
+        return stages * stage + scratch
+    tm = row_tile(M, 2)
+    planes = 1 if variant == "int4" else 2
+    tile = 2 * planes * TILE * hd // 2 + hd * 4 + tm * 4 + 2 * TILE * 4  # planes, k_scale, bias, v_scale/min
     stage = tile + tm * hd * 2 + 2 * tm * 4
-    scratch = TILE * tm * 2 + hd * tm * 4 + 2 * tm * 4 + (hd * TILE * 2 if variant != "bf16" else 0)
+    scratch = tm * hd * 2 + TILE * tm * 2 + hd * tm * 4 + 2 * tm * 4  # Q', P', O, m/l
     return stages * stage + scratch
 
 
-def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: int, stages: int = 2) -> str | None:
+def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: int, stages: int = 2,
+              version: int = 1) -> str | None:
     """Why these shapes cannot run on the Mosaic kernel, or None when they can."""
+    if version not in VERSIONS:
+        return f"version must be one of {VERSIONS}, got {version!r}"
     if variant not in VARIANTS:
         return f"variant must be one of {VARIANTS}, got {variant!r}"
     if not 1 <= M <= MAX_ROWS:
@@ -97,7 +154,7 @@ def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: 
         return f"the key group {group} is not a multiple of the {TILE}-token tile"
     if not 1 <= splits <= S // TILE:
         return f"splits={splits} is outside 1..{S // TILE} (the cache's tiles)"
-    if stages < 1 or smem_bytes(variant, M, hd, stages) > SMEM_BYTES:
+    if stages < 1 or smem_bytes(variant, M, hd, stages, version) > SMEM_BYTES:
         return f"{stages} pipeline stages do not fit in shared memory"
     return None
 
@@ -152,7 +209,7 @@ def _tile_ranges(bounds, S, P):
 
 
 def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits=None, stages=2,
-                       interpret=False, cut=None, cut_side=None):
+                       interpret=False, cut=None, cut_side=None, version=1):
     """One launch: unnormalized partials over the slots [0, n) of `kv`, slot j at position off + j
     (decode_attention.attention_partials' contract; merge with decode_attention.merge_partials).
     With cut=(G, D) and cut_side "below" / "from", a query row at position p reads only the positions
@@ -161,7 +218,9 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     q_rows: [B, KV, M, hd] query blocks; row_pos: [B, M] int32 query positions (-1 for padding);
     kv: (k, v) [B, KV, S, hd] for "bf16" or a QuantKV (value planes [B, KV, hd/2, S]); n, off: [B] int32;
     splits: context splits (programs per row and kv head), None for choose_splits;
-    stages: pipeline depth (TMA loads in flight per program).
+    stages: pipeline depth (TMA loads in flight per program);
+    version: 1 (dequantize the keys in registers, values through SMEM) or 2 (raw codes into the MMAs,
+    scales folded into Q and P: module docstring, "v2"); the bf16 variant runs version 1 either way.
     Returns o [B, KV, P, M, hd] f32 (unnormalized), m and l [B, KV, P, M] f32.
     """
     B, KV, M, hd = q_rows.shape
@@ -180,12 +239,16 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         operands = [getattr(kv, x) for x in names]
     if splits is None:
         splits = choose_splits(B, KV, S) if S >= TILE else 1
-    why = supported(variant, M, hd, S, group, splits, stages)
+    if variant == "bf16":
+        version = 1  # nothing to fold: v2 is the quantized path
+    why = supported(variant, M, hd, S, group, splits, stages, version)
     if why:
         raise ValueError(why)
     if (cut is None) != (cut_side is None) or cut_side not in (None, "below", "from"):
         raise ValueError(f"cut (G, D) and cut_side ('below' / 'from') go together, got {cut}, {cut_side!r}")
-    tm = row_tile(M)
+    tm = row_tile(M, version)
+    v2 = version >= 2  # v3 is v2 with the keys read through an int4 view
+    v3 = version == 3
     P = splits
     hd2 = hd // 2
     quant = variant != "bf16"
@@ -195,9 +258,28 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     parts = 2 if quant else 1  # channel halves: one MMA per nibble half of the key planes
     q = jnp.pad(q_rows, ((0, 0), (0, 0), (0, tm - M), (0, 0))).astype(bf16)
     q = q.reshape(B, KV, tm, parts, hd // parts).transpose(0, 1, 3, 2, 4)  # [B, KV, parts, tm, hd/parts]
-    if interpret:  # the interpreter's wgmma takes B untransposed
+    if interpret or v2:  # Q^T: the interpreter's wgmma takes B untransposed; v2 scales it per channel row
         q = q.swapaxes(-1, -2)
     bounds = _bounds(row_pos, n, off, tm, cut, cut_side)
+    weights = (1,) if variant == "int4" else (16, 1)  # per plane: code = sum_p w_p * nibble_p
+    if v2:
+        # The key term that Q' = bf16(Q * s cs) and the raw codes leave out, per key group and query
+        # row: q . m - (offset + MAGIC sum_p w_p) sum_c Q'_c (module docstring, "v2"). Q' is rounded
+        # here exactly as in the kernel, so the MAGIC offset cancels to f32 rounding.
+        qf = q.swapaxes(-1, -2).transpose(0, 1, 3, 2, 4).reshape(B, KV, tm, hd).astype(f32)  # [B, KV, tm, hd]
+        ksf = kv.k_scale.astype(f32) * cs  # [B, KV, S/G, hd]
+        q_scaled = (qf[:, :, None] * ksf[:, :, :, None, :]).astype(bf16).astype(f32)  # [B, KV, S/G, tm, hd]
+        bias = jnp.einsum("bhrc,bhgc->bhgr", qf, kv.k_min.astype(f32), precision=lax.Precision.HIGHEST) \
+            - (offset + (K_MAGIC_V3 if v3 else MAGIC) * sum(weights)) * q_scaled.sum(-1)  # [B, KV, S/G, tm]
+        names = [x for x in names if x != "k_min"]
+        operands = [getattr(kv, x) for x in names]
+        operands.insert(names.index("k_scale") + 1, bias)
+        if v3:  # key planes as int4 [S, hd] (interleaved channels); Q^T and the key scales to match
+            for x in ("k_upper", "k_lower"):
+                if x in names:
+                    operands[names.index(x)] = int4_view(operands[names.index(x)])
+            operands[names.index("k_scale")] = interleave(kv.k_scale)
+            q = interleave(qf.astype(bf16)).swapaxes(-1, -2)[:, :, None]  # [B, KV, 1, hd, tm] (exact: qf is bf16)
 
     def mma(shape, pairs):
         """A fresh f32 accumulator of `shape` holding the sum of a @ b over the (a, b) pairs."""
@@ -210,7 +292,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         return pl.run_scoped(run, plgpu.ACC(shape, f32))
 
     def body(q_gmem, bnd_gmem, rng_gmem, *refs, p_smem, o_smem, ml_smem, rng_smem, barrier, a_smem=None,
-             ka_smem=None):
+             ka_smem=None, qs_smem=None, kf_smem=None):
         # q_gmem [B, KV, parts, tm, hd/parts] bf16 ([B, KV, parts, hd/parts, tm] under the
         # interpreter); bnd_gmem [B, 2, tm] int32; then the cache operands (bf16: k, v
         # [B, KV, S, hd]; int8: ku, kl [B, KV, S, hd/2] u8, ks, km [B, KV, S/G, hd] f32, vu, vl
@@ -228,10 +310,9 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         def q_operand(q_s, j):  # Q^T [hd/parts, tm] of channel part j as wgmma's B
             return q_s.at[j] if interpret else plgpu.transpose_ref(q_s.at[j], (1, 0))
 
-        def softmax_step(i, scores, bnd, carry):
-            """Online-softmax update of (o, m, l) with this tile's scaled scores S^T [64, tm]:
-            the probabilities P^T [64, tm] f32, the column rescale and the new m, l."""
-            o, m_prev, l_prev = carry
+        def softmax_probs(i, scores, bnd, m_prev, l_prev):
+            """This tile's masked probabilities P^T [64, tm] f32 from the scaled scores S^T [64, tm],
+            the rescale of earlier columns [tm] and the new m, l."""
             slots = (first + i) * TILE + lax.broadcasted_iota(jnp.int32, (TILE, tm), 0)
             lo = lax.broadcast_in_dim(bnd[0], (TILE, tm), (1,))
             hi = lax.broadcast_in_dim(bnd[1], (TILE, tm), (1,))
@@ -241,6 +322,12 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             corr = jnp.exp(m_prev - m_next)
             p = jnp.where(mask, jnp.exp(scores - lax.broadcast_in_dim(m_next, (TILE, tm), (1,))), 0.0)
             l_next = l_prev * corr + jnp.sum(p, axis=0)
+            return p, corr, m_next, l_next
+
+        def softmax_step(i, scores, bnd, carry):
+            """Online-softmax update of (o, m, l): the probabilities, the rescaled o and new m, l."""
+            o, m_prev, l_prev = carry
+            p, corr, m_next, l_next = softmax_probs(i, scores, bnd, m_prev, l_prev)
             return p, o * lax.broadcast_in_dim(corr, (hd, tm), (1,)), m_next, l_next
 
         def unpack(planes):
@@ -313,11 +400,89 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                 o = o + mma((hd, tm), [(a_smem, p_smem)]) + lax.broadcast_in_dim(shift, (hd, tm), (1,))
             return o, m, l
 
-        parts = 1 if variant == "bf16" else 2
+        def nibbles(plane):
+            """A [rows, cols] tile of packed bytes as two bf16 register tiles MAGIC + nibble (low
+            nibble, high nibble): a widening, a mask or shift and an OR per element, and a free
+            bitcast (no conversion instruction: module docstring, "v2")."""
+            x = plane[...].astype(jnp.int16)  # zero-extended; Mosaic has no 8-bit shifts
+            magic = jnp.int16(0x4300)
+            return [lax.bitcast_convert_type(y | magic, bf16) for y in (x & 15, x >> 4)]
+
+        def a_operand(x, j):  # a register tile as wgmma's A (the interpreter's reads SMEM)
+            if not interpret:
+                return x
+            ka_smem[j] = x
+            return ka_smem.at[j]
+
+        def combine(accs):  # sum_p w_p acc_p over the planes' MMAs
+            out = accs[0] * weights[0] if weights[0] != 1 else accs[0]
+            for acc, w in zip(accs[1:], weights[1:]):
+                out = out + (acc * w if w != 1 else acc)
+            return out
+
+        def step_quant_v2(idx, q_s, bnd_s, *tiles_and_carry):
+            # q_s [2, tm, hd/2] bf16; bnd_s [2, tm]; key planes [64, hd/2] u8; ks [1, hd];
+            # bias [1, tm] f32; value planes [hd/2, 64] u8; vs, vm [64]
+            *tiles, carry = tiles_and_carry
+            if variant == "int8":
+                ku, kl, ks, kb, vu, vl, vs, vm = tiles
+                k_planes, v_planes = (ku, kl), (vu, vl)
+            else:
+                ku, ks, kb, vu, vs, vm = tiles
+                k_planes, v_planes = (ku,), (vu,)
+            (i,) = idx
+            o_lo, o_hi, m_prev, l_prev = carry
+
+            @pl.when((i == 0) | (tile(i) % (group // TILE) == 0))
+            def _():  # a new key group: Q' = Q * s cs per channel, B of the score MMAs
+                with jax.named_scope("fold_q"):
+                    rows = hd if v3 else hd2  # v3: one [hd, tm] Q'^T, channels interleaved
+                    for j in range(1 if v3 else 2):
+                        scale = ks[0, pl.ds(j * rows, rows)].astype(f32) * cs
+                        scale = lax.broadcast_in_dim(scale, (rows, tm), (0,))
+                        qs_smem[j] = (q_s[j].astype(f32) * scale).astype(bf16)  # Q'^T [hd/2, tm]
+                    plgpu.commit_smem()
+
+            with jax.named_scope("scores"):
+                accs = []
+                for plane in k_planes:
+                    if v3:  # [64 tokens, hd interleaved channels] int4: xor 8 per nibble, convert
+                        a = (plane[...] ^ jnp.int4(-8)).astype(bf16)
+                        if interpret:
+                            kf_smem[...] = a
+                            a = kf_smem
+                        accs.append(mma((TILE, tm), [(a, qs_smem.at[0])]))
+                        continue
+                    lo, hi = nibbles(plane)  # [64 tokens, 64 channels] per nibble half
+                    accs.append(mma((TILE, tm), [(a_operand(lo, 0), qs_smem.at[0]),
+                                                 (a_operand(hi, 1), qs_smem.at[1])]))
+                scores = (combine(accs) + lax.broadcast_in_dim(kb[0], (TILE, tm), (1,))) * sm_scale
+            p, corr, m, l = softmax_probs(i, scores, bnd_s, m_prev, l_prev)
+            with jax.named_scope("values"):
+                ps = (p * lax.broadcast_in_dim(vs[...].astype(f32) * cs, (TILE, tm), (0,))).astype(bf16)
+                p_smem[...] = ps
+                shift = jnp.sum(p * lax.broadcast_in_dim(vm[...].astype(f32), (TILE, tm), (0,))  # one reduction
+                                - (offset + MAGIC * sum(weights)) * ps.astype(f32), axis=0)
+                shift = lax.broadcast_in_dim(shift, (hd2, tm), (1,))
+                corr = lax.broadcast_in_dim(corr, (hd2, tm), (1,))
+                plgpu.commit_smem()
+                halves = [nibbles(plane) for plane in v_planes]  # [64 channels, 64 tokens] each
+                o = []
+                for j, o_j in enumerate((o_lo, o_hi)):  # V^T rows 0..hd/2-1 (low nibbles), the rest
+                    accs = [mma((hd2, tm), [(a_operand(h[j], 0), p_smem)]) for h in halves]
+                    o.append(o_j * corr + combine(accs) + shift)
+            return (*o, m, l)
+
+        parts = 1 if variant == "bf16" or v3 else 2
         fixed = lambda i: (0, 0, 0)  # noqa: E731
-        q_shape = (parts, hd // parts, tm) if interpret else (parts, tm, hd // parts)
+        if interpret:
+            q_spec = plgpu.BlockSpec((parts, hd // parts, tm), fixed)
+        elif v2:  # Q^T [2, hd/2, tm]: N-major, as P^T
+            q_spec = plgpu.BlockSpec((parts, hd // parts, tm), fixed, transforms=_swizzled(tm * 2, 16, "rhs"))
+        else:
+            q_spec = plgpu.BlockSpec((parts, tm, hd // parts), fixed, transforms=_swizzled(hd // parts * 2, 16, "rhs"))
         in_specs = [
-            plgpu.BlockSpec(q_shape, fixed, transforms=() if interpret else _swizzled(hd // parts * 2, 16, "rhs")),
+            q_spec,
             plgpu.BlockSpec((2, tm), lambda i: (0, 0)),
         ]
         gmem = [q_gmem.at[b, h], bnd_gmem.at[b]]
@@ -327,21 +492,34 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                          plgpu.BlockSpec((TILE, hd), lambda i: (tile(i), 0),  # A of a 32B-swizzled MMA
                                          transforms=_swizzled(32, 16, "lhs"))]
         else:
-            k_spec = plgpu.BlockSpec((TILE, hd2), lambda i: (tile(i), 0))
+            if v3:  # int4 [64, hd]: 64-byte rows, swizzled as the wgmma A's load expects
+                k_spec = plgpu.BlockSpec((TILE, hd), lambda i: (tile(i), 0),
+                                         transforms=() if interpret else _swizzled(hd // 2, 4, "lhs"))
+            else:
+                k_spec = plgpu.BlockSpec((TILE, hd2), lambda i: (tile(i), 0))
             ks_spec = plgpu.BlockSpec((1, hd), lambda i: (tile(i) * TILE // group, 0))
+            kb_spec = plgpu.BlockSpec((1, tm), lambda i: (tile(i) * TILE // group, 0))  # v2's bias
             v_spec = plgpu.BlockSpec((hd2, TILE), lambda i: (0, tile(i)))
             vs_spec = plgpu.BlockSpec((TILE,), lambda i: (tile(i),))
             planes = 1 if variant == "int4" else 2
-            in_specs += [k_spec] * planes + [ks_spec] * 2 + [v_spec] * planes + [vs_spec] * 2
+            in_specs += [k_spec] * planes + [ks_spec, kb_spec if v2 else ks_spec] + [v_spec] * planes \
+                + [vs_spec] * 2
         gmem += [r.at[b, h] for r in cache]
-        o0 = jnp.zeros((hd, tm), f32)
-        if not interpret:  # the interpreter has no layouts
-            o0 = plgpu.layout_cast(o0, plgpu.Layout.WGMMA)
-        o, m, l = plgpu.emit_pipeline(
-            step_bf16 if variant == "bf16" else step_quant, grid=(jnp.maximum(count, 1),), in_specs=in_specs,
-            max_concurrent_steps=stages, init_carry=(o0, jnp.full((tm,), NEG, f32), jnp.zeros((tm,), f32)),
+        def zeros(shape):
+            z = jnp.zeros(shape, f32)
+            return z if interpret else plgpu.layout_cast(z, plgpu.Layout.WGMMA)  # the interpreter has no layouts
+
+        o0 = (zeros((hd2, tm)), zeros((hd2, tm))) if v2 else (zeros((hd, tm)),)
+        step = step_bf16 if variant == "bf16" else step_quant_v2 if v2 else step_quant
+        *o, m, l = plgpu.emit_pipeline(  # carry: (o, m, l) in v1, (o_lo, o_hi, m, l) in v2
+            step, grid=(jnp.maximum(count, 1),), in_specs=in_specs,
+            max_concurrent_steps=stages, init_carry=(*o0, jnp.full((tm,), NEG, f32), jnp.zeros((tm,), f32)),
         )(*gmem)
-        o_smem[...] = o
+        if v2:
+            o_smem[pl.ds(0, hd2), :] = o[0]
+            o_smem[pl.ds(hd2, hd2), :] = o[1]
+        else:
+            o_smem[...] = o[0]
         ml_smem[0] = m
         ml_smem[1] = l
         plgpu.commit_smem()
@@ -358,10 +536,19 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         rng_smem=plgpu.SMEM((4,), jnp.int32),
         barrier=plgpu.Barrier(num_arrivals=1),
     )
-    if quant or interpret:  # the value tile's A operand staged in SMEM: V^T [hd, 64]
-        scratch["a_smem"] = plgpu.SMEM((hd, TILE), bf16, transforms=_swizzled(32, 16, "lhs"))
-    if quant and interpret:
-        scratch["ka_smem"] = plgpu.SMEM((2, TILE, hd2), bf16)
+    if v2:  # P'^T [64, tm] N-major B (tm >= 32: a 64B+ swizzle); Q' [2, tm, hd/2] K-major B
+        scratch["p_smem"] = plgpu.SMEM((TILE, tm), bf16, transforms=_swizzled(tm * 2, 16, "rhs"))
+        q_rows = (1, hd, tm) if v3 else (2, hd2, tm)
+        scratch["qs_smem"] = plgpu.SMEM(q_rows, bf16, transforms=() if interpret else _swizzled(tm * 2, 16, "rhs"))
+        if interpret:
+            scratch["ka_smem"] = plgpu.SMEM((2, TILE, TILE), bf16)
+            if v3:
+                scratch["kf_smem"] = plgpu.SMEM((TILE, hd), bf16)
+    else:
+        if quant or interpret:  # the value tile's A operand staged in SMEM: V^T [hd, 64]
+            scratch["a_smem"] = plgpu.SMEM((hd, TILE), bf16, transforms=_swizzled(32, 16, "lhs"))
+        if quant and interpret:
+            scratch["ka_smem"] = plgpu.SMEM((2, TILE, hd2), bf16)
     kernel = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((B, KV, P, hd, tm), f32), jax.ShapeDtypeStruct((B, KV, P, 2, tm), f32)),
@@ -370,7 +557,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         scratch_types=scratch,
         interpret=InterpretGPUParams() if interpret else None,
-        kernel_name=f"attention_mosaic_{variant}",
+        kernel_name=f"attention_mosaic_{variant}" + (f"_v{version}" if version > 1 else ""),
     )
     o_t, ml = kernel(q, bounds, _tile_ranges(bounds, S, P), *operands)
     o = o_t.swapaxes(-1, -2)[:, :, :, :M]

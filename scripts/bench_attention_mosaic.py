@@ -9,11 +9,14 @@ One run does, in order, writing everything to --out (JSON, rewritten after every
           views), merged partials against a float64 NumPy reference computed on the host (max-abs
           error; NaN fails); the Triton kernel is checked the same way;
   time    per context (default 8192 and 32768) and variant, at --batch rows, every row at the full
-          context: the Triton launch (its DEFAULTS, pick_splits) and each Mosaic config (pipeline
-          stages x splits), timed by CUPTI (jax.experimental.mosaic.gpu.profiler.measure,
+          context: the Triton launch (its DEFAULTS, pick_splits) and each Mosaic config (version,
+          pipeline stages, splits: --v1-configs, --v2-configs, --v3-configs; v2 and v3 are
+          quantized paths, so bf16 runs v1 only), timed by CUPTI (jax.experimental.mosaic.gpu.profiler.measure,
           aggregate=False): each kernel's own time, so the wrapper's small XLA ops (padding Q, the
           mask bounds) are reported apart from the attention kernel. A batch-16 cache is 0.27 GB
           (INT4) to 1 GB (bf16) at 8k tokens: far beyond the 50 MB L2, so one copy suffices.
+          v2/v3's key bias (q . min per key group) and v3's int4 bitcast and interleaved key scales
+          are XLA ops in the wrapper: in `us`, not in kernel_us (`kernels` names every kernel).
 Bytes are what a variant must read (codes, scales and minimums; bf16 K and V); frac_copy_bw = bytes /
 kernel time / the best measured copy bandwidth (scripts/bandwidth.py).
 
@@ -195,8 +198,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--contexts", default="8192,32768")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--stages", default="2,3,4", help="Mosaic pipeline depths to time")
-    ap.add_argument("--split-factors", default="1,2", help="Mosaic splits: choose_splits x these")
+    ap.add_argument("--v1-configs", default="2:1",
+                    help="Mosaic v1 configs stages:split_factor (splits = choose_splits x factor), comma-separated")
+    ap.add_argument("--v2-configs", default="2:1,3:1,2:2", help="Mosaic v2 configs, as --v1-configs")
+    ap.add_argument("--v3-configs", default="2:1,3:1,2:2", help="Mosaic v3 configs, as --v1-configs")
     ap.add_argument("--T", type=int, default=1, help="query positions per row in the timed step")
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="CPU interpreters, tiny shapes (a path check)")
@@ -205,9 +210,13 @@ def main(argv=None):
     variants = args.variants.split(",")
     contexts = [int(c) for c in args.contexts.split(",")]
     B, check_S, interpret = args.batch, 4096, args.smoke
-    stages = [int(s) for s in args.stages.split(",")]
+    def parse(text, version):
+        return [(version, int(st), int(f)) for st, f in (c.split(":") for c in text.split(",") if c)]
+
+    configs = parse(args.v1_configs, 1) + parse(args.v2_configs, 2) + parse(args.v3_configs, 3)
     if args.smoke:
-        B, contexts, check_S, stages = 1, [256], 512, stages[:1]
+        B, contexts, check_S = 1, [256], 512
+        configs = [[c for c in configs if c[0] == n][0] for n in (1, 2, 3) if any(c[0] == n for c in configs)]
     bw, _ = best_copy_bandwidth(args.smoke)
     out = {"meta": {**run_metadata(), "copy_bytes_per_s": bw, "batch": B, "T": args.T,
                     "shape": {"heads": H, "kv_heads": KV, "head_dim": HD, "group": GROUP},
@@ -219,12 +228,19 @@ def main(argv=None):
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
 
-    def mosaic_configs(S):
+    def mosaic_configs(S, variant=None):
+        """Mosaic configs at context S (all variants' when variant is None): bf16 runs v1 only."""
         base = attention_mosaic.choose_splits(B, KV, S)
         tiles = S // attention_mosaic.TILE
-        splits = sorted({min(tiles, base * int(f)) for f in args.split_factors.split(",")})
-        return [dict(stages=st, splits=sp) for st in stages for sp in splits
-                if attention_mosaic.supported("int8", 4, HD, S, GROUP, sp, st) is None]
+        out = []
+        for version, st, f in configs:
+            c = dict(version=version, stages=st, splits=min(tiles, base * f))
+            if c in out or (variant == "bf16" and version > 1):
+                continue
+            # the verify check's rows (T = 5: 20 query rows) bound the shared memory
+            if attention_mosaic.supported("int8", 20, HD, S, GROUP, c["splits"], st, version) is None:
+                out.append(c)
+        return out
 
     def record_error(e):
         msg = f"{type(e).__name__}: {str(e)[:200]}"
@@ -240,6 +256,8 @@ def main(argv=None):
         for T in (1, 5):
             inputs, q, q_pos, want = check_case(jax.random.fold_in(key, T), variant, check_S, T, interpret)
             for name, config in check_configs:
+                if variant == "bf16" and config.get("version", 1) > 1:
+                    continue
                 fn = KERNELS[name]
                 row = {"variant": variant, "T": T, "cut": "recent" in inputs, "kernel": name, "config": config}
                 try:
@@ -262,7 +280,7 @@ def main(argv=None):
             q_rows, row_pos = rows_of(q, q_pos)
             kv_len = jnp.full((B,), S, jnp.int32)
             zero = jnp.zeros((B,), jnp.int32)
-            for name, config in [("triton", {})] + [("mosaic", c) for c in mosaic_configs(S)]:
+            for name, config in [("triton", {})] + [("mosaic", c) for c in mosaic_configs(S, variant)]:
                 cell = {"context": S, "variant": variant, "kernel": name, "config": config, "bytes": nbytes,
                         "checked": (variant, name, json.dumps(config)) in ok}
                 fn = KERNELS[name]

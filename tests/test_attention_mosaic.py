@@ -32,7 +32,7 @@ def rng(request):
 
 
 def mosaic_attention(q, q_pos, kv, kv_len, variant, *, recent=None, recent_start=None, cut=None, splits=None,
-                     interpret=True):
+                     interpret=True, version=1):
     """decode_attention's flow (query rows per kv head, main launch + recent buffer, merge) on the
     Mosaic kernel: [B, T, H, hd] f32."""
     B, T, H, hd = q.shape
@@ -43,7 +43,8 @@ def mosaic_attention(q, q_pos, kv, kv_len, variant, *, recent=None, recent_start
     sides = ("below", "from") if cut else (None, None)
     run = lambda *a, **k: attention_partials(q_rows, row_pos, *a, sm_scale=1 / math.sqrt(hd), cut=cut,  # noqa: E731
                                              interpret=interpret, **k)
-    parts = [run(kv, kv_len, jnp.zeros((B,), jnp.int32), variant=variant, splits=splits, cut_side=sides[0])]
+    parts = [run(kv, kv_len, jnp.zeros((B,), jnp.int32), variant=variant, splits=splits, cut_side=sides[0],
+                 version=version)]
     if recent is not None:
         R = recent[0].shape[2]
         parts.append(run(recent, jnp.full((B,), R, jnp.int32), recent_start, variant="bf16", splits=1,
@@ -60,26 +61,38 @@ def cache(rng, variant, B, KV, S, G):
     return (kv, *np_dequant(kv, variant))
 
 
-@pytest.mark.parametrize("variant", ["bf16", "int8", "int4"])
-@pytest.mark.parametrize("T,H,KV,splits", [(1, 8, 2, 2), (5, 12, 3, None)])  # draft step; verify (15 -> 16 rows)
-def test_matches_float64(rng, variant, T, H, KV, splits):
+# (variant, version): v2 and v3 are quantized paths (bf16 runs v1 either way)
+VARIANT_VERSIONS = [("bf16", 1), ("int8", 1), ("int4", 1), ("int8", 2), ("int4", 2), ("int8", 3), ("int4", 3)]
+
+
+CASES = [(1, 8, 2, 2), (5, 12, 3, None)]  # draft step; verify (15 -> 16 rows; 32 on v2)
+
+
+# v2, v3 at T = 1 only here: test_verify_with_cut runs them at T = 4 (file runtime)
+@pytest.mark.parametrize("variant,version,T,H,KV,splits",
+                         [(v, n, *c) for v, n in VARIANT_VERSIONS for c in CASES if n == 1 or c[0] == 1])
+def test_matches_float64(rng, variant, version, T, H, KV, splits):
     """Decode (T=1) and verify (T=5) steps at per-row lengths: one row filling the cache, one short
-    (its last tiles fully masked), each query seeing the keys up to its own position."""
-    B, S, G = 2, 256, 64
+    (its last tiles fully masked), each query seeing the keys up to its own position. v2 runs
+    128-token key groups over 6 tiles: with 2 splits, each of the full row's programs crosses a group
+    boundary (Q' refolded) and the second starts mid-group (folds at once)."""
+    B, S, G = (2, 256, 64) if version == 1 else (2, 384, 128)  # v3 as v2
     kv, k64, v64 = cache(rng, variant, B, KV, S, G)
     q = jnp.asarray(rng.standard_normal((B, T, H, HD)), jnp.float32)
     lens = np.array([S - T, int(rng.integers(1, S // 2))])
     q_pos = lens[:, None] + np.arange(T)
     out = mosaic_attention(q, jnp.asarray(q_pos, jnp.int32), kv, jnp.asarray(lens + T, jnp.int32), variant,
-                           splits=splits)
+                           splits=splits, version=version)
     k_pos = np.broadcast_to(np.arange(S), (B, S))
     want = np_attention(q, q_pos, k64, v64, k_pos, k_pos < (lens + T)[:, None])
     err = np.abs(np.asarray(out, np.float64) - want).max()
+    print(f"max abs err {err:.2e}")
     assert err < TOL, err
 
 
-@pytest.mark.parametrize("variant", ["int8", "int4"])
-def test_verify_with_cut_matches_float64(rng, variant):
+# v2 and v3 share the values and the cut; each runs one variant here (both at T = 1 above)
+@pytest.mark.parametrize("variant,version", [("int8", 1), ("int4", 1), ("int8", 2), ("int4", 3)])
+def test_verify_with_cut_matches_float64(rng, variant, version):
     """cut=(G, D) on the hierarchical cache: a query at p reads plane slots below c(p) and recent
     positions in [c(p), p]; rows straddle cut boundaries and the planes and buffer overlap with
     different values there (as test_decode_attention.test_per_query_cut). Four splits over the 1-3
@@ -96,7 +109,8 @@ def test_verify_with_cut_matches_float64(rng, variant):
     assert (cut(lens + T - 1) <= q_len).all()
     q_pos = lens[:, None] + np.arange(T)
     out = mosaic_attention(q, jnp.asarray(q_pos, jnp.int32), kv, jnp.asarray(q_len, jnp.int32), variant,
-                           recent=(rk, rv), recent_start=jnp.asarray(r_start, jnp.int32), cut=(G, D), splits=4)
+                           recent=(rk, rv), recent_start=jnp.asarray(r_start, jnp.int32), cut=(G, D), splits=4,
+                           version=version)
     f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)  # noqa: E731
     k_all = np.concatenate([k_deq, f64(rk)], axis=2)
     v_all = np.concatenate([v_deq, f64(rv)], axis=2)
@@ -108,12 +122,15 @@ def test_verify_with_cut_matches_float64(rng, variant):
                                 r_start[:, None] + np.arange(R) >= cut(p)[:, None]], axis=1)
         want.append(np_attention(f64(q[:, t:t + 1]), q_pos[:, t:t + 1], k_all, v_all, k_pos, valid))
     err = np.abs(np.asarray(out, np.float64) - np.concatenate(want, axis=1)).max()
+    print(f"max abs err {err:.2e}")
     assert err < TOL, err
 
 
 def test_supported_and_bad_inputs(rng):
     assert supported("int8", 16, 128, 8192, 128, choose_splits(16, 8, 8192)) is None
     assert supported("int4", 4, 128, 32768, 128, choose_splits(16, 8, 32768), stages=4) is None
+    assert supported("int4", 32, 128, 32768, 128, choose_splits(16, 8, 32768), stages=4, version=2) is None
+    assert "version" in supported("int4", 4, 128, 256, 64, 1, version=4)
     assert "head_dim" in supported("bf16", 4, 64, 256, None, 1)
     assert "group" in supported("int4", 4, 128, 256, 32, 1)
     assert "splits" in supported("bf16", 4, 128, 256, None, 5)
@@ -128,9 +145,10 @@ def test_supported_and_bad_inputs(rng):
                            jnp.zeros((1,), jnp.int32), variant="int8", sm_scale=0.1, interpret=True)
 
 
-@pytest.mark.parametrize("variant", ["bf16", "int8", "int4"])
-@pytest.mark.parametrize("M,cut", [(4, False), (20, True)])
-def test_lowers_for_cuda(variant, M, cut):
+# v2 and v3 pad both M to 32 rows: only the cut case for them
+@pytest.mark.parametrize("variant,version,M,cut", [(v, n, M, c) for v, n in VARIANT_VERSIONS
+                                                   for M, c in [(4, False), (20, True)] if n == 1 or c])
+def test_lowers_for_cuda(variant, version, M, cut):
     """jax 0.10.2 lowers the kernel for CUDA without a GPU: catches code that the interpreter runs but
     Mosaic GPU cannot lower (layout inference, wgmma operand layouts, 8-bit arithmetic)."""
     from jax import export
@@ -149,7 +167,7 @@ def test_lowers_for_cuda(variant, M, cut):
 
     def f(q, pos, kv, n, off):
         return attention_partials(q, pos, kv, n, off, variant=variant, sm_scale=0.1, splits=2, stages=3,
-                                  cut=(G, 32) if cut else None, cut_side="below" if cut else None)
+                                  cut=(G, 32) if cut else None, cut_side="below" if cut else None, version=version)
 
     args = (sd((B, KV, M, HD), jnp.float32), sd((B, M), jnp.int32), kv, sd((B,), jnp.int32), sd((B,), jnp.int32))
     module = export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
