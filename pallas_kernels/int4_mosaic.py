@@ -279,9 +279,15 @@ def w4a8_mosaic(x, mw, *, act_bits: int = 8, tiles: MosaicTiles = MosaicTiles(),
 
 
 NUM_SMS = 132  # H100 / H200 SXM
-# Measured (benchmarks/engine/hopper_mosaic_sweep.json): per (N, K, token tile) the fastest config
-# of the sweep; shapes not listed use choose_tiles' rule.
-MEASURED: dict[tuple[int, int, int], MosaicTiles] = {}
+# Measured on the H100 (benchmarks/engine/hopper_kernels.json, the sweep's fastest configuration
+# where it beat the rule below): (N, K, token tile, activation bytes) -> tiles. The carried
+# accumulator with 128-row programs wins at the 128- and 256-token tiles (gate_up M = 128: 77.1
+# against the rule's 90.7 us; M = 256: 138.6 against 228.3; down M = 128: 44.6 against 51.5).
+MEASURED: dict[tuple[int, int, int, int], MosaicTiles] = {
+    (28672, 4096, 128, 2): MosaicTiles(rows=128, split=1, stages=3, carry=True),
+    (28672, 4096, 256, 2): MosaicTiles(rows=64, split=1, stages=2, carry=True),
+    (4096, 14336, 128, 2): MosaicTiles(rows=128, split=8, stages=3, carry=True),
+}
 
 
 def choose_tiles(M: int, N: int, K: int, G: int, x_bytes: int = 2) -> MosaicTiles:
@@ -289,8 +295,8 @@ def choose_tiles(M: int, N: int, K: int, G: int, x_bytes: int = 2) -> MosaicTile
     programs, split-K to at least two waves of programs (each K range >= 4 steps), and as many
     pipeline stages as shared memory holds, up to 4."""
     tm = token_tile(M)
-    if (N, K, tm) in MEASURED:
-        return MEASURED[(N, K, tm)]
+    if (N, K, tm, x_bytes) in MEASURED:
+        return MEASURED[(N, K, tm, x_bytes)]
     rows = 64
     steps = K // step_width(K, G)
     split = 1

@@ -164,51 +164,59 @@ PEERS = ("xla_bf16", "xla_int4", "torch_tinygemm", "torch_cublas_bf16")
 
 
 def join_sweeps(runs: list) -> dict:
-    """One sweep from several runs on one device kind: each cell keeps its run's copy bandwidth and
-    commit, a cell measured again replaces the earlier one; meta is the first run's."""
-    cells = {}
-    for run in runs:
-        for c in run["sweep"]:
-            cells[(c["proj"], c["M"])] = {**c, "copy_bw_Bps": run["meta"].get("copy_bw_Bps"),
-                                          "commit": run["meta"].get("commit")}
+    """One sweep from several runs on one device kind: every run's cells, each with its run's
+    index, copy bandwidth and commit (a shape measured twice keeps both); meta is the first run's."""
     devices = {run["meta"]["device"] for run in runs}
     if len(devices) > 1:
         raise ValueError(f"sweeps from different devices: {sorted(devices)}")
-    return {"meta": runs[0]["meta"], "sweep": list(cells.values()),
+    cells = [{**c, "run": i, "copy_bw_Bps": run["meta"].get("copy_bw_Bps"), "commit": run["meta"].get("commit")}
+             for i, run in enumerate(runs) for c in run["sweep"]]
+    return {"meta": runs[0]["meta"], "sweep": cells,
             "errors": {k: v for run in runs for k, v in run.get("errors", {}).items()}}
 
 
+def best_cells(cells: list, method: str) -> dict:
+    """{(proj, M): the cell where `method` was fastest}: where runs measured a shape again (other
+    configurations), each ratio is read off one run, the one with our best configuration, and
+    compares it with that run's own peers."""
+    best = {}
+    for c in cells:
+        t = c["methods"].get(method, {}).get("us")
+        key = (c["proj"], c["M"])
+        if t is not None and (key not in best or t < best[key]["methods"][method]["us"]):
+            best[key] = c
+    return best
+
+
 def summarize(sweep: dict, step: dict | None) -> dict:
-    """benchmarks/engine/hopper_summary.json (issue 18's keys) from one run's sweep and step files
-    (a sweep file may be several runs' "sweep" lists joined, all from one device)."""
+    """benchmarks/engine/hopper_summary.json (issue 18's keys) from sweep and step files (a sweep
+    may hold several runs' cells, all from one device: `join_sweeps`, `best_cells`)."""
     meta = sweep["meta"]
     bw = meta["copy_bw_Bps"]
     s = {"commit": meta.get("commit"), "device": meta["device"], "jax": meta["jax"], "timing": "cupti",
          "copy_bw_Bps": bw, "kernel_frac_copy_bw": {}, "kernel_vs_best_peer": {},
          "verify_flatness": {}, "w4a8_vs_cublas_bf16": {}}
-    cells = sweep["sweep"]
-    us = {(c["proj"], c["M"]): {k: v["us"] for k, v in c["methods"].items() if "us" in v} for c in cells}
-    kernel_us = {(c["proj"], c["M"]): (c["methods"]["mosaic_w4a16"]["kernel_us"], c.get("copy_bw_Bps") or bw)
-                 for c in cells if "kernel_us" in c["methods"].get("mosaic_w4a16", {})}
-    for (proj, M), t in sorted(us.items()):
-        if "mosaic_w4a16" not in t:
-            continue
+    ours16 = best_cells(sweep["sweep"], "mosaic_w4a16")
+    for (proj, M), c in sorted(ours16.items()):
+        t = {k: v["us"] for k, v in c["methods"].items() if "us" in v}
         ours = t["mosaic_w4a16"]
         if proj in ("gate_up", "down") and M <= 16:  # the kernel's own time (the pad and the
-            # output's transpose are separate small ops that XLA fuses into neighbours in the model)
-            nbytes = next(c["weight_bytes_int4"] for c in sweep["sweep"] if c["proj"] == proj)
-            kern, cell_bw = kernel_us[(proj, M)]
-            s["kernel_frac_copy_bw"].setdefault(proj, {})[str(M)] = nbytes / (kern * 1e-6) / cell_bw
+            # output's transpose are separate small ops around it)
+            kern = c["methods"]["mosaic_w4a16"]["kernel_us"]
+            s["kernel_frac_copy_bw"].setdefault(proj, {})[str(M)] = (
+                c["weight_bytes_int4"] / (kern * 1e-6) / (c.get("copy_bw_Bps") or bw))
         peers = [t[p] for p in PEERS if p in t]
         if peers:
             s["kernel_vs_best_peer"].setdefault(proj, {})[str(M)] = min(peers) / ours
+    for (proj, M), c in sorted(best_cells(sweep["sweep"], "mosaic_w4a8").items()):
+        t = {k: v["us"] for k, v in c["methods"].items() if "us" in v}
         cublas = t.get("torch_cublas_bf16", t.get("xla_bf16"))  # XLA's bf16 dot is a cuBLAS call too
-        if M in (128, 256) and proj in ("gate_up", "down") and "mosaic_w4a8" in t and cublas:
+        if M in (128, 256) and proj in ("gate_up", "down") and cublas:
             s["w4a8_vs_cublas_bf16"].setdefault(proj, {})[str(M)] = cublas / t["mosaic_w4a8"]
     for proj in ("gate_up", "down"):
-        a, b = us.get((proj, 16), {}), us.get((proj, 64), {})
-        if "mosaic_w4a16" in a and "mosaic_w4a16" in b:
-            s["verify_flatness"][proj] = b["mosaic_w4a16"] / a["mosaic_w4a16"]
+        a, b = ours16.get((proj, 16)), ours16.get((proj, 64))
+        if a and b:
+            s["verify_flatness"][proj] = b["methods"]["mosaic_w4a16"]["us"] / a["methods"]["mosaic_w4a16"]["us"]
     if step:
         by = {(c["batch"], c["mode"]): c for c in step["step"]}
         bw = step["meta"].get("copy_bytes_per_s", bw)  # the step's floors at its own machine's copy

@@ -170,6 +170,8 @@ def test_build_cost_table_from_the_mosaic_runs():
     sweep = {"sweep": [{"proj": p, "M": m, "methods": {"mosaic_w4a16": {"us": 1.0}}}
                        for p in builder.PROJECTIONS for m in (1, 2) if (p, m) != ("qkv", 2)]}
     assert {k["M"] for k in builder.sweep_kernels(sweep)} == {1}  # M = 2 lacks qkv: left out
+    again = {"sweep": sweep["sweep"] + [{"proj": "o", "M": 1, "methods": {"mosaic_w4a16": {"us": 0.5}}}]}
+    assert builder.kernel_sum(builder.sweep_kernels(again)) == {1: 3.5}  # a shape measured twice: its best
     with open(os.path.join(policy.ROOT, "qspec_jax", "cost_tables", "h100_costs.json")) as f:
         shipped = json.load(f)
     assert shipped["plain_ms"] == built["plain_ms"] and shipped["verify_ms"] == built["verify_ms"]

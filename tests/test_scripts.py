@@ -198,10 +198,12 @@ def test_bench_mosaic_summary_keys_and_ratios(tmp_path):
          for b in (64, 128) for m, ms in (("w4a16_mosaic", 3.0), ("w4a8_mosaic", 2.0))]}
     (tmp_path / "sweep.json").write_text(json.dumps(sweep))
     (tmp_path / "step.json").write_text(json.dumps(step))
-    # two runs: the second re-measures one cell on a machine with another copy bandwidth
+    # two runs: the second re-measures two cells on a machine with another copy bandwidth, one
+    # faster (its ratios and bandwidth win) and one slower (the first run's stand)
     again = {"meta": {**sweep["meta"], "copy_bw_Bps": 2 * bw}, "sweep": [
-        {**cells[-7], "methods": {**cells[-7]["methods"], "mosaic_w4a16": {"us": 20.0, "kernel_us": 18.0}}}]}
-    assert (cells[-7]["proj"], cells[-7]["M"]) == ("down", 1)
+        {**cells[-7], "methods": {**cells[-7]["methods"], "mosaic_w4a16": {"us": 5.0, "kernel_us": 4.5}}},
+        {**cells[-6], "methods": {**cells[-6]["methods"], "mosaic_w4a16": {"us": 99.0, "kernel_us": 98.0}}}]}
+    assert [(c["proj"], c["M"]) for c in again["sweep"]] == [("down", 1), ("down", 4)]
     (tmp_path / "again.json").write_text(json.dumps(again))
     run_script("bench_mosaic.py", "--summary", str(tmp_path / "sweep.json"), str(tmp_path / "again.json"),
                "--step", str(tmp_path / "step.json"), "--out", str(tmp_path / "summary.json"))
@@ -211,7 +213,9 @@ def test_bench_mosaic_summary_keys_and_ratios(tmp_path):
     assert s["timing"] == "cupti"
     assert set(s["kernel_frac_copy_bw"]) == {"gate_up", "down"}
     # the kernel's own time (the pad and transpose around it fuse into neighbours in the model)
-    assert math.isclose(s["kernel_frac_copy_bw"]["down"]["1"], 3.0e7 / 18.0e-6 / (2 * bw))
+    assert math.isclose(s["kernel_frac_copy_bw"]["down"]["1"], 3.0e7 / 4.5e-6 / (2 * bw))
+    assert math.isclose(s["kernel_vs_best_peer"]["down"]["1"], 1.5 * 10.0625 / 5.0)
+    assert math.isclose(s["kernel_frac_copy_bw"]["down"]["4"], 3.0e7 / (0.9 * 10.25e-6) / bw)
     assert math.isclose(s["kernel_frac_copy_bw"]["gate_up"]["4"], 3.0e7 / (0.9 * 10.25e-6) / bw)
     assert set(s["kernel_frac_copy_bw"]["gate_up"]) == {"1", "4", "8", "16"}
     assert math.isclose(s["kernel_vs_best_peer"]["qkv"]["64"], 1.5)  # tinygemm is the fastest peer
