@@ -86,7 +86,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-from .decode_attention import NEG, VARIANTS, QuantKV, pick_splits
+from .decode_attention import NEG, VARIANTS, QuantKV, pick_splits, plane_names
 from .kv_cut import cut_position
 
 TILE = 64  # KV tokens per pipeline step: wgmma's M side for the scores
@@ -233,9 +233,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             raise ValueError(f"variant {variant!r} takes QuantKV planes")
         S = kv.k_upper.shape[2]
         group = S // kv.k_scale.shape[2]
-        names = ["k_upper", "k_lower", "k_scale", "k_min", "v_upper", "v_lower", "v_scale", "v_min"]
-        if variant == "int4":
-            names = [x for x in names if not x.endswith("_lower")]
+        names = plane_names(variant)
         operands = [getattr(kv, x) for x in names]
     if splits is None:
         splits = choose_splits(B, KV, S) if S >= TILE else 1

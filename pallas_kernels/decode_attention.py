@@ -96,6 +96,11 @@ class QuantKV(NamedTuple):
     v_min: jax.Array  # [B, KV, S] minimum per token
 
 
+def plane_names(variant: str) -> list:
+    """The QuantKV fields a quantized variant reads, in order (INT4: no lower planes)."""
+    return [name for name in QuantKV._fields if variant != "int4" or not name.endswith("_lower")]
+
+
 def unpack_planes(packed: jax.Array) -> jax.Array:
     """[..., hd/2] packed nibbles -> [..., hd] int32 codes 0..15."""
     p = packed.astype(jnp.int32)
@@ -406,10 +411,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_
     else:
         S = kv.k_upper.shape[2]
         group = S // kv.k_scale.shape[2]
-        names = ["k_upper", "k_lower", "k_scale", "k_min", "v_upper", "v_lower", "v_scale", "v_min"]
-        if variant == "int4":
-            names = [x for x in names if not x.endswith("_lower")]
-        operands = [getattr(kv, x) for x in names]
+        operands = [getattr(kv, name) for name in plane_names(variant)]
         specs = [pl.BlockSpec((None, None, *a.shape[2:]), lambda b, h, s, nd=a.ndim: (b, h) + (0,) * (nd - 2))
                  for a in operands]
     bk = pick_block_k(S, group, block_k, knobs["block_k"])

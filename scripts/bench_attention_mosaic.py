@@ -193,8 +193,49 @@ def cupti_us(fn, *args, iterations=5):
     return 1e3 * total, 1e3 * kernel, names
 
 
+E2E_KEYS = ("qspec_int8kv_vs_w4a16_bf16kv", "qspec_int8kv_vs_w4a16_int8kv", "quantspec_vs_bf16")
+
+
+def summarize(runs: list, quality: dict, quality_source: str) -> dict:
+    """benchmarks/kv/hopper_summary.json (issue 19's keys) from attention runs on one device: per
+    variant and context the attention the model runs (the faster kernel; Triton where Mosaic
+    loses), its kernel and Mosaic's best beside it. The end-to-end ratios are null until
+    bench_long_context.py runs on this device; the quality keys are the CPU measurements."""
+    best = {}
+    for run in runs:
+        for c in run["cells"]:
+            if "kernel_us" not in c:
+                continue
+            key = (c["variant"], str(c["context"]), c["kernel"])
+            if key not in best or c["kernel_us"] < best[key]["kernel_us"]:
+                best[key] = c
+    frac, kernel, mosaic = {}, {}, {}
+    for (variant, ctx, name), c in sorted(best.items()):
+        mosaic.setdefault(variant, {})
+        if name == "mosaic":
+            mosaic[variant][ctx] = c["frac_copy_bw"]
+        if c["frac_copy_bw"] > frac.get(variant, {}).get(ctx, -1):
+            frac.setdefault(variant, {})[ctx] = c["frac_copy_bw"]
+            kernel.setdefault(variant, {})[ctx] = name
+    meta = runs[0]["meta"]
+    return {"device": meta["device"], "jax": meta["jax"], "commit": [r["meta"].get("commit") for r in runs],
+            "timing": "cupti", "attention_frac_copy_bw": frac, "attention_kernel": kernel,
+            "attention_frac_copy_bw_mosaic": mosaic, **{k: None for k in E2E_KEYS},
+            "int8kv_ppl_ratio": quality["perplexity"]["int8_over_bf16"],
+            "int4kv_w4a8_acceptance": next(
+                r["acceptance_rate"] for r in quality["acceptance"]["runs"]
+                if (r["system"], r["draft"], r["kv"], r["batch"]) == ("qspec", "w4a8", "int8", "short")),
+            "notes": ["attention: batch 16, 32 query heads, 8 kv heads, hd 128, T = 1, each kernel's own "
+                      "time over the run's copy bandwidth", "end-to-end keys: not measured on this device",
+                      f"quality keys: {quality_source} (CPU, SmolLM2-135M)"]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--summary", nargs="+", metavar="RUN_JSON",
+                    help="write issue 19's summary of these runs (and --quality) to --out and exit")
+    ap.add_argument("--quality", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                                      "benchmarks", "kv", "kv_quality.json"))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--contexts", default="8192,32768")
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -207,6 +248,13 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="CPU interpreters, tiny shapes (a path check)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    if args.summary:
+        summary = summarize([json.load(open(p)) for p in args.summary], json.load(open(args.quality)),
+                            os.path.relpath(args.quality))
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=1)
+        print(json.dumps(summary, indent=1))
+        return summary
     variants = args.variants.split(",")
     contexts = [int(c) for c in args.contexts.split(",")]
     B, check_S, interpret = args.batch, 4096, args.smoke

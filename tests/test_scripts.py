@@ -227,3 +227,29 @@ def test_bench_mosaic_summary_keys_and_ratios(tmp_path):
     assert math.isclose(s["bf16_vs_torch_bf16"]["1"], 1.2)
     assert math.isclose(s["draft_vs_verify_step"]["128"], 1.5)
     assert set(s["draft_vs_verify_step"]) == {"1", "16", "64", "128"}
+
+
+def test_attention_summary_keys_and_dispatch(tmp_path):
+    """Issue 19's summary from made-up runs: every key, the faster kernel per cell, e2e left null."""
+    def cell(variant, ctx, kernel, frac):
+        return {"variant": variant, "context": ctx, "kernel": kernel, "config": {}, "kernel_us": 1 / frac,
+                "frac_copy_bw": frac}
+    runs = [{"meta": {"device": "H100", "jax": "0.11.2", "commit": c},
+             "cells": [cell(v, ctx, k, f * (1 + i / 100)) for v in ("bf16", "int8", "int4") for ctx in (8192, 32768)
+                       for k, f in (("triton", 0.6), ("mosaic", 0.4 if v != "bf16" else 0.7))]}
+            for i, c in enumerate(("a", "b"))]
+    for i, run in enumerate(runs):
+        (tmp_path / f"run{i}.json").write_text(json.dumps(run))
+    quality = {"perplexity": {"int8_over_bf16": 1.001}, "acceptance": {"runs": [
+        {"system": "qspec", "draft": "w4a8", "kv": "int8", "batch": "short", "acceptance_rate": 0.95}]}}
+    (tmp_path / "q.json").write_text(json.dumps(quality))
+    run_script("bench_attention_mosaic.py", "--summary", str(tmp_path / "run0.json"), str(tmp_path / "run1.json"),
+               "--quality", str(tmp_path / "q.json"), "--out", str(tmp_path / "s.json"))
+    s = json.loads((tmp_path / "s.json").read_text())
+    for key in ("attention_frac_copy_bw", "qspec_int8kv_vs_w4a16_bf16kv", "qspec_int8kv_vs_w4a16_int8kv",
+                "quantspec_vs_bf16", "int8kv_ppl_ratio", "int4kv_w4a8_acceptance", "device", "jax", "commit", "timing"):
+        assert key in s
+    assert s["attention_kernel"]["int8"]["8192"] == "triton" and s["attention_kernel"]["bf16"]["32768"] == "mosaic"
+    assert math.isclose(s["attention_frac_copy_bw"]["int4"]["32768"], 0.6 * 1.01)
+    assert math.isclose(s["attention_frac_copy_bw_mosaic"]["int8"]["8192"], 0.4 * 1.01)
+    assert s["quantspec_vs_bf16"] is None and s["int4kv_w4a8_acceptance"] == 0.95
