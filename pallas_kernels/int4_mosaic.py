@@ -11,7 +11,9 @@ Each program owns `rows` output channels and one K range (split-K). Per group of
 (one pipeline step) it converts the group's int4 tile in registers, runs one wgmma into a fresh
 accumulator, and adds it times the group's per-channel weight scale (and, for int8 activations,
 each token's activation scale) into the running f32 sum: the scales multiply rows x M partial
-sums, not every weight element. K ranges are summed after the kernel.
+sums, not every weight element. K ranges are summed after the kernel. For wide token tiles
+(128-256 tokens) a second W4A16 body (`MosaicTiles.carry`) puts the scales on the converted
+weights instead and carries one accumulator across steps: half the accumulator registers.
 
 Weights in this layout (`to_mosaic_layout`): {"w": int4 [N, K], "scales": f32 [G, N]}, the same
 scales as the packed layout of packing.py.
