@@ -49,6 +49,7 @@ from qspec_jax.config import get_preset  # noqa: E402
 from qspec_jax.evaluation import run_metadata  # noqa: E402
 from qspec_jax.hierarchical_kv import HierarchicalKVCache  # noqa: E402
 from qspec_jax.kv_cache import KVCache  # noqa: E402
+from qspec_jax.kernel_choice import KERNELS, arrange_weights, resolve_kernels  # noqa: E402
 from qspec_jax.model import fuse_projections, unstack_layers  # noqa: E402
 from qspec_jax.acceptance import Greedy  # noqa: E402
 from qspec_jax.spec import KV_GROUP, KV_WINDOW, GenerationSpec  # noqa: E402
@@ -307,6 +308,8 @@ def main(argv=None):
     ap.add_argument("--traces-int8", default="benchmarks/kv/traces_int8kv.json")
     ap.add_argument("--traces-bf16", default="benchmarks/acceptance/traces.json")
     ap.add_argument("--smoke", action="store_true", help="tiny preset, short contexts: CPU check that it runs")
+    ap.add_argument("--kernels", default="auto", choices=KERNELS,
+                    help="int4 kernels (qspec_jax.kernel_choice): auto = Mosaic GPU on Hopper, else Triton")
     ap.add_argument("--out", help="results JSON (written after every mode)")
     ap.add_argument("--summary", help="merge the issue's ratio maps into this summary JSON")
     ap.add_argument("--summarize", help="only rebuild --summary (and --plot) from this results JSON")
@@ -335,7 +338,8 @@ def main(argv=None):
     bandwidth, _ = best_copy_bandwidth(args.smoke)
     t0 = time.perf_counter()
     fparams = checkpoint.random_params(config, seed=0, dtype=jnp.bfloat16)
-    weights = {"int4": unstack_layers(fuse_projections(quantize.quantize_params(fparams, config, dtype=jnp.bfloat16)))}
+    weights = {"int4": arrange_weights(unstack_layers(fuse_projections(
+        quantize.quantize_params(fparams, config, dtype=jnp.bfloat16))), args.kernels)}
     if any(parse_mode(m)["weights"] == "bf16" for _, _, modes in cells for m in modes):
         weights["bf16"] = unstack_layers(fuse_projections(fparams))
     del fparams
@@ -343,6 +347,7 @@ def main(argv=None):
     print(f"{args.preset}: weights in {time.perf_counter() - t0:.0f} s; copy bandwidth {bandwidth / 1e12:.2f} TB/s",
           flush=True)
     results = {"meta": {**run_metadata(), "preset": args.preset, "weights": "generated from a seed (speed only)",
+                        "kernels": resolve_kernels(args.kernels),
                         "new_tokens": args.new_tokens, "reps": args.reps, "kv_group": args.kv_group,
                         "kv_window": args.kv_window, "copy_bytes_per_s": bandwidth, "argv": sys.argv[1:],
                         "timing": "decode loop only (speculative.decode_jit) over a directly built cache; "

@@ -47,6 +47,7 @@ from qspec_jax import checkpoint, policy, quantize, speculative  # noqa: E402
 from qspec_jax.config import get_preset  # noqa: E402
 from qspec_jax.evaluation import copy_bandwidth, run_metadata  # noqa: E402
 from qspec_jax.kv_cache import KVCache  # noqa: E402
+from qspec_jax.kernel_choice import KERNELS, arrange_weights, resolve_kernels  # noqa: E402
 from qspec_jax.model import fuse_projections, unstack_layers  # noqa: E402
 from replay import Replay  # noqa: E402  (beside this script)
 
@@ -423,6 +424,8 @@ def main():
     ap.add_argument("--summary-only-from", default="",
                     help="rebuild --auto-summary from this saved results JSON and exit (no run)")
     ap.add_argument("--smoke", action="store_true", help="tiny preset, few tokens: CPU check that the script runs")
+    ap.add_argument("--kernels", default="auto", choices=KERNELS,
+                    help="int4 kernels (qspec_jax.kernel_choice): auto = Mosaic GPU on Hopper, else Triton")
     ap.add_argument("--issue12", action="store_true",
                     help="issue 12's auto run: llama3-8b, batches 1,16,64 at prompt 256, 128 new tokens, plain "
                          "w4a16,w4a8,bf16, QSpec w4a8 at gamma 1,2, auto, prefill timed alone for w4a16 only, reps 2 "
@@ -484,6 +487,7 @@ def main():
         "projections": "q/k/v and gate/up fused", "prefill_chunk": args.prefill_chunk,
         "weights_layout": "per-layer buffers (model.unstack_layers), as generate reads them; prefill_only too",
         "step_split": args.step_split, "copy_bytes_per_s": bandwidth, "argv": sys.argv[1:],
+        "kernels": resolve_kernels(args.kernels),
     }
     if policy_meta is not None:
         meta["policy"] = policy_meta
@@ -500,7 +504,7 @@ def main():
         qparams = fuse_projections(quantize.quantize_params(fparams, config, group_size=args.group_size, dtype=dtype))
         fparams = fuse_projections(fparams) if any("bf16" in s["modes"] for s in specs) else None
         # Per-layer buffers once, for every program (generate would unstack per call; prefill_only reads them too).
-        qparams = unstack_layers(qparams)
+        qparams = arrange_weights(unstack_layers(qparams), args.kernels)
         fparams = unstack_layers(fparams) if fparams is not None else None
         jax.block_until_ready((qparams, fparams))
         print(f"{preset}: weights generated and quantized in {time.perf_counter() - t0:.1f}s", flush=True)
