@@ -162,19 +162,22 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool):
         k_range = pl.ds(s_idx * steps * tk, steps * tk)
         step_range = pl.ds(s_idx * steps, steps)
 
+        def wgmma(acc_ref, w_reg, x_smem):
+            # acc_ref += w_reg [rows, tk] @ x_smem^T [tk, tm]
+            if a_smem is None:
+                plgpu.wgmma(acc_ref, w_reg, plgpu.transpose_ref(x_smem, (1, 0)))
+            else:  # the interpreter's wgmma reads A from SMEM and B untransposed
+                a_smem[...] = w_reg
+                b_smem[...] = x_smem[...].T
+                plgpu.wgmma(acc_ref, a_smem, b_smem)
+
         def step(_, w_smem, x_smem, s_smem, *rest):
             # w_smem [rows, tk] int4; x_smem [tm, tk]; s_smem [1, rows]; xs_smem [1, xs_cols]
             *xs_smem, acc = rest
             w_reg = w_smem[...].astype(op_dtype)  # int4 -> bf16 / int8 in registers
-            x_t = plgpu.transpose_ref(x_smem, (1, 0))  # [tk, tm]
 
             def mma(acc_ref):
-                if a_smem is None:
-                    plgpu.wgmma(acc_ref, w_reg, x_t)
-                else:  # the interpreter's wgmma reads A from SMEM and B untransposed
-                    a_smem[...] = w_reg
-                    b_smem[...] = x_smem[...].T
-                    plgpu.wgmma(acc_ref, a_smem, b_smem)
+                wgmma(acc_ref, w_reg, x_smem)
                 return acc_ref[...]
 
             part = pl.run_scoped(mma, plgpu.ACC((rows, tm), acc_dtype)).astype(jnp.float32)
@@ -198,12 +201,7 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool):
             def scaled_step(_, w_smem, x_smem, s_smem, acc_ref):
                 w_reg = w_smem[...].astype(jnp.bfloat16) * lax.broadcast_in_dim(
                     s_smem[0].astype(jnp.bfloat16), (rows, tk), [0])
-                if a_smem is None:
-                    plgpu.wgmma(acc_ref, w_reg, plgpu.transpose_ref(x_smem, (1, 0)))
-                else:  # the interpreter's wgmma reads A from SMEM and B untransposed
-                    a_smem[...] = w_reg
-                    b_smem[...] = x_smem[...].T
-                    plgpu.wgmma(acc_ref, a_smem, b_smem)
+                wgmma(acc_ref, w_reg, x_smem)
                 # wait before the next step converts: A lives in registers the next step reuses
                 plgpu.wgmma_wait(0)
                 return acc_ref

@@ -183,7 +183,7 @@ KERNELS = {"triton": triton_partials, "mosaic": attention_mosaic.attention_parti
 
 
 def cupti_us(fn, *args, iterations=5):
-    """(us per call over all kernels, us of the attention kernel(s) named like `match`)."""
+    """(us per call over all kernels, us of the kernels named "*attention*", the kernel names)."""
     from jax.experimental.mosaic.gpu import profiler
 
     _, timings = profiler.measure(jax.jit(fn), aggregate=False, iterations=iterations)(*args)
