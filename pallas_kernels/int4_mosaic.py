@@ -4,8 +4,9 @@ registers and fed to wgmma as its A operand.
 
 Decode and verify sizes are skinny (M = 1..256 tokens) and wgmma's M side is 64 rows, so the
 product is computed transposed (swap-AB): out^T [N, M] = W [N, K] @ x^T [K, M]. The weights sit on
-the 64-row side, read as int4 straight from HBM by TMA; the tokens, padded to the MMA's N size
-(8..256), are the B operand in shared memory (x's rows are K-major, which wgmma reads transposed).
+the 64-row side, read as int4 straight from HBM by TMA; the tokens, read in boxes of the MMA's N
+size (8..256 rows: TMA fills the rows past M with zeros, so x needs no pad), are the B operand in
+shared memory (x's rows are K-major, which wgmma reads transposed).
 
 Each program owns `rows` output channels and one K range (split-K). Per group of input channels
 (one pipeline step) it converts the group's int4 tile in registers, runs one wgmma into a fresh
@@ -145,8 +146,12 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool):
     if tiles.carry and int8:
         raise ValueError("carry is a W4A16 body: int8 codes cannot hold the scales")
     steps = steps_total // split  # pipeline steps per program
-    if M < tm:  # padded tokens are zeros (and scale 1): their outputs are dropped below
-        x = jnp.pad(x, ((0, tm - M), (0, 0)))
+    # x stays [M, K]: each step's TMA box of tm rows reads past row M, which TMA fills with zeros
+    # (the interpreter with garbage); those tokens' output columns are dropped below. So no pad
+    # kernel sits between x's producer and the matmul, except where Mosaic's shared-memory tiling
+    # (8 rows) needs M <= 8 or a multiple of 8.
+    if M > 8 and M % 8:
+        x = jnp.pad(x, ((0, -M % 8), (0, 0)))
     if int8:  # one row of token scales per step, padded so each stage's row is TMA-aligned
         xs_cols = max(tm, TMA_ALIGN // 4)
         x_scales = jnp.pad(x_scales, ((0, 0), (0, xs_cols - M)), constant_values=1.0)
@@ -154,7 +159,7 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool):
     acc_dtype = jnp.int32 if int8 else jnp.float32
 
     def body(w_gmem, x_gmem, s_gmem, *refs, out_smem, a_smem=None, b_smem=None):
-        # w_gmem [N, K] int4; x_gmem [tm, K]; s_gmem [steps_total, N] f32;
+        # w_gmem [N, K] int4; x_gmem [M, K]; s_gmem [steps_total, N] f32;
         # xs_gmem [steps_total, xs_cols] f32 (int8 x only); out_gmem [split, N, tm]
         xs_gmem, out_gmem = refs if int8 else (None, *refs)
         n_rows = pl.ds(lax.axis_index("n") * rows, rows)
@@ -237,7 +242,7 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool):
         grid_names=("n", "s"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         scratch_types=scratch,
-        interpret=InterpretGPUParams() if interpret else None,
+        interpret=InterpretGPUParams(out_of_bounds_reads="uninitialized") if interpret else None,
         kernel_name="w4a8_mosaic" if int8 else "w4a16_mosaic",
     )
     out_t = kernel(w, x, scales, *([x_scales] if int8 else []))  # [split, N, tm]
@@ -321,30 +326,39 @@ def mosaic_matmul(x, mw, mode: str, *, interpret: bool = False):
     """`x @ W` in a quantized mode ("w4a16", "w4a8", "w4a4") for weights in the Mosaic layout.
 
     x [..., K]. Decode and verify sizes (M <= 256 rows) run the Mosaic kernels on the GPU (or under
-    the interpreter); larger M (prefill) and the CPU run the same math in XLA: W4A16 as a 16-bit
-    dot on the dequantized weight, W4A8/W4A4 as w4a4_reference (exact integer dots).
+    the interpreter). Larger M (prefill): W4A16 runs a 16-bit XLA dot on the dequantized weight;
+    W4A8/W4A4 run the kernel over 256-row chunks (the same integer math as decode; the reference's
+    per-group products would hold an [M, G, N] f32 array, 28 GiB for 16k tokens of down_proj).
+    On the CPU every mode runs the XLA math: W4A8/W4A4 as w4a4_reference (exact integer dots).
     """
     from .w4a4 import w4a4_reference
 
+    if mode not in ("w4a16", "w4a8", "w4a4"):
+        raise ValueError(f"mode must be w4a16, w4a8 or w4a4, got {mode!r}")
     N, K = mw["w"].shape
     G = mw["scales"].shape[0]
     lead, x2 = x.shape[:-1], x.reshape(-1, K)
     M = x2.shape[0]
     x_bytes = 2 if mode == "w4a16" else 1
-    tiles = choose_tiles(M, N, K, G, x_bytes) if M <= MAX_TOKENS else None
-    kernel = (interpret or jax.default_backend() == "gpu") and tiles is not None \
-        and supported(M, N, K, G, tiles, x_bytes) is None
-    if mode == "w4a16":
-        if kernel:
+    bits = 8 if mode == "w4a8" else 4
+    on_device = interpret or jax.default_backend() == "gpu"
+
+    def kernel_tiles(rows):
+        tiles = choose_tiles(rows, N, K, G, x_bytes)
+        return tiles if on_device and supported(rows, N, K, G, tiles, x_bytes) is None else None
+
+    if M <= MAX_TOKENS and (tiles := kernel_tiles(M)) is not None:
+        if mode == "w4a16":
             y = w4a16_mosaic(x2, mw, tiles=tiles, interpret=interpret)
         else:
-            y = jnp.dot(x2, dequantize_mosaic(mw, x2.dtype), preferred_element_type=jnp.float32)
-    elif mode in ("w4a8", "w4a4"):
-        bits = 8 if mode == "w4a8" else 4
-        if kernel:
             y = w4a8_mosaic(x2, mw, act_bits=bits, tiles=tiles, interpret=interpret)
-        else:
-            y = w4a4_reference(x2, from_mosaic_layout(mw), act_bits=bits)
+    elif mode == "w4a16":
+        y = jnp.dot(x2, dequantize_mosaic(mw, x2.dtype), preferred_element_type=jnp.float32)
+    elif M > MAX_TOKENS and (tiles := kernel_tiles(MAX_TOKENS)) is not None:
+        # rows are independent (per-token activation scales): zero rows pad the last chunk
+        chunks = jnp.pad(x2, ((0, -M % MAX_TOKENS), (0, 0))).reshape(-1, MAX_TOKENS, K)
+        y = lax.map(lambda c: w4a8_mosaic(c, mw, act_bits=bits, tiles=tiles, interpret=interpret),
+                    chunks).reshape(-1, N)[:M]
     else:
-        raise ValueError(f"mode must be w4a16, w4a8 or w4a4, got {mode!r}")
+        y = w4a4_reference(x2, from_mosaic_layout(mw), act_bits=bits)
     return y.astype(x.dtype).reshape(*lead, N)

@@ -6,8 +6,9 @@ Two kinds of rotation make 4-bit activations work (DESIGN.md, "Model and modes")
   weights offline (qspec_jax.quantize.rotate_params), never applied at run time.
 - the online transform before `o_proj` and `down_proj`: T = kron(R, H_p) / sqrt(p) with n = m * p,
   p a power of two, R a small [m, m] orthogonal factor stored in the params and H_p the Sylvester
-  Hadamard matrix. `online_transform` applies it with a fast Walsh-Hadamard transform (log2(p)
-  butterfly steps) and one small einsum; T^T is folded into the rows of `wo` / `w_down` offline.
+  Hadamard matrix. `online_transform` applies it as two small matmuls (H_p split as
+  kron(H_a, H_b)); T^T is folded into the rows of `wo` / `w_down` offline. `fwht` is the butterfly
+  form of the same Hadamard product.
 
 Hadamard matrices of orders that are not powers of two are built here (Paley I and II from primes,
 then Sylvester doubling); where none can be built the small factor is a random orthogonal matrix.
@@ -165,23 +166,35 @@ def fwht(x: jax.Array) -> jax.Array:
     return x
 
 
-def online_transform(x: jax.Array, rotation: jax.Array) -> jax.Array:
-    """x @ kron(rotation, H_p) / sqrt(p) over the last axis (n = m * p), computed in f32.
+# Widest Hadamard factor applied as one dense matmul: H_512 is 512 KB in bf16 and stays in L2.
+HADAMARD_BLOCK = 512
 
-    `rotation` is the small [m, m] orthogonal factor (a [1, 1] array for a power-of-two n). Cost
-    O(n log p + n m) per row. Returns x's dtype.
+
+def online_transform(x: jax.Array, rotation: jax.Array) -> jax.Array:
+    """x @ kron(rotation, H_p) / sqrt(p) over the last axis (n = m * p), accumulated in f32.
+
+    `rotation` is the small [m, m] orthogonal factor (a [1, 1] array for a power-of-two n). With
+    H_p = kron(H_a, H_b) (b = min(p, HADAMARD_BLOCK)) the transform is two matmuls over x viewed as
+    [m * a, b]: by the ±1 matrix H_b on the right (exact products in x's dtype, f32 sums), then by
+    kron(rotation, H_a) / sqrt(p) on the left in f32. At decode sizes that is two small GEMMs; the
+    log2(p) butterfly passes of `fwht` were ten to twenty XLA kernels a layer (0.65 ms of a 3.7 ms
+    Llama-3-8B step on the H100, benchmarks/engine/README.md). Returns x's dtype.
     """
     n = x.shape[-1]
     m = rotation.shape[0]
     if rotation.shape != (m, m) or n % m or not _is_pow2(n // m):
         raise ValueError(f"rotation of shape {rotation.shape} does not fit last axis {n} = m * 2^k")
     p = n // m
+    b = min(p, HADAMARD_BLOCK)
+    a = p // b
     lead = x.shape[:-1]
-    y = fwht(x.astype(jnp.float32).reshape(*lead, m, p)) * (1.0 / np.sqrt(p))
-    r = jnp.asarray(rotation, jnp.float32)
-    if m == 1:
-        y = y * r[0, 0]
-    else:
-        # HIGHEST: f32 einsums default to TF32 on GPU, which would spoil exact orthogonality.
-        y = jnp.einsum("...ip,ia->...ap", y, r, precision=jax.lax.Precision.HIGHEST)
+    # ±1 entries are exact in bf16/f16, so a 16-bit x multiplies them exactly on the MMA
+    dt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
+    h_b = jnp.asarray(_hadamard_int(b), dt)
+    left = jnp.kron(jnp.asarray(rotation, jnp.float32), jnp.asarray(_hadamard_int(a), jnp.float32))
+    left = left * (1.0 / np.sqrt(p))
+    y = jnp.matmul(x.reshape(*lead, m * a, b).astype(dt), h_b,
+                   precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    # HIGHEST: f32 matmuls default to TF32 on GPU, which would spoil exact orthogonality.
+    y = jnp.einsum("...ic,ij->...jc", y, left, precision=jax.lax.Precision.HIGHEST)
     return y.reshape(*lead, n).astype(x.dtype)

@@ -189,8 +189,9 @@ def step_program(config, mode, batch, max_len, context, steps, donate=True):
     return jax.jit(run, donate_argnums=1 if donate else ())
 
 
-def kernel_profile(config, mode, batch, max_len, context, params, top=25):
-    """One decode step's kernels by CUPTI (each kernel's own time, summed by name, us), without
+def kernel_profile(config, mode, batch, max_len, context, params, top=40):
+    """One decode step's kernels by CUPTI (each kernel's own time, summed by name, us, and the
+    number of launches: XLA reuses one compiled kernel for identical fusions), without
     donation so the profiler can call it repeatedly: the cache is written to a new buffer, a copy
     a donated step does not make (it shows as its own kernel)."""
     from jax.experimental.mosaic.gpu import profiler
@@ -201,10 +202,11 @@ def kernel_profile(config, mode, batch, max_len, context, params, top=25):
     _, timings = profiler.measure(prog, aggregate=False)(params, cache, tok)
     by_name = {}
     for name, ms in timings:
-        by_name[name] = by_name.get(name, 0.0) + 1e3 * ms
-    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])
-    return {"total_us": sum(by_name.values()), "kernels": len(timings),
-            "top_us": [[name[:120], round(us, 2)] for name, us in ranked[:top]]}
+        us, n = by_name.get(name, (0.0, 0))
+        by_name[name] = (us + 1e3 * ms, n + 1)
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+    return {"total_us": sum(us for us, _ in by_name.values()), "kernels": len(timings),
+            "top_us": [[name[:120], round(us, 2), n] for name, (us, n) in ranked[:top]]}
 
 
 def step_cells(args, copy_bps):
@@ -269,7 +271,7 @@ def step_cells(args, copy_bps):
                     print("  profile failed:", cell["profile"]["error"], flush=True)
                     continue
                 print(f"  profile: {cell['profile']['total_us']:.0f} us in {cell['profile']['kernels']} kernels; "
-                      + "; ".join(f"{n[:40]} {us:.0f}" for n, us in cell["profile"]["top_us"][:8]), flush=True)
+                      + "; ".join(f"{n[:40]} {us:.0f}/{k}" for n, us, k in cell["profile"]["top_us"][:12]), flush=True)
         if torch_available() and batch <= 16 and not args.no_peers:
             import torch_peer
 

@@ -101,6 +101,16 @@ def test_mosaic_matmul_falls_back_to_the_same_math(rng, mode):
     assert rel(y, np.asarray(ref, np.float64)) < F32_TOL
 
 
+def test_mosaic_matmul_chunks_w4a8_prefill(rng):
+    """Above 256 rows W4A8 runs the kernel over 256-row chunks (here 300 rows: a zero-padded last
+    chunk), equal to the integer reference up to the kernel's bf16 output."""
+    qw = weights(rng, 256, 128, 64)
+    x = jnp.asarray(rng.standard_normal((300, 256)), jnp.float32)
+    y = mosaic_matmul(x, to_mosaic_layout(qw), "w4a8", interpret=True)
+    assert y.shape == (300, 128)
+    assert rel(y, np.asarray(w4a4_reference(x, qw, 8), np.float64)) < BF16_TOL
+
+
 def test_mosaic_matmul_interpreted_kernel(rng):
     qw = weights(rng, 256, 128, 64)
     x = jnp.asarray(rng.standard_normal((4, 256)), jnp.bfloat16)
