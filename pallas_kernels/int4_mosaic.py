@@ -38,6 +38,12 @@ WGMMA_ROWS = 64  # wgmma's M side
 TMA_ALIGN = 128  # bytes: a TMA copy's shared-memory destination must start on this boundary
 MAX_TOKENS = 256  # wgmma's largest N
 SMEM_BYTES = 227 * 1024  # per program on sm_90
+# The token-major epilogue: store the accumulator through a transposed shared-memory view and write
+# y [M, N]. jax 0.10.2's Warpgroup layout inference refuses the transposed store; on jax 0.11.2 a
+# probe of it compiled and ran correctly on the H100 (benchmarks/engine/h100_transposed_store_probe.log),
+# but the kernels with it are not yet checked there, so the compiled default stays out^T + XLA's
+# transpose. `scripts/bench_mosaic.py --token-major` and `bench_engine.py --token-major` set this.
+TRANSPOSED_STORE = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +132,13 @@ def _swizzled(block_minor_bytes: int, bits: int, kind: str):
     )
 
 
-def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool):
+def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_major: bool | None = None):
     """out [M, N] f32-accumulated; x [M, K] bf16 (x_scales None) or int8 with x_scales f32 [G', M]
-    (one row per pipeline step)."""
+    (one row per pipeline step). token_major: the kernel writes y [M, N] itself, through a
+    transposed store of its out^T tile (default: under the interpreter, or TRANSPOSED_STORE); else it
+    writes out^T [N, tm] and XLA transposes it after."""
+    if token_major is None:
+        token_major = interpret or TRANSPOSED_STORE
     w, scales = mw["w"], mw["scales"]
     N, K = w.shape
     G = scales.shape[0]
@@ -224,20 +234,34 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool):
             acc = plgpu.emit_pipeline(
                 step, grid=(steps,), in_specs=in_specs, max_concurrent_steps=stages, init_carry=acc0,
             )(*operands)
-        out_smem[...] = acc.astype(out_smem.dtype)
+        acc = acc.astype(out_smem.dtype)
+        if not token_major:
+            out_smem[...] = acc
+            dst = out_gmem.at[s_idx, n_rows]
+        else:  # out_smem [tm, rows]: store the [rows, tm] tile through its transposed view
+            if interpret:  # the interpreter has no transposed refs, but transposes values
+                out_smem[...] = acc.T
+            else:
+                plgpu.transpose_ref(out_smem, (1, 0))[...] = acc
+            # rows past the output's last token lie outside it: TMA skips them
+            dst = out_gmem.at[s_idx, pl.ds(0, tm), n_rows]
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[s_idx, n_rows])
+        plgpu.copy_smem_to_gmem(out_smem, dst)
         plgpu.wait_smem_to_gmem(0)
 
     out_dtype = jnp.float32 if split > 1 else jnp.bfloat16
     bits = jnp.dtype(out_dtype).itemsize * 8
-    scratch = dict(out_smem=plgpu.SMEM((rows, tm), out_dtype,
-                                       transforms=_swizzled(tm * bits // 8, bits, "out")))
+    # token-major output rows: x's (padded) rows; under the interpreter, which refuses writes past an
+    # array's end, the whole token tile
+    out_rows = tm if interpret else x.shape[0]
+    out_tile = (tm, rows) if token_major else (rows, tm)
+    scratch = dict(out_smem=plgpu.SMEM(out_tile, out_dtype,
+                                       transforms=_swizzled(out_tile[1] * bits // 8, bits, "out")))
     if interpret:
         scratch.update(a_smem=plgpu.SMEM((rows, tk), op_dtype), b_smem=plgpu.SMEM((tk, tm), op_dtype))
     kernel = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((split, N, tm), out_dtype),
+        out_type=jax.ShapeDtypeStruct((split, out_rows, N) if token_major else (split, N, tm), out_dtype),
         grid=(N // rows, split),
         grid_names=("n", "s"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
@@ -245,9 +269,9 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool):
         interpret=InterpretGPUParams(out_of_bounds_reads="uninitialized") if interpret else None,
         kernel_name="w4a8_mosaic" if int8 else "w4a16_mosaic",
     )
-    out_t = kernel(w, x, scales, *([x_scales] if int8 else []))  # [split, N, tm]
-    y = out_t.sum(axis=0) if split > 1 else out_t[0]
-    return y[:, :M].T
+    out = kernel(w, x, scales, *([x_scales] if int8 else []))  # [split, out_rows, N] or [split, N, tm]
+    y = out.sum(axis=0) if split > 1 else out[0]
+    return y[:M] if token_major else y[:, :M].T
 
 
 # Jitted with static tiles, so a model that calls a kernel at the same shape in every layer lowers

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 
 from bench_kernels import MODELS, int4_bytes, make_weights, projections, time_loop  # noqa: E402
 from pallas_kernels import choose_tiles, pack_block, w4a4_matmul, w4a16_matmul
-from pallas_kernels import tiling  # noqa: E402
+from pallas_kernels import int4_mosaic, tiling  # noqa: E402
 from pallas_kernels.w4a16_gemv import GemvTiles, w4a16_gemv  # noqa: E402
 from qspec_jax import checkpoint, quantize  # noqa: E402
 from qspec_jax.config import get_preset  # noqa: E402
@@ -337,6 +337,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, one M, reference kernels")
     ap.add_argument("--no-peers", action="store_true", help="time our kernels and modes only")
     ap.add_argument("--profile", action="store_true", help="step: also each kernel's own time in one step (CUPTI)")
+    ap.add_argument("--token-major", action="store_true",
+                    help="Mosaic kernels write y [M, N] themselves (int4_mosaic.TRANSPOSED_STORE)")
     ap.add_argument("--summary", nargs="*", help="result JSONs to merge into the issue-10 summary at --out")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -354,6 +356,7 @@ def main(argv=None):
     args.step_variants = args.step_variants.split(",")
     args.kernels = args.kernels.split(",")
     NO_PEERS[0] = args.no_peers
+    int4_mosaic.TRANSPOSED_STORE = args.token_major
     rotate = 256 * 2**20
     if args.smoke:
         args.model, args.preset, args.ms, args.batches, args.context = "tiny", "tiny", [1], [2], 24
@@ -367,7 +370,8 @@ def main(argv=None):
     datasheet = next((v for k, v in DATASHEET_BPS.items() if k in dev), None)
     meta = {**run_metadata(), "copy_bytes_per_s": bw, "xla_copy_bytes_per_s": bw_xla,
             "datasheet_bytes_per_s": datasheet, "group_size": args.group_size, "argv": sys.argv[1:],
-            "weights": "generated (speed only)", "timing": "median of repeats; compiled loops (JAX), CUDA graphs (PyTorch)"}
+            "weights": "generated (speed only)", "timing": "median of repeats; compiled loops (JAX), CUDA graphs (PyTorch)",
+            "mosaic_token_major": args.token_major}
     print(f"{dev}: copy {bw / 1e12:.2f} TB/s (XLA's own copy {bw_xla / 1e12:.2f})", flush=True)
     out = {"meta": meta}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -35,6 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pallas_kernels import int4_mosaic  # noqa: E402
 from pallas_kernels.int4_mosaic import (  # noqa: E402
     MosaicTiles, choose_tiles, dequantize_mosaic, supported, w4a8_mosaic, w4a16_mosaic,
 )
@@ -262,6 +263,8 @@ def main():
                          "--step to --out and exit")
     ap.add_argument("--step", help="bench_engine.py --parts step JSON for --summary")
     ap.add_argument("--merged", help="with --summary: also write the joined sweep here")
+    ap.add_argument("--token-major", action="store_true",
+                    help="the kernels write y [M, N] themselves (int4_mosaic.TRANSPOSED_STORE)")
     args = ap.parse_args()
     if args.summary:
         sweep_run = join_sweeps([json.load(open(p)) for p in args.summary])
@@ -275,10 +278,11 @@ def main():
         print(json.dumps(summary, indent=1))
         return
     os.makedirs(args.out, exist_ok=True)
+    int4_mosaic.TRANSPOSED_STORE = args.token_major
     t_start = time.time()
     dev = jax.devices()[0]
     meta = {"device": dev.device_kind, "jax": jax.__version__, "platform": dev.platform,
-            "timing": "cupti", "group_size": GROUP, "commit": git_commit()}
+            "timing": "cupti", "group_size": GROUP, "commit": git_commit(), "token_major": args.token_major}
     try:
         import torch_peer
 

@@ -66,6 +66,22 @@ def test_w4a16_matches_float64(rng, K, N, M, group, tiles):
     assert rel(y, ref) < BF16_TOL
 
 
+@pytest.mark.parametrize("M,split", [(5, 2), (12, 1)])
+def test_both_epilogues_agree(rng, M, split):
+    """The kernel's own y [M, N] (the transposed store, compiled on jax >= 0.11) and the out^T [N, tm]
+    that XLA transposes (jax 0.10.2's compiled path) are the same numbers."""
+    from pallas_kernels.int4_mosaic import _int4_matmul
+
+    qw = weights(rng, 256, 128, 64)
+    x = jnp.asarray(rng.standard_normal((M, 256)), jnp.bfloat16)
+    tiles = MosaicTiles(split=split, stages=2)
+    ys = [_int4_matmul(x, None, to_mosaic_layout(qw), tiles, interpret=True, token_major=t) for t in (True, False)]
+    assert ys[0].shape == ys[1].shape == (M, 128)
+    np.testing.assert_array_equal(np.asarray(ys[0], np.float32), np.asarray(ys[1], np.float32))
+    ref = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(dequantize_weight(qw), np.float64)
+    assert rel(ys[0], ref) < BF16_TOL
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("K,N,M,group,tiles", [
     (512, 256, 3, 128, MosaicTiles(split=2)),
