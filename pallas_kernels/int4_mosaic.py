@@ -6,7 +6,8 @@ Decode and verify sizes are skinny (M = 1..256 tokens) and wgmma's M side is 64 
 product is computed transposed (swap-AB): out^T [N, M] = W [N, K] @ x^T [K, M]. The weights sit on
 the 64-row side, read as int4 straight from HBM by TMA; the tokens, read in boxes of the MMA's N
 size (8..256 rows: TMA fills the rows past M with zeros, so x needs no pad), are the B operand in
-shared memory (x's rows are K-major, which wgmma reads transposed).
+shared memory (x's rows are K-major, which wgmma reads transposed). Above 256 rows (a W4A8 prefill)
+a third grid axis runs 256-row chunks of x.
 
 Each program owns `rows` output channels and one K range (split-K). Per group of input channels
 (one pipeline step) it converts the group's int4 tile in registers, runs one wgmma into a fresh
@@ -86,10 +87,11 @@ def from_mosaic_layout(mw) -> dict:
 
 
 def token_tile(M: int) -> int:
-    """wgmma N size for M tokens: a power of 2 from 8 to 256."""
-    if not 1 <= M <= MAX_TOKENS:
-        raise ValueError(f"the Mosaic int4 kernels take 1..{MAX_TOKENS} rows, got M={M}")
-    return max(8, 1 << (M - 1).bit_length())
+    """wgmma N size for M tokens: a power of 2 from 8 to 256 (above 256 rows the kernels run
+    256-row chunks)."""
+    if M < 1:
+        raise ValueError(f"the Mosaic int4 kernels take at least one row, got M={M}")
+    return max(8, 1 << (min(M, MAX_TOKENS) - 1).bit_length())
 
 
 def step_width(K: int, G: int) -> int:
@@ -107,8 +109,8 @@ def smem_bytes(tiles: MosaicTiles, tk: int, tm: int, x_bytes: int) -> int:
 
 def supported(M: int, N: int, K: int, G: int, tiles: MosaicTiles, x_bytes: int = 2) -> str | None:
     """Why these shapes and tiles cannot run, or None when they can."""
-    if not 1 <= M <= MAX_TOKENS:
-        return f"M={M} is outside 1..{MAX_TOKENS}"
+    if M < 1:
+        return f"M={M} has no rows"
     tk = step_width(K, G)
     if tk not in (64, 128, 256) or K % tk:
         return f"a pipeline step of {tk} input channels (K={K}, {G} groups) is not 64, 128 or 256"
@@ -152,6 +154,7 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
     if G == 1:  # per channel: the same scale every step (a small broadcast, per-channel weights only)
         scales = jnp.broadcast_to(scales, (steps_total, N))
     tm = token_tile(M)
+    chunks = -(-M // tm)  # above 256 rows: one more grid axis over 256-row chunks of x
     rows, split, stages = tiles.rows, tiles.split, tiles.stages
     if tiles.carry and int8:
         raise ValueError("carry is a W4A16 body: int8 codes cannot hold the scales")
@@ -160,19 +163,24 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
     # (the interpreter with garbage); those tokens' output columns are dropped below. So no pad
     # kernel sits between x's producer and the matmul, except where Mosaic's shared-memory tiling
     # (8 rows) needs M <= 8 or a multiple of 8.
-    if M > 8 and M % 8:
+    if chunks > 1:
+        x = jnp.pad(x, ((0, chunks * tm - M), (0, 0)))
+    elif M > 8 and M % 8:
         x = jnp.pad(x, ((0, -M % 8), (0, 0)))
     if int8:  # one row of token scales per step, padded so each stage's row is TMA-aligned
         xs_cols = max(tm, TMA_ALIGN // 4)
-        x_scales = jnp.pad(x_scales, ((0, 0), (0, xs_cols - M)), constant_values=1.0)
+        x_scales = jnp.pad(x_scales, ((0, 0), (0, chunks * xs_cols - M)), constant_values=1.0)
     op_dtype = jnp.int8 if int8 else jnp.bfloat16
     acc_dtype = jnp.int32 if int8 else jnp.float32
 
     def body(w_gmem, x_gmem, s_gmem, *refs, out_smem, a_smem=None, b_smem=None):
         # w_gmem [N, K] int4; x_gmem [M, K]; s_gmem [steps_total, N] f32;
-        # xs_gmem [steps_total, xs_cols] f32 (int8 x only); out_gmem [split, N, tm]
+        # xs_gmem [steps_total, chunks * xs_cols] f32 (int8 x only);
+        # out_gmem [split, out_rows, N] (token-major) or [split, N, chunks * tm]
         xs_gmem, out_gmem = refs if int8 else (None, *refs)
         n_rows = pl.ds(lax.axis_index("n") * rows, rows)
+        c_idx = lax.axis_index("c")
+        tokens = pl.ds(c_idx * tm, tm)
         s_idx = lax.axis_index("s")
         k_range = pl.ds(s_idx * steps * tk, steps * tk)
         step_range = pl.ds(s_idx * steps, steps)
@@ -208,10 +216,11 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
                             transforms=_swizzled(tk * (1 if int8 else 2), 8 if int8 else 16, "rhs")),
             plgpu.BlockSpec((1, rows), lambda k: (k, 0)),
         ]
-        operands = [w_gmem.at[n_rows, k_range], x_gmem.at[:, k_range], s_gmem.at[step_range, n_rows]]
+        x_rows = tokens if chunks > 1 else slice(None)  # one chunk: a box past M, zero-filled
+        operands = [w_gmem.at[n_rows, k_range], x_gmem.at[x_rows, k_range], s_gmem.at[step_range, n_rows]]
         if int8:
             in_specs.append(plgpu.BlockSpec((1, xs_cols), lambda k: (k, 0)))
-            operands.append(xs_gmem.at[step_range, :])
+            operands.append(xs_gmem.at[step_range, pl.ds(c_idx * xs_cols, xs_cols)])
         if tiles.carry:
             def scaled_step(_, w_smem, x_smem, s_smem, acc_ref):
                 w_reg = w_smem[...].astype(jnp.bfloat16) * lax.broadcast_in_dim(
@@ -237,14 +246,14 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
         acc = acc.astype(out_smem.dtype)
         if not token_major:
             out_smem[...] = acc
-            dst = out_gmem.at[s_idx, n_rows]
+            dst = out_gmem.at[s_idx, n_rows, tokens]
         else:  # out_smem [tm, rows]: store the [rows, tm] tile through its transposed view
             if interpret:  # the interpreter has no transposed refs, but transposes values
                 out_smem[...] = acc.T
             else:
                 plgpu.transpose_ref(out_smem, (1, 0))[...] = acc
             # rows past the output's last token lie outside it: TMA skips them
-            dst = out_gmem.at[s_idx, pl.ds(0, tm), n_rows]
+            dst = out_gmem.at[s_idx, tokens, n_rows]
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem, dst)
         plgpu.wait_smem_to_gmem(0)
@@ -253,7 +262,7 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
     bits = jnp.dtype(out_dtype).itemsize * 8
     # token-major output rows: x's (padded) rows; under the interpreter, which refuses writes past an
     # array's end, the whole token tile
-    out_rows = tm if interpret else x.shape[0]
+    out_rows = chunks * tm if interpret else x.shape[0]
     out_tile = (tm, rows) if token_major else (rows, tm)
     scratch = dict(out_smem=plgpu.SMEM(out_tile, out_dtype,
                                        transforms=_swizzled(out_tile[1] * bits // 8, bits, "out")))
@@ -261,15 +270,16 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
         scratch.update(a_smem=plgpu.SMEM((rows, tk), op_dtype), b_smem=plgpu.SMEM((tk, tm), op_dtype))
     kernel = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((split, out_rows, N) if token_major else (split, N, tm), out_dtype),
-        grid=(N // rows, split),
-        grid_names=("n", "s"),
+        out_type=jax.ShapeDtypeStruct((split, out_rows, N) if token_major else (split, N, chunks * tm),
+                                      out_dtype),
+        grid=(N // rows, split, chunks),
+        grid_names=("n", "s", "c"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         scratch_types=scratch,
         interpret=InterpretGPUParams(out_of_bounds_reads="uninitialized") if interpret else None,
         kernel_name="w4a8_mosaic" if int8 else "w4a16_mosaic",
     )
-    out = kernel(w, x, scales, *([x_scales] if int8 else []))  # [split, out_rows, N] or [split, N, tm]
+    out = kernel(w, x, scales, *([x_scales] if int8 else []))
     y = out.sum(axis=0) if split > 1 else out[0]
     return y[:M] if token_major else y[:, :M].T
 
@@ -279,8 +289,8 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
 # on the CPU, and a 53 s compile of the 32-layer step on the H100).
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def w4a16_mosaic(x, mw, *, tiles: MosaicTiles = MosaicTiles(), interpret: bool = False):
-    """y = x @ dequant(W) for x [M, K] (M <= 256, any float dtype; the MMA runs in bf16) and
-    weights in the Mosaic layout. Returns [M, N] in x's dtype (f32 accumulation)."""
+    """y = x @ dequant(W) for x [M, K] (any float dtype; the MMA runs in bf16; above 256 rows in
+    256-row chunks) and weights in the Mosaic layout. Returns [M, N] in x's dtype (f32 accumulation)."""
     y = _int4_matmul(x.astype(jnp.bfloat16), None, mw, tiles, interpret)
     return y.astype(x.dtype)
 
@@ -349,11 +359,12 @@ def dequantize_mosaic(mw, dtype=jnp.bfloat16):
 def mosaic_matmul(x, mw, mode: str, *, interpret: bool = False):
     """`x @ W` in a quantized mode ("w4a16", "w4a8", "w4a4") for weights in the Mosaic layout.
 
-    x [..., K]. Decode and verify sizes (M <= 256 rows) run the Mosaic kernels on the GPU (or under
-    the interpreter). Larger M (prefill): W4A16 runs a 16-bit XLA dot on the dequantized weight;
-    W4A8/W4A4 run the kernel over 256-row chunks (the same integer math as decode; the reference's
-    per-group products would hold an [M, G, N] f32 array, 28 GiB for 16k tokens of down_proj).
-    On the CPU every mode runs the XLA math: W4A8/W4A4 as w4a4_reference (exact integer dots).
+    x [..., K]. On the GPU (or under the interpreter) the Mosaic kernels run every W4A8/W4A4 call
+    (above 256 rows, prefill, in 256-row chunks on one more grid axis: the reference's per-group
+    products would hold an [M, G, N] f32 array, 28 GiB for 16k tokens of down_proj) and W4A16 up
+    to 256 rows; larger W4A16 calls run a 16-bit XLA dot on the dequantized weight, faster there
+    than the kernels (benchmarks/engine/README.md). On the CPU every mode runs the XLA math:
+    W4A8/W4A4 as w4a4_reference (exact integer dots).
     """
     from .w4a4 import w4a4_reference
 
@@ -364,25 +375,18 @@ def mosaic_matmul(x, mw, mode: str, *, interpret: bool = False):
     lead, x2 = x.shape[:-1], x.reshape(-1, K)
     M = x2.shape[0]
     x_bytes = 2 if mode == "w4a16" else 1
-    bits = 8 if mode == "w4a8" else 4
-    on_device = interpret or jax.default_backend() == "gpu"
-
-    def kernel_tiles(rows):
-        tiles = choose_tiles(rows, N, K, G, x_bytes)
-        return tiles if on_device and supported(rows, N, K, G, tiles, x_bytes) is None else None
-
-    if M <= MAX_TOKENS and (tiles := kernel_tiles(M)) is not None:
-        if mode == "w4a16":
+    tiles = choose_tiles(M, N, K, G, x_bytes)
+    kernel = ((interpret or jax.default_backend() == "gpu") and (mode != "w4a16" or M <= MAX_TOKENS)
+              and supported(M, N, K, G, tiles, x_bytes) is None)
+    if mode == "w4a16":
+        if kernel:
             y = w4a16_mosaic(x2, mw, tiles=tiles, interpret=interpret)
         else:
-            y = w4a8_mosaic(x2, mw, act_bits=bits, tiles=tiles, interpret=interpret)
-    elif mode == "w4a16":
-        y = jnp.dot(x2, dequantize_mosaic(mw, x2.dtype), preferred_element_type=jnp.float32)
-    elif M > MAX_TOKENS and (tiles := kernel_tiles(MAX_TOKENS)) is not None:
-        # rows are independent (per-token activation scales): zero rows pad the last chunk
-        chunks = jnp.pad(x2, ((0, -M % MAX_TOKENS), (0, 0))).reshape(-1, MAX_TOKENS, K)
-        y = lax.map(lambda c: w4a8_mosaic(c, mw, act_bits=bits, tiles=tiles, interpret=interpret),
-                    chunks).reshape(-1, N)[:M]
+            y = jnp.dot(x2, dequantize_mosaic(mw, x2.dtype), preferred_element_type=jnp.float32)
     else:
-        y = w4a4_reference(x2, from_mosaic_layout(mw), act_bits=bits)
+        bits = 8 if mode == "w4a8" else 4
+        if kernel:
+            y = w4a8_mosaic(x2, mw, act_bits=bits, tiles=tiles, interpret=interpret)
+        else:
+            y = w4a4_reference(x2, from_mosaic_layout(mw), act_bits=bits)
     return y.astype(x.dtype).reshape(*lead, N)
