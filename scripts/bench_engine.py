@@ -48,6 +48,7 @@ from qspec_jax.evaluation import run_metadata  # noqa: E402
 from qspec_jax.kv_cache import KVCache  # noqa: E402
 from qspec_jax.kernel_choice import arrange_weights  # noqa: E402
 from qspec_jax.model import forward, fuse_projections, unstack_layers  # noqa: E402
+from qspec_jax.speculative import CACHE_MULTIPLE  # noqa: E402
 
 DATASHEET_BPS = {"H200": 4.8e12, "H100": 3.35e12}
 KERNEL_MS = (1, 4, 8, 16, 64, 128, 256)
@@ -219,7 +220,10 @@ def step_cells(args, copy_bps):
     jax.block_until_ready((fparams, qparams))
     print(f"weights ready in {time.perf_counter() - t0:.0f} s", flush=True)
     cells = []
-    max_len, ctx, steps = args.context + 64, args.context, 16
+    # slots rounded up as generate rounds them (speculative.cache_slots), so attention runs the
+    # flash-decoding kernel it runs there; at 520 slots (before 2026-12-06) KVCache.attend fell
+    # back to XLA's einsum attention (the kernel needs a multiple of 16 slots)
+    max_len, ctx, steps = -(-(args.context + 64) // CACHE_MULTIPLE) * CACHE_MULTIPLE, args.context, 16
     runs = [(m, v) for m in args.modes for v in (args.step_variants if m == "w4a16" else ["default"])]
     # the quantized modes once per kernel family (qspec_jax/kernel_choice.py): mode "w4a16_mosaic"
     # etc.; with both families, the Triton drafts are left out (the earlier runs hold them)
@@ -371,7 +375,8 @@ def main(argv=None):
     meta = {**run_metadata(), "copy_bytes_per_s": bw, "xla_copy_bytes_per_s": bw_xla,
             "datasheet_bytes_per_s": datasheet, "group_size": args.group_size, "argv": sys.argv[1:],
             "weights": "generated (speed only)", "timing": "median of repeats; compiled loops (JAX), CUDA graphs (PyTorch)",
-            "mosaic_token_major": args.token_major}
+            "mosaic_token_major": args.token_major, "context": args.context,
+            "cache_slots": -(-(args.context + 64) // CACHE_MULTIPLE) * CACHE_MULTIPLE}
     print(f"{dev}: copy {bw / 1e12:.2f} TB/s (XLA's own copy {bw_xla / 1e12:.2f})", flush=True)
     out = {"meta": meta}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
