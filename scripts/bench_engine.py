@@ -49,6 +49,7 @@ from qspec_jax.kv_cache import KVCache  # noqa: E402
 from qspec_jax.kernel_choice import arrange_weights  # noqa: E402
 from qspec_jax.model import forward, fuse_projections, unstack_layers  # noqa: E402
 from qspec_jax.speculative import CACHE_MULTIPLE  # noqa: E402
+from qspec_jax.spec import KV_GROUP, KV_WINDOW  # noqa: E402
 
 DATASHEET_BPS = {"H200": 4.8e12, "H100": 3.35e12}
 KERNEL_MS = (1, 4, 8, 16, 64, 128, 256)
@@ -175,14 +176,34 @@ def gemv_sweep(args, rotate, rows, save):
         del q4
 
 
+def kv_view(mode: str) -> str:
+    """What a step in `mode` reads of the hierarchical cache: drafts its INT4 view, the rest both planes."""
+    return "int4" if mode in ("w4a8", "w4a4") else "int8"
+
+
+def make_cache(config, kv: str, batch: int, max_len: int, context: int):
+    """The step's cache: bf16 (zeros), or the hierarchical INT8 cache as a prefill of `context`
+    random tokens per row leaves it (bench_long_context.build_cache)."""
+    if kv == "bf16":
+        return KVCache.create(config, batch, max_len, jnp.bfloat16)
+    from bench_long_context import build_cache
+
+    return build_cache(config, "int8", batch, context, max_len, key=jax.random.key(0), group=KV_GROUP,
+                       window=KV_WINDOW, headroom=1, dtype=jnp.bfloat16)
+
+
 def step_program(config, mode, batch, max_len, context, steps, donate=True):
-    """A compiled loop of `steps` decode steps; the cache holds `context` positions per row."""
+    """A compiled loop of `steps` decode steps; the cache holds `context` positions per row. The
+    steps overwrite the last `steps` positions (a hierarchical cache's recent buffer holds them),
+    so the cache never grows and, on the INT8 cache, no group completes: the amortized cost of
+    quantizing a group every 128 tokens (`flush`) is not in the time."""
 
     def run(params, cache, tok):
         def body(i, carry):
             cache, tok = carry
             pos = jnp.full((batch, 1), context - steps, jnp.int32) + i
-            logits, cache = forward(params, tok[:, None], pos, cache, config=config, mode=mode)
+            logits, cache = forward(params, tok[:, None], pos, cache, config=config, mode=mode,
+                                    kv_view=kv_view(mode))
             return cache, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
 
         return jax.lax.fori_loop(0, steps, body, (cache, tok))
@@ -190,7 +211,7 @@ def step_program(config, mode, batch, max_len, context, steps, donate=True):
     return jax.jit(run, donate_argnums=1 if donate else ())
 
 
-def kernel_profile(config, mode, batch, max_len, context, params, top=40):
+def kernel_profile(config, mode, batch, max_len, context, params, top=40, kv="bf16"):
     """One decode step's kernels by CUPTI (each kernel's own time, summed by name, us, and the
     number of launches: XLA reuses one compiled kernel for identical fusions), without
     donation so the profiler can call it repeatedly: the cache is written to a new buffer, a copy
@@ -198,7 +219,7 @@ def kernel_profile(config, mode, batch, max_len, context, params, top=40):
     from jax.experimental.mosaic.gpu import profiler
 
     prog = step_program(config, mode, batch, max_len, context, 1, donate=False)
-    cache = KVCache.create(config, batch, max_len, jnp.bfloat16)
+    cache = make_cache(config, kv, batch, max_len, context)
     tok = jnp.zeros((batch,), jnp.int32) + 3
     _, timings = profiler.measure(prog, aggregate=False)(params, cache, tok)
     by_name = {}
@@ -240,7 +261,7 @@ def step_cells(args, copy_bps):
             tiling.GEMV_MAX_M = 0 if variant == "asm_mma1" else 1
             params = fparams if mode == "bf16" else arranged[kernels]
             prog = step_program(config, mode, batch, max_len, ctx, steps)
-            cache = KVCache.create(config, batch, max_len, jnp.bfloat16)
+            cache = make_cache(config, args.kv, batch, max_len, ctx)
             tok = jnp.zeros((batch,), jnp.int32) + 3
             t0 = time.perf_counter()
             compiled = prog.lower(params, cache, tok).compile()
@@ -256,7 +277,10 @@ def step_cells(args, copy_bps):
             counted = fparams if mode == "bf16" else qparams
             leaves = jax.tree.leaves({k: v for k, v in counted.items() if k != "embed"})
             wbytes = sum(x.nbytes for x in leaves) + (0 if "lm_head" in counted else counted["embed"].nbytes)
-            kv_read = 2 * config.num_layers * batch * config.num_kv_heads * ctx * config.head_dim * 2
+            # KV bytes a step must read: bf16 2 a value; the INT8 cache both 4-bit planes (1), its
+            # INT4 view one (0.5); scales and the recent buffer left out, as bench_long_context does
+            kv_elem = 2 if args.kv == "bf16" else (0.5 if kv_view(mode) == "int4" else 1)
+            kv_read = int(2 * config.num_layers * batch * config.num_kv_heads * ctx * config.head_dim * kv_elem)
             floor = (wbytes + kv_read) / copy_bps
             label = mode if variant == "default" else f"{mode}_{variant}"
             label = label if kernels == "triton" or mode == "bf16" else f"{label}_{kernels}"
@@ -269,14 +293,14 @@ def step_cells(args, copy_bps):
             del cache, compiled
             if args.profile:
                 try:
-                    cell["profile"] = kernel_profile(config, mode, batch, max_len, ctx, params)
+                    cell["profile"] = kernel_profile(config, mode, batch, max_len, ctx, params, kv=args.kv)
                 except Exception as e:  # noqa: BLE001 - a step time stands without its profile
                     cell["profile"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                     print("  profile failed:", cell["profile"]["error"], flush=True)
                     continue
                 print(f"  profile: {cell['profile']['total_us']:.0f} us in {cell['profile']['kernels']} kernels; "
                       + "; ".join(f"{n[:40]} {us:.0f}/{k}" for n, us, k in cell["profile"]["top_us"][:12]), flush=True)
-        if torch_available() and batch <= 16 and not args.no_peers:
+        if torch_available() and batch <= 16 and not args.no_peers and args.kv == "bf16":
             import torch_peer
 
             for kind in ("tinygemm", "cublas_bf16"):
@@ -329,7 +353,7 @@ def main(argv=None):
     ap.add_argument("--ms", default=",".join(map(str, KERNEL_MS)))
     ap.add_argument("--methods", default="w4a16,w4a16_mma,w4a8")
     ap.add_argument("--batches", default="1,16")
-    ap.add_argument("--modes", default="w4a16,bf16,w4a8,w4a4")
+    ap.add_argument("--modes", default=None, help="step modes (default w4a16,bf16,w4a8,w4a4; --smoke: w4a16,bf16)")
     ap.add_argument("--step-variants", default="default",
                     help="W4A16 dispatch variants in the step: default, asm (inline-PTX conversion), "
                          "asm_mma1 (asm, and the tensor-core kernel at M = 1 too)")
@@ -341,6 +365,9 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, one M, reference kernels")
     ap.add_argument("--no-peers", action="store_true", help="time our kernels and modes only")
     ap.add_argument("--profile", action="store_true", help="step: also each kernel's own time in one step (CUPTI)")
+    ap.add_argument("--kv", default="bf16", choices=("bf16", "int8"),
+                    help="step: the KV cache (int8: QuantSpec's hierarchical cache; drafts read its INT4 view): "
+                         "the runs behind an INT8-KV cost table (scripts/build_cost_table.py --kv int8)")
     ap.add_argument("--token-major", action="store_true",
                     help="Mosaic kernels write y [M, N] themselves (int4_mosaic.TRANSPOSED_STORE)")
     ap.add_argument("--summary", nargs="*", help="result JSONs to merge into the issue-10 summary at --out")
@@ -355,7 +382,8 @@ def main(argv=None):
         return summary
     args.ms = [int(m) for m in args.ms.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
-    args.modes = args.modes.split(",")
+    modes_given = args.modes is not None
+    args.modes = (args.modes or "w4a16,bf16,w4a8,w4a4").split(",")
     args.methods = args.methods.split(",")
     args.step_variants = args.step_variants.split(",")
     args.kernels = args.kernels.split(",")
@@ -364,7 +392,8 @@ def main(argv=None):
     rotate = 256 * 2**20
     if args.smoke:
         args.model, args.preset, args.ms, args.batches, args.context = "tiny", "tiny", [1], [2], 24
-        args.methods, args.modes, args.group_size, args.iters, args.repeats = ["w4a16"], ["w4a16", "bf16"], 64, 2, 1
+        args.methods, args.group_size, args.iters, args.repeats = ["w4a16"], 64, 2, 1
+        args.modes = args.modes if modes_given else ["w4a16", "bf16"]
         rotate = 2**16
     parts = args.parts.split(",")
     if args.smoke:
@@ -375,7 +404,7 @@ def main(argv=None):
     meta = {**run_metadata(), "copy_bytes_per_s": bw, "xla_copy_bytes_per_s": bw_xla,
             "datasheet_bytes_per_s": datasheet, "group_size": args.group_size, "argv": sys.argv[1:],
             "weights": "generated (speed only)", "timing": "median of repeats; compiled loops (JAX), CUDA graphs (PyTorch)",
-            "mosaic_token_major": args.token_major, "context": args.context,
+            "mosaic_token_major": args.token_major, "context": args.context, "kv": args.kv,
             "cache_slots": -(-(args.context + 64) // CACHE_MULTIPLE) * CACHE_MULTIPLE}
     print(f"{dev}: copy {bw / 1e12:.2f} TB/s (XLA's own copy {bw_xla / 1e12:.2f})", flush=True)
     out = {"meta": meta}

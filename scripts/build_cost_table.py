@@ -11,12 +11,15 @@ own --context (the same batches and modes w4a16,w4a8,w4a4 in every file); the co
 its meta "context", else its --context argument, else bench_engine's default (456). The table then
 holds "contexts" and costs per (context, batch); the policy interpolates in both and clamps outside.
 The INT8 (hierarchical) KV cache gets its own table: steps measured on that cache (the drafts
-reading its INT4 view), built with --kv int8 into <device>_int8kv_costs.json; the policy looks a
-table up by device kind and KV kind (`policy.find_table(kind, kv=...)`). For example:
+reading its INT4 view: `bench_engine.py --parts step --kv int8`), built with --kv int8 into
+<device>_int8kv_costs.json; the policy looks a table up by device kind and KV kind
+(`policy.find_table(kind, kv=...)`). A step file's meta "kv" must match --kv. For example, on Hopper:
 
+    for c in 512 8192; do python scripts/bench_engine.py --parts step --kv int8 --kernels mosaic \\
+        --modes w4a16,w4a8,w4a4 --batches 1,16 --no-peers --context $c --out $OUT/h100_step_int8kv_ctx$c.json; done
     python scripts/build_cost_table.py --kv int8 \\
-        --step benchmarks/engine/h200_step_int8kv_ctx512.json --step benchmarks/engine/h200_step_int8kv_ctx8192.json \\
-        --out qspec_jax/cost_tables/h200_int8kv_costs.json
+        --step $OUT/h100_step_int8kv_ctx512.json --step $OUT/h100_step_int8kv_ctx8192.json \\
+        --kernels benchmarks/engine/hopper_kernels.json --out qspec_jax/cost_tables/h100_int8kv_costs.json
 
 On Hopper with the Mosaic kernels (issue 18) the steps are `bench_engine.py --kernels mosaic` runs
 (modes "w4a16_mosaic" etc., read as w4a16) and the kernel table is bench_mosaic.py's joined sweep:
@@ -123,6 +126,9 @@ def build_cost_table(step_file, kernel_file: str, *, max_gamma: int = MAX_POLICY
     for path in files:
         with open(path) as f:
             steps.append(json.load(f))
+    for path, st in zip(files, steps):  # files older than the kv key ran on the bf16 cache
+        if st.get("meta", {}).get("kv", "bf16") != kv:
+            raise ValueError(f"{path} ran on the {st['meta']['kv']} KV cache; this table is for {kv} (--kv)")
     with open(kernel_file) as f:
         kern = json.load(f)
     if len(files) == 1:

@@ -155,6 +155,28 @@ def test_bench_kernels_smoke(tmp_path):
     assert json.loads((tmp_path / "k.json").read_text())
 
 
+def test_bench_engine_steps_on_the_int8_cache_build_its_cost_table(tmp_path):
+    """bench_engine --kv int8 times each mode on the hierarchical cache (drafts on its INT4 view: half
+    the KV bytes of the verifier's INT8 view), and build_cost_table --kv int8 turns the run into an
+    INT8-KV table, refusing it as a bf16 one."""
+    step, table = tmp_path / "step.json", tmp_path / "costs.json"
+    run_script("bench_engine.py", "--smoke", "--parts", "step", "--kv", "int8", "--modes", "w4a16,w4a8,w4a4",
+               "--out", str(step))
+    res = json.loads(step.read_text())
+    assert res["meta"]["kv"] == "int8"
+    cells = {c["mode"]: c for c in res["step"]}
+    assert set(cells) == {"w4a16", "w4a8", "w4a4"} and all(c["step_ms"] > 0 for c in cells.values())
+    assert cells["w4a8"]["kv_bytes_read"] * 2 == cells["w4a4"]["kv_bytes_read"] * 2 == cells["w4a16"]["kv_bytes_read"]
+    kernels = os.path.join(ROOT, "benchmarks", "engine", "h200_kernels.json")
+    run_script("build_cost_table.py", "--kv", "int8", "--step", str(step), "--kernels", kernels, "--out", str(table))
+    t = json.loads(table.read_text())
+    assert t["kv"] == "int8" and t["batches"] == [2] and t["plain_ms"] == [pytest.approx(cells["w4a16"]["step_ms"], rel=1e-3)]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "build_cost_table.py"), "--step", str(step),
+                           "--kernels", kernels, "--out", str(tmp_path / "bf16.json")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0 and "int8 KV cache" in proc.stderr
+
+
 def test_bench_long_context_smoke(tmp_path):
     """The long-context decode benchmark runs every kind of mode on the tiny preset, and its summary
     ratios are the baseline's median time over the mode's, recomputed here from the results."""
