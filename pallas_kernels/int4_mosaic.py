@@ -331,15 +331,16 @@ MEASURED: dict[tuple[int, int, int, int], MosaicTiles] = {
 
 def choose_tiles(M: int, N: int, K: int, G: int, x_bytes: int = 2) -> MosaicTiles:
     """Tiles for an [M, K] x [K, N] int4 matmul: the sweep's winner where measured, else 64-row
-    programs, split-K to at least two waves of programs (each K range >= 4 steps), and as many
-    pipeline stages as shared memory holds, up to 4."""
+    programs, split-K to at least two waves of programs (counting 256-row chunks of a larger M;
+    each K range >= 4 steps), and as many pipeline stages as shared memory holds, up to 4."""
     tm = token_tile(M)
     if (N, K, tm, x_bytes) in MEASURED:
         return MEASURED[(N, K, tm, x_bytes)]
     rows = 64
     steps = K // step_width(K, G)
+    programs = (N // rows) * -(-M // tm)
     split = 1
-    while (N // rows) * split < 2 * NUM_SMS and steps % (2 * split) == 0 and steps // (2 * split) >= 4:
+    while programs * split < 2 * NUM_SMS and steps % (2 * split) == 0 and steps // (2 * split) >= 4:
         split *= 2
     for stages in (4, 3, 2, 1):
         tiles = MosaicTiles(rows=rows, split=split, stages=stages)
