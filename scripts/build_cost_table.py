@@ -13,7 +13,8 @@ holds "contexts" and costs per (context, batch); the policy interpolates in both
 The INT8 (hierarchical) KV cache gets its own table: steps measured on that cache (the drafts
 reading its INT4 view: `bench_engine.py --parts step --kv int8`), built with --kv int8 into
 <device>_int8kv_costs.json; the policy looks a table up by device kind and KV kind
-(`policy.find_table(kind, kv=...)`). A step file's meta "kv" must match --kv. For example, on Hopper:
+(`policy.find_table(kind, kv=...)`). A step file whose meta records another "kv" is refused. For
+example, on Hopper:
 
     for c in 512 8192; do python scripts/bench_engine.py --parts step --kv int8 --kernels mosaic \\
         --modes w4a16,w4a8,w4a4 --batches 1,16 --no-peers --context $c --out $OUT/h100_step_int8kv_ctx$c.json; done
@@ -126,9 +127,10 @@ def build_cost_table(step_file, kernel_file: str, *, max_gamma: int = MAX_POLICY
     for path in files:
         with open(path) as f:
             steps.append(json.load(f))
-    for path, st in zip(files, steps):  # files older than the kv key ran on the bf16 cache
-        if st.get("meta", {}).get("kv", "bf16") != kv:
-            raise ValueError(f"{path} ran on the {st['meta']['kv']} KV cache; this table is for {kv} (--kv)")
+    for path, st in zip(files, steps):  # a file that records its cache (bench_engine --kv) must match
+        ran = st.get("meta", {}).get("kv", kv)
+        if ran != kv:
+            raise ValueError(f"{path} ran on the {ran} KV cache; this table is for {kv} (--kv)")
     with open(kernel_file) as f:
         kern = json.load(f)
     if len(files) == 1:
