@@ -192,6 +192,14 @@ def make_cache(config, kv: str, batch: int, max_len: int, context: int):
                        window=KV_WINDOW, headroom=1, dtype=jnp.bfloat16)
 
 
+def step_cache_slots(context: int) -> int:
+    """The step's cache slots: the context and 64 more, rounded up as generate rounds a cache
+    (speculative.cache_slots), so attention runs the flash-decoding kernel it runs there; at 520
+    slots (before 2026-12-06) KVCache.attend fell back to XLA's einsum attention (the kernel needs
+    a multiple of 16 slots)."""
+    return -(-(context + 64) // CACHE_MULTIPLE) * CACHE_MULTIPLE
+
+
 def step_program(config, mode, batch, max_len, context, steps, donate=True):
     """A compiled loop of `steps` decode steps; the cache holds `context` positions per row. The
     steps overwrite the last `steps` positions (a hierarchical cache's recent buffer holds them),
@@ -241,10 +249,7 @@ def step_cells(args, copy_bps):
     jax.block_until_ready((fparams, qparams))
     print(f"weights ready in {time.perf_counter() - t0:.0f} s", flush=True)
     cells = []
-    # slots rounded up as generate rounds them (speculative.cache_slots), so attention runs the
-    # flash-decoding kernel it runs there; at 520 slots (before 2026-12-06) KVCache.attend fell
-    # back to XLA's einsum attention (the kernel needs a multiple of 16 slots)
-    max_len, ctx, steps = -(-(args.context + 64) // CACHE_MULTIPLE) * CACHE_MULTIPLE, args.context, 16
+    max_len, ctx, steps = step_cache_slots(args.context), args.context, 16
     runs = [(m, v) for m in args.modes for v in (args.step_variants if m == "w4a16" else ["default"])]
     # the quantized modes once per kernel family (qspec_jax/kernel_choice.py): mode "w4a16_mosaic"
     # etc.; with both families, the Triton drafts are left out (the earlier runs hold them)
@@ -405,7 +410,7 @@ def main(argv=None):
             "datasheet_bytes_per_s": datasheet, "group_size": args.group_size, "argv": sys.argv[1:],
             "weights": "generated (speed only)", "timing": "median of repeats; compiled loops (JAX), CUDA graphs (PyTorch)",
             "mosaic_token_major": args.token_major, "context": args.context, "kv": args.kv,
-            "cache_slots": -(-(args.context + 64) // CACHE_MULTIPLE) * CACHE_MULTIPLE}
+            "cache_slots": step_cache_slots(args.context)}
     print(f"{dev}: copy {bw / 1e12:.2f} TB/s (XLA's own copy {bw_xla / 1e12:.2f})", flush=True)
     out = {"meta": meta}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
