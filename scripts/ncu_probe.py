@@ -16,8 +16,9 @@ every replay pass: minutes per kernel instead of seconds.)
   python scripts/ncu_probe.py --list        # the probes, no GPU needed
 
 Probes: decode attention (bf16, INT8, INT4 with the default launch knobs) at batch 16 x 8k, and the
-W4A16 kernels on the gate_up and down projections at M = 1 and 16, beside XLA's dot on
-`jnp.int4`-style weights (dequantized in the graph) at M = 16.
+W4A16 kernels (Triton, and Mosaic GPU's W4A16 and W4A8: ncu -k regex:'mosaic') on the gate_up and
+down projections at M = 1 and 16, beside XLA's dot on `jnp.int4`-style weights (dequantized in the
+graph) at M = 16.
 
 The committed ncu reports (benchmarks/kv/h200_ncu_*.txt) came from this script at commit 09cc211,
 when it also probed INT8/INT4 with "channels" value planes and took --attention-configs (launch-knob
@@ -40,6 +41,7 @@ import jax.numpy as jnp  # noqa: E402
 from bench_attention import H, HD, attend, make_kv  # noqa: E402
 from bench_kernels import make_weights, xla_int4_matmul  # noqa: E402
 from pallas_kernels import w4a16_matmul  # noqa: E402
+from pallas_kernels import int4_mosaic  # noqa: E402
 
 PROJ = {"gate_up": (4096, 2 * 14336), "down": (14336, 4096)}
 
@@ -75,13 +77,30 @@ def matmul_probes():
     return out
 
 
+def mosaic_probes():
+    """The Mosaic GPU int4 kernels (sm_90) at their default tiles (choose_tiles)."""
+    out = []
+    for proj, (K, N) in PROJ.items():
+        for M in (1, 16):
+            for mode in ("w4a16", "w4a8"):
+                def build(K=K, N=N, M=M, mode=mode):
+                    key = jax.random.key(K + M)
+                    (w,) = make_weights(key, K, N, 128, 1, int4=True)
+                    mw = int4_mosaic.to_mosaic_layout(w)
+                    x = jax.random.normal(jax.random.fold_in(key, 1), (M, K), jnp.bfloat16)
+                    return jax.jit(lambda x, mw: int4_mosaic.mosaic_matmul(x, mw, mode)), (x, mw)
+
+                out.append((f"mosaic_{mode}_{proj}_M{M}", build))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=2, help="profiled calls per probe after one warm-up")
     ap.add_argument("--only", default="", help="comma-separated substrings: run only matching probes")
     ap.add_argument("--list", action="store_true", help="print the probe names and exit")
     args = ap.parse_args(argv)
-    probes = attention_probes() + matmul_probes()
+    probes = attention_probes() + matmul_probes() + mosaic_probes()
     if args.only:
         probes = [(n, b) for n, b in probes if any(s in n for s in args.only.split(","))]
     for name, build in probes:
