@@ -45,6 +45,7 @@ SMEM_BYTES = 227 * 1024  # per program on sm_90
 # but the kernels with it are not yet checked there, so the compiled default stays out^T + XLA's
 # transpose. `scripts/bench_mosaic.py --token-major` and `bench_engine.py --token-major` set this.
 TRANSPOSED_STORE = False
+WIDE_WEIGHT_LOADS = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +186,16 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
         k_range = pl.ds(s_idx * steps * tk, steps * tk)
         step_range = pl.ds(s_idx * steps, steps)
 
+        def load_weights(w_smem):
+            # For bf16: the int4 tile in 32-bit words (8 nibbles a thread, WGMMA_UPCAST_4X), then
+            # one warp shuffle into wgmma's A layout. Left to inference, each thread loaded its 64
+            # nibbles a byte at a time (32 shared-memory loads a step). For int8, inference's
+            # WGMMA_8BIT loads 16 bits at a time (Mosaic has no 4X -> 8BIT relayout).
+            if interpret or int8 or not WIDE_WEIGHT_LOADS:
+                return w_smem[...]
+            w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X, optimized=True)
+            return plgpu.layout_cast(w, plgpu.Layout.WGMMA)
+
         def wgmma(acc_ref, w_reg, x_smem):
             # acc_ref += w_reg [rows, tk] @ x_smem^T [tk, tm]
             if a_smem is None:
@@ -197,7 +208,7 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
         def step(_, w_smem, x_smem, s_smem, *rest):
             # w_smem [rows, tk] int4; x_smem [tm, tk]; s_smem [1, rows]; xs_smem [1, xs_cols]
             *xs_smem, acc = rest
-            w_reg = w_smem[...].astype(op_dtype)  # int4 -> bf16 / int8 in registers
+            w_reg = load_weights(w_smem).astype(op_dtype)  # int4 -> bf16 / int8 in registers
 
             def mma(acc_ref):
                 wgmma(acc_ref, w_reg, x_smem)
@@ -223,7 +234,7 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
             operands.append(xs_gmem.at[step_range, pl.ds(c_idx * xs_cols, xs_cols)])
         if tiles.carry:
             def scaled_step(_, w_smem, x_smem, s_smem, acc_ref):
-                w_reg = w_smem[...].astype(jnp.bfloat16) * lax.broadcast_in_dim(
+                w_reg = load_weights(w_smem).astype(jnp.bfloat16) * lax.broadcast_in_dim(
                     s_smem[0].astype(jnp.bfloat16), (rows, tk), [0])
                 wgmma(acc_ref, w_reg, x_smem)
                 # wait before the next step converts: A lives in registers the next step reuses

@@ -22,6 +22,14 @@ Modes (name: weights, verify / draft, cache):
 
     python scripts/bench_long_context.py --out benchmarks/kv/h200_long_context.json   # GPU
     python scripts/bench_long_context.py --smoke --out /tmp/lc.json                    # CPU, tiny
+    python scripts/bench_long_context.py --dry-run                  # CPU: each mode's cache and the weights, in GB
+
+On an 80 GB GPU (H100) the 16 x 32k bf16 cache (69 GB) and the bf16 weights (16 GB) that the
+bf16 / QuantSpec modes need do not fit together: run the cells as two processes into one file,
+the batch-16 cells first (int4 weights only; give JAX 95% of the memory), then the others:
+
+    XLA_CLIENT_MEM_FRACTION=0.95 python scripts/bench_long_context.py --shapes 16x8192,16x32768 --out R.json
+    python scripts/bench_long_context.py --shapes 1x8192,4x32768 --append --out R.json
     python scripts/bench_long_context.py --summarize benchmarks/kv/h200_long_context.json \\
         --summary benchmarks/kv/h200_summary.json --plot benchmarks/kv/h200_long_context.png
                                                           # the issue's ratio maps and plot from a results file
@@ -149,12 +157,18 @@ def replay_rule(traces, kind, key, batch, fallback):
     return Replay.of(t[np.arange(batch) % t.shape[0]]), source
 
 
+def _nbytes(x) -> int:
+    """Bytes of an array as stored: two int4 values a byte (the Mosaic layout's `jnp.int4`, whose
+    nbytes counts a byte a value)."""
+    return x.size // 2 if x.dtype in (jnp.int4, jnp.uint4) else x.nbytes
+
+
 def step_bytes(params, config, batch, context, kind):
     """Bytes a plain decode step must read: the weights (not the embedding table) and the KV
     prefix attention reads (bf16: 2 bytes an element; int8: both 4-bit planes plus their scales)."""
-    weights = sum(leaf.nbytes for name, tree in params.items() if name != "embed" for leaf in jax.tree.leaves(tree))
+    weights = sum(_nbytes(leaf) for name, tree in params.items() if name != "embed" for leaf in jax.tree.leaves(tree))
     if "lm_head" not in params:
-        weights += params["embed"].nbytes
+        weights += _nbytes(params["embed"])
     elems = 2 * config.num_layers * batch * config.num_kv_heads * context * config.head_dim
     return weights, elems * (2 if kind == "bf16" else 1)
 
@@ -185,6 +199,30 @@ def plan_mode(name, weights, config, batch, context, new_tokens, traces, fallbac
         kv_cache.KERNEL_ATTENTION_MAX_T = kernel_t
         speculative.decode_jit.clear_cache()
     return plan
+
+
+def memory_plan(config, cells, new_tokens, group, window) -> list:
+    """Device bytes each selected mode holds while it runs, from shapes alone (no device work): its
+    cache and the weights the whole run keeps (int4, plus bf16 when any mode of the run needs them).
+    Decode temporaries (per-layer attention partials, logits) come on top and are small."""
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    fparams = jax.eval_shape(lambda: checkpoint.random_params(config, seed=0, dtype=jnp.bfloat16))
+    weights = {"bf16": nbytes(fparams),
+               "int4": nbytes(jax.eval_shape(lambda p: quantize.quantize_params(p, config, dtype=jnp.bfloat16), fparams))}
+    kept = weights["int4"] + (weights["bf16"] if any(parse_mode(m)["weights"] == "bf16"
+                                                     for _, _, modes in cells for m in modes) else 0)
+    rows = []
+    for batch, context, modes in cells:
+        for name in modes:
+            s = parse_mode(name)
+            max_len = (speculative.cache_length if s["kv"] == "int8" else speculative.cache_slots)(
+                context, new_tokens, s["gamma"])
+            cache = nbytes(jax.eval_shape(lambda: build_cache(  # noqa: B023 - called at once
+                config, s["kv"], batch, context, max_len, key=jax.random.key(0), group=group, window=window,
+                headroom=s["gamma"] + 1, dtype=jnp.bfloat16)))
+            rows.append({"batch": batch, "context": context, "mode": name, "cache_bytes": cache,
+                         "weights_bytes": kept, "total_bytes": cache + kept})
+    return rows
 
 
 def compile_all(plans, threads):
@@ -285,10 +323,18 @@ def write_summary(results: dict, path: str, source: str):
         with open(path) as f:
             summary = json.load(f)
     meta = results["meta"]
+    if summary.get("device") not in (None, meta.get("device")):
+        raise SystemExit(f"{path} holds {summary['device']} numbers; {source} is from {meta.get('device')}")
     summary.update(summarize(results))
-    summary["e2e"] = {"source": source,
+    summary["e2e"] = {"source": source, "device": meta.get("device"), "kernels": meta.get("kernels"),
                       "commit": meta.get("commit"), "ratios": "decode only (module docstring of "
                       "scripts/bench_long_context.py); median seconds of the baseline over the mode's"}
+    if isinstance(summary.get("notes"), list):  # the e2e note is this writer's: replace any earlier one
+        summary["notes"] = [n for n in summary["notes"] if not n.startswith("end-to-end keys")] + [
+            f"end-to-end keys: {source} (commit {str(meta.get('commit'))[:7]}), decode only"]
+    if isinstance(summary.get("commit"), list) and meta.get("commit"):  # the runs' commits (attention's, ...)
+        if str(meta["commit"])[:7] not in summary["commit"]:
+            summary["commit"].append(str(meta["commit"])[:7])
     summary.setdefault("device", meta.get("device"))
     summary.setdefault("jax", meta.get("jax"))
     with open(path, "w") as f:
@@ -296,10 +342,35 @@ def write_summary(results: dict, path: str, source: str):
     return summary
 
 
+def append_to(results: dict, path: str) -> dict:
+    """`results` (a fresh run's, no cells yet) continued from the results file at `path`: its cells
+    and meta kept, this run's argv, commit and copy bandwidth listed in meta["appended"]. Refused
+    unless the two runs time the same thing (device, preset, tokens, reps, kernels, KV settings)."""
+    with open(path) as f:
+        prev = json.load(f)
+    same = ("device", "preset", "new_tokens", "reps", "kernels", "kv_group", "kv_window")
+    diff = {k: (prev["meta"].get(k), results["meta"].get(k)) for k in same if prev["meta"].get(k) != results["meta"].get(k)}
+    if diff:
+        raise SystemExit(f"--append: {path} was run with other settings (there, here): {diff}")
+    meta = dict(prev["meta"])
+    meta["appended"] = meta.get("appended", []) + [
+        {k: results["meta"].get(k) for k in ("argv", "commit", "copy_bytes_per_s")}]
+    return {"meta": meta, "cells": prev["cells"]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama3-8b")
-    ap.add_argument("--cells", default=DEFAULT_CELLS, help="BxS:mode,mode;BxS:... (modes: module docstring)")
+    ap.add_argument("--cells", help="BxS:mode,mode;BxS:... (modes: module docstring); default: the issue's "
+                    "cells (DEFAULT_CELLS), with --smoke one tiny cell")
+    ap.add_argument("--shapes", help="run only the cells of --cells with these BxS shapes, e.g. 16x8192,16x32768 "
+                                     "(several processes into one file with --append)")
+    ap.add_argument("--append", action="store_true",
+                    help="add this run's cells to the results already in --out (a run of the same device, preset, "
+                         "tokens, reps, kernels and KV settings, else refused) instead of starting it afresh")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print each selected mode's cache bytes and the weights the run keeps, then exit "
+                         "(shapes only: no device work)")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens per row, the first one included")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--compile-threads", type=int, default=8, help="programs compiled at once")
@@ -323,18 +394,35 @@ def main(argv=None):
         if args.plot:
             plot(results, args.plot)
         return
-    if not args.out:
+    if not args.out and not args.dry_run:
         ap.error("--out is required")
     if args.smoke:
         args.preset, args.new_tokens, args.reps, args.kv_group, args.kv_window = "tiny", 6, 1, 16, 32
-        args.cells = "2x48:w4a16_bf16kv,w4a16_bf16kv+einsum,w4a16_int8kv,qspec_w4a8_int8kv_g3,bf16_bf16kv,quantspec_g3"
-    cells = parse_cells(args.cells)
+        args.cells = args.cells or \
+            "2x48:w4a16_bf16kv,w4a16_bf16kv+einsum,w4a16_int8kv,qspec_w4a8_int8kv_g3,bf16_bf16kv,quantspec_g3"
+    cells = parse_cells(args.cells or DEFAULT_CELLS)
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes.split(",") if s]
+        missing = [s for s in shapes if s not in {(b, c) for b, c, _ in cells}]
+        if missing:
+            raise SystemExit(f"--shapes {missing} not among the cells {[(b, c) for b, c, _ in cells]}")
+        cells = [cell for cell in cells if (cell[0], cell[1]) in shapes]
     traces = {"bf16": load_traces(args.traces_bf16, True), "int8": load_traces(args.traces_int8, not args.smoke)}
     for kind, path in (("bf16", args.traces_bf16), ("int8", args.traces_int8)):
         if traces[kind] is not None:
             traces[kind]["path"] = path
     fallback = traces["bf16"] if args.smoke else None
     config = get_preset(args.preset)
+    if args.dry_run:
+        rows = memory_plan(config, cells, args.new_tokens, args.kv_group, args.kv_window)
+        for batch, context, modes in cells:  # the replayed traces each mode needs are there
+            for name in modes:
+                if parse_mode(name)["trace"] is not None:
+                    replay_rule(traces, *parse_mode(name)["trace"], batch, fallback)
+        for r in rows:
+            print(f"{r['batch']}x{r['context']} {r['mode']}: cache {r['cache_bytes'] / 1e9:.1f} GB + weights "
+                  f"{r['weights_bytes'] / 1e9:.1f} GB = {r['total_bytes'] / 2**30:.1f} GiB")
+        return rows
     bandwidth, _ = best_copy_bandwidth(args.smoke)
     t0 = time.perf_counter()
     fparams = checkpoint.random_params(config, seed=0, dtype=jnp.bfloat16)
@@ -350,10 +438,13 @@ def main(argv=None):
                         "kernels": resolve_kernels(args.kernels),
                         "new_tokens": args.new_tokens, "reps": args.reps, "kv_group": args.kv_group,
                         "kv_window": args.kv_window, "copy_bytes_per_s": bandwidth, "argv": sys.argv[1:],
+                        "device_bytes_limit": (jax.devices()[0].memory_stats() or {}).get("bytes_limit"),
                         "timing": "decode loop only (speculative.decode_jit) over a directly built cache; "
                                   "median of reps after AOT compile and one warm-up call",
                         "acceptance": "replayed per cycle (acceptance_source per mode)"},
                "cells": []}
+    if args.append and os.path.exists(args.out):
+        results = append_to(results, args.out)
     t0 = time.perf_counter()
     plans = [plan_mode(name, weights, config, batch, context, args.new_tokens, traces, fallback, args.kv_group,
                        args.kv_window) for batch, context, modes in cells for name in modes]
@@ -362,7 +453,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     plans = compile_all(plans, args.compile_threads)
     print(f"compiled in {time.perf_counter() - t0:.0f} s", flush=True)
-    cells_out = {}
+    cells_out = {(c["batch"], c["context"]): c for c in results["cells"]}  # --append: the earlier run's
     for plan in plans:
         batch, context, name, s = plan["batch"], plan["context"], plan["name"], plan["settings"]
         cell = cells_out.get((batch, context))
@@ -379,6 +470,8 @@ def main(argv=None):
             continue
         finally:
             plan.pop("compiled", None)  # free the executable once timed
+        stats = jax.devices()[0].memory_stats() or {}
+        m["device_peak_bytes"] = stats.get("peak_bytes_in_use")  # the process's peak so far
         if s["gamma"] == 0:
             wb, kvb = step_bytes(weights[s["weights"]], config, batch, context, s["kv"])
             m["step_floor_ms"] = 1e3 * (wb + kvb) / bandwidth

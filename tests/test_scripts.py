@@ -200,6 +200,26 @@ def test_bench_long_context_smoke(tmp_path):
     assert summ["quantspec_vs_bf16"][key] == pytest.approx(t["bf16_bf16kv"] / t["quantspec_g3"])
 
 
+def test_bench_long_context_cells_in_two_processes(tmp_path):
+    """--dry-run prices each mode's cache from shapes alone (the 16 x 32k bf16 cache is 69 GB);
+    --shapes runs a subset of the cells and --append adds a second process's cells to the same
+    file, refusing a run of other settings."""
+    rows = run_script("bench_long_context.py", "--dry-run", "--shapes", "16x32768")
+    assert "16x32768 w4a16_bf16kv: cache 69.0 GB + weights 5.8 GB" in rows and "4x32768" not in rows
+    out, cells = tmp_path / "lc.json", "2x48:w4a16_bf16kv,qspec_w4a8_int8kv_g3;1x40:bf16_bf16kv"
+    for shape in ("2x48", "1x40"):
+        run_script("bench_long_context.py", "--smoke", "--cells", cells, "--shapes", shape, "--append",
+                   "--compile-threads", "2", "--out", str(out))
+    res = json.loads(out.read_text())
+    assert [(c["batch"], c["context"], [m["mode"] for m in c["modes"]]) for c in res["cells"]] == [
+        (2, 48, ["w4a16_bf16kv", "qspec_w4a8_int8kv_g3"]), (1, 40, ["bf16_bf16kv"])]
+    assert "--shapes" in res["meta"]["argv"] and res["meta"]["appended"][0]["argv"][-3:] == ["--append", "--out", str(out)]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_long_context.py"), "--smoke",
+                           "--cells", cells, "--shapes", "1x40", "--append", "--kernels", "triton", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "other settings" in proc.stderr
+
+
 def test_bench_mosaic_summary_keys_and_ratios(tmp_path):
     """The issue-18 summary from a made-up run: every key the issue names, ratios the right way up."""
     bw = 3.0e12

@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""A/B of the W4A16 Mosaic kernel's weight loads on the GPU (issue 18): the int4 tile read into
+registers a byte at a time (the layout inference chose before) against 32-bit words
+(`int4_mosaic.WIDE_WEIGHT_LOADS`: WGMMA_UPCAST_4X, then one shuffle into wgmma's layout), at the
+rule's tiles and their neighbours, every Llama-3-8B projection, M = 1..128. Checks each variant
+against float64 at a small shape first. CUPTI times over rotating weight copies larger than L2.
+
+  python benchmarks/engine/probes/wide_loads.py --out $OUT/wide_loads.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "scripts"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import bench_mosaic as bm  # noqa: E402
+from pallas_kernels import int4_mosaic  # noqa: E402
+from pallas_kernels.int4_mosaic import MosaicTiles, choose_tiles, supported, w4a16_mosaic  # noqa: E402
+
+
+def candidates(M, N, K):
+    base = choose_tiles(M, N, K, K // bm.GROUP)
+    cands = [base, dataclasses.replace(base, split=base.split * 2)]
+    if base.split > 1 and M <= 16:
+        cands.append(dataclasses.replace(base, split=base.split // 2))
+    if M >= 64:
+        cands.append(dataclasses.replace(base, carry=True))
+    return [t for i, t in enumerate(cands) if t not in cands[:i] and not supported(M, N, K, K // bm.GROUP, t)]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ms", default="1,16,64,128")
+    ap.add_argument("--projections", default="gate_up,down,qkv,o")
+    args = ap.parse_args()
+    import torch_peer
+
+    out = {"meta": {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                    "copy_bw_Bps": torch_peer.copy_bandwidth(), "timing": "cupti"},
+           "check": [], "cells": [], "errors": {}}
+    print(out["meta"], flush=True)
+    key = jax.random.key(0)
+    for wide in (False, True):  # float64 checks at a small shape, every body
+        int4_mosaic.WIDE_WEIGHT_LOADS = wide
+        jax.clear_caches()
+        for M, tiles in ((1, MosaicTiles()), (5, MosaicTiles(split=2)), (33, MosaicTiles(stages=2)),
+                         (128, MosaicTiles(rows=128, stages=2, carry=True))):
+            K, N = 1024, 512
+            k1, k2, k3 = jax.random.split(jax.random.fold_in(key, M))
+            q = jax.random.randint(k1, (K, N), -8, 8, jnp.int32).astype(jnp.int8)
+            s = jax.random.uniform(k2, (K // bm.GROUP, N), jnp.float32, 0.5, 1.5) / 64
+            x = jax.random.normal(k3, (M, K), jnp.bfloat16)
+            mw = {"w": q.T.astype(jnp.int4), "scales": s}
+            try:
+                err = bm.rel_err(w4a16_mosaic(x, mw, tiles=tiles), bm.reference64(x, q, s))
+            except Exception as e:  # noqa: BLE001
+                err = f"{type(e).__name__}: {str(e)[:200]}"
+            out["check"].append({"wide": wide, "M": M, "tiles": str(tiles), "rel_err": err})
+            print(out["check"][-1], flush=True)
+    for proj in args.projections.split(","):
+        K, N = bm.PROJECTIONS[proj]
+        copies = max(2, -(-2 * bm.L2_BYTES // (K * N // 2)))
+        ws = [w["mosaic"] for w in bm.make_weights(jax.random.fold_in(key, K + N), K, N, copies)]
+        for M in map(int, args.ms.split(",")):
+            x = jax.random.normal(jax.random.fold_in(key, M), (M, K), jnp.bfloat16)
+            ref = np.asarray(bm.device_reference(x, ws[0]), np.float64)
+            for wide in (False, True):
+                int4_mosaic.WIDE_WEIGHT_LOADS = wide
+                jax.clear_caches()
+                for t in candidates(M, N, K):
+                    fn = lambda x, w, t=t: w4a16_mosaic(x, w, tiles=t)  # noqa: E731
+                    row = {"proj": proj, "M": M, "wide": wide, "tiles": str(t),
+                           "weight_bytes": K * N // 2 + (K // bm.GROUP) * N * 4,
+                           **bm.time_kernel(out, fn, x, ws, ref)}
+                    if "kernel_us" in row:
+                        row["frac_copy_bw"] = row["weight_bytes"] / (row["kernel_us"] * 1e-6) / out["meta"]["copy_bw_Bps"]
+                    out["cells"].append(row)
+                    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
