@@ -59,12 +59,16 @@ class MosaicTiles:
       as a dequantized bf16 weight is) and accumulate every step into one wgmma accumulator,
       instead of a fresh accumulator per step rescaled in f32 and added to a running sum. Half
       the accumulator registers (a 64 x 256 tile is 128 a thread): for wide token tiles.
+    groups: weight groups per pipeline step (divides a K range's groups): each step issues one
+      wgmma per group back to back and waits once, so a step's fixed costs (barrier waits, the
+      wgmma wait, the pipeline's bookkeeping) are paid once per `groups` groups.
     """
 
     rows: int = 64
     split: int = 1
     stages: int = 4
     carry: bool = False
+    groups: int = 1
 
 
 def is_mosaic_layout(w) -> bool:
@@ -104,7 +108,7 @@ def step_width(K: int, G: int) -> int:
 
 def smem_bytes(tiles: MosaicTiles, tk: int, tm: int, x_bytes: int) -> int:
     """Shared memory of one program: pipeline stages of weights, x and scales, plus the output."""
-    stage = tiles.rows * tk // 2 + tm * tk * x_bytes + 4 * (tiles.rows + tm)
+    stage = tiles.groups * (tiles.rows * tk // 2 + tm * tk * x_bytes + 4 * (tiles.rows + tm))
     return tiles.stages * stage + tiles.rows * tm * 4
 
 
@@ -118,7 +122,9 @@ def supported(M: int, N: int, K: int, G: int, tiles: MosaicTiles, x_bytes: int =
     if tiles.rows % WGMMA_ROWS or N % tiles.rows:
         return f"rows={tiles.rows} must be a multiple of 64 dividing N={N}"
     if (K // tk) % tiles.split:
-        return f"split={tiles.split} does not divide the {K // tk} pipeline steps"
+        return f"split={tiles.split} does not divide the {K // tk} weight groups"
+    if (K // tk // tiles.split) % tiles.groups:
+        return f"groups={tiles.groups} does not divide a K range's {K // tk // tiles.split} groups"
     if smem_bytes(tiles, tk, token_tile(M), x_bytes) > SMEM_BYTES:
         return "the pipeline stages do not fit in shared memory"
     return None
@@ -156,10 +162,10 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
         scales = jnp.broadcast_to(scales, (steps_total, N))
     tm = token_tile(M)
     chunks = -(-M // tm)  # above 256 rows: one more grid axis over 256-row chunks of x
-    rows, split, stages = tiles.rows, tiles.split, tiles.stages
+    rows, split, stages, g = tiles.rows, tiles.split, tiles.stages, tiles.groups
     if tiles.carry and int8:
         raise ValueError("carry is a W4A16 body: int8 codes cannot hold the scales")
-    steps = steps_total // split  # pipeline steps per program
+    steps = steps_total // split  # weight groups per program (g per pipeline step)
     # x stays [M, K]: each step's TMA box of tm rows reads past row M, which TMA fills with zeros
     # (the interpreter with garbage); those tokens' output columns are dropped below. So no pad
     # kernel sits between x's producer and the matmul, except where Mosaic's shared-memory tiling
@@ -205,44 +211,54 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
                 b_smem[...] = x_smem[...].T
                 plgpu.wgmma(acc_ref, a_smem, b_smem)
 
-        def step(_, w_smem, x_smem, s_smem, *rest):
-            # w_smem [rows, tk] int4; x_smem [tm, tk]; s_smem [1, rows]; xs_smem [1, xs_cols]
+        def step(_, *refs):
+            # g tiles each of w_smem [rows, tk] int4 and x_smem [tm, tk]; s_smem [g, rows];
+            # xs_smem [g, xs_cols]
+            w_smems, x_smems, (s_smem, *rest) = refs[:g], refs[g:2 * g], refs[2 * g:]
             *xs_smem, acc = rest
-            w_reg = load_weights(w_smem).astype(op_dtype)  # int4 -> bf16 / int8 in registers
+            w_regs = [load_weights(w).astype(op_dtype) for w in w_smems]  # int4 -> bf16 / int8
 
-            def mma(acc_ref):
-                wgmma(acc_ref, w_reg, x_smem)
-                return acc_ref[...]
+            def mma(*acc_refs):  # issue every group's wgmma, then wait once (reading them)
+                for acc_ref, w_reg, x_smem in zip(acc_refs, w_regs, x_smems):
+                    wgmma(acc_ref, w_reg, x_smem)
+                return [acc_ref[...] for acc_ref in acc_refs]
 
-            part = pl.run_scoped(mma, plgpu.ACC((rows, tm), acc_dtype)).astype(jnp.float32)
-            part = part * lax.broadcast_in_dim(s_smem[0], (rows, tm), [0])
-            if int8:
-                xs = xs_smem[0][0, pl.ds(0, tm)]  # [tm]: this step's token scales
-                part = part * lax.broadcast_in_dim(xs, (rows, tm), [1])
-            return acc + part
+            parts = pl.run_scoped(mma, *[plgpu.ACC((rows, tm), acc_dtype)] * g)
+            for j, part in enumerate(parts):
+                part = part.astype(jnp.float32) * lax.broadcast_in_dim(s_smem[j], (rows, tm), [0])
+                if int8:
+                    xs = xs_smem[0][j, pl.ds(0, tm)]  # [tm]: this group's token scales
+                    part = part * lax.broadcast_in_dim(xs, (rows, tm), [1])
+                acc = acc + part
+            return acc
 
-        in_specs = [
-            plgpu.BlockSpec((rows, tk), lambda k: (0, k), transforms=_swizzled(tk // 2, 4, "lhs")),
-            plgpu.BlockSpec((tm, tk), lambda k: (0, k),
-                            transforms=_swizzled(tk * (1 if int8 else 2), 8 if int8 else 16, "rhs")),
-            plgpu.BlockSpec((1, rows), lambda k: (k, 0)),
-        ]
+        # group j of step k is the K block g * k + j: the weight and x are passed once per group
         x_rows = tokens if chunks > 1 else slice(None)  # one chunk: a box past M, zero-filled
-        operands = [w_gmem.at[n_rows, k_range], x_gmem.at[x_rows, k_range], s_gmem.at[step_range, n_rows]]
+        in_specs = (
+            [plgpu.BlockSpec((rows, tk), lambda k, j=j: (0, g * k + j),
+                             transforms=_swizzled(tk // 2, 4, "lhs")) for j in range(g)]
+            + [plgpu.BlockSpec((tm, tk), lambda k, j=j: (0, g * k + j),
+                               transforms=_swizzled(tk * (1 if int8 else 2), 8 if int8 else 16, "rhs"))
+               for j in range(g)]
+            + [plgpu.BlockSpec((g, rows), lambda k: (k, 0))])
+        operands = ([w_gmem.at[n_rows, k_range]] * g + [x_gmem.at[x_rows, k_range]] * g
+                    + [s_gmem.at[step_range, n_rows]])
         if int8:
-            in_specs.append(plgpu.BlockSpec((1, xs_cols), lambda k: (k, 0)))
+            in_specs.append(plgpu.BlockSpec((g, xs_cols), lambda k: (k, 0)))
             operands.append(xs_gmem.at[step_range, pl.ds(c_idx * xs_cols, xs_cols)])
         if tiles.carry:
-            def scaled_step(_, w_smem, x_smem, s_smem, acc_ref):
-                w_reg = load_weights(w_smem).astype(jnp.bfloat16) * lax.broadcast_in_dim(
-                    s_smem[0].astype(jnp.bfloat16), (rows, tk), [0])
-                wgmma(acc_ref, w_reg, x_smem)
+            def scaled_step(_, *refs):
+                w_smems, x_smems, (s_smem, acc_ref) = refs[:g], refs[g:2 * g], refs[2 * g:]
+                for j in range(g):
+                    w_reg = load_weights(w_smems[j]).astype(jnp.bfloat16) * lax.broadcast_in_dim(
+                        s_smem[j].astype(jnp.bfloat16), (rows, tk), [0])
+                    wgmma(acc_ref, w_reg, x_smems[j])
                 # wait before the next step converts: A lives in registers the next step reuses
                 plgpu.wgmma_wait(0)
                 return acc_ref
 
             def accumulate(acc_ref):
-                plgpu.emit_pipeline(scaled_step, grid=(steps,), in_specs=in_specs,
+                plgpu.emit_pipeline(scaled_step, grid=(steps // g,), in_specs=in_specs,
                                     max_concurrent_steps=stages, init_carry=acc_ref)(*operands)
                 return acc_ref[...]
 
@@ -252,7 +268,7 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
             if not interpret:  # the interpreter has no layouts
                 acc0 = plgpu.layout_cast(acc0, plgpu.Layout.WGMMA)
             acc = plgpu.emit_pipeline(
-                step, grid=(steps,), in_specs=in_specs, max_concurrent_steps=stages, init_carry=acc0,
+                step, grid=(steps // g,), in_specs=in_specs, max_concurrent_steps=stages, init_carry=acc0,
             )(*operands)
         acc = acc.astype(out_smem.dtype)
         if not token_major:
@@ -340,10 +356,16 @@ MEASURED: dict[tuple[int, int, int, int], MosaicTiles] = {
 }
 
 
+# Weight groups per pipeline step in choose_tiles' rule (where they divide a K range);
+# `bench_engine.py --mosaic-groups` sets it to time the step both ways.
+GROUPS_PER_STEP = 1
+
+
 def choose_tiles(M: int, N: int, K: int, G: int, x_bytes: int = 2) -> MosaicTiles:
     """Tiles for an [M, K] x [K, N] int4 matmul: the sweep's winner where measured, else 64-row
     programs, split-K to at least two waves of programs (counting 256-row chunks of a larger M;
-    each K range >= 4 steps), and as many pipeline stages as shared memory holds, up to 4."""
+    each K range >= 4 steps), GROUPS_PER_STEP groups a step, and as many pipeline stages as
+    shared memory holds, up to 4."""
     tm = token_tile(M)
     if (N, K, tm, x_bytes) in MEASURED:
         return MEASURED[(N, K, tm, x_bytes)]
@@ -353,8 +375,9 @@ def choose_tiles(M: int, N: int, K: int, G: int, x_bytes: int = 2) -> MosaicTile
     split = 1
     while programs * split < 2 * NUM_SMS and steps % (2 * split) == 0 and steps // (2 * split) >= 4:
         split *= 2
+    groups = GROUPS_PER_STEP if (steps // split) % GROUPS_PER_STEP == 0 else 1
     for stages in (4, 3, 2, 1):
-        tiles = MosaicTiles(rows=rows, split=split, stages=stages)
+        tiles = MosaicTiles(rows=rows, split=split, stages=stages, groups=groups)
         if smem_bytes(tiles, step_width(K, G), tm, x_bytes) <= SMEM_BYTES:
             return tiles
     return MosaicTiles(rows=rows, split=split, stages=1)

@@ -375,6 +375,9 @@ def main(argv=None):
                          "the runs behind an INT8-KV cost table (scripts/build_cost_table.py --kv int8)")
     ap.add_argument("--token-major", action="store_true",
                     help="Mosaic kernels write y [M, N] themselves (int4_mosaic.TRANSPOSED_STORE)")
+    ap.add_argument("--mosaic-groups", type=int, default=int4_mosaic.GROUPS_PER_STEP,
+                    help="weight groups per pipeline step in the Mosaic kernels' tile rule "
+                         "(int4_mosaic.GROUPS_PER_STEP)")
     ap.add_argument("--summary", nargs="*", help="result JSONs to merge into the issue-10 summary at --out")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -394,6 +397,7 @@ def main(argv=None):
     args.kernels = args.kernels.split(",")
     NO_PEERS[0] = args.no_peers
     int4_mosaic.TRANSPOSED_STORE = args.token_major
+    int4_mosaic.GROUPS_PER_STEP = args.mosaic_groups
     rotate = 256 * 2**20
     if args.smoke:
         args.model, args.preset, args.ms, args.batches, args.context = "tiny", "tiny", [1], [2], 24
@@ -409,7 +413,8 @@ def main(argv=None):
     meta = {**run_metadata(), "copy_bytes_per_s": bw, "xla_copy_bytes_per_s": bw_xla,
             "datasheet_bytes_per_s": datasheet, "group_size": args.group_size, "argv": sys.argv[1:],
             "weights": "generated (speed only)", "timing": "median of repeats; compiled loops (JAX), CUDA graphs (PyTorch)",
-            "mosaic_token_major": args.token_major, "context": args.context, "kv": args.kv,
+            "mosaic_token_major": args.token_major,
+            "mosaic_groups_per_step": args.mosaic_groups, "context": args.context, "kv": args.kv,
             "cache_slots": step_cache_slots(args.context)}
     print(f"{dev}: copy {bw / 1e12:.2f} TB/s (XLA's own copy {bw_xla / 1e12:.2f})", flush=True)
     out = {"meta": meta}

@@ -57,6 +57,9 @@ def rng(request):
     (512, 256, 5, 128, MosaicTiles(carry=True)),  # scales on the weights, one accumulator
     (256, 128, 130, 64, MosaicTiles(rows=128, stages=2, carry=True)),
     (256, 128, 300, 64, MosaicTiles(split=2, stages=2)),  # two 256-row chunks, the last padded
+    (1024, 256, 7, 128, MosaicTiles(split=2, groups=2)),  # two groups per pipeline step
+    (512, 256, 3, -1, MosaicTiles(groups=4, stages=1)),  # per channel: four steps of 128 in one
+    (512, 128, 70, 128, MosaicTiles(stages=2, carry=True, groups=2)),
 ])
 def test_w4a16_matches_float64(rng, K, N, M, group, tiles):
     qw = weights(rng, K, N, group)
@@ -88,6 +91,7 @@ def test_both_epilogues_agree(rng, M, split):
     (512, 256, 3, 128, MosaicTiles(split=2)),
     (256, 128, 9, 64, MosaicTiles(rows=128, stages=2)),
     (512, 128, 2, -1, MosaicTiles(split=4)),
+    (1024, 256, 12, 128, MosaicTiles(split=2, groups=2)),
 ])
 def test_w4a8_matches_integer_reference(rng, bits, K, N, M, group, tiles):
     qw = weights(rng, K, N, group)
@@ -183,8 +187,10 @@ def test_model_on_mosaic_weights_matches_packed(tiny_float_and_int4):
 
 @pytest.mark.parametrize("int8,M,tiles", [
     (int8, M, tiles) for int8 in (False, True)
-    for M, tiles in [(1, MosaicTiles()), (20, MosaicTiles(rows=128, split=2, stages=3))]
+    for M, tiles in [(1, MosaicTiles()), (20, MosaicTiles(rows=128, split=2, stages=3)),
+                     (16, MosaicTiles(groups=2))]
 ] + [(False, 200, MosaicTiles(stages=2, carry=True)),  # carry: a W4A16 body
+      (False, 64, MosaicTiles(stages=2, carry=True, groups=2)),
       (True, 300, MosaicTiles(stages=2))])  # 256-row chunks on a third grid axis
 def test_kernels_lower_for_cuda(int8, M, tiles):
     """jax 0.10.2 lowers the Mosaic kernels for CUDA without a GPU: catches code that traces under

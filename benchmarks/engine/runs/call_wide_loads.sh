@@ -1,11 +1,13 @@
 #!/bin/bash
-# One device call (issue 18): the W4A16 kernel's 32-bit weight loads against byte loads (checked
-# against float64, then timed at every projection), then the step with them (batch 1 and 16,
-# beside bf16 and PyTorch, with per-kernel profiles). Everything lands under $OUT.
+# One device call (issue 18): the Mosaic kernels' step structure (W4A16's 32-bit weight loads
+# against byte loads; 1, 2, 4 weight groups per pipeline step), checked against float64 and timed
+# at every projection; then the step at 1 and 2 groups a step (batch 1 and 16). Under $OUT.
 export PYTHONPATH=$PWD
 {
-timeout 260 python3 benchmarks/engine/probes/wide_loads.py --out $OUT/wide_loads.json --ms 1,16,64
-timeout 200 python3 scripts/bench_engine.py --parts step --modes w4a16,w4a8,bf16 --kernels mosaic \
-  --batches 1,16 --profile --out $OUT/step.json
+timeout 290 python3 benchmarks/engine/probes/wide_loads.py --out $OUT/wide_loads.json --ms 1,16,64
+for g in 1 2; do
+timeout 120 python3 scripts/bench_engine.py --parts step --modes w4a16,w4a8 --kernels mosaic \
+  --batches 1,16 --no-peers --mosaic-groups $g --out $OUT/step_g$g.json
+done
 echo "done"
 } > $OUT/run.log 2>&1
