@@ -45,7 +45,10 @@ SMEM_BYTES = 227 * 1024  # per program on sm_90
 # but the kernels with it are not yet checked there, so the compiled default stays out^T + XLA's
 # transpose. `scripts/bench_mosaic.py --token-major` and `bench_engine.py --token-major` set this.
 TRANSPOSED_STORE = False
-WIDE_WEIGHT_LOADS = True
+# W4A16's int4 tile read as 32-bit words (WGMMA_UPCAST_4X, then a shuffle into wgmma's layout)
+# instead of the bytes layout inference picks: measured on the H100 within 1% at M = 1-16 and 4%
+# slower at gate_up M = 64 (benchmarks/engine/h100_step_structure.json), so off.
+WIDE_WEIGHT_LOADS = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,10 +196,9 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
         step_range = pl.ds(s_idx * steps, steps)
 
         def load_weights(w_smem):
-            # For bf16: the int4 tile in 32-bit words (8 nibbles a thread, WGMMA_UPCAST_4X), then
-            # one warp shuffle into wgmma's A layout. Left to inference, each thread loaded its 64
-            # nibbles a byte at a time (32 shared-memory loads a step). For int8, inference's
-            # WGMMA_8BIT loads 16 bits at a time (Mosaic has no 4X -> 8BIT relayout).
+            # WIDE_WEIGHT_LOADS, bf16 only: the int4 tile in 32-bit words (8 nibbles a thread),
+            # then one warp shuffle into wgmma's A layout; inference's layout loads a byte at a
+            # time (32 shared-memory loads a step; for int8 WGMMA_8BIT, 16 bits at a time).
             if interpret or int8 or not WIDE_WEIGHT_LOADS:
                 return w_smem[...]
             w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X, optimized=True)
@@ -349,7 +351,15 @@ NUM_SMS = 132  # H100 / H200 SXM
 # where it beat the rule below): (N, K, token tile, activation bytes) -> tiles. The carried
 # accumulator with 128-row programs wins at the 128- and 256-token tiles (gate_up M = 128: 77.1
 # against the rule's 90.7 us; M = 256: 138.6 against 228.3; down M = 128: 44.6 against 51.5).
+# gate_up at decode sizes: two K ranges of two groups a step (896 programs of 8 steps) read the
+# weights at 0.70-0.75 of copy bandwidth against 0.62-0.63 for the rule's (M = 1: 28.0 against
+# 32.7 us, M = 16: 30.2 against 33.9); two groups a step did not help down, qkv or o
+# (benchmarks/engine/h100_step_structure.json).
 MEASURED: dict[tuple[int, int, int, int], MosaicTiles] = {
+    (28672, 4096, 8, 2): MosaicTiles(split=2, groups=2),
+    (28672, 4096, 16, 2): MosaicTiles(split=2, groups=2),
+    (28672, 4096, 8, 1): MosaicTiles(groups=2),  # W4A8: 28.5 against 30.9 us at M = 1
+    (28672, 4096, 16, 1): MosaicTiles(groups=2),  # 29.0 against 31.9 at M = 16
     (28672, 4096, 128, 2): MosaicTiles(rows=128, split=1, stages=3, carry=True),
     (28672, 4096, 256, 2): MosaicTiles(rows=64, split=1, stages=2, carry=True),
     (4096, 14336, 128, 2): MosaicTiles(rows=128, split=8, stages=3, carry=True),
