@@ -40,10 +40,11 @@ TMA_ALIGN = 128  # bytes: a TMA copy's shared-memory destination must start on t
 MAX_TOKENS = 256  # wgmma's largest N
 SMEM_BYTES = 227 * 1024  # per program on sm_90
 # The token-major epilogue: store the accumulator through a transposed shared-memory view and write
-# y [M, N]. jax 0.10.2's Warpgroup layout inference refuses the transposed store; on jax 0.11.2 a
-# probe of it compiled and ran correctly on the H100 (benchmarks/engine/h100_transposed_store_probe.log),
-# but the kernels with it are not yet checked there, so the compiled default stays out^T + XLA's
-# transpose. `scripts/bench_mosaic.py --token-major` and `bench_engine.py --token-major` set this.
+# y [M, N]. jax 0.10.2's Warpgroup layout inference refuses the transposed store; on jax 0.11.2 it
+# lowers for bf16 tiles (split 1; the carried body matched float64 on the H100:
+# benchmarks/engine/h100_token_major_check.json) and not for split-K's f32 partials, which keep
+# out^T. Not yet timed in the step, so the compiled default stays out^T +
+# XLA's transpose. `scripts/bench_mosaic.py --token-major` and `bench_engine.py --token-major` set this.
 TRANSPOSED_STORE = False
 # W4A16's int4 tile read as 32-bit words (WGMMA_UPCAST_4X, then a shuffle into wgmma's layout)
 # instead of the bytes layout inference picks: measured on the H100 within 1% at M = 1-16 and 4%
@@ -151,6 +152,9 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
     writes out^T [N, tm] and XLA transposes it after."""
     if token_major is None:
         token_major = interpret or TRANSPOSED_STORE
+    # jax 0.11.2 lowers the transposed store of a bf16 tile, not of split-K's f32 partial sums
+    # (layout inference fails: benchmarks/engine/README.md); those stay out^T
+    token_major = token_major and (interpret or tiles.split == 1)
     w, scales = mw["w"], mw["scales"]
     N, K = w.shape
     G = scales.shape[0]

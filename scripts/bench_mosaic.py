@@ -170,23 +170,58 @@ def join_sweeps(runs: list) -> dict:
     devices = {run["meta"]["device"] for run in runs}
     if len(devices) > 1:
         raise ValueError(f"sweeps from different devices: {sorted(devices)}")
-    cells = [{**c, "run": i, "copy_bw_Bps": run["meta"].get("copy_bw_Bps"), "commit": run["meta"].get("commit")}
+    # a cell already joined (an earlier join's file) keeps its own run, bandwidth and commit
+    cells = [{"run": i, "copy_bw_Bps": run["meta"].get("copy_bw_Bps"), "commit": run["meta"].get("commit"), **c}
              for i, run in enumerate(runs) for c in run["sweep"]]
     return {"meta": runs[0]["meta"], "sweep": cells,
             "errors": {k: v for run in runs for k, v in run.get("errors", {}).items()}}
 
 
-def best_cells(cells: list, method: str) -> dict:
+def best_cells(cells: list, method: str, with_peers: bool = False) -> dict:
     """{(proj, M): the cell where `method` was fastest}: where runs measured a shape again (other
     configurations), each ratio is read off one run, the one with our best configuration, and
-    compares it with that run's own peers."""
+    compares it with that run's own peers. with_peers: only cells that timed a peer (a run of our
+    kernels alone, e.g. a tile probe, counts for the kernel's own bandwidth, not against peers)."""
     best = {}
     for c in cells:
         t = c["methods"].get(method, {}).get("us")
+        if with_peers and not any(p in c["methods"] for p in PEERS):
+            continue
         key = (c["proj"], c["M"])
         if t is not None and (key not in best or t < best[key]["methods"][method]["us"]):
             best[key] = c
     return best
+
+
+def merge_steps(steps: list) -> dict:
+    """One step file from several (`bench_engine.py --parts step`) of one device kind: a (batch,
+    mode) measured again in a later file replaces the earlier cell, so every ratio of one batch
+    comes from one run; meta is the last file's, with each batch's commit in `batch_commits`."""
+    devices = {st["meta"].get("device") for st in steps}
+    if len(devices) > 1:
+        raise ValueError(f"step files from different devices: {sorted(map(str, devices))}")
+    by_batch = {}
+    for st in steps:
+        for b in {c["batch"] for c in st["step"]}:
+            by_batch[b] = ([c for c in st["step"] if c["batch"] == b], st["meta"])
+    meta = {**steps[-1]["meta"], "batch_commits": {str(b): m.get("commit") for b, (_, m) in sorted(by_batch.items())},
+            "batch_copy_bytes_per_s": {str(b): m.get("copy_bytes_per_s") for b, (_, m) in sorted(by_batch.items())}}
+    return {"meta": meta, "step": [c for b in sorted(by_batch) for c in by_batch[b][0]]}
+
+
+def tile_probe_run(probe: dict) -> dict:
+    """A sweep run (our kernels only) from benchmarks/engine/probes/wide_loads.py's output: each
+    (proj, M)'s fastest W4A16 and W4A8 rows that matched the reference."""
+    cells = {}
+    for r in probe["cells"]:
+        if "kernel_us" not in r or r.get("rel_err", 1) >= 1e-2:
+            continue
+        c = cells.setdefault((r["proj"], r["M"]), {
+            "proj": r["proj"], "M": r["M"], "weight_bytes_int4": r["weight_bytes"], "methods": {}})
+        name = f"mosaic_{r['mode']}"
+        if name not in c["methods"] or r["us"] < c["methods"][name]["us"]:
+            c["methods"][name] = {k: r[k] for k in ("us", "kernel_us", "rel_err", "tiles")}
+    return {"meta": {**probe["meta"]}, "sweep": list(cells.values()), "errors": probe.get("errors", {})}
 
 
 def summarize(sweep: dict, step: dict | None) -> dict:
@@ -197,19 +232,17 @@ def summarize(sweep: dict, step: dict | None) -> dict:
     s = {"commit": meta.get("commit"), "device": meta["device"], "jax": meta["jax"], "timing": "cupti",
          "copy_bw_Bps": bw, "kernel_frac_copy_bw": {}, "kernel_vs_best_peer": {},
          "verify_flatness": {}, "w4a8_vs_cublas_bf16": {}}
-    ours16 = best_cells(sweep["sweep"], "mosaic_w4a16")
-    for (proj, M), c in sorted(ours16.items()):
-        t = {k: v["us"] for k, v in c["methods"].items() if "us" in v}
-        ours = t["mosaic_w4a16"]
+    for (proj, M), c in sorted(best_cells(sweep["sweep"], "mosaic_w4a16").items()):
         if proj in ("gate_up", "down") and M <= 16:  # the kernel's own time (the pad and the
             # output's transpose are separate small ops around it)
             kern = c["methods"]["mosaic_w4a16"]["kernel_us"]
             s["kernel_frac_copy_bw"].setdefault(proj, {})[str(M)] = (
                 c["weight_bytes_int4"] / (kern * 1e-6) / (c.get("copy_bw_Bps") or bw))
-        peers = [t[p] for p in PEERS if p in t]
-        if peers:
-            s["kernel_vs_best_peer"].setdefault(proj, {})[str(M)] = min(peers) / ours
-    for (proj, M), c in sorted(best_cells(sweep["sweep"], "mosaic_w4a8").items()):
+    ours16 = best_cells(sweep["sweep"], "mosaic_w4a16", with_peers=True)
+    for (proj, M), c in sorted(ours16.items()):
+        t = {k: v["us"] for k, v in c["methods"].items() if "us" in v}
+        s["kernel_vs_best_peer"].setdefault(proj, {})[str(M)] = min(t[p] for p in PEERS if p in t) / t["mosaic_w4a16"]
+    for (proj, M), c in sorted(best_cells(sweep["sweep"], "mosaic_w4a8", with_peers=True).items()):
         t = {k: v["us"] for k, v in c["methods"].items() if "us" in v}
         cublas = t.get("torch_cublas_bf16", t.get("xla_bf16"))  # XLA's bf16 dot is a cuBLAS call too
         if M in (128, 256) and proj in ("gate_up", "down") and cublas:
@@ -220,13 +253,17 @@ def summarize(sweep: dict, step: dict | None) -> dict:
             s["verify_flatness"][proj] = b["methods"]["mosaic_w4a16"]["us"] / a["methods"]["mosaic_w4a16"]["us"]
     if step:
         by = {(c["batch"], c["mode"]): c for c in step["step"]}
-        bw = step["meta"].get("copy_bytes_per_s", bw)  # the step's floors at its own machine's copy
+        step_bw = step["meta"].get("batch_copy_bytes_per_s", {})
+        s["commit"] = step["meta"].get("commit", s["commit"])  # the step's tree; kernel cells keep their own
+        if "batch_commits" in step["meta"]:
+            s["step_commits"] = step["meta"]["batch_commits"]
         s.update({"step_over_floor": {"w4a16": {}}, "w4a16_vs_torch_peer": {}, "bf16_vs_torch_bf16": {},
                   "w4a16_vs_bf16_step": {}, "draft_vs_verify_step": {}})
         for b in sorted({b for b, _ in by}):
             ours = by.get((b, "w4a16_mosaic"))
-            if ours:
-                s["step_over_floor"]["w4a16"][str(b)] = ours["step_ms"] * 1e-3 * bw / (
+            if ours:  # the floor at the copy bandwidth of the step's own run
+                run_bw = step_bw.get(str(b)) or step["meta"].get("copy_bytes_per_s") or bw
+                s["step_over_floor"]["w4a16"][str(b)] = ours["step_ms"] * 1e-3 * run_bw / (
                     ours["weight_bytes"] + ours["kv_bytes_read"])
                 torch_int4 = [by[(b, m)]["step_ms"] for m in ("torch_tinygemm",) if (b, m) in by]
                 if torch_int4:
@@ -261,17 +298,22 @@ def main():
     ap.add_argument("--summary", nargs="+", metavar="SWEEP_JSON",
                     help="write the summary of sweep JSONs (later files win a repeated cell) and "
                          "--step to --out and exit")
-    ap.add_argument("--step", help="bench_engine.py --parts step JSON for --summary")
+    ap.add_argument("--probe", nargs="*", default=[], metavar="PROBE_JSON",
+                    help="with --summary: tile-probe runs (probes/wide_loads.py) joined as sweeps "
+                         "of our kernels alone (they count for kernel bandwidth, not peer ratios)")
+    ap.add_argument("--step", nargs="+", help="bench_engine.py --parts step JSONs for --summary "
+                    "(a batch in a later file replaces the earlier one)")
     ap.add_argument("--merged", help="with --summary: also write the joined sweep here")
     ap.add_argument("--token-major", action="store_true",
                     help="the kernels write y [M, N] themselves (int4_mosaic.TRANSPOSED_STORE)")
     args = ap.parse_args()
     if args.summary:
-        sweep_run = join_sweeps([json.load(open(p)) for p in args.summary])
+        sweep_run = join_sweeps([json.load(open(p)) for p in args.summary]
+                                + [tile_probe_run(json.load(open(p))) for p in args.probe])
         if args.merged:
             with open(args.merged, "w") as f:
                 json.dump(sweep_run, f, indent=1)
-        step = json.load(open(args.step)) if args.step else None
+        step = merge_steps([json.load(open(p)) for p in args.step]) if args.step else None
         summary = summarize(sweep_run, step)
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=1)
