@@ -98,10 +98,13 @@ def main():
                 row = {"proj": proj, "M": M, "mode": "w4a16", "wide": wide, "tiles": str(t),
                        **bm.time_kernel(out, fn, x, ws, ref)}
                 record(out, row, K, N)
-            if M <= 16 and proj in ("gate_up", "down"):  # the draft's kernel: 1 and 2 groups a step
+            if M <= 16 and proj in ("gate_up", "down"):  # the draft's kernel: 1 and 2 groups a step, split x 2
                 ref8 = np.asarray(w4a4_reference(x, ws_packed[0], act_bits=8).astype(jnp.float32), np.float64)
                 base = choose_tiles(M, N, K, K // bm.GROUP, 1)
-                for t in (base, dataclasses.replace(base, groups=2)):
+                tried = [base, dataclasses.replace(base, groups=2),
+                         dataclasses.replace(base, split=2 * base.split, groups=2)]
+                for t in [t for i, t in enumerate(tried) if t not in tried[:i]
+                          and not supported(M, N, K, K // bm.GROUP, t, 1)]:
                     fn = lambda x, w, t=t: w4a8_mosaic(x, w, tiles=t)  # noqa: E731
                     row = {"proj": proj, "M": M, "mode": "w4a8", "tiles": str(t),
                            **bm.time_kernel(out, fn, x, ws, ref8)}
