@@ -146,8 +146,8 @@ def sweep(args, bw, out):
     variants, extra = ["bf16", "int8", "int4"], {}
     if args.smoke:  # interpret mode on CPU, two configs per variant: the path runs, times mean nothing
         B, contexts, args.iters, args.repeats, extra = 1, [256], 1, 1, {"backend": "interpret"}
-    if args.configs:  # changes to DEFAULTS, timed for the quantized views only
-        variants = ["int8", "int4"]
+    if args.configs:  # changes to DEFAULTS, timed for the kernel variants --variants names
+        variants = [v for v in ("bf16", "int8", "int4") if v in args.variants.split(",")]
         plan = {v: [{**DEFAULTS[v], **c} for c in [{}] + json.loads(args.configs)] for v in variants}
     else:
         plan = {v: sweep_configs(v) for v in variants}
@@ -216,7 +216,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time our kernel's launch knobs (module docstring)")
     ap.add_argument("--configs", help="with --sweep: a JSON list of changes to DEFAULTS (e.g. '[{\"num_warps\": 8}]'), "
-                    "timed with the defaults for INT8 and INT4 instead of the built-in grid")
+                    "timed with the defaults instead of the built-in grid, for the kernel variants of --variants "
+                    "(bf16, int8, int4; `splits` and `block_k` are keys too)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
