@@ -10,10 +10,12 @@ shared memory (x's rows are K-major, which wgmma reads transposed). Above 256 ro
 a third grid axis runs 256-row chunks of x.
 
 Each program owns `rows` output channels and one K range (split-K). Per group of input channels
-(one pipeline step) it converts the group's int4 tile in registers, runs one wgmma into a fresh
-accumulator, and adds it times the group's per-channel weight scale (and, for int8 activations,
-each token's activation scale) into the running f32 sum: the scales multiply rows x M partial
-sums, not every weight element. K ranges are summed after the kernel. For wide token tiles
+it converts the group's int4 tile in registers, runs one wgmma into a fresh accumulator, and adds
+it times the group's per-channel weight scale (and, for int8 activations, each token's activation
+scale) into the running f32 sum: the scales multiply rows x M partial sums, not every weight
+element. A pipeline step holds `MosaicTiles.groups` groups, their wgmmas issued back to back with
+one wait, so the step's fixed costs are shared (a decode-size program is bound by its serial step
+chain, not by bandwidth: benchmarks/engine/README.md). K ranges are summed after the kernel. For wide token tiles
 (128-256 tokens) a second W4A16 body (`MosaicTiles.carry`) puts the scales on the converted
 weights instead and carries one accumulator across steps: half the accumulator registers.
 
