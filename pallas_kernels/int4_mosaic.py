@@ -48,10 +48,6 @@ SMEM_BYTES = 227 * 1024  # per program on sm_90
 # out^T. Not yet timed in the step, so the compiled default stays out^T +
 # XLA's transpose. `scripts/bench_mosaic.py --token-major` and `bench_engine.py --token-major` set this.
 TRANSPOSED_STORE = False
-# W4A16's int4 tile read as 32-bit words (WGMMA_UPCAST_4X, then a shuffle into wgmma's layout)
-# instead of the bytes layout inference picks: measured on the H100 within 1% at M = 1-16 and 4%
-# slower at gate_up M = 64 (benchmarks/engine/h100_step_structure.json), so off.
-WIDE_WEIGHT_LOADS = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,15 +197,6 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
         k_range = pl.ds(s_idx * steps * tk, steps * tk)
         step_range = pl.ds(s_idx * steps, steps)
 
-        def load_weights(w_smem):
-            # WIDE_WEIGHT_LOADS, bf16 only: the int4 tile in 32-bit words (8 nibbles a thread),
-            # then one warp shuffle into wgmma's A layout; inference's layout loads a byte at a
-            # time (32 shared-memory loads a step; for int8 WGMMA_8BIT, 16 bits at a time).
-            if interpret or int8 or not WIDE_WEIGHT_LOADS:
-                return w_smem[...]
-            w = plgpu.load(w_smem, (), layout=plgpu.Layout.WGMMA_UPCAST_4X, optimized=True)
-            return plgpu.layout_cast(w, plgpu.Layout.WGMMA)
-
         def wgmma(acc_ref, w_reg, x_smem):
             # acc_ref += w_reg [rows, tk] @ x_smem^T [tk, tm]
             if a_smem is None:
@@ -224,7 +211,10 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
             # xs_smem [g, xs_cols]
             w_smems, x_smems, (s_smem, *rest) = refs[:g], refs[g:2 * g], refs[2 * g:]
             *xs_smem, acc = rest
-            w_regs = [load_weights(w).astype(op_dtype) for w in w_smems]  # int4 -> bf16 / int8
+            # int4 -> bf16 / int8 in registers. (Inference's layout loads the tile a byte a thread at a
+            # time; 32-bit loads, WGMMA_UPCAST_4X plus a shuffle, were no faster on the H100 at
+            # b2b3e53: benchmarks/engine/README.md.)
+            w_regs = [w[...].astype(op_dtype) for w in w_smems]
 
             def mma(*acc_refs):  # issue every group's wgmma, then wait once (reading them)
                 for acc_ref, w_reg, x_smem in zip(acc_refs, w_regs, x_smems):
@@ -258,7 +248,7 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
             def scaled_step(_, *refs):
                 w_smems, x_smems, (s_smem, acc_ref) = refs[:g], refs[g:2 * g], refs[2 * g:]
                 for j in range(g):
-                    w_reg = load_weights(w_smems[j]).astype(jnp.bfloat16) * lax.broadcast_in_dim(
+                    w_reg = w_smems[j][...].astype(jnp.bfloat16) * lax.broadcast_in_dim(
                         s_smem[j].astype(jnp.bfloat16), (rows, tk), [0])
                     wgmma(acc_ref, w_reg, x_smems[j])
                 # wait before the next step converts: A lives in registers the next step reuses

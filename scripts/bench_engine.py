@@ -48,7 +48,8 @@ from qspec_jax.evaluation import run_metadata  # noqa: E402
 from qspec_jax.kv_cache import KVCache  # noqa: E402
 from qspec_jax.kernel_choice import arrange_weights  # noqa: E402
 from qspec_jax.model import forward, fuse_projections, unstack_layers  # noqa: E402
-from qspec_jax.speculative import CACHE_MULTIPLE  # noqa: E402
+from qspec_jax.speculative import cache_slots  # noqa: E402
+from bench_long_context import build_cache, step_bytes  # noqa: E402
 from qspec_jax.spec import KV_GROUP, KV_WINDOW  # noqa: E402
 
 DATASHEET_BPS = {"H200": 4.8e12, "H100": 3.35e12}
@@ -186,18 +187,16 @@ def make_cache(config, kv: str, batch: int, max_len: int, context: int):
     random tokens per row leaves it (bench_long_context.build_cache)."""
     if kv == "bf16":
         return KVCache.create(config, batch, max_len, jnp.bfloat16)
-    from bench_long_context import build_cache
-
     return build_cache(config, "int8", batch, context, max_len, key=jax.random.key(0), group=KV_GROUP,
                        window=KV_WINDOW, headroom=1, dtype=jnp.bfloat16)
 
 
 def step_cache_slots(context: int) -> int:
-    """The step's cache slots: the context and 64 more, rounded up as generate rounds a cache
-    (speculative.cache_slots), so attention runs the flash-decoding kernel it runs there; at 520
-    slots (before 2026-12-06) KVCache.attend fell back to XLA's einsum attention (the kernel needs
-    a multiple of 16 slots)."""
-    return -(-(context + 64) // CACHE_MULTIPLE) * CACHE_MULTIPLE
+    """The step's cache slots: what generate allocates for `context` positions and 63 new tokens
+    at gamma 0 (context + 64, rounded up: speculative.cache_slots), so attention runs the
+    flash-decoding kernel it runs there; at 520 slots (before 2026-12-06) KVCache.attend fell back
+    to XLA's einsum attention (the kernel needs a multiple of 16 slots)."""
+    return cache_slots(context, 63, 0)
 
 
 def step_program(config, mode, batch, max_len, context, steps, donate=True):
@@ -278,14 +277,8 @@ def step_cells(args, copy_bps):
                 cache, _ = jax.block_until_ready(compiled(params, cache, tok))
                 times.append(time.perf_counter() - t0)
             step_s = float(np.median(times)) / steps
-            # bytes from the packed layout: the same bytes, and jnp.int4's nbytes counts a byte per value
-            counted = fparams if mode == "bf16" else qparams
-            leaves = jax.tree.leaves({k: v for k, v in counted.items() if k != "embed"})
-            wbytes = sum(x.nbytes for x in leaves) + (0 if "lm_head" in counted else counted["embed"].nbytes)
-            # KV bytes a step must read: bf16 2 a value; the INT8 cache both 4-bit planes (1), its
-            # INT4 view one (0.5); scales and the recent buffer left out, as bench_long_context does
-            kv_elem = 2 if args.kv == "bf16" else (0.5 if kv_view(mode) == "int4" else 1)
-            kv_read = int(2 * config.num_layers * batch * config.num_kv_heads * ctx * config.head_dim * kv_elem)
+            wbytes, kv_read = step_bytes(fparams if mode == "bf16" else qparams, config, batch, ctx,
+                                         "bf16" if args.kv == "bf16" else kv_view(mode))
             floor = (wbytes + kv_read) / copy_bps
             label = mode if variant == "default" else f"{mode}_{variant}"
             label = label if kernels == "triton" or mode == "bf16" else f"{label}_{kernels}"

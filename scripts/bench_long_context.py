@@ -163,14 +163,18 @@ def _nbytes(x) -> int:
     return x.size // 2 if x.dtype in (jnp.int4, jnp.uint4) else x.nbytes
 
 
-def step_bytes(params, config, batch, context, kind):
-    """Bytes a plain decode step must read: the weights (not the embedding table) and the KV
-    prefix attention reads (bf16: 2 bytes an element; int8: both 4-bit planes plus their scales)."""
+KV_VALUE_BYTES = {"bf16": 2, "int8": 1, "int4": 0.5}  # int8: both 4-bit planes; int4: the upper one
+
+
+def step_bytes(params, config, batch, context, view):
+    """Bytes a decode step must read: the weights (not the embedding table) and the KV prefix
+    attention reads in `view` (bf16 K/V; the hierarchical cache's INT8 view, both planes, or its
+    INT4 view, the upper plane; their scales and the recent buffer left out)."""
     weights = sum(_nbytes(leaf) for name, tree in params.items() if name != "embed" for leaf in jax.tree.leaves(tree))
     if "lm_head" not in params:
         weights += _nbytes(params["embed"])
     elems = 2 * config.num_layers * batch * config.num_kv_heads * context * config.head_dim
-    return weights, elems * (2 if kind == "bf16" else 1)
+    return weights, int(elems * KV_VALUE_BYTES[view])
 
 
 def plan_mode(name, weights, config, batch, context, new_tokens, traces, fallback, group, window) -> dict:

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""The Mosaic kernels' step structure on the GPU (issue 18): W4A16's int4 tile read into registers a
-byte at a time (what layout inference chose) against 32-bit words (`int4_mosaic.WIDE_WEIGHT_LOADS`),
-and 1, 2 or 4 weight groups per pipeline step (`MosaicTiles.groups`), W4A16 on every Llama-3-8B
-projection and W4A8 at decode sizes. Checks variants against float64 at a small shape first. CUPTI
-times over rotating weight copies larger than L2.
+"""The Mosaic kernels' step structure on the GPU (issue 18): 1, 2 or 4 weight groups per pipeline
+step (`MosaicTiles.groups`) and split-K around them, W4A16 on every Llama-3-8B projection and W4A8
+at decode sizes. Checks variants against float64 at a small shape first. CUPTI times over rotating
+weight copies larger than L2. (At b2b3e53 it also compared W4A16's byte-wise weight loads with
+32-bit ones, an `int4_mosaic.WIDE_WEIGHT_LOADS` switch since removed: the committed
+benchmarks/engine/h100_step_structure.json rows carry "wide".)
 
   python benchmarks/engine/probes/wide_loads.py --out $OUT/wide_loads.json
 """
@@ -23,7 +24,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import bench_mosaic as bm  # noqa: E402
-from pallas_kernels import int4_mosaic  # noqa: E402
 from pallas_kernels.int4_mosaic import (  # noqa: E402
     MosaicTiles, choose_tiles, supported, w4a8_mosaic, w4a16_mosaic,
 )
@@ -31,16 +31,14 @@ from pallas_kernels.w4a4 import w4a4_reference  # noqa: E402
 
 
 def candidates(M, N, K):
-    """(wide loads, tiles): the rule's tiles with byte loads, then with word loads at 1, 2 and 4
-    groups a step, twice the split at 2 groups, and the carried body (M >= 64) at 1 and 2."""
+    """The rule's tiles at 1, 2 and 4 groups a step, twice the split at 2 groups, and the carried
+    body (M >= 64) at 1 and 2."""
     base = choose_tiles(M, N, K, K // bm.GROUP)
-    cands = [(False, base), (True, base)]
-    cands += [(True, dataclasses.replace(base, groups=g)) for g in (2, 4)]
-    cands.append((True, dataclasses.replace(base, split=base.split * 2, groups=2)))
+    cands = [dataclasses.replace(base, groups=g) for g in (1, 2, 4)]
+    cands.append(dataclasses.replace(base, split=base.split * 2, groups=2))
     if M >= 64:
-        cands += [(True, dataclasses.replace(base, carry=True, groups=g)) for g in (1, 2)]
-    return [(w, t) for i, (w, t) in enumerate(cands)
-            if (w, t) not in cands[:i] and not supported(M, N, K, K // bm.GROUP, t)]
+        cands += [dataclasses.replace(base, carry=True, groups=g) for g in (1, 2)]
+    return [t for i, t in enumerate(cands) if t not in cands[:i] and not supported(M, N, K, K // bm.GROUP, t)]
 
 
 def record(out, row, K, N):
@@ -64,23 +62,21 @@ def main():
            "check": [], "cells": [], "errors": {}}
     print(out["meta"], flush=True)
     key = jax.random.key(0)
-    for wide in (False, True):  # float64 checks at a small shape, every body
-        int4_mosaic.WIDE_WEIGHT_LOADS = wide
-        jax.clear_caches()
-        for M, tiles in ((1, MosaicTiles()), (5, MosaicTiles(split=2, groups=2)), (33, MosaicTiles(stages=2)),
-                         (128, MosaicTiles(rows=128, stages=2, carry=True, groups=2))):
-            K, N = 1024, 512
-            k1, k2, k3 = jax.random.split(jax.random.fold_in(key, M), 3)
-            q = jax.random.randint(k1, (K, N), -8, 8, jnp.int32).astype(jnp.int8)
-            s = jax.random.uniform(k2, (K // bm.GROUP, N), jnp.float32, 0.5, 1.5) / 64
-            x = jax.random.normal(k3, (M, K), jnp.bfloat16)
-            mw = {"w": q.T.astype(jnp.int4), "scales": s}
-            try:
-                err = bm.rel_err(w4a16_mosaic(x, mw, tiles=tiles), bm.reference64(x, q, s))
-            except Exception as e:  # noqa: BLE001
-                err = f"{type(e).__name__}: {str(e)[:200]}"
-            out["check"].append({"wide": wide, "M": M, "tiles": str(tiles), "rel_err": err})
-            print(out["check"][-1], flush=True)
+    # float64 checks at a small shape, every body
+    for M, tiles in ((1, MosaicTiles()), (5, MosaicTiles(split=2, groups=2)), (33, MosaicTiles(stages=2)),
+                     (128, MosaicTiles(stages=2, carry=True, groups=2))):
+        K, N = 1024, 512
+        k1, k2, k3 = jax.random.split(jax.random.fold_in(key, M), 3)
+        q = jax.random.randint(k1, (K, N), -8, 8, jnp.int32).astype(jnp.int8)
+        s = jax.random.uniform(k2, (K // bm.GROUP, N), jnp.float32, 0.5, 1.5) / 64
+        x = jax.random.normal(k3, (M, K), jnp.bfloat16)
+        mw = {"w": q.T.astype(jnp.int4), "scales": s}
+        try:
+            err = bm.rel_err(w4a16_mosaic(x, mw, tiles=tiles), bm.reference64(x, q, s))
+        except Exception as e:  # noqa: BLE001
+            err = f"{type(e).__name__}: {str(e)[:200]}"
+        out["check"].append({"M": M, "tiles": str(tiles), "rel_err": err})
+        print(out["check"][-1], flush=True)
     for proj in args.projections.split(","):
         K, N = bm.PROJECTIONS[proj]
         copies = max(2, -(-2 * bm.L2_BYTES // (K * N // 2)))
@@ -90,12 +86,9 @@ def main():
         for M in map(int, args.ms.split(",")):
             x = jax.random.normal(jax.random.fold_in(key, M), (M, K), jnp.bfloat16)
             ref = np.asarray(bm.device_reference(x, ws[0]), np.float64)
-            for wide, t in candidates(M, N, K):
-                if int4_mosaic.WIDE_WEIGHT_LOADS != wide:
-                    int4_mosaic.WIDE_WEIGHT_LOADS = wide
-                    jax.clear_caches()
+            for t in candidates(M, N, K):
                 fn = lambda x, w, t=t: w4a16_mosaic(x, w, tiles=t)  # noqa: E731
-                row = {"proj": proj, "M": M, "mode": "w4a16", "wide": wide, "tiles": str(t),
+                row = {"proj": proj, "M": M, "mode": "w4a16", "tiles": str(t),
                        **bm.time_kernel(out, fn, x, ws, ref)}
                 record(out, row, K, N)
             if M <= 16 and proj in ("gate_up", "down"):  # the draft's kernel: 1 and 2 groups a step, split x 2
