@@ -41,7 +41,7 @@ from bench_kernels import MODELS, int4_bytes, make_weights, projections, time_lo
 from pallas_kernels import choose_tiles, pack_block, w4a4_matmul, w4a16_matmul
 from pallas_kernels import int4_mosaic, tiling  # noqa: E402
 from pallas_kernels.w4a16_gemv import GemvTiles, w4a16_gemv  # noqa: E402
-from qspec_jax import checkpoint, quantize  # noqa: E402
+from qspec_jax import checkpoint, kv_cache, quantize  # noqa: E402
 from qspec_jax.config import get_preset  # noqa: E402
 from bandwidth import best_copy_bandwidth  # noqa: E402
 from qspec_jax.evaluation import run_metadata  # noqa: E402
@@ -238,6 +238,30 @@ def kernel_profile(config, mode, batch, max_len, context, params, top=40, kv="bf
             "top_us": [[name[:120], round(us, 2), n] for name, (us, n) in ranked[:top]]}
 
 
+# Changes a step variant may make to the quantized modes' dispatch, read at trace time by the kernels' wrappers.
+VARIANT_PARTS = {
+    "asm": "Triton: inline-PTX int4 conversion (tiling.ASM_DEQUANT)",
+    "mma1": "Triton: the tensor-core kernel at M = 1 too (tiling.GEMV_MAX_M = 0)",
+    "tm": "Mosaic: the kernels write y [M, N] at split 1 (int4_mosaic.TRANSPOSED_STORE)",
+    "reduce_sum": "Mosaic: split-K partials summed by a reduction (int4_mosaic.SPLIT_SUM_ADDS = False)",
+    "xla_attention": "attention by XLA's einsum over every slot (kv_cache.KERNEL_ATTENTION_BACKEND)",
+}
+
+
+def apply_variant(variant: str, token_major: bool = False):
+    """Set the module switches of a step variant ("default", or parts of VARIANT_PARTS joined by '+';
+    the old names asm / asm_mma1 stay: asm, asm+mma1)."""
+    parts = set() if variant == "default" else set(variant.replace("asm_mma1", "asm+mma1").split("+"))
+    unknown = parts - set(VARIANT_PARTS)
+    if unknown:
+        raise ValueError(f"unknown step variant parts {sorted(unknown)}; known: {sorted(VARIANT_PARTS)}")
+    tiling.ASM_DEQUANT = "asm" in parts
+    tiling.GEMV_MAX_M = 0 if "mma1" in parts else 1
+    int4_mosaic.TRANSPOSED_STORE = token_major or "tm" in parts
+    int4_mosaic.SPLIT_SUM_ADDS = "reduce_sum" not in parts
+    kv_cache.KERNEL_ATTENTION_BACKEND = "reference" if "xla_attention" in parts else "auto"
+
+
 def step_cells(args, copy_bps):
     config = get_preset(args.preset)
     t0 = time.perf_counter()
@@ -249,7 +273,7 @@ def step_cells(args, copy_bps):
     print(f"weights ready in {time.perf_counter() - t0:.0f} s", flush=True)
     cells = []
     max_len, ctx, steps = step_cache_slots(args.context), args.context, 16
-    runs = [(m, v) for m in args.modes for v in (args.step_variants if m == "w4a16" else ["default"])]
+    runs = [(m, v) for m in args.modes for v in (args.step_variants if m != "bf16" else ["default"])]
     # the quantized modes once per kernel family (qspec_jax/kernel_choice.py): mode "w4a16_mosaic"
     # etc.; with both families, the Triton drafts are left out (the earlier runs hold them)
     runs = [(m, v, k) for m, v in runs for k in (args.kernels if m != "bf16" else ["triton"])
@@ -260,9 +284,7 @@ def step_cells(args, copy_bps):
         for mode, variant, kernels in runs:
             if batch > 16 and (mode == "bf16" or kernels != "mosaic"):
                 continue  # large batches: the Mosaic draft-vs-verify pair only
-            # variants of the W4A16 dispatch (read by choose_tiles / w4a16_matmul at trace time)
-            tiling.ASM_DEQUANT = variant in ("asm", "asm_mma1")
-            tiling.GEMV_MAX_M = 0 if variant == "asm_mma1" else 1
+            apply_variant(variant, args.token_major)
             params = fparams if mode == "bf16" else arranged[kernels]
             prog = step_program(config, mode, batch, max_len, ctx, steps)
             cache = make_cache(config, args.kv, batch, max_len, ctx)
@@ -353,8 +375,8 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--modes", default=None, help="step modes (default w4a16,bf16,w4a8,w4a4; --smoke: w4a16,bf16)")
     ap.add_argument("--step-variants", default="default",
-                    help="W4A16 dispatch variants in the step: default, asm (inline-PTX conversion), "
-                         "asm_mma1 (asm, and the tensor-core kernel at M = 1 too)")
+                    help="dispatch variants of the quantized modes' step, each 'default' or '+'-joined changes "
+                         f"to it ({', '.join(VARIANT_PARTS)}), e.g. tm+xla_attention")
     ap.add_argument("--kernels", default="triton", help="int4 kernel families of the step, e.g. triton,mosaic")
     ap.add_argument("--context", type=int, default=456, help="KV positions attention reads in the step")
     ap.add_argument("--group-size", type=int, default=128)
