@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 
 import jax
 import jax.numpy as jnp
@@ -49,11 +48,6 @@ SMEM_BYTES = 227 * 1024  # per program on sm_90
 # out^T. Not yet timed in the step, so the compiled default stays out^T +
 # XLA's transpose. `scripts/bench_mosaic.py --token-major` and `bench_engine.py --token-major` set this.
 TRANSPOSED_STORE = False
-# Split-K's partial sums combined by chained elementwise adds, which XLA fuses into the consumer of
-# the matmul's output (the residual add, SiLU * up, RoPE), instead of a reduction over the split
-# axis, which XLA runs as a kernel of its own (two to four small kernels a layer at decode sizes).
-# `bench_engine.py --step-variants reduce_sum` times the reduction.
-SPLIT_SUM_ADDS = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,7 +305,7 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
         kernel_name="w4a8_mosaic" if int8 else "w4a16_mosaic",
     )
     out = kernel(w, x, scales, *([x_scales] if int8 else []))
-    y = functools.reduce(operator.add, list(out)) if SPLIT_SUM_ADDS else out.sum(axis=0)
+    y = out.sum(axis=0) if split > 1 else out[0]
     return y[:M] if token_major else y[:, :M].T
 
 

@@ -17,11 +17,15 @@ Matrices are built once, offline, in numpy float64 and returned as float32.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import pallas_kernels
+from pallas_kernels.hadamard import online_hadamard
 
 
 def _is_pow2(n: int) -> bool:
@@ -168,6 +172,11 @@ def fwht(x: jax.Array) -> jax.Array:
 
 # Widest Hadamard factor applied as one dense matmul: H_512 is 512 KB in bf16 and stays in L2.
 HADAMARD_BLOCK = 512
+# Up to this many rows (tokens) the GPU runs the transform as one Pallas Triton launch
+# (pallas_kernels.hadamard) instead of XLA's two GEMMs and their transposes; "reference" forces XLA,
+# "interpret" runs the kernel on the CPU (tests).
+KERNEL_MAX_ROWS = 64
+KERNEL_BACKEND = "auto"
 
 
 def online_transform(x: jax.Array, rotation: jax.Array) -> jax.Array:
@@ -176,9 +185,11 @@ def online_transform(x: jax.Array, rotation: jax.Array) -> jax.Array:
     `rotation` is the small [m, m] orthogonal factor (a [1, 1] array for a power-of-two n). With
     H_p = kron(H_a, H_b) (b = min(p, HADAMARD_BLOCK)) the transform is two matmuls over x viewed as
     [m * a, b]: by the ±1 matrix H_b on the right (exact products in x's dtype, f32 sums), then by
-    kron(rotation, H_a) / sqrt(p) on the left in f32. At decode sizes that is two small GEMMs; the
-    log2(p) butterfly passes of `fwht` were ten to twenty XLA kernels a layer (0.65 ms of a 3.7 ms
-    Llama-3-8B step on the H100, benchmarks/engine/README.md). Returns x's dtype.
+    kron(rotation, H_a) / sqrt(p) on the left in f32. The log2(p) butterfly passes of `fwht` were
+    ten to twenty XLA kernels a layer (0.65 ms of a 3.7 ms Llama-3-8B step on the H100); as XLA
+    ops the two GEMMs and their transposes are still four to six (benchmarks/engine/README.md), so
+    at decode sizes on the GPU (<= KERNEL_MAX_ROWS rows) both products run in one Pallas Triton
+    launch (pallas_kernels.hadamard). Returns x's dtype.
     """
     n = x.shape[-1]
     m = rotation.shape[0]
@@ -193,6 +204,10 @@ def online_transform(x: jax.Array, rotation: jax.Array) -> jax.Array:
     h_b = jnp.asarray(_hadamard_int(b), dt)
     left = jnp.kron(jnp.asarray(rotation, jnp.float32), jnp.asarray(_hadamard_int(a), jnp.float32))
     left = left * (1.0 / np.sqrt(p))
+    rows, backend = math.prod(lead), pallas_kernels.resolve_backend(KERNEL_BACKEND)
+    if 0 < rows <= KERNEL_MAX_ROWS and b >= 16 and m * a <= 128 and backend in ("triton", "interpret"):
+        y = online_hadamard(x.reshape(rows, m * a, b), left, h_b, interpret=backend == "interpret")
+        return y.reshape(x.shape)
     y = jnp.matmul(x.reshape(*lead, m * a, b).astype(dt), h_b,
                    precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
     # HIGHEST: f32 matmuls default to TF32 on GPU, which would spoil exact orthogonality.

@@ -41,7 +41,7 @@ from bench_kernels import MODELS, int4_bytes, make_weights, projections, time_lo
 from pallas_kernels import choose_tiles, pack_block, w4a4_matmul, w4a16_matmul
 from pallas_kernels import int4_mosaic, tiling  # noqa: E402
 from pallas_kernels.w4a16_gemv import GemvTiles, w4a16_gemv  # noqa: E402
-from qspec_jax import checkpoint, kv_cache, quantize  # noqa: E402
+from qspec_jax import checkpoint, kv_cache, quantize, rotation  # noqa: E402
 from qspec_jax.config import get_preset  # noqa: E402
 from bandwidth import best_copy_bandwidth  # noqa: E402
 from qspec_jax.evaluation import run_metadata  # noqa: E402
@@ -243,8 +243,8 @@ VARIANT_PARTS = {
     "asm": "Triton: inline-PTX int4 conversion (tiling.ASM_DEQUANT)",
     "mma1": "Triton: the tensor-core kernel at M = 1 too (tiling.GEMV_MAX_M = 0)",
     "tm": "Mosaic: the kernels write y [M, N] at split 1 (int4_mosaic.TRANSPOSED_STORE)",
-    "reduce_sum": "Mosaic: split-K partials summed by a reduction (int4_mosaic.SPLIT_SUM_ADDS = False)",
     "xla_attention": "attention by XLA's einsum over every slot (kv_cache.KERNEL_ATTENTION_BACKEND)",
+    "xla_rotation": "a rotated model's online transform as XLA's GEMMs (rotation.KERNEL_BACKEND)",
 }
 
 
@@ -258,8 +258,8 @@ def apply_variant(variant: str, token_major: bool = False):
     tiling.ASM_DEQUANT = "asm" in parts
     tiling.GEMV_MAX_M = 0 if "mma1" in parts else 1
     int4_mosaic.TRANSPOSED_STORE = token_major or "tm" in parts
-    int4_mosaic.SPLIT_SUM_ADDS = "reduce_sum" not in parts
     kv_cache.KERNEL_ATTENTION_BACKEND = "reference" if "xla_attention" in parts else "auto"
+    rotation.KERNEL_BACKEND = "reference" if "xla_rotation" in parts else "auto"
 
 
 def step_cells(args, copy_bps):

@@ -260,3 +260,31 @@ def test_quantized_params_save_restore_bit_for_bit(tiny_quantized, tmp_path):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
     tok, pos = tokens_positions(1, 6, TINY.vocab_size)
     np.testing.assert_array_equal(logits(q, TINY, tok, pos, "w4a4"), logits(back, TINY, tok, pos, "w4a4"))
+
+
+@pytest.mark.parametrize("n,rows", [(576, 3), (1536, 2), (4096, 1), (43 * 16, 2)])
+def test_online_transform_kernel_matches_float64(n, rows, monkeypatch):
+    """The one-launch transform (pallas_kernels.hadamard, interpreted) against the dense float64
+    matrix, for f32 and bf16 rows (43 * 16: a [43, 16] view, the smallest b the kernel takes)."""
+    monkeypatch.setattr(rotation, "KERNEL_BACKEND", "interpret")
+    r = rotation.small_factor(n, seed=3)
+    x = np.random.default_rng(n).standard_normal((rows, n)).astype(np.float32)
+    assert "pallas_call" in str(jax.make_jaxpr(rotation.online_transform)(jnp.asarray(x), jnp.asarray(r)))
+    want = x.astype(np.float64) @ rotation.online_matrix(n, r).astype(np.float64)
+    y = rotation.online_transform(jnp.asarray(x), jnp.asarray(r))
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), want, atol=2e-5, rtol=1e-5)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    yb = rotation.online_transform(xb, jnp.asarray(r))
+    wantb = np.asarray(xb, np.float64) @ rotation.online_matrix(n, r).astype(np.float64)
+    assert yb.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(yb, np.float64), wantb, atol=1e-2 * np.abs(wantb).max(), rtol=0)
+
+
+def test_online_hadamard_rejects_bad_shapes():
+    from pallas_kernels.hadamard import online_hadamard
+
+    with pytest.raises(ValueError, match="needs left"):
+        online_hadamard(jnp.ones((1, 4, 64)), jnp.eye(3), jnp.ones((64, 64)), interpret=True)
+    with pytest.raises(ValueError, match="power of 2"):
+        online_hadamard(jnp.ones((1, 4, 48)), jnp.eye(4), jnp.ones((48, 48)), interpret=True)

@@ -1,0 +1,83 @@
+"""The online transform of a rotated model in one Pallas Triton kernel, for decode and verify sizes.
+
+A rotated model (qspec_jax.rotation) multiplies the inputs of o_proj and down_proj by
+kron(left, H_b): each row x [n] is viewed as [m, b] (b a power of 2, m = n / b), and
+y = left^T (x H_b), H_b the ±1 Sylvester Hadamard matrix and left a small f32 [m, m] factor. As XLA
+ops that is two small GEMMs and, from batch 16, the transposes around the second one: four to six
+kernels a layer, 0.26 ms of a 2.9 ms Llama-3-8B decode step at batch 1 and about 0.6 of 3.9 ms at
+batch 16 on an H200 (benchmarks/engine/README.md). Here it is one launch.
+
+One program per (row, column block of BC): the row's [MP, b] tile (m padded to MP, a power of 2
+>= 16, by masked loads) times H_b's [b, BC] block, K-looped over BD columns with f32 accumulation
+(±1 entries: the products are exact in x's 16-bit dtype), then left^T [MP, MP] times that [MP, BC]
+in true f32. The reference is `online_hadamard_reference`, the same two products in f32 jnp.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from .common import compute_dtype, dot_precision, pow2_at_least
+
+BLOCK_COLS = 64  # BC: output columns per program
+BLOCK_K = 128  # BD: H_b rows per K step
+
+
+def online_hadamard_reference(x, left, h):
+    """y = left^T (x H) per row, x [R, m, b], left [m, m] f32, h [b, b]: f32 math, x's dtype out."""
+    y = jnp.matmul(x.astype(jnp.float32), h.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    y = jnp.einsum("rid,ij->rjd", y, left.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    return y.astype(x.dtype)
+
+
+def _kernel(x_ref, left_ref, h_ref, y_ref, *, m: int, b: int, bd: int, cdt):
+    # x_ref [MP, b], left_ref [MP, MP], h_ref [b, BC], y_ref [MP, BC]; rows >= m lie past the arrays
+    mp = x_ref.shape[0]
+    rows = lax.broadcasted_iota(jnp.int32, (mp, 1), 0) < m
+    prec = dot_precision(cdt)
+    acc = jnp.zeros(y_ref.shape, jnp.float32)
+    for d0 in range(0, b, bd):
+        xt = plt.load(x_ref.at[:, pl.ds(d0, bd)], mask=rows, other=0).astype(cdt)
+        acc += jnp.dot(xt, h_ref.at[pl.ds(d0, bd), :][...].astype(cdt), preferred_element_type=jnp.float32,
+                       precision=prec)
+    cols = lax.broadcasted_iota(jnp.int32, (1, mp), 1) < m
+    left = plt.load(left_ref, mask=rows & cols, other=0.0)
+    y = lax.dot_general(left, acc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+                        precision=lax.Precision.HIGHEST)
+    plt.store(y_ref, y.astype(y_ref.dtype), mask=rows)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "num_warps"))
+def online_hadamard(x, left, h, *, interpret: bool = False, num_warps: int = 4):
+    """y = left^T (x H) for every row of x [R, m, b] (b a power of 2 >= 16, m <= 128): one launch.
+
+    left: [m, m] f32; h: the [b, b] ±1 matrix in x's dtype (or f32). Returns [R, m, b] in x's dtype.
+    """
+    R, m, b = x.shape
+    if left.shape != (m, m) or h.shape != (b, b):
+        raise ValueError(f"x [R, m, b] = {x.shape} needs left [{m}, {m}] and h [{b}, {b}], "
+                         f"got {left.shape} and {h.shape}")
+    if b < 16 or b & (b - 1) or m > 128:
+        raise ValueError(f"the kernel needs b a power of 2 >= 16 and m <= 128, got b={b}, m={m}")
+    mp = max(16, pow2_at_least(m))
+    bc, bd = min(BLOCK_COLS, b), min(BLOCK_K, b)
+    cdt = compute_dtype(x.dtype)
+    kernel = functools.partial(_kernel, m=m, b=b, bd=bd, cdt=cdt)
+    return pl.pallas_call(
+        kernel,
+        grid=(R, b // bc),
+        in_specs=[pl.BlockSpec((None, mp, b), lambda r, c: (r, 0, 0)),
+                  pl.BlockSpec((mp, mp), lambda r, c: (0, 0)),
+                  pl.BlockSpec((b, bc), lambda r, c: (0, c))],
+        out_specs=pl.BlockSpec((None, mp, bc), lambda r, c: (r, 0, c)),
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
+        interpret=interpret,
+        name="online_hadamard",
+    )(x, left.astype(jnp.float32), h)
