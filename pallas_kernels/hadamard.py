@@ -8,9 +8,10 @@ kernels a layer, 0.26 ms of a 2.9 ms Llama-3-8B decode step at batch 1 and about
 batch 16 on an H200 (benchmarks/engine/README.md). Here it is one launch.
 
 One program per (row, column block of BC): the row's [MP, b] tile (m padded to MP, a power of 2
->= 16, by masked loads) times H_b's [b, BC] block, K-looped over BD columns with f32 accumulation
-(±1 entries: the products are exact in x's 16-bit dtype), then left^T [MP, MP] times that [MP, BC]
-in true f32. The reference is `online_hadamard_reference`, the same two products in f32 jnp.
+>= 16, by masked loads) times H_b's [b, BC] block, built in registers from the bits of its indices
+and K-looped over BD rows with f32 accumulation (±1 entries: the products are exact in x's 16-bit
+dtype), then left^T [MP, MP] times that [MP, BC] in true f32. The reference is
+`online_hadamard_reference`, the same two products in f32 jnp.
 """
 
 from __future__ import annotations
@@ -29,23 +30,40 @@ BLOCK_COLS = 64  # BC: output columns per program
 BLOCK_K = 128  # BD: H_b rows per K step
 
 
-def online_hadamard_reference(x, left, h):
-    """y = left^T (x H) per row, x [R, m, b], left [m, m] f32, h [b, b]: f32 math, x's dtype out."""
-    y = jnp.matmul(x.astype(jnp.float32), h.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+def online_hadamard_reference(x, left):
+    """y = left^T (x H_b) per row of x [R, m, b], left [m, m]: f32 math, x's dtype out."""
+    b = x.shape[-1]
+    idx = jnp.arange(b, dtype=jnp.int32)
+    h = _sign(idx[:, None], idx[None, :])
+    y = jnp.matmul(x.astype(jnp.float32), h, precision=lax.Precision.HIGHEST)
     y = jnp.einsum("rid,ij->rjd", y, left.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     return y.astype(x.dtype)
 
 
-def _kernel(x_ref, left_ref, h_ref, y_ref, *, m: int, b: int, bd: int, cdt):
-    # x_ref [MP, b], left_ref [MP, MP], h_ref [b, BC], y_ref [MP, BC]; rows >= m lie past the arrays
-    mp = x_ref.shape[0]
+def _sign(i, j):
+    """H[i, j] of Sylvester's order: (-1) ** popcount(i & j), as +-1 f32 (i, j < 2 ** 16)."""
+    v = i & j
+    for shift in (8, 4, 2, 1):  # fold the parity of 16 bits into bit 0
+        v = v ^ (v >> shift)
+    return (1 - 2 * (v & 1)).astype(jnp.float32)
+
+
+def _kernel(x_ref, left_ref, y_ref, *, m: int, b: int, bd: int, cdt):
+    # x_ref [MP, b], left_ref [MP, MP], y_ref [MP, BC]; rows >= m lie past the arrays
+    mp, bc = y_ref.shape
     rows = lax.broadcasted_iota(jnp.int32, (mp, 1), 0) < m
     prec = dot_precision(cdt)
+    # H_b is built in registers, not read: from memory its 512 KB came from DRAM in every call of a
+    # decode step (the weights stream through L2 between calls), and the loads' latency doubled the
+    # kernel's time. Rows d0 + i (i < bd, d0 a multiple of bd) share the bits of i: H[d0 + i, c] =
+    # H[i, c] * H[d0, c], so one [bd, BC] block and a sign per column and K step.
+    cols = pl.program_id(1) * bc + lax.broadcasted_iota(jnp.int32, (1, bc), 1)
+    block = _sign(lax.broadcasted_iota(jnp.int32, (bd, bc), 0), cols).astype(cdt)
     acc = jnp.zeros(y_ref.shape, jnp.float32)
     for d0 in range(0, b, bd):
         xt = plt.load(x_ref.at[:, pl.ds(d0, bd)], mask=rows, other=0).astype(cdt)
-        acc += jnp.dot(xt, h_ref.at[pl.ds(d0, bd), :][...].astype(cdt), preferred_element_type=jnp.float32,
-                       precision=prec)
+        part = jnp.dot(xt, block, preferred_element_type=jnp.float32, precision=prec)
+        acc += part if d0 == 0 else part * _sign(jnp.full((1, bc), d0, jnp.int32), cols)
     cols = lax.broadcasted_iota(jnp.int32, (1, mp), 1) < m
     left = plt.load(left_ref, mask=rows & cols, other=0.0)
     y = lax.dot_general(left, acc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32,
@@ -53,31 +71,27 @@ def _kernel(x_ref, left_ref, h_ref, y_ref, *, m: int, b: int, bd: int, cdt):
     plt.store(y_ref, y.astype(y_ref.dtype), mask=rows)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "num_warps"))
-def online_hadamard(x, left, h, *, interpret: bool = False, num_warps: int = 4):
-    """y = left^T (x H) for every row of x [R, m, b] (b a power of 2 >= 16, m <= 128): one launch.
-
-    left: [m, m] f32; h: the [b, b] ±1 matrix in x's dtype (or f32). Returns [R, m, b] in x's dtype.
-    """
+@functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "block_cols"))
+def online_hadamard(x, left, *, interpret: bool = False, num_warps: int = 4, block_cols: int = BLOCK_COLS):
+    """y = left^T (x H_b) for every row of x [R, m, b], H_b the Sylvester ±1 matrix of order b (a
+    power of 2, 16 <= b <= 2 ** 16), m <= 128, left [m, m] f32: one launch. Returns x's dtype."""
     R, m, b = x.shape
-    if left.shape != (m, m) or h.shape != (b, b):
-        raise ValueError(f"x [R, m, b] = {x.shape} needs left [{m}, {m}] and h [{b}, {b}], "
-                         f"got {left.shape} and {h.shape}")
-    if b < 16 or b & (b - 1) or m > 128:
+    if left.shape != (m, m):
+        raise ValueError(f"x [R, m, b] = {x.shape} needs left [{m}, {m}], got {left.shape}")
+    if b < 16 or b > 2**16 or b & (b - 1) or m > 128:
         raise ValueError(f"the kernel needs b a power of 2 >= 16 and m <= 128, got b={b}, m={m}")
     mp = max(16, pow2_at_least(m))
-    bc, bd = min(BLOCK_COLS, b), min(BLOCK_K, b)
+    bc, bd = min(block_cols, b), min(BLOCK_K, b)
     cdt = compute_dtype(x.dtype)
     kernel = functools.partial(_kernel, m=m, b=b, bd=bd, cdt=cdt)
     return pl.pallas_call(
         kernel,
         grid=(R, b // bc),
         in_specs=[pl.BlockSpec((None, mp, b), lambda r, c: (r, 0, 0)),
-                  pl.BlockSpec((mp, mp), lambda r, c: (0, 0)),
-                  pl.BlockSpec((b, bc), lambda r, c: (0, c))],
+                  pl.BlockSpec((mp, mp), lambda r, c: (0, 0))],
         out_specs=pl.BlockSpec((None, mp, bc), lambda r, c: (r, 0, c)),
         out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
         compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=interpret,
         name="online_hadamard",
-    )(x, left.astype(jnp.float32), h)
+    )(x, left.astype(jnp.float32))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
-from pallas_kernels.hadamard import online_hadamard
+from pallas_kernels import hadamard as hadamard_kernel
 
 
 def _is_pow2(n: int) -> bool:
@@ -201,13 +201,14 @@ def online_transform(x: jax.Array, rotation: jax.Array) -> jax.Array:
     lead = x.shape[:-1]
     # ±1 entries are exact in bf16/f16, so a 16-bit x multiplies them exactly on the MMA
     dt = x.dtype if x.dtype in (jnp.bfloat16, jnp.float16) else jnp.float32
-    h_b = jnp.asarray(_hadamard_int(b), dt)
     left = jnp.kron(jnp.asarray(rotation, jnp.float32), jnp.asarray(_hadamard_int(a), jnp.float32))
     left = left * (1.0 / np.sqrt(p))
     rows, backend = math.prod(lead), pallas_kernels.resolve_backend(KERNEL_BACKEND)
     if 0 < rows <= KERNEL_MAX_ROWS and b >= 16 and m * a <= 128 and backend in ("triton", "interpret"):
-        y = online_hadamard(x.reshape(rows, m * a, b), left, h_b, interpret=backend == "interpret")
+        y = hadamard_kernel.online_hadamard(x.reshape(rows, m * a, b), left, interpret=backend == "interpret",
+                                            block_cols=hadamard_kernel.BLOCK_COLS)
         return y.reshape(x.shape)
+    h_b = jnp.asarray(_hadamard_int(b), dt)
     y = jnp.matmul(x.reshape(*lead, m * a, b).astype(dt), h_b,
                    precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
     # HIGHEST: f32 matmuls default to TF32 on GPU, which would spoil exact orthogonality.
