@@ -26,8 +26,15 @@ from jax.experimental.pallas import triton as plt
 
 from .common import compute_dtype, dot_precision, pow2_at_least
 
-BLOCK_COLS = 64  # BC: output columns per program
+BLOCK_COLS = None  # BC, output columns per program; None: choose_block_cols(rows)
 BLOCK_K = 128  # BD: H_b rows per K step
+
+
+def choose_block_cols(rows: int) -> int:
+    """BC by the H100's CUPTI times (benchmarks/engine/h100_hadamard_77660be.json): at one row, 16
+    columns (32 programs) took 2.2 / 2.9 us at o_proj / down_proj widths against 2.7 / 4.1 with 64;
+    at 16 and 64 rows 64 columns were fastest. Rows between 2 and 16 are not measured."""
+    return 16 if rows <= 2 else 64
 
 
 def online_hadamard_reference(x, left):
@@ -72,7 +79,7 @@ def _kernel(x_ref, left_ref, y_ref, *, m: int, b: int, bd: int, cdt):
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "block_cols"))
-def online_hadamard(x, left, *, interpret: bool = False, num_warps: int = 4, block_cols: int = BLOCK_COLS):
+def online_hadamard(x, left, *, interpret: bool = False, num_warps: int = 4, block_cols: int | None = None):
     """y = left^T (x H_b) for every row of x [R, m, b], H_b the Sylvester ±1 matrix of order b (a
     power of 2, 16 <= b <= 2 ** 16), m <= 128, left [m, m] f32: one launch. Returns x's dtype."""
     R, m, b = x.shape
@@ -81,7 +88,7 @@ def online_hadamard(x, left, *, interpret: bool = False, num_warps: int = 4, blo
     if b < 16 or b > 2**16 or b & (b - 1) or m > 128:
         raise ValueError(f"the kernel needs b a power of 2 >= 16 and m <= 128, got b={b}, m={m}")
     mp = max(16, pow2_at_least(m))
-    bc, bd = min(block_cols, b), min(BLOCK_K, b)
+    bc, bd = min(block_cols or choose_block_cols(R), b), min(BLOCK_K, b)
     cdt = compute_dtype(x.dtype)
     kernel = functools.partial(_kernel, m=m, b=b, bd=bd, cdt=cdt)
     return pl.pallas_call(
