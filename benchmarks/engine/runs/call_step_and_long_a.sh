@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv
 timeout 130 python3 scripts/bench_engine.py --parts step --modes w4a16,w4a8,bf16 --kernels mosaic \
   --batches 1 --out $OUT/step.json
 echo "step rc=$? (t=${SECONDS}s)"
-XLA_CLIENT_MEM_FRACTION=0.95 timeout $((400 - SECONDS)) python3 scripts/bench_long_context.py --kernels mosaic \
+XLA_CLIENT_MEM_FRACTION=0.95 timeout $((370 - SECONDS)) python3 scripts/bench_long_context.py --kernels mosaic \
   --shapes 16x8192,16x32768 --out $OUT/hopper_long_context.json
 echo "long context A rc=$? (t=${SECONDS}s)"
 } > $OUT/run.log 2>&1
