@@ -270,9 +270,16 @@ def measure(plan, reps) -> dict:
     }
 
 
+# The issue's cells of each ratio map: null in the summary until measured.
+ISSUE_CELLS = {"qspec_int8kv_vs_w4a16_bf16kv": ("16x8192", "16x32768"),
+               "qspec_int8kv_vs_w4a16_int8kv": ("16x8192", "16x32768"),
+               "quantspec_vs_bf16": ("1x8192", "4x32768")}
+
+
 def summarize(results: dict) -> dict:
-    """The issue's ratio maps (decode only): each a map from "BxS" to baseline time / mode time."""
-    maps = {"qspec_int8kv_vs_w4a16_bf16kv": {}, "qspec_int8kv_vs_w4a16_int8kv": {}, "quantspec_vs_bf16": {}}
+    """The issue's ratio maps (decode only): each a map from "BxS" to baseline time / mode time
+    (None for an issue cell not measured)."""
+    maps = {name: dict.fromkeys(cells) for name, cells in ISSUE_CELLS.items()}
     best = {}
     for cell in results["cells"]:
         key = f"{cell['batch']}x{cell['context']}"
@@ -300,7 +307,8 @@ def plot(results: dict, path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    maps = {k: v for k, v in summarize(results).items() if k != "best_setting"}
+    maps = {k: {c: r for c, r in v.items() if r is not None} for k, v in summarize(results).items()
+            if k != "best_setting"}
     batches = sorted({int(cell.split("x")[0]) for m in maps.values() for cell in m})
     fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.6), squeeze=False)
     for ax, b in zip(axes[0], batches):
