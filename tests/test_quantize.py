@@ -21,6 +21,7 @@ from qspec_jax.quantize import (
     quantize_weight_mse,
     rotate_params,
 )
+from test_kernels import _export_cuda, verify_triton_modules  # noqa: F401 (fixture)
 
 TINY = get_preset("tiny")
 _fwd = jax.jit(forward, static_argnames=("config", "mode"))
@@ -288,3 +289,16 @@ def test_online_hadamard_rejects_bad_shapes():
         online_hadamard(jnp.ones((1, 4, 64)), jnp.eye(3), interpret=True)
     with pytest.raises(ValueError, match="power of 2"):
         online_hadamard(jnp.ones((1, 4, 48)), jnp.eye(4), interpret=True)
+
+
+@pytest.mark.parametrize("rows,m,b,dtype", [(1, 8, 512, jnp.bfloat16), (16, 28, 512, jnp.bfloat16),
+                                            (3, 9, 64, jnp.float32)])
+def test_online_hadamard_lowers_for_cuda(verify_triton_modules, rows, m, b, dtype):
+    """The kernel through the real Triton lowering on the CPU (MLIR-verified), at Llama-3-8B's o_proj
+    and down_proj views and SmolLM2's, both column-block choices (one row: 16 columns)."""
+    from pallas_kernels.hadamard import online_hadamard
+
+    n0 = len(verify_triton_modules)
+    _export_cuda(lambda x, left: online_hadamard(x, left), jax.ShapeDtypeStruct((rows, m, b), dtype),
+                 jax.ShapeDtypeStruct((m, m), jnp.float32))
+    assert len(verify_triton_modules) == n0 + 1, "no Triton kernel was lowered"
