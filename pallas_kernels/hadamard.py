@@ -3,15 +3,16 @@
 A rotated model (qspec_jax.rotation) multiplies the inputs of o_proj and down_proj by
 kron(left, H_b): each row x [n] is viewed as [m, b] (b a power of 2, m = n / b), and
 y = left^T (x H_b), H_b the ±1 Sylvester Hadamard matrix and left a small f32 [m, m] factor. As XLA
-ops that is two small GEMMs and, from batch 16, the transposes around the second one: four to six
+ops that is two small GEMMs and, from batch 16, the transposes around the second one: four to eight
 kernels a layer, 0.26 ms of a 2.9 ms Llama-3-8B decode step at batch 1 and about 0.6 of 3.9 ms at
 batch 16 on an H200 (benchmarks/engine/README.md). Here it is one launch.
 
 One program per (row, column block of BC): the row's [MP, b] tile (m padded to MP, a power of 2
 >= 16, by masked loads) times H_b's [b, BC] block, built in registers from the bits of its indices
 and K-looped over BD rows with f32 accumulation (±1 entries: the products are exact in x's 16-bit
-dtype), then left^T [MP, MP] times that [MP, BC] in true f32. The reference is
-`online_hadamard_reference`, the same two products in f32 jnp.
+dtype), then left^T [MP, MP] times that [MP, BC] in true f32. The plain-XLA form of the same math
+is qspec_jax.rotation.online_transform's other path; tests compare both with rotation.online_matrix
+in float64.
 """
 
 from __future__ import annotations
@@ -35,16 +36,6 @@ def choose_block_cols(rows: int) -> int:
     columns (32 programs) took 2.2 / 2.9 us at o_proj / down_proj widths against 2.7 / 4.1 with 64;
     at 16 and 64 rows 64 columns were fastest. Rows between 2 and 16 are not measured."""
     return 16 if rows <= 2 else 64
-
-
-def online_hadamard_reference(x, left):
-    """y = left^T (x H_b) per row of x [R, m, b], left [m, m]: f32 math, x's dtype out."""
-    b = x.shape[-1]
-    idx = jnp.arange(b, dtype=jnp.int32)
-    h = _sign(idx[:, None], idx[None, :])
-    y = jnp.matmul(x.astype(jnp.float32), h, precision=lax.Precision.HIGHEST)
-    y = jnp.einsum("rid,ij->rjd", y, left.astype(jnp.float32), precision=lax.Precision.HIGHEST)
-    return y.astype(x.dtype)
 
 
 def _sign(i, j):
@@ -71,8 +62,8 @@ def _kernel(x_ref, left_ref, y_ref, *, m: int, b: int, bd: int, cdt):
         xt = plt.load(x_ref.at[:, pl.ds(d0, bd)], mask=rows, other=0).astype(cdt)
         part = jnp.dot(xt, block, preferred_element_type=jnp.float32, precision=prec)
         acc += part if d0 == 0 else part * _sign(jnp.full((1, bc), d0, jnp.int32), cols)
-    cols = lax.broadcasted_iota(jnp.int32, (1, mp), 1) < m
-    left = plt.load(left_ref, mask=rows & cols, other=0.0)
+    left_cols = lax.broadcasted_iota(jnp.int32, (1, mp), 1) < m
+    left = plt.load(left_ref, mask=rows & left_cols, other=0.0)
     y = lax.dot_general(left, acc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32,
                         precision=lax.Precision.HIGHEST)
     plt.store(y_ref, y.astype(y_ref.dtype), mask=rows)
