@@ -17,6 +17,7 @@ Modes (name: weights, verify / draft, cache):
   w4a16_bf16kv, w4a16_int8kv   int4, plain W4A16 decoding
   bf16_bf16kv, bf16_int8kv     bf16, plain bf16 decoding
   qspec_{w4a8,w4a4}_{bf16,int8}kv_g{G}   int4, W4A16 verifies, the draft mode drafts G tokens
+  qspec_w4a16_int8kv_g{G}      int4, W4A16 verifies on INT8 and drafts on the INT4 view (the KV cache alone)
   quantspec_g{G}               bf16 verifies on INT8, W4A16 on int4 weights drafts on the INT4 view
   MODE+einsum                  MODE with XLA's einsum attention over a bf16 cache instead of the kernel
 
@@ -78,7 +79,9 @@ def parse_mode(name: str) -> dict:
     if name in ("w4a16_bf16kv", "w4a16_int8kv", "bf16_bf16kv", "bf16_int8kv"):
         return dict(weights="bf16" if parts[0] == "bf16" else "int4", verify_mode=parts[0], draft_mode=parts[0],
                     gamma=0, kv=parts[1][:-2], trace=None)
-    if parts[0] == "qspec" and len(parts) == 4 and parts[1] in ("w4a8", "w4a4") and parts[2] in ("bf16kv", "int8kv"):
+    # the W4A16 draft differs from its verifier only on the int8 cache (it reads the INT4 view there)
+    if parts[0] == "qspec" and len(parts) == 4 and (parts[1] in ("w4a8", "w4a4") and parts[2] in ("bf16kv", "int8kv")
+                                                    or parts[1:3] == ["w4a16", "int8kv"]):
         gamma = int(parts[3][1:])
         return dict(weights="int4", verify_mode="w4a16", draft_mode=parts[1], gamma=gamma, kv=parts[2][:-2],
                     trace=(parts[2][:-2], f"{parts[1]}_g{gamma}"))

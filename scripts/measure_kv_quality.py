@@ -11,7 +11,8 @@
    INT4 view, verify the INT8 view; the long batch on int8 only by default), and QuantSpec (`speculative.quantspec`: float weights verify on
    the INT8 view, the W4A16 int4 draft reads the INT4 view). Every run is compared token for token
    with plain greedy decoding by its verifier on the same cache (W4A16, or the float weights for
-   QuantSpec). Optional extra gammas (`--extra-gammas`) for w4a8 on int8, last.
+   QuantSpec). Optional extra gammas (`--extra-gammas`) for w4a8 on int8, then (phase `w4a16_draft`)
+   the int4 weights drafting in W4A16 on the INT4 view: speculation through the KV cache alone.
 3. Traces: every speculative run's per-cycle accepted counts (`GenerationResult.trace`, [B, cycles])
    go to traces_<kv>kv.json (short batch) and traces_<kv>kv_long.json (long batch), in the format of
    benchmarks/acceptance/traces.json (keys "<draft>_g<gamma>", QuantSpec "quantspec_w4a16_g<gamma>"),
@@ -114,7 +115,7 @@ def long_chat_prompts(tokenizer, n: int, min_tokens: int, max_tokens: int, start
 
 
 LONG_HEAD_BYTES = 64 << 20  # the packaged file's first 64 MB: about 9,400 records, 49 of 14k-30k characters past 1024
-PHASES = ("short_int8", "quantspec", "ppl", "long", "short_bf16", "extra_gammas")
+PHASES = ("short_int8", "quantspec", "ppl", "long", "short_bf16", "extra_gammas", "w4a16_draft")
 
 
 def main():
@@ -352,6 +353,8 @@ def main():
     for g in (int(x) for x in args.extra_gammas.split(",") if x.strip()) if "extra_gammas" in phases else ():
         if g != args.gamma:
             spec_run("w4a8", "int8", g, "short")
+    if "w4a16_draft" in phases:  # KV-only self-speculation: W4A16 drafts on the INT4 view, verifies on INT8
+        spec_run("w4a16", "int8", args.gamma, "short")
     save()
     print(f"wrote {path}")
 
