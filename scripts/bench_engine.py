@@ -262,7 +262,9 @@ def apply_variant(variant: str, token_major: bool = False):
     rotation.KERNEL_BACKEND = "reference" if "xla_rotation" in parts else "auto"
 
 
-def step_cells(args, copy_bps):
+def step_cells(args, copy_bps, cells: list, save=lambda: None):
+    """Time the decode step of every (batch, mode, variant) into `cells`, calling `save` after each
+    cell, so a run cut by its time limit keeps what it measured."""
     config = get_preset(args.preset)
     t0 = time.perf_counter()
     fparams = checkpoint.random_params(config, seed=0, dtype=jnp.bfloat16)
@@ -271,7 +273,6 @@ def step_cells(args, copy_bps):
     fparams = unstack_layers(fuse_projections(fparams))
     jax.block_until_ready((fparams, qparams))
     print(f"weights ready in {time.perf_counter() - t0:.0f} s", flush=True)
-    cells = []
     max_len, ctx, steps = step_cache_slots(args.context), args.context, 16
     runs = [(m, v) for m in args.modes for v in (args.step_variants if m != "bf16" else ["default"])]
     # the quantized modes once per kernel family (qspec_jax/kernel_choice.py): mode "w4a16_mosaic"
@@ -317,9 +318,11 @@ def step_cells(args, copy_bps):
                 except Exception as e:  # noqa: BLE001 - a step time stands without its profile
                     cell["profile"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                     print("  profile failed:", cell["profile"]["error"], flush=True)
-                    continue
-                print(f"  profile: {cell['profile']['total_us']:.0f} us in {cell['profile']['kernels']} kernels; "
-                      + "; ".join(f"{n[:40]} {us:.0f}/{k}" for n, us, k in cell["profile"]["top_us"][:12]), flush=True)
+                else:
+                    print(f"  profile: {cell['profile']['total_us']:.0f} us in {cell['profile']['kernels']} kernels; "
+                          + "; ".join(f"{n[:40]} {us:.0f}/{k}" for n, us, k in cell["profile"]["top_us"][:12]),
+                          flush=True)
+            save()
         if torch_available() and batch <= 16 and not args.no_peers and args.kv == "bf16":
             import torch_peer
 
@@ -328,6 +331,7 @@ def step_cells(args, copy_bps):
                     s = torch_peer.time_decode_step(config, batch, ctx, ctx - 1, kind)
                     cells.append({"batch": batch, "mode": f"torch_{kind}", "step_ms": 1e3 * s, "tokens_per_s": batch / s})
                     print(f"step B={batch} torch {kind}: {1e3 * s:.2f} ms", flush=True)
+                    save()
                 except Exception as e:
                     print(f"  torch {kind} step B={batch}: {type(e).__name__}: {str(e)[:200]}", flush=True)
     return cells
@@ -448,8 +452,8 @@ def main(argv=None):
         out["kernels"] = []
         kernel_cells(args, rotate, out["kernels"], save)
     if "step" in parts:
-        out["step"] = step_cells(args, bw)
-        save()
+        out["step"] = []
+        step_cells(args, bw, out["step"], save)
     save()
     return out
 

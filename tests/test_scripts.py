@@ -188,8 +188,8 @@ def test_bench_long_context_smoke(tmp_path):
     res, summ = json.loads(out.read_text()), json.loads(summary.read_text())
     (cell,) = res["cells"]
     t = {m["mode"]: m["seconds"] for m in cell["modes"]}
-    assert set(t) == {"w4a16_bf16kv", "w4a16_bf16kv+einsum", "w4a16_int8kv", "qspec_w4a8_int8kv_g3", "bf16_bf16kv",
-                      "quantspec_g3"}
+    assert set(t) == {"w4a16_bf16kv", "w4a16_bf16kv+einsum", "w4a16_int8kv", "qspec_w4a8_int8kv_g3",
+                      "qspec_w4a16_int8kv_g3", "bf16_bf16kv", "quantspec_g3"}
     assert all(v > 0 and math.isfinite(v) for v in t.values())
     spec = {m["mode"]: m for m in cell["modes"]}["qspec_w4a8_int8kv_g3"]
     assert spec["gamma"] == 3 and 0 < spec["acceptance_rate"] <= 1 and spec["acceptance_source"]
@@ -198,6 +198,10 @@ def test_bench_long_context_smoke(tmp_path):
     assert summ["qspec_int8kv_vs_w4a16_bf16kv"][key] == pytest.approx(t["w4a16_bf16kv"] / t["qspec_w4a8_int8kv_g3"])
     assert summ["qspec_int8kv_vs_w4a16_int8kv"][key] == pytest.approx(t["w4a16_int8kv"] / t["qspec_w4a8_int8kv_g3"])
     assert summ["quantspec_vs_bf16"][key] == pytest.approx(t["bf16_bf16kv"] / t["quantspec_g3"])
+    # the W4A16 draft on the INT4 view is its own map, not counted as QSpec
+    assert summ["w4a16_int4view_draft_vs_w4a16_int8kv"][key] == pytest.approx(
+        t["w4a16_int8kv"] / t["qspec_w4a16_int8kv_g3"])
+    assert summ["best_setting"][key]["qspec_int8kv"] == "qspec_w4a8_int8kv_g3"
 
 
 def test_bench_long_context_cells_in_two_processes(tmp_path):
