@@ -64,6 +64,10 @@ class MosaicTiles:
     groups: weight groups per pipeline step (divides a K range's groups): each step issues one
       wgmma per group back to back and waits once, so a step's fixed costs (barrier waits, the
       wgmma wait, the pipeline's bookkeeping) are paid once per `groups` groups.
+    max_tokens: the largest token tile (wgmma's N, a power of 2 from 8 to 256); more rows run in
+      chunks of that many on a grid axis. Without `carry` a program holds two accumulators of
+      rows x tile (each step's and the running sum): at 64 x 256 that is 256 registers a thread,
+      more than a thread has, so the int8 body runs 256 tokens as two chunks of 128.
     """
 
     rows: int = 64
@@ -71,6 +75,7 @@ class MosaicTiles:
     stages: int = 4
     carry: bool = False
     groups: int = 1
+    max_tokens: int = 256
 
 
 def is_mosaic_layout(w) -> bool:
@@ -93,12 +98,12 @@ def from_mosaic_layout(mw) -> dict:
             "scales": mw["scales"]}
 
 
-def token_tile(M: int) -> int:
-    """wgmma N size for M tokens: a power of 2 from 8 to 256 (above 256 rows the kernels run
-    256-row chunks)."""
+def token_tile(M: int, max_tokens: int = MAX_TOKENS) -> int:
+    """wgmma N size for M tokens: a power of 2 from 8 to `max_tokens` (<= 256; above it the
+    kernels run chunks of that many rows)."""
     if M < 1:
         raise ValueError(f"the Mosaic int4 kernels take at least one row, got M={M}")
-    return max(8, 1 << (min(M, MAX_TOKENS) - 1).bit_length())
+    return max(8, 1 << (min(M, max_tokens) - 1).bit_length())
 
 
 def step_width(K: int, G: int) -> int:
@@ -118,6 +123,8 @@ def supported(M: int, N: int, K: int, G: int, tiles: MosaicTiles, x_bytes: int =
     """Why these shapes and tiles cannot run, or None when they can."""
     if M < 1:
         return f"M={M} has no rows"
+    if tiles.max_tokens not in (8, 16, 32, 64, 128, 256):
+        return f"max_tokens={tiles.max_tokens} is not a power of 2 from 8 to 256"
     tk = step_width(K, G)
     if tk not in (64, 128, 256) or K % tk:
         return f"a pipeline step of {tk} input channels (K={K}, {G} groups) is not 64, 128 or 256"
@@ -127,7 +134,7 @@ def supported(M: int, N: int, K: int, G: int, tiles: MosaicTiles, x_bytes: int =
         return f"split={tiles.split} does not divide the {K // tk} weight groups"
     if (K // tk // tiles.split) % tiles.groups:
         return f"groups={tiles.groups} does not divide a K range's {K // tk // tiles.split} groups"
-    if smem_bytes(tiles, tk, token_tile(M), x_bytes) > SMEM_BYTES:
+    if smem_bytes(tiles, tk, token_tile(M, tiles.max_tokens), x_bytes) > SMEM_BYTES:
         return "the pipeline stages do not fit in shared memory"
     return None
 
@@ -165,8 +172,8 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
     steps_total = K // tk
     if G == 1:  # per channel: the same scale every step (a small broadcast, per-channel weights only)
         scales = jnp.broadcast_to(scales, (steps_total, N))
-    tm = token_tile(M)
-    chunks = -(-M // tm)  # above 256 rows: one more grid axis over 256-row chunks of x
+    tm = token_tile(M, tiles.max_tokens)
+    chunks = -(-M // tm)  # above max_tokens rows: one more grid axis over chunks of x
     rows, split, stages, g = tiles.rows, tiles.split, tiles.stages, tiles.groups
     if tiles.carry and int8:
         raise ValueError("carry is a W4A16 body: int8 codes cannot hold the scales")
@@ -367,15 +374,26 @@ MEASURED: dict[tuple[int, int, int, int], MosaicTiles] = {
 GROUPS_PER_STEP = 1
 
 
+# The int8 body's largest token tile: at 256 it holds two 64 x 256 accumulators (256 registers a
+# thread) and ran gate_up M = 256 in 263.6 us against 64.2 at M = 128 (benchmarks/engine/
+# hopper_kernels.json), so 256 tokens run as two chunks of 128.
+INT8_MAX_TOKENS = 128
+
+
 def choose_tiles(M: int, N: int, K: int, G: int, x_bytes: int = 2) -> MosaicTiles:
-    """Tiles for an [M, K] x [K, N] int4 matmul: the sweep's winner where measured, else 64-row
-    programs, split-K to at least two waves of programs (counting 256-row chunks of a larger M;
-    each K range >= 4 steps), GROUPS_PER_STEP groups a step, and as many pipeline stages as
-    shared memory holds, up to 4."""
-    tm = token_tile(M)
+    """Tiles for an [M, K] x [K, N] int4 matmul: the sweep's winner where measured, else the rule:
+    W4A16 token tiles of 128 and 256 carry one accumulator (`carry`: at gate_up M = 128 77.1 against
+    91.0 us, M = 256 138.6 against 229.0, down M = 128 44.6 against 51.2) in 128- and 64-row
+    programs; int8 activations in token tiles of at most INT8_MAX_TOKENS; otherwise 64-row programs.
+    Then split-K to at least two waves of programs (counting the chunks of a larger M; each K range
+    >= 4 steps), GROUPS_PER_STEP groups a step, and as many pipeline stages as shared memory holds,
+    up to 4."""
+    max_tokens = INT8_MAX_TOKENS if x_bytes == 1 else MAX_TOKENS
+    tm = token_tile(M, max_tokens)
     if (N, K, tm, x_bytes) in MEASURED:
         return MEASURED[(N, K, tm, x_bytes)]
-    rows = 64
+    carry = x_bytes == 2 and tm >= 128
+    rows = 128 if carry and tm == 128 and N % 128 == 0 else 64
     steps = K // step_width(K, G)
     programs = (N // rows) * -(-M // tm)
     split = 1
@@ -383,10 +401,10 @@ def choose_tiles(M: int, N: int, K: int, G: int, x_bytes: int = 2) -> MosaicTile
         split *= 2
     groups = GROUPS_PER_STEP if (steps // split) % GROUPS_PER_STEP == 0 else 1
     for stages in (4, 3, 2, 1):
-        tiles = MosaicTiles(rows=rows, split=split, stages=stages, groups=groups)
+        tiles = MosaicTiles(rows=rows, split=split, stages=stages, groups=groups, carry=carry, max_tokens=max_tokens)
         if smem_bytes(tiles, step_width(K, G), tm, x_bytes) <= SMEM_BYTES:
             return tiles
-    return MosaicTiles(rows=rows, split=split, stages=1)
+    return MosaicTiles(rows=rows, split=split, stages=1, carry=carry, max_tokens=max_tokens)
 
 
 def dequantize_mosaic(mw, dtype=jnp.bfloat16):

@@ -123,9 +123,11 @@ def configs(K, N, M, x_bytes=2, wide=False):
                   dataclasses.replace(base, rows=128)]
         if base.split > 1:
             cands.insert(1, dataclasses.replace(base, split=base.split // 2))
-    if M >= 64 and x_bytes == 2:  # wide token tiles: one carried accumulator (W4A16 only)
-        cands += [dataclasses.replace(base, carry=True)]
+    if M >= 64 and x_bytes == 2:  # wide token tiles: both bodies, one carried accumulator (W4A16 only) or two
+        cands += [dataclasses.replace(base, carry=not base.carry, rows=64 if base.carry else base.rows)]
         cands += [dataclasses.replace(base, rows=128, stages=n, carry=True) for n in (4, 3, 2)][:1 + (M > 64)]
+    if x_bytes == 1 and M > int4_mosaic.INT8_MAX_TOKENS:  # one 256-token tile: the rule before 128-token chunks
+        cands += [dataclasses.replace(base, max_tokens=int4_mosaic.MAX_TOKENS)]
     out = []
     for t in cands:
         if t not in out and not supported(M, N, K, K // GROUP, t, x_bytes):
@@ -400,10 +402,6 @@ def main():
                     tiles = [best_of[(kind, same_as[M])]]
                 else:
                     tiles = configs(K, N, M, x_bytes, wide=str(M) in args.wide_ms.split(","))
-                    if kind == "mosaic_w4a8" and ("mosaic_w4a16", M) in best_of:
-                        # the int8 kernel has the same shape: sweep the W4A16 winner's neighbours
-                        b = best_of[("mosaic_w4a16", M)]
-                        tiles = [dataclasses.replace(b, carry=False)]
                 rows, best = sweep(results, fn_of, tiles, x, ws, r)
                 cell[kind + "_sweep"] = rows
                 if best:

@@ -22,6 +22,7 @@ from pallas_kernels.int4_mosaic import (
     mosaic_matmul,
     supported,
     to_mosaic_layout,
+    token_tile,
     w4a8_mosaic,
     w4a16_mosaic,
 )
@@ -92,6 +93,7 @@ def test_both_epilogues_agree(rng, M, split):
     (256, 128, 9, 64, MosaicTiles(rows=128, stages=2)),
     (512, 128, 2, -1, MosaicTiles(split=4)),
     (1024, 256, 12, 128, MosaicTiles(split=2, groups=2)),
+    (256, 128, 200, 64, MosaicTiles(split=2, stages=2, max_tokens=128)),  # two chunks of 128 tokens
 ])
 def test_w4a8_matches_integer_reference(rng, bits, K, N, M, group, tiles):
     qw = weights(rng, K, N, group)
@@ -145,7 +147,10 @@ def test_chosen_tiles_are_supported(K, N):
     G = K // (128 if K % 128 == 0 else 64)
     for M in (1, 2, 7, 16, 33, 64, 100, 128, 256):
         for x_bytes in (1, 2):
-            assert supported(M, N, K, G, choose_tiles(M, N, K, G, x_bytes), x_bytes) is None
+            tiles = choose_tiles(M, N, K, G, x_bytes)
+            assert supported(M, N, K, G, tiles, x_bytes) is None
+            # no body holds two accumulators of 64 x 256 (more registers than a thread has)
+            assert tiles.carry or tiles.rows * token_tile(M, tiles.max_tokens) <= 64 * 128, (M, x_bytes, tiles)
 
 
 def test_bad_inputs():
@@ -191,7 +196,8 @@ def test_model_on_mosaic_weights_matches_packed(tiny_float_and_int4):
                      (16, MosaicTiles(groups=2))]
 ] + [(False, 200, MosaicTiles(stages=2, carry=True)),  # carry: a W4A16 body
       (False, 64, MosaicTiles(stages=2, carry=True, groups=2)),
-      (True, 300, MosaicTiles(stages=2))])  # 256-row chunks on a third grid axis
+      (True, 300, MosaicTiles(stages=2)),  # 256-row chunks on a third grid axis
+      (True, 256, MosaicTiles(split=2, max_tokens=128))])  # choose_tiles' int8 rule: 128-token chunks
 def test_kernels_lower_for_cuda(int8, M, tiles):
     """jax 0.10.2 lowers the Mosaic kernels for CUDA without a GPU: catches code that traces under
     the interpreter but cannot become a Mosaic GPU module (it does not run ptxas or the GPU)."""
