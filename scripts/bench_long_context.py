@@ -168,7 +168,7 @@ def replay_rule(traces, kind, key, batch, fallback):
 def _nbytes(x) -> int:
     """Bytes of an array as stored: two int4 values a byte (the Mosaic layout's `jnp.int4`, whose
     nbytes counts a byte a value)."""
-    return x.size // 2 if x.dtype in (jnp.int4, jnp.uint4) else x.nbytes
+    return x.size // 2 if x.dtype in (jnp.int4, jnp.uint4) else x.size * jnp.dtype(x.dtype).itemsize
 
 
 KV_VALUE_BYTES = {"bf16": 2, "int8": 1, "int4": 0.5}  # int8: both 4-bit planes; int4: the upper one
@@ -315,6 +315,44 @@ def summarize(results: dict) -> dict:
     return {**maps, "best_setting": best}
 
 
+def floor_bounds(results: dict) -> dict:
+    """The issue's ratio maps with every pass at its copy-bandwidth floor (the bytes each pass must
+    read: `step_bytes`, at the run's copy bandwidth) and each speculative mode's measured tokens per
+    cycle: the most each ratio can be at that acceptance, whatever the kernels. A draft step reads
+    the int4 weights and the INT4 view, a verify pass the verifier's weights and the INT8 view (the
+    same bytes for gamma + 1 queries as for one)."""
+    config = get_preset(results["meta"]["preset"])
+    bw = results["meta"]["copy_bytes_per_s"]
+    fparams = jax.eval_shape(lambda: checkpoint.random_params(config, 0, jnp.bfloat16))
+    qparams = jax.eval_shape(lambda p: quantize.quantize_params(p, config, dtype=jnp.bfloat16), fparams)
+    weights = {"bf16": fparams, "int4": qparams}  # shapes only: fusing and unstacking move no bytes
+
+    def floor(kind, batch, context, view):
+        w, kv = step_bytes(weights[kind], config, batch, context, view)
+        return (w + kv) / bw
+
+    maps = {name: dict.fromkeys(cells) for name, cells in ISSUE_CELLS.items()}
+    for cell in results["cells"]:
+        b, c = cell["batch"], cell["context"]
+        key = f"{b}x{c}"
+        for m in cell["modes"]:
+            if "error" in m or not m.get("gamma"):
+                continue
+            s = parse_mode(m["mode"])
+            if s["kv"] != "int8" or s["draft_mode"] == s["verify_mode"]:
+                continue
+            draft = floor("int4", b, c, "int4")
+            verify = floor(s["weights"], b, c, "int8")
+            per_token = (s["gamma"] * draft + verify) / m["tokens_per_cycle"]
+            if s["verify_mode"] == "bf16":
+                maps["quantspec_vs_bf16"][key] = floor("bf16", b, c, "bf16") / per_token
+            else:
+                for base, name in (("bf16", "qspec_int8kv_vs_w4a16_bf16kv"), ("int8", "qspec_int8kv_vs_w4a16_int8kv")):
+                    bound = floor("int4", b, c, base) / per_token
+                    maps[name][key] = max(bound, maps[name].get(key) or 0)
+    return maps
+
+
 def plot(results: dict, path: str):
     """Speedup vs context per batch (decode only): each ratio map of `summarize`, one panel per batch."""
     import matplotlib
@@ -353,6 +391,7 @@ def write_summary(results: dict, path: str, source: str):
     if summary.get("device") not in (None, meta.get("device")):
         raise SystemExit(f"{path} holds {summary['device']} numbers; {source} is from {meta.get('device')}")
     summary.update(summarize(results))
+    summary["floor_bound"] = floor_bounds(results)
     summary["e2e"] = {"source": source, "device": meta.get("device"), "kernels": meta.get("kernels"),
                       "commit": meta.get("commit"), "ratios": "decode only (module docstring of "
                       "scripts/bench_long_context.py); median seconds of the baseline over the mode's"}

@@ -202,6 +202,10 @@ def test_bench_long_context_smoke(tmp_path):
     assert summ["w4a16_int4view_draft_vs_w4a16_int8kv"][key] == pytest.approx(
         t["w4a16_int8kv"] / t["qspec_w4a16_int8kv_g3"])
     assert summ["best_setting"][key]["qspec_int8kv"] == "qspec_w4a8_int8kv_g3"
+    # the ratios at every pass's floor: only where a cheaper draft speculates (not the W4A16 draft)
+    bounds = summ["floor_bound"]
+    assert all(math.isfinite(bounds[k][key]) and bounds[k][key] > 0 for k in
+               ("qspec_int8kv_vs_w4a16_bf16kv", "qspec_int8kv_vs_w4a16_int8kv", "quantspec_vs_bf16"))
 
 
 def test_bench_long_context_cells_in_two_processes(tmp_path):
