@@ -140,14 +140,13 @@ UNPACKS = ("convert", "bits", "asm")
 
 
 def _decode_kernel(
-    row_pos_ref,  # [M] int32: query position of each query row (a block past the `rows` real ones)
+    row_pos_ref,  # [M] int32: query position of each query row, -1 on padding rows
     n_ref,  # [] int32: slots [0, n) may be read
     off_ref,  # [] int32: position of slot 0
-    q_ref,  # [M, hd] the query rows of one kv head (rows >= `rows` lie past the array: masked)
+    q_ref,  # [M, hd] the query rows of one kv head
     *refs,  # bf16: k, v [S, hd]; int8: ku, kl [S, hd/2], ks, km [S/G, hd], vu, vl [hd/2, S], vs, vm [S];
     #         int4: the same without kl and vl; then the outputs o [M, hd] f32, m [M] f32, l [M] f32
     variant: str,
-    rows: int,
     bk: int,
     sub: int,
     splits: int,
@@ -163,22 +162,7 @@ def _decode_kernel(
     hd2 = hd // 2
     S = kv_refs[0].shape[0]
     prec = dot_precision(cdt)
-    # The query block is M >= 16 rows (tt.dot's minimum) over `rows` real ones: the rows past them
-    # are masked on load (query 0, position -1: they see nothing) and on store, so the caller needs
-    # no pad before the kernel and no slice after it (two small XLA kernels a layer).
-    real = None if rows == M else lax.broadcasted_iota(jnp.int32, (M,), 0) < rows
-
-    def load_rows(ref, other=0):
-        return ref[...] if real is None else plt.load(ref, mask=real if ref.ndim == 1 else real[:, None],
-                                                      other=other)
-
-    def store_rows(ref, val):
-        if real is None:
-            ref[...] = val
-        else:
-            plt.store(ref, val, mask=real if ref.ndim == 1 else real[:, None])
-
-    row_pos = load_rows(row_pos_ref, other=-1)
+    row_pos = row_pos_ref[...]
     n, off = n_ref[...], off_ref[...]
 
     def cut_of(pos):  # c(p): kv_cut.py
@@ -235,7 +219,7 @@ def _decode_kernel(
     cs = 1.0 if variant == "int4" else 1.0 / 16  # code scale: value = code * cs * s + m
     if variant == "bf16":
         k_ref, v_ref = kv_refs
-        q = load_rows(q_ref).astype(cdt)
+        q = q_ref[...].astype(cdt)
     else:
         if variant == "int8":
             ku_ref, kl_ref, ks_ref, km_ref, vu_ref, vl_ref, vs_ref, vm_ref = kv_refs
@@ -243,8 +227,8 @@ def _decode_kernel(
             ku_ref, ks_ref, km_ref, vu_ref, vs_ref, vm_ref = kv_refs
             kl_ref = vl_ref = None
         group = S // ks_ref.shape[0]
-        q_lo = load_rows(q_ref.at[:, pl.ds(0, hd2)]).astype(jnp.float32)  # [M, hd/2]
-        q_hi = load_rows(q_ref.at[:, pl.ds(hd2, hd2)]).astype(jnp.float32)
+        q_lo = q_ref.at[:, pl.ds(0, hd2)][...].astype(jnp.float32)  # [M, hd/2]
+        q_hi = q_ref.at[:, pl.ds(hd2, hd2)][...].astype(jnp.float32)
 
     def fetch(blk):
         """Every load of block blk (clamped into the cache), one tuple per sub-block of `sub` slots,
@@ -330,12 +314,12 @@ def _decode_kernel(
     )
     o_lo, o_hi, m, l = lax.fori_loop(0, count, lambda i, c: compute(first + i, fetch(first + i), c), init)
     if variant == "bf16":
-        store_rows(o_ref, o_lo)
+        o_ref[...] = o_lo
     else:
-        store_rows(o_ref.at[:, pl.ds(0, hd2)], o_lo)
-        store_rows(o_ref.at[:, pl.ds(hd2, hd2)], o_hi)
-    store_rows(m_ref, m)
-    store_rows(l_ref, l)
+        o_ref.at[:, pl.ds(0, hd2)][...] = o_lo
+        o_ref.at[:, pl.ds(hd2, hd2)][...] = o_hi
+    m_ref[...] = m
+    l_ref[...] = l
 
 
 # Launch defaults per variant (scripts/bench_attention.py --sweep measures the alternatives):
@@ -409,15 +393,11 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_
     With cut=(G, D) and cut_side "below" / "from", a query row at position p reads only the positions
     below / from its cut c(p) (module docstring). Launch knobs left None take DEFAULTS[variant].
 
-    q_rows: [B, KV, R, hd] query rows (any R: the kernel's block is R rounded up to a power of 2
-    >= 16, the rows past R masked); row_pos: [B, R] int32 query positions (-1: a row that sees nothing);
+    q_rows: [B, KV, M, hd] query blocks; row_pos: [B, M] int32 query positions (-1 for padding);
     kv: (k, v) [B, KV, S, hd] for "bf16" or a QuantKV (value planes [B, KV, hd/2, S]); n, off: [B] int32.
-    Returns o [B, KV, P, R, hd] f32 (unnormalized), m and l [B, KV, P, R] f32.
+    Returns o [B, KV, P, M, hd] f32 (unnormalized), m and l [B, KV, P, M] f32.
     """
-    B, KV, R, hd = q_rows.shape
-    if row_pos.shape != (B, R):
-        raise ValueError(f"row_pos must be [B, R] = [{B}, {R}], got {list(row_pos.shape)}")
-    M = max(16, pow2_at_least(R))
+    B, KV, M, hd = q_rows.shape
     knobs = dict(block_k=block_k, programs_per_sm=programs_per_sm, num_warps=num_warps, num_stages=num_stages,
                  unpack=unpack)
     knobs = {name: DEFAULTS[variant].get(name) if val is None else val for name, val in knobs.items()}
@@ -445,7 +425,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_
     scalar = pl.BlockSpec((None,), lambda b, h, s: (b,))
     if (cut is None) != (cut_side is None) or cut_side not in (None, "below", "from"):
         raise ValueError(f"cut (G, D) and cut_side ('below' / 'from') go together, got {cut}, {cut_side!r}")
-    kernel = functools.partial(_decode_kernel, variant=variant, rows=R, bk=bk, sub=min(bk, group or bk), splits=P,
+    kernel = functools.partial(_decode_kernel, variant=variant, bk=bk, sub=min(bk, group or bk), splits=P,
                                sm_scale=sm_scale, cdt=cdt, unpack=unpack, cut_side=cut_side,
                                cut_group=int(cut[0]) if cut else 1, cut_delay=int(cut[1]) if cut else 0)
     return pl.pallas_call(
@@ -459,9 +439,9 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_
             pl.BlockSpec((None, None, None, M), lambda b, h, s: (b, h, s, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((B, KV, P, R, hd), jnp.float32),
-            jax.ShapeDtypeStruct((B, KV, P, R), jnp.float32),
-            jax.ShapeDtypeStruct((B, KV, P, R), jnp.float32),
+            jax.ShapeDtypeStruct((B, KV, P, M, hd), jnp.float32),
+            jax.ShapeDtypeStruct((B, KV, P, M), jnp.float32),
+            jax.ShapeDtypeStruct((B, KV, P, M), jnp.float32),
         ],
         compiler_params=plt.CompilerParams(num_warps=knobs["num_warps"], num_stages=knobs["num_stages"]),
         interpret=interpret,
@@ -558,10 +538,11 @@ def decode_attention(
         return decode_attention_reference(q, q_pos, kv, kv_len, variant=variant, recent=recent,
                                           recent_start=recent_start, cut=cut, sm_scale=sm_scale)
     rep = H // KV
-    # Query rows of a kv head: row r*T + t is query head (kv head, r) at position t (a free reshape
-    # when T = 1; the kernel pads the block itself).
+    M = max(16, pow2_at_least(rep * T))
+    # Query rows of a kv head: row r*T + t is query head (kv head, r) at position t.
     q_rows = q.reshape(B, T, KV, rep, hd).transpose(0, 2, 3, 1, 4).reshape(B, KV, rep * T, hd)
-    row_pos = jnp.tile(q_pos.astype(jnp.int32), (1, rep))
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, M - rep * T), (0, 0)))
+    row_pos = jnp.pad(jnp.tile(q_pos.astype(jnp.int32), (1, rep)), ((0, 0), (0, M - rep * T)), constant_values=-1)
     run = functools.partial(attention_partials, q_rows, row_pos, sm_scale=sm_scale,
                             interpret=backend == "interpret")
     sides = ("below", "from") if cut is not None else (None, None)
@@ -571,7 +552,7 @@ def decode_attention(
         R = recent[0].shape[2]
         parts.append(run(recent, jnp.full((B,), R, jnp.int32), recent_start, variant="bf16", splits=1,
                          cut=cut, cut_side=sides[1]))
-    out = merge_partials(parts)  # [B, KV, rep*T, hd]
+    out = merge_partials(parts)[:, :, : rep * T]  # [B, KV, rep*T, hd]
     return out.reshape(B, KV, rep, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd).astype(q.dtype)
 
 

@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode_attention import (DEFAULTS, QuantKV, attention_partials, decode_attention,
-                                             decode_attention_reference, merge_partials, pick_splits)
+from pallas_kernels.decode_attention import DEFAULTS, QuantKV, decode_attention, decode_attention_reference, pick_splits
 from test_kernels import TRITON_TARGETS, _export_cuda, verify_triton_modules  # noqa: F401 (fixture)
 
 from conftest import kernel_backends  # noqa: E402
@@ -377,26 +376,6 @@ def test_jit_and_bad_inputs(rng):
     kv = random_planes(rng, B, KV, 256, 64, 8)  # blocks larger than a group need groups of >= 16 slots
     with pytest.raises(ValueError, match="block_k"):
         decode_attention(q, q_pos, kv, jnp.asarray([5]), variant="int4", block_k=32, backend="interpret")
-
-
-@pytest.mark.parametrize("backend", kernel_backends())
-def test_partials_of_unpadded_rows(rng, backend):
-    """The kernel pads the query block itself: R = 5 rows give the partials of the same rows padded
-    by hand to the 16-row block (position -1), and only R rows come back."""
-    B, KV, R, hd, S = 2, 2, 5, 64, 256
-    q = jnp.asarray(rng.standard_normal((B, KV, R, hd)), jnp.float32)
-    k, v = (jnp.asarray(rng.standard_normal((B, KV, S, hd)), jnp.float32) for _ in range(2))
-    pos = jnp.asarray(rng.integers(0, S, (B, R)), jnp.int32)
-    n, off = jnp.asarray([S, S // 2], jnp.int32), jnp.zeros((B,), jnp.int32)
-    run = lambda q, p: attention_partials(q, p, (k, v), n, off, variant="bf16", sm_scale=0.125,  # noqa: E731
-                                          splits=2, interpret=backend == "interpret")
-    got = run(q, pos)
-    want = run(jnp.pad(q, ((0, 0), (0, 0), (0, 16 - R), (0, 0))), jnp.pad(pos, ((0, 0), (0, 16 - R)), constant_values=-1))
-    assert got[0].shape == (B, KV, 2, R, hd) and got[1].shape == (B, KV, 2, R)
-    np.testing.assert_allclose(np.asarray(merge_partials([got])), np.asarray(merge_partials([want]))[:, :, :R],
-                               rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="row_pos"):
-        run(q, pos[:, :4])
 
 
 # ---------------------------------------------------------------- Triton lowering (no GPU)
