@@ -375,16 +375,18 @@ GROUPS_PER_STEP = 1
 
 
 # The int8 body's largest token tile: at 256 it holds two 64 x 256 accumulators (256 registers a
-# thread) and ran gate_up M = 256 in 263.6 us against 64.2 at M = 128 (benchmarks/engine/
-# hopper_kernels.json), so 256 tokens run as two chunks of 128.
+# thread). Two chunks of 128 ran M = 256 1.9-2.8x faster on the H100 in one sweep (gate_up 119.8
+# against 238.9 us, down 79.0 / 181.8, o 31.6 / 60.5, qkv 37.7 / 103.9: benchmarks/engine/
+# h100_sweep_256_450eb50.json).
 INT8_MAX_TOKENS = 128
 
 
 def choose_tiles(M: int, N: int, K: int, G: int, x_bytes: int = 2) -> MosaicTiles:
     """Tiles for an [M, K] x [K, N] int4 matmul: the sweep's winner where measured, else the rule:
-    W4A16 token tiles of 128 and 256 carry one accumulator (`carry`: at gate_up M = 128 77.1 against
-    91.0 us, M = 256 138.6 against 229.0, down M = 128 44.6 against 51.2) in 128- and 64-row
-    programs; int8 activations in token tiles of at most INT8_MAX_TOKENS; otherwise 64-row programs.
+    W4A16 token tiles of 128 and 256 carry one accumulator (`carry`: at M = 256 gate_up 136.8
+    against 226.9 us, down 83.3 / 195.0, o 41.4 / 71.8, qkv 40.9 / 87.2 in one H100 sweep; gate_up
+    M = 128 77.1 / 91.0, down 44.6 / 51.2) in 128- and 64-row programs; int8 activations in token
+    tiles of at most INT8_MAX_TOKENS; otherwise 64-row programs.
     Then split-K to at least two waves of programs (counting the chunks of a larger M; each K range
     >= 4 steps), GROUPS_PER_STEP groups a step, and as many pipeline stages as shared memory holds,
     up to 4."""
