@@ -125,8 +125,8 @@ def build_cache(config, kind, batch, context, max_len, *, key, group, window, he
 @partial(jax.jit, static_argnums=(1, 2, 3))
 def _random_kv(key, shape, slots, dtype):
     """Random k, v [B, KV, slots, hd]: an eighth of the slots drawn and tiled, so the generator's
-    temporaries stay small beside a 69 GB cache (the 16 x 32k bf16 cache ran out of memory while
-    drawing its last layers at full size); repeated keys read the same bytes."""
+    temporaries are an eighth of a layer's (repeated keys read the same bytes). The 16 x 32k bf16
+    cache (69 GB) still runs out of memory on an 80 GB card this way (benchmarks/kv/README.md)."""
     k1, k2 = jax.random.split(key)
     reps = 8 if slots % 8 == 0 else 1
     part = shape[:2] + (slots // reps,) + shape[3:]
@@ -320,7 +320,8 @@ def floor_bounds(results: dict) -> dict:
     read: `step_bytes`, at the run's copy bandwidth) and each speculative mode's measured tokens per
     cycle: the most each ratio can be at that acceptance, whatever the kernels. A draft step reads
     the int4 weights and the INT4 view, a verify pass the verifier's weights and the INT8 view (the
-    same bytes for gamma + 1 queries as for one)."""
+    same bytes for gamma + 1 queries as for one). QSpec's W4A8 / W4A4 drafts and QuantSpec only
+    (a W4A16 draft is not QSpec); the best mode of a cell gives its bound."""
     config = get_preset(results["meta"]["preset"])
     bw = results["meta"]["copy_bytes_per_s"]
     fparams = jax.eval_shape(lambda: checkpoint.random_params(config, 0, jnp.bfloat16))

@@ -6,8 +6,8 @@ export PYTHONPATH=$PWD
 #   B  1 x 8k and 4 x 32k (bf16 + int4 weights): bf16 against QuantSpec (G3), W4A16, and the W4A16
 #      draft on the INT4 view;
 #   A1 16 x 32k alone in a fresh process, JAX given 95% of the memory (its bf16 cache, 69 GB, ran
-#      out of memory after the 8k cells in one process, and while drawing its random K/V at full
-#      size in a fresh one: the draw is now an eighth tiled);
+#      out of memory after the 8k cells in one process; as run at e9539a2 it ran out again here,
+#      with the random K/V drawn an eighth at a time: it needs a larger card);
 #   A2 16 x 8k: W4A16 on bf16 and INT8 KV, QSpec W4A8 and the W4A16 draft on the INT8 cache.
 # (W4A4 drafts, 0.74 acceptance, are left out: 14.1 / 31.0 ms against 9.7 / 22.4 for W4A8 at 7144dee.)
 # Run from the repo root: bash benchmarks/kv/runs/call_long_context.sh. Files under $OUT (2):
