@@ -334,7 +334,6 @@ def step_cells(args, copy_bps, cells: list, save=lambda: None):
                     save()
                 except Exception as e:
                     print(f"  torch {kind} step B={batch}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-    return cells
 
 
 def summarize(results: list, commit: str | None) -> dict:

@@ -213,14 +213,20 @@ def plan_mode(name, weights, config, batch, context, new_tokens, traces, fallbac
     return plan
 
 
+def weight_shapes(config) -> dict:
+    """{"bf16", "int4"}: the shapes of the generated weights a run holds (no device work); fusing and
+    unstacking them moves no bytes."""
+    fparams = jax.eval_shape(lambda: checkpoint.random_params(config, seed=0, dtype=jnp.bfloat16))
+    return {"bf16": fparams,
+            "int4": jax.eval_shape(lambda p: quantize.quantize_params(p, config, dtype=jnp.bfloat16), fparams)}
+
+
 def memory_plan(config, cells, new_tokens, group, window) -> list:
     """Device bytes each selected mode holds while it runs, from shapes alone (no device work): its
     cache and the weights the whole run keeps (int4, plus bf16 when any mode of the run needs them).
     Decode temporaries (per-layer attention partials, logits) come on top and are small."""
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
-    fparams = jax.eval_shape(lambda: checkpoint.random_params(config, seed=0, dtype=jnp.bfloat16))
-    weights = {"bf16": nbytes(fparams),
-               "int4": nbytes(jax.eval_shape(lambda p: quantize.quantize_params(p, config, dtype=jnp.bfloat16), fparams))}
+    weights = {kind: nbytes(tree) for kind, tree in weight_shapes(config).items()}
     kept = weights["int4"] + (weights["bf16"] if any(parse_mode(m)["weights"] == "bf16"
                                                      for _, _, modes in cells for m in modes) else 0)
     rows = []
@@ -324,9 +330,7 @@ def floor_bounds(results: dict) -> dict:
     (a W4A16 draft is not QSpec); the best mode of a cell gives its bound."""
     config = get_preset(results["meta"]["preset"])
     bw = results["meta"]["copy_bytes_per_s"]
-    fparams = jax.eval_shape(lambda: checkpoint.random_params(config, 0, jnp.bfloat16))
-    qparams = jax.eval_shape(lambda p: quantize.quantize_params(p, config, dtype=jnp.bfloat16), fparams)
-    weights = {"bf16": fparams, "int4": qparams}  # shapes only: fusing and unstacking move no bytes
+    weights = weight_shapes(config)
 
     def floor(kind, batch, context, view):
         w, kv = step_bytes(weights[kind], config, batch, context, view)

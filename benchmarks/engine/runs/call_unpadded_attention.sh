@@ -1,4 +1,6 @@
 #!/bin/bash
+# As run at 68b15fb: the change it A/Bs was reverted after it measured no gain, so on later trees
+# step 3's `patch -R` no longer applies (the wrapper pads again).
 # Device call (issues 18, 19): decode attention that pads its query block itself.
 #  1. the attention tests, compiled Triton only (float64 references, cuts, the unpadded rows);
 #  2. the summary step at batch 1 and 16 (W4A16, W4A8, bf16, PyTorch tinygemm / cuBLAS), profiled;
