@@ -41,6 +41,9 @@ WGMMA_ROWS = 64  # wgmma's M side
 TMA_ALIGN = 128  # bytes: a TMA copy's shared-memory destination must start on this boundary
 MAX_TOKENS = 256  # wgmma's largest N
 SMEM_BYTES = 227 * 1024  # per program on sm_90
+# A warp-specialized program's consumers store their output in slabs of this many token columns
+# through two shared-memory slots each, so 256-token f32 partial sums leave room for the pipeline.
+EPILOGUE_TOKENS = 64
 # The token-major epilogue: store the accumulator through a transposed shared-memory view and write
 # y [M, N]. jax 0.10.2's Warpgroup layout inference refuses the transposed store; on jax 0.11.2 it
 # lowers for bf16 tiles (split 1; the carried body matched float64 on the H100:
@@ -68,6 +71,12 @@ class MosaicTiles:
       chunks of that many on a grid axis. Without `carry` a program holds two accumulators of
       rows x tile (each step's and the running sum): at 64 x 256 that is 256 registers a thread,
       more than a thread has, so the int8 body runs 256 tokens as two chunks of 128.
+    consumers: compute warpgroups per program. 1: one warpgroup issues the TMA loads, converts and
+      multiplies (`plgpu.emit_pipeline`). 2: warp-specialized (`plgpu.emit_pipeline_warp_specialized`):
+      a third warpgroup only issues the loads, and two consumer warpgroups each convert and multiply
+      64 of the program's 128 rows against the shared x tile, so one converts while the other's
+      wgmma runs. rows must then be 64 * consumers. The GPU only: the interpreter has no
+      warp-specialized pipelines.
     """
 
     rows: int = 64
@@ -76,6 +85,7 @@ class MosaicTiles:
     carry: bool = False
     groups: int = 1
     max_tokens: int = 256
+    consumers: int = 1
 
 
 def is_mosaic_layout(w) -> bool:
@@ -116,7 +126,10 @@ def step_width(K: int, G: int) -> int:
 def smem_bytes(tiles: MosaicTiles, tk: int, tm: int, x_bytes: int) -> int:
     """Shared memory of one program: pipeline stages of weights, x and scales, plus the output."""
     stage = tiles.groups * (tiles.rows * tk // 2 + tm * tk * x_bytes + 4 * (tiles.rows + tm))
-    return tiles.stages * stage + tiles.rows * tm * 4
+    out_bytes = 4 if tiles.split > 1 else 2  # split-K's f32 partial sums, else bf16
+    if tiles.consumers > 1:  # two slabs of EPILOGUE_TOKENS columns a consumer, and the barriers
+        return tiles.stages * stage + tiles.rows * min(tm, 2 * EPILOGUE_TOKENS) * out_bytes + 1024
+    return tiles.stages * stage + tiles.rows * tm * out_bytes
 
 
 def supported(M: int, N: int, K: int, G: int, tiles: MosaicTiles, x_bytes: int = 2) -> str | None:
@@ -130,6 +143,10 @@ def supported(M: int, N: int, K: int, G: int, tiles: MosaicTiles, x_bytes: int =
         return f"a pipeline step of {tk} input channels (K={K}, {G} groups) is not 64, 128 or 256"
     if tiles.rows % WGMMA_ROWS or N % tiles.rows:
         return f"rows={tiles.rows} must be a multiple of 64 dividing N={N}"
+    if tiles.consumers not in (1, 2):
+        return f"consumers={tiles.consumers} is not 1 or 2"
+    if tiles.consumers > 1 and tiles.rows != WGMMA_ROWS * tiles.consumers:
+        return f"{tiles.consumers} consumer warpgroups take 64 rows each, not rows={tiles.rows}"
     if (K // tk) % tiles.split:
         return f"split={tiles.split} does not divide the {K // tk} weight groups"
     if (K // tk // tiles.split) % tiles.groups:
@@ -192,6 +209,43 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
     op_dtype = jnp.int8 if int8 else jnp.bfloat16
     acc_dtype = jnp.int32 if int8 else jnp.float32
 
+    ws = tiles.consumers > 1
+    if ws and interpret:
+        raise ValueError("the interpreter has no warp-specialized pipelines: consumers=1 there")
+    wg_rows = rows // tiles.consumers  # each consumer warpgroup's rows
+    token_major = token_major and not ws  # each consumer stores its rows of out^T
+
+    def scaled_weights(w_tile, s_row):
+        # carry: the group's scales on the converted weights (rounded to bf16, as a dequantized weight is)
+        return w_tile.astype(jnp.bfloat16) * lax.broadcast_in_dim(
+            s_row.astype(jnp.bfloat16), w_tile.shape, [0])
+
+    def rescaled(part, s_row, xs_row):
+        # no carry: one group's partial sums [r, tm] times its weight (and token) scales
+        r = part.shape[0]
+        part = part.astype(jnp.float32) * lax.broadcast_in_dim(s_row, (r, tm), [0])
+        if xs_row is not None:
+            part = part * lax.broadcast_in_dim(xs_row, (r, tm), [1])
+        return part
+
+    # group j of step k is the K block g * k + j: the weight and x are passed once per group
+    in_specs = (
+        [plgpu.BlockSpec((rows, tk), lambda k, j=j: (0, g * k + j),
+                         transforms=_swizzled(tk // 2, 4, "lhs")) for j in range(g)]
+        + [plgpu.BlockSpec((tm, tk), lambda k, j=j: (0, g * k + j),
+                           transforms=_swizzled(tk * (1 if int8 else 2), 8 if int8 else 16, "rhs"))
+           for j in range(g)]
+        + [plgpu.BlockSpec((g, rows), lambda k: (k, 0))])
+    if int8:
+        in_specs.append(plgpu.BlockSpec((g, xs_cols), lambda k: (k, 0)))
+
+    def split_refs(refs):
+        # a pipeline step's refs: g weight tiles, g x tiles, the scales [g, rows], the token scales
+        # [g, xs_cols] (int8 only), then the carry
+        w_smems, x_smems, (s_smem, *rest) = refs[:g], refs[g:2 * g], refs[2 * g:]
+        xs_smem = rest.pop(0) if int8 else None
+        return w_smems, x_smems, s_smem, xs_smem, rest[0]
+
     def body(w_gmem, x_gmem, s_gmem, *refs, out_smem, a_smem=None, b_smem=None):
         # w_gmem [N, K] int4; x_gmem [M, K]; s_gmem [steps_total, N] f32;
         # xs_gmem [steps_total, chunks * xs_cols] f32 (int8 x only);
@@ -203,9 +257,14 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
         s_idx = lax.axis_index("s")
         k_range = pl.ds(s_idx * steps * tk, steps * tk)
         step_range = pl.ds(s_idx * steps, steps)
+        x_rows = tokens if chunks > 1 else slice(None)  # one chunk: a box past M, zero-filled
+        operands = ([w_gmem.at[n_rows, k_range]] * g + [x_gmem.at[x_rows, k_range]] * g
+                    + [s_gmem.at[step_range, n_rows]])
+        if int8:
+            operands.append(xs_gmem.at[step_range, pl.ds(c_idx * xs_cols, xs_cols)])
 
         def wgmma(acc_ref, w_reg, x_smem):
-            # acc_ref += w_reg [rows, tk] @ x_smem^T [tk, tm]
+            # acc_ref += w_reg [r, tk] @ x_smem^T [tk, tm]
             if a_smem is None:
                 plgpu.wgmma(acc_ref, w_reg, plgpu.transpose_ref(x_smem, (1, 0)))
             else:  # the interpreter's wgmma reads A from SMEM and B untransposed
@@ -213,91 +272,95 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
                 b_smem[...] = x_smem[...].T
                 plgpu.wgmma(acc_ref, a_smem, b_smem)
 
-        def step(_, *refs):
-            # g tiles each of w_smem [rows, tk] int4 and x_smem [tm, tk]; s_smem [g, rows];
-            # xs_smem [g, xs_cols]
-            w_smems, x_smems, (s_smem, *rest) = refs[:g], refs[g:2 * g], refs[2 * g:]
-            *xs_smem, acc = rest
+        def convert_and_multiply(refs, my_rows):
+            # one pipeline step on this warpgroup's rows (my_rows: a slice of the program's rows)
+            w_smems, x_smems, s_smem, xs_smem, acc = split_refs(refs)
+            if tiles.carry:  # acc: the accumulator ref, carried across steps
+                for j in range(g):
+                    wgmma(acc, scaled_weights(w_smems[j][my_rows], s_smem[j, my_rows]), x_smems[j])
+                # wait before the next step converts: A lives in registers the next step reuses
+                plgpu.wgmma_wait(0)
+                return acc
             # int4 -> bf16 / int8 in registers. (Inference's layout loads the tile a byte a thread at a
             # time; 32-bit loads, WGMMA_UPCAST_4X plus a shuffle, were no faster on the H100 at
             # b2b3e53: benchmarks/engine/README.md.)
-            w_regs = [w[...].astype(op_dtype) for w in w_smems]
+            w_regs = [w[my_rows].astype(op_dtype) for w in w_smems]
 
             def mma(*acc_refs):  # issue every group's wgmma, then wait once (reading them)
                 for acc_ref, w_reg, x_smem in zip(acc_refs, w_regs, x_smems):
                     wgmma(acc_ref, w_reg, x_smem)
                 return [acc_ref[...] for acc_ref in acc_refs]
 
-            parts = pl.run_scoped(mma, *[plgpu.ACC((rows, tm), acc_dtype)] * g)
-            for j, part in enumerate(parts):
-                part = part.astype(jnp.float32) * lax.broadcast_in_dim(s_smem[j], (rows, tm), [0])
-                if int8:
-                    xs = xs_smem[0][j, pl.ds(0, tm)]  # [tm]: this group's token scales
-                    part = part * lax.broadcast_in_dim(xs, (rows, tm), [1])
-                acc = acc + part
+            parts = pl.run_scoped(mma, *[plgpu.ACC((wg_rows, tm), acc_dtype)] * g)
+            for j, part in enumerate(parts):  # acc: the f32 running sum, a value
+                acc = acc + rescaled(part, s_smem[j, my_rows],
+                                     xs_smem[j, pl.ds(0, tm)] if int8 else None)
             return acc
 
-        # group j of step k is the K block g * k + j: the weight and x are passed once per group
-        x_rows = tokens if chunks > 1 else slice(None)  # one chunk: a box past M, zero-filled
-        in_specs = (
-            [plgpu.BlockSpec((rows, tk), lambda k, j=j: (0, g * k + j),
-                             transforms=_swizzled(tk // 2, 4, "lhs")) for j in range(g)]
-            + [plgpu.BlockSpec((tm, tk), lambda k, j=j: (0, g * k + j),
-                               transforms=_swizzled(tk * (1 if int8 else 2), 8 if int8 else 16, "rhs"))
-               for j in range(g)]
-            + [plgpu.BlockSpec((g, rows), lambda k: (k, 0))])
-        operands = ([w_gmem.at[n_rows, k_range]] * g + [x_gmem.at[x_rows, k_range]] * g
-                    + [s_gmem.at[step_range, n_rows]])
-        if int8:
-            in_specs.append(plgpu.BlockSpec((g, xs_cols), lambda k: (k, 0)))
-            operands.append(xs_gmem.at[step_range, pl.ds(c_idx * xs_cols, xs_cols)])
-        if tiles.carry:
-            def scaled_step(_, *refs):
-                w_smems, x_smems, (s_smem, acc_ref) = refs[:g], refs[g:2 * g], refs[2 * g:]
-                for j in range(g):
-                    w_reg = w_smems[j][...].astype(jnp.bfloat16) * lax.broadcast_in_dim(
-                        s_smem[j].astype(jnp.bfloat16), (rows, tk), [0])
-                    wgmma(acc_ref, w_reg, x_smems[j])
-                # wait before the next step converts: A lives in registers the next step reuses
-                plgpu.wgmma_wait(0)
-                return acc_ref
-
-            def accumulate(acc_ref):
-                plgpu.emit_pipeline(scaled_step, grid=(steps // g,), in_specs=in_specs,
-                                    max_concurrent_steps=stages, init_carry=acc_ref)(*operands)
-                return acc_ref[...]
-
-            acc = pl.run_scoped(accumulate, plgpu.ACC((rows, tm), jnp.float32))
-        else:
-            acc0 = jnp.zeros((rows, tm), jnp.float32)
+        def accumulate(run_pipeline):
+            # run the pipeline from a zero accumulator; its final sum [wg_rows, tm] as a value
+            if tiles.carry:
+                def scoped(acc_ref):
+                    run_pipeline(acc_ref)
+                    return acc_ref[...]
+                return pl.run_scoped(scoped, plgpu.ACC((wg_rows, tm), jnp.float32))
+            acc0 = jnp.zeros((wg_rows, tm), jnp.float32)
             if not interpret:  # the interpreter has no layouts
                 acc0 = plgpu.layout_cast(acc0, plgpu.Layout.WGMMA)
-            acc = plgpu.emit_pipeline(
-                step, grid=(steps // g,), in_specs=in_specs, max_concurrent_steps=stages, init_carry=acc0,
-            )(*operands)
-        acc = acc.astype(out_smem.dtype)
-        if not token_major:
-            out_smem[...] = acc
-            dst = out_gmem.at[s_idx, n_rows, tokens]
-        else:  # out_smem [tm, rows]: store the [rows, tm] tile through its transposed view
-            if interpret:  # the interpreter has no transposed refs, but transposes values
-                out_smem[...] = acc.T
-            else:
-                plgpu.transpose_ref(out_smem, (1, 0))[...] = acc
+            return run_pipeline(acc0)
+
+        def store(acc, out_tile, dst):
+            acc = acc.astype(out_tile.dtype)
+            if not token_major:
+                out_tile[...] = acc
+            elif interpret:  # out_tile [tm, rows]; the interpreter has no transposed refs
+                out_tile[...] = acc.T
+            else:  # store the [rows, tm] tile through its transposed view
+                plgpu.transpose_ref(out_tile, (1, 0))[...] = acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_tile, dst)
+            plgpu.wait_smem_to_gmem(0)
+
+        if not ws:
+            def step(_, *refs):
+                return convert_and_multiply(refs, slice(None))
+
+            acc = accumulate(lambda carry: plgpu.emit_pipeline(
+                step, grid=(steps // g,), in_specs=in_specs, max_concurrent_steps=stages,
+                init_carry=carry)(*operands))
             # rows past the output's last token lie outside it: TMA skips them
-            dst = out_gmem.at[s_idx, tokens, n_rows]
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, dst)
-        plgpu.wait_smem_to_gmem(0)
+            store(acc, out_smem, out_gmem.at[s_idx, tokens, n_rows] if token_major
+                  else out_gmem.at[s_idx, n_rows, tokens])
+            return
+
+        wg = lax.axis_index("wg")
+        my_rows = pl.ds(wg * wg_rows, wg_rows)
+
+        def compute_context(run_pipeline):  # the consumers only: accumulate, then store their rows
+            acc = accumulate(run_pipeline).astype(out_smem.dtype)
+            dst = out_gmem.at[s_idx, n_rows, tokens].at[my_rows]
+            for e in range(tm // epi):  # slab e through slot e % 2, once that slot's last copy read it
+                plgpu.wait_smem_to_gmem(out_slots - 1, wait_read_only=True)
+                out_smem[wg, e % out_slots] = acc[:, e * epi:(e + 1) * epi]
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem.at[wg, e % out_slots], dst.at[:, pl.ds(e * epi, epi)])
+            plgpu.wait_smem_to_gmem(0)
+
+        plgpu.emit_pipeline_warp_specialized(
+            lambda _, *refs: convert_and_multiply(refs, my_rows), grid=(steps // g,),
+            memory_registers=40, in_specs=in_specs, max_concurrent_steps=stages, wg_axis="wg",
+            num_compute_wgs=tiles.consumers, compute_context=compute_context)(*operands)
 
     out_dtype = jnp.float32 if split > 1 else jnp.bfloat16
     bits = jnp.dtype(out_dtype).itemsize * 8
     # token-major output rows: x's (padded) rows; under the interpreter, which refuses writes past an
     # array's end, the whole token tile
     out_rows = chunks * tm if interpret else x.shape[0]
-    out_tile = (tm, rows) if token_major else (rows, tm)
-    scratch = dict(out_smem=plgpu.SMEM(out_tile, out_dtype,
-                                       transforms=_swizzled(out_tile[1] * bits // 8, bits, "out")))
+    epi = min(tm, EPILOGUE_TOKENS)  # warp-specialized: output slabs [wg_rows, epi]
+    out_slots = min(2, tm // epi)
+    out_tile = (tm, rows) if token_major else (wg_rows, epi) if ws else (rows, tm)
+    scratch = dict(out_smem=plgpu.SMEM((tiles.consumers, out_slots, *out_tile) if ws else out_tile,
+                                       out_dtype, transforms=_swizzled(out_tile[1] * bits // 8, bits, "out")))
     if interpret:
         scratch.update(a_smem=plgpu.SMEM((rows, tk), op_dtype), b_smem=plgpu.SMEM((tk, tm), op_dtype))
     kernel = plgpu.kernel(
@@ -310,6 +373,7 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
         scratch_types=scratch,
         interpret=InterpretGPUParams(out_of_bounds_reads="uninitialized") if interpret else None,
         kernel_name="w4a8_mosaic" if int8 else "w4a16_mosaic",
+        **(dict(num_threads=tiles.consumers + 1, thread_name="wg") if ws else {}),
     )
     out = kernel(w, x, scales, *([x_scales] if int8 else []))
     y = out.sum(axis=0) if split > 1 else out[0]

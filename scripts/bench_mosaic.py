@@ -112,22 +112,33 @@ def cupti(fn, x, ws, iterations=5):
             1e3 * statistics.median(names[main]) * len(names[main]) / len(timings) / n, main)
 
 
-def configs(K, N, M, x_bytes=2, wide=False):
+def configs(K, N, M, x_bytes=2, wide=False, consumers=1, ws_only=False):
     """The sweep's MosaicTiles for one shape: int4_mosaic.choose_tiles' rule and its neighbours
     (twice the split; `wide`: half the split, deeper pipelines, 128-row programs; M >= 64: the
-    carried-accumulator body), those that fit."""
+    carried-accumulator body; consumers 2: warp-specialized programs of two consumer warpgroups;
+    ws_only: the rule and the warp-specialized configs only), those that fit."""
     base = choose_tiles(M, N, K, K // GROUP, x_bytes)
     cands = [base, dataclasses.replace(base, split=base.split * 2)]
+    if ws_only:  # the rule, and the warp-specialized configs beside it
+        cands, wide = [base], False
     if wide:
         cands += [dataclasses.replace(base, stages=base.stages + 2), dataclasses.replace(base, stages=8),
                   dataclasses.replace(base, rows=128)]
         if base.split > 1:
             cands.insert(1, dataclasses.replace(base, split=base.split // 2))
-    if M >= 64 and x_bytes == 2:  # wide token tiles: both bodies, one carried accumulator (W4A16 only) or two
+    if M >= 64 and x_bytes == 2 and not ws_only:  # wide token tiles: both bodies, one carried accumulator (W4A16 only) or two
         cands += [dataclasses.replace(base, carry=not base.carry, rows=64 if base.carry else base.rows)]
         cands += [dataclasses.replace(base, rows=128, stages=n, carry=True) for n in (4, 3, 2)][:1 + (M > 64)]
-    if x_bytes == 1 and M > int4_mosaic.INT8_MAX_TOKENS:  # one 256-token tile: the rule before 128-token chunks
+    if x_bytes == 1 and M > int4_mosaic.INT8_MAX_TOKENS and not ws_only:  # one 256-token tile: the rule before 128-token chunks
         cands += [dataclasses.replace(base, max_tokens=int4_mosaic.MAX_TOKENS)]
+    if consumers > 1 and N % 128 == 0:  # warp-specialized: two consumer warpgroups of 64 rows each
+        ws = dataclasses.replace(base, rows=128, consumers=2)
+        cands += [ws, dataclasses.replace(ws, split=max(1, ws.split // 2)),
+                  dataclasses.replace(ws, split=ws.split * 2)]
+        if M >= 128:  # shallower pipelines leave room for 256-token x tiles; the memory warpgroup runs ahead
+            cands += [dataclasses.replace(ws, stages=n) for n in (2, 3)]
+        if x_bytes == 2 and 64 <= M <= 128:  # at 256 tokens the uncarried body's two accumulators spill
+            cands += [dataclasses.replace(ws, carry=not ws.carry)]
     out = []
     for t in cands:
         if t not in out and not supported(M, N, K, K // GROUP, t, x_bytes):
@@ -306,6 +317,10 @@ def main():
     ap.add_argument("--step", nargs="+", help="bench_engine.py --parts step JSONs for --summary "
                     "(a batch in a later file replaces the earlier one)")
     ap.add_argument("--merged", help="with --summary: also write the joined sweep here")
+    ap.add_argument("--consumers", type=int, default=2, choices=(1, 2),
+                    help="2: also sweep warp-specialized configs (MosaicTiles.consumers)")
+    ap.add_argument("--ws-only", action="store_true",
+                    help="sweep choose_tiles' rule and the warp-specialized configs only")
     ap.add_argument("--token-major", action="store_true",
                     help="the kernels write y [M, N] themselves (int4_mosaic.TRANSPOSED_STORE)")
     args = ap.parse_args()
@@ -344,7 +359,7 @@ def main():
             json.dump(results, f, indent=1)
 
     if args.check_only:
-        run_checks(results, key, args.kernels)
+        run_checks(results, key, args.kernels, deadline=t_start + args.check_s)
         save()
         return
 
@@ -401,7 +416,8 @@ def main():
                 if M in same_as and (kind, same_as[M]) in best_of:
                     tiles = [best_of[(kind, same_as[M])]]
                 else:
-                    tiles = configs(K, N, M, x_bytes, wide=str(M) in args.wide_ms.split(","))
+                    tiles = configs(K, N, M, x_bytes, wide=str(M) in args.wide_ms.split(","),
+                                    consumers=args.consumers, ws_only=args.ws_only)
                 rows, best = sweep(results, fn_of, tiles, x, ws, r)
                 cell[kind + "_sweep"] = rows
                 if best:
@@ -423,7 +439,9 @@ def run_checks(results, key, kernels="w4a16,w4a8", deadline=float("inf")):
         [(512, 256, 1, 128), (512, 256, 5, 128), (512, 256, 33, -1), (1152, 576, 7, 64),
          (4096, 1024, 200, 128)],
         [MosaicTiles(rows=128, split=2, stages=2), MosaicTiles(rows=64, split=3, stages=3),
-         MosaicTiles(rows=128, split=1, stages=2, carry=True)],
+         MosaicTiles(rows=128, split=1, stages=2, carry=True),
+         MosaicTiles(rows=128, split=2, stages=3, consumers=2),
+         MosaicTiles(rows=128, split=1, stages=2, carry=True, consumers=2)],
     ):
         if time.time() > deadline:
             break

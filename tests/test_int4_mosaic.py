@@ -150,7 +150,8 @@ def test_chosen_tiles_are_supported(K, N):
             tiles = choose_tiles(M, N, K, G, x_bytes)
             assert supported(M, N, K, G, tiles, x_bytes) is None
             # no body holds two accumulators of 64 x 256 (more registers than a thread has)
-            assert tiles.carry or tiles.rows * token_tile(M, tiles.max_tokens) <= 64 * 128, (M, x_bytes, tiles)
+            wg_rows = tiles.rows // tiles.consumers  # each warpgroup's accumulator rows
+            assert tiles.carry or wg_rows * token_tile(M, tiles.max_tokens) <= 64 * 128, (M, x_bytes, tiles)
 
 
 def test_bad_inputs():
@@ -162,6 +163,11 @@ def test_bad_inputs():
         w4a16_mosaic(jnp.ones((0, 256), jnp.bfloat16), mw, interpret=True)
     with pytest.raises(ValueError, match="carry"):
         w4a8_mosaic(jnp.ones((2, 256), jnp.float32), mw, tiles=MosaicTiles(carry=True), interpret=True)
+    with pytest.raises(ValueError, match="64 rows each"):  # a consumer warpgroup owns 64 rows
+        w4a16_mosaic(jnp.ones((2, 256), jnp.bfloat16), mw, tiles=MosaicTiles(rows=64, consumers=2))
+    with pytest.raises(ValueError, match="warp-specialized"):
+        w4a16_mosaic(jnp.ones((2, 256), jnp.bfloat16), mw, tiles=MosaicTiles(rows=128, consumers=2),
+                     interpret=True)
     with pytest.raises(ValueError, match="kernels must be"):
         resolve_kernels("cuda")
     with pytest.raises(ValueError, match="Mosaic layout"):
@@ -197,7 +203,11 @@ def test_model_on_mosaic_weights_matches_packed(tiny_float_and_int4):
 ] + [(False, 200, MosaicTiles(stages=2, carry=True)),  # carry: a W4A16 body
       (False, 64, MosaicTiles(stages=2, carry=True, groups=2)),
       (True, 300, MosaicTiles(stages=2)),  # 256-row chunks on a third grid axis
-      (True, 256, MosaicTiles(split=2, max_tokens=128))])  # choose_tiles' int8 rule: 128-token chunks
+      (True, 256, MosaicTiles(split=2, max_tokens=128)),  # choose_tiles' int8 rule: 128-token chunks
+      # warp-specialized: two consumer warpgroups and a memory warpgroup (the GPU only, no interpreter)
+      (False, 256, MosaicTiles(rows=128, stages=2, carry=True, consumers=2)),
+      (False, 16, MosaicTiles(rows=128, split=2, consumers=2, groups=2)),
+      (True, 128, MosaicTiles(rows=128, stages=3, consumers=2, max_tokens=128))])
 def test_kernels_lower_for_cuda(int8, M, tiles):
     """jax 0.10.2 lowers the Mosaic kernels for CUDA without a GPU: catches code that traces under
     the interpreter but cannot become a Mosaic GPU module (it does not run ptxas or the GPU)."""
