@@ -415,9 +415,7 @@ def w4a8_mosaic(x, mw, *, act_bits: int = 8, tiles: MosaicTiles = MosaicTiles(),
 
 NUM_SMS = 132  # H100 / H200 SXM
 # Measured on the H100 (benchmarks/engine/hopper_kernels.json, the sweep's fastest configuration
-# where it beat the rule below): (N, K, token tile, activation bytes) -> tiles. The carried
-# accumulator with 128-row programs wins at the 128- and 256-token tiles (gate_up M = 128: 77.1
-# against the rule's 90.7 us; M = 256: 138.6 against 228.3; down M = 128: 44.6 against 51.5).
+# where it beat the rule below): (N, K, token tile, activation bytes) -> tiles.
 # gate_up at decode sizes: two K ranges of two groups a step (896 programs of 8 steps) read the
 # weights at 0.70-0.75 of copy bandwidth against 0.62-0.63 for the rule's (M = 1: 28.0 against
 # 32.7 us, M = 16: 30.2 against 33.9); two groups a step did not help down, qkv or o
@@ -427,9 +425,6 @@ MEASURED: dict[tuple[int, int, int, int], MosaicTiles] = {
     (28672, 4096, 16, 2): MosaicTiles(split=2, groups=2),
     (28672, 4096, 8, 1): MosaicTiles(groups=2),  # W4A8: 28.5 against 30.9 us at M = 1
     (28672, 4096, 16, 1): MosaicTiles(groups=2),  # 29.0 against 31.9 at M = 16
-    (28672, 4096, 128, 2): MosaicTiles(rows=128, split=1, stages=3, carry=True),
-    (28672, 4096, 256, 2): MosaicTiles(rows=64, split=1, stages=2, carry=True),
-    (4096, 14336, 128, 2): MosaicTiles(rows=128, split=8, stages=3, carry=True),
 }
 
 
@@ -444,33 +439,56 @@ GROUPS_PER_STEP = 1
 # h100_sweep_256_450eb50.json).
 INT8_MAX_TOKENS = 128
 
+# Token tiles from which the rule runs warp-specialized programs (two consumer warpgroups). At 128
+# and 256 tokens they beat the one-warpgroup rule on every projection timed on the H100, best at
+# about one wave of programs (benchmarks/engine/h100_sweep_ws_744a87a.json; W4A16 M = 256: gate_up
+# 111.5 against 139.4 us, down 55.9 / 84.5, o 22.5 / 42.5; M = 128: gate_up 67.2 / 77.5, down 32.7 /
+# 44.4, o 14.1 / 20.5). At 1 and 16 tokens they lost (gate_up 32.9 against 29.7 at M = 1).
+WS_MIN_TOKENS = 128
+
+
+def _deepest(tiles: MosaicTiles, tk: int, tm: int, x_bytes: int) -> MosaicTiles:
+    """tiles with as many pipeline stages as shared memory holds, up to 4 (at least 1)."""
+    for stages in (4, 3, 2):
+        deeper = dataclasses.replace(tiles, stages=stages)
+        if smem_bytes(deeper, tk, tm, x_bytes) <= SMEM_BYTES:
+            return deeper
+    return dataclasses.replace(tiles, stages=1)
+
+
+def _split_k(programs: int, steps: int, min_programs: int, max_programs: int | None = None) -> int:
+    """K ranges per output tile: doubled while the programs stay under min_programs (or, with
+    max_programs, while twice as many still fit in it), each K range keeping >= 4 steps."""
+    split = 1
+    while (steps % (2 * split) == 0 and steps // (2 * split) >= 4
+           and (programs * split < min_programs if max_programs is None
+                else programs * split * 2 <= max_programs)):
+        split *= 2
+    return split
+
 
 def choose_tiles(M: int, N: int, K: int, G: int, x_bytes: int = 2) -> MosaicTiles:
     """Tiles for an [M, K] x [K, N] int4 matmul: the sweep's winner where measured, else the rule:
-    W4A16 token tiles of 128 and 256 carry one accumulator (`carry`: at M = 256 gate_up 136.8
-    against 226.9 us, down 83.3 / 195.0, o 41.4 / 71.8, qkv 40.9 / 87.2 in one H100 sweep; gate_up
-    M = 128 77.1 / 91.0, down 44.6 / 51.2) in 128- and 64-row programs; int8 activations in token
-    tiles of at most INT8_MAX_TOKENS; otherwise 64-row programs.
-    Then split-K to at least two waves of programs (counting the chunks of a larger M; each K range
-    >= 4 steps), GROUPS_PER_STEP groups a step, and as many pipeline stages as shared memory holds,
-    up to 4."""
+    - token tiles of WS_MIN_TOKENS and more: warp-specialized 128-row programs (two consumer
+      warpgroups), W4A16 carrying one accumulator, split-K to at most one wave of programs;
+    - smaller tiles: 64-row programs of one warpgroup, split-K to at least two waves (each K range
+      >= 4 steps), GROUPS_PER_STEP groups a step;
+    int8 activations in token tiles of at most INT8_MAX_TOKENS (more rows run as chunks, counted
+    in the programs); as many pipeline stages as shared memory holds, up to 4."""
     max_tokens = INT8_MAX_TOKENS if x_bytes == 1 else MAX_TOKENS
     tm = token_tile(M, max_tokens)
     if (N, K, tm, x_bytes) in MEASURED:
         return MEASURED[(N, K, tm, x_bytes)]
-    carry = x_bytes == 2 and tm >= 128
-    rows = 128 if carry and tm == 128 and N % 128 == 0 else 64
-    steps = K // step_width(K, G)
-    programs = (N // rows) * -(-M // tm)
-    split = 1
-    while programs * split < 2 * NUM_SMS and steps % (2 * split) == 0 and steps // (2 * split) >= 4:
-        split *= 2
+    tk = step_width(K, G)
+    steps = K // tk
+    chunks = -(-M // tm)
+    if tm >= WS_MIN_TOKENS and N % (2 * WGMMA_ROWS) == 0:
+        split = _split_k((N // 128) * chunks, steps, 0, max_programs=NUM_SMS)
+        tiles = MosaicTiles(rows=128, split=split, carry=x_bytes == 2, max_tokens=max_tokens, consumers=2)
+        return _deepest(tiles, tk, tm, x_bytes)
+    split = _split_k((N // 64) * chunks, steps, 2 * NUM_SMS)
     groups = GROUPS_PER_STEP if (steps // split) % GROUPS_PER_STEP == 0 else 1
-    for stages in (4, 3, 2, 1):
-        tiles = MosaicTiles(rows=rows, split=split, stages=stages, groups=groups, carry=carry, max_tokens=max_tokens)
-        if smem_bytes(tiles, step_width(K, G), tm, x_bytes) <= SMEM_BYTES:
-            return tiles
-    return MosaicTiles(rows=rows, split=split, stages=1, carry=carry, max_tokens=max_tokens)
+    return _deepest(MosaicTiles(split=split, groups=groups, max_tokens=max_tokens), tk, tm, x_bytes)
 
 
 def dequantize_mosaic(mw, dtype=jnp.bfloat16):
@@ -501,6 +519,8 @@ def mosaic_matmul(x, mw, mode: str, *, interpret: bool = False):
     M = x2.shape[0]
     x_bytes = 2 if mode == "w4a16" else 1
     tiles = choose_tiles(M, N, K, G, x_bytes)
+    if interpret:  # the interpreter has no warp-specialized pipelines: the same tiles on one warpgroup
+        tiles = dataclasses.replace(tiles, consumers=1)
     kernel = ((interpret or jax.default_backend() == "gpu") and (mode != "w4a16" or M <= MAX_TOKENS)
               and supported(M, N, K, G, tiles, x_bytes) is None)
     if mode == "w4a16":

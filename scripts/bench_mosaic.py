@@ -183,9 +183,14 @@ def join_sweeps(runs: list) -> dict:
     devices = {run["meta"]["device"] for run in runs}
     if len(devices) > 1:
         raise ValueError(f"sweeps from different devices: {sorted(devices)}")
-    # a cell already joined (an earlier join's file) keeps its own run, bandwidth and commit
-    cells = [{"run": i, "copy_bw_Bps": run["meta"].get("copy_bw_Bps"), "commit": run["meta"].get("commit"), **c}
-             for i, run in enumerate(runs) for c in run["sweep"]]
+    # a cell already joined (an earlier join's file) keeps its own run, bandwidth and commit; a new
+    # run takes the next index after every run seen
+    cells, next_run = [], 1 + max((c["run"] for run in runs for c in run["sweep"] if "run" in c), default=-1)
+    for run in runs:
+        fresh = any("run" not in c for c in run["sweep"])
+        cells += [{"run": next_run, "copy_bw_Bps": run["meta"].get("copy_bw_Bps"),
+                   "commit": run["meta"].get("commit"), **c} for c in run["sweep"]]
+        next_run += fresh
     return {"meta": runs[0]["meta"], "sweep": cells,
             "errors": {k: v for run in runs for k, v in run.get("errors", {}).items()}}
 
