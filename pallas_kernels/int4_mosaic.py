@@ -471,8 +471,9 @@ def choose_tiles(M: int, N: int, K: int, G: int, x_bytes: int = 2) -> MosaicTile
     """Tiles for an [M, K] x [K, N] int4 matmul: the sweep's winner where measured, else the rule:
     - token tiles of WS_MIN_TOKENS and more: warp-specialized 128-row programs (two consumer
       warpgroups), W4A16 carrying one accumulator, split-K to at most one wave of programs;
-    - smaller tiles: 64-row programs of one warpgroup, split-K to at least two waves (each K range
-      >= 4 steps), GROUPS_PER_STEP groups a step;
+    - smaller tiles (or N not a multiple of 128): 64-row programs of one warpgroup (W4A16 carrying
+      at 128 tokens and more), split-K to at least two waves (each K range >= 4 steps),
+      GROUPS_PER_STEP groups a step;
     int8 activations in token tiles of at most INT8_MAX_TOKENS (more rows run as chunks, counted
     in the programs); as many pipeline stages as shared memory holds, up to 4."""
     max_tokens = INT8_MAX_TOKENS if x_bytes == 1 else MAX_TOKENS
@@ -488,7 +489,8 @@ def choose_tiles(M: int, N: int, K: int, G: int, x_bytes: int = 2) -> MosaicTile
         return _deepest(tiles, tk, tm, x_bytes)
     split = _split_k((N // 64) * chunks, steps, 2 * NUM_SMS)
     groups = GROUPS_PER_STEP if (steps // split) % GROUPS_PER_STEP == 0 else 1
-    return _deepest(MosaicTiles(split=split, groups=groups, max_tokens=max_tokens), tk, tm, x_bytes)
+    carry = x_bytes == 2 and tm >= 128  # N not a multiple of 128: one accumulator of 64 x tm
+    return _deepest(MosaicTiles(split=split, groups=groups, carry=carry, max_tokens=max_tokens), tk, tm, x_bytes)
 
 
 def dequantize_mosaic(mw, dtype=jnp.bfloat16):
