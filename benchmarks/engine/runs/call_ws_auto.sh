@@ -5,9 +5,10 @@
 #      call's budget ran out before qkv);
 #   2. the joined kernel table and the H100 cost table rebuilt from it here, so that
 #   3. --gamma auto at batch 64 prices the kernels it runs (the cell the summary lacks);
-#   4. the step at batch 128 (M = 128: the new rule) for W4A16 and W4A8, with the time left.
+#   4. M = 64 (the verify pass of batch 16 at gamma 3): the rule beside warp-specialized programs;
+#   5. the step at batch 128 (M = 128: the new rule) for W4A16 and W4A8, with the time left.
 # Files under $OUT: run.log, qkv/mosaic_sweep.json, hopper_kernels.json, h100_costs.json,
-# hopper_auto_b64.json, hopper_auto_summary_b64.json, step128.json.
+# hopper_auto_b64.json, hopper_auto_summary_b64.json, m64/mosaic_sweep.json, step128.json.
 export PYTHONPATH=$PWD
 export PYTHONUNBUFFERED=1
 unset XLA_PYTHON_CLIENT_MEM_FRACTION XLA_PYTHON_CLIENT_PREALLOCATE
@@ -27,6 +28,10 @@ echo "tables rebuilt (t=${SECONDS}s)"
 timeout $((480 - SECONDS)) python3 scripts/bench_throughput.py --issue12 --kernels mosaic --batches 64 \
   --out $OUT/hopper_auto_b64.json --auto-summary $OUT/hopper_auto_summary_b64.json
 echo "auto rc=$? (t=${SECONDS}s)"
+timeout $((585 - SECONDS)) python3 scripts/bench_mosaic.py --out $OUT/m64 --ms 64 --same-as "" --no-peers-at "" \
+  --w4a8-ms 64 --wide-ms "" --projections gate_up,down,o,qkv --peers xla_bf16,xla_int4 \
+  --torch-kinds tinygemm,cublas_bf16 --budget-s $((560 - SECONDS)) --skip-check --ws-only
+echo "m64 rc=$? (t=${SECONDS}s)"
 timeout $((585 - SECONDS)) python3 scripts/bench_engine.py --parts step --modes w4a16,w4a8 --kernels mosaic \
   --batches 128 --no-peers --out $OUT/step128.json
 echo "step rc=$? (t=${SECONDS}s)"
