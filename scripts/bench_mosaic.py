@@ -112,11 +112,12 @@ def cupti(fn, x, ws, iterations=5):
             1e3 * statistics.median(names[main]) * len(names[main]) / len(timings) / n, main)
 
 
-def configs(K, N, M, x_bytes=2, wide=False, consumers=1, ws_only=False):
+def configs(K, N, M, x_bytes=2, wide=False, consumers=1, ws_only=False, cluster=1, cluster_only=False):
     """The sweep's MosaicTiles for one shape: int4_mosaic.choose_tiles' rule and its neighbours
     (twice the split; `wide`: half the split, deeper pipelines, 128-row programs; M >= 64: the
     carried-accumulator body; consumers 2: warp-specialized programs of two consumer warpgroups;
-    ws_only: the rule and the warp-specialized configs only), those that fit."""
+    ws_only: the rule and the warp-specialized configs only; cluster 2: warp-specialized pairs of
+    programs multicasting x; cluster_only: the rule and those pairs), those that fit."""
     base = choose_tiles(M, N, K, K // GROUP, x_bytes)
     cands = [base, dataclasses.replace(base, split=base.split * 2)]
     if ws_only:  # the rule, and the warp-specialized configs beside it
@@ -139,6 +140,10 @@ def configs(K, N, M, x_bytes=2, wide=False, consumers=1, ws_only=False):
             cands += [dataclasses.replace(ws, stages=n) for n in (2, 3)]
         if x_bytes == 2 and 64 <= M <= 128:  # at 256 tokens the uncarried body's two accumulators spill
             cands += [dataclasses.replace(ws, carry=not ws.carry)]
+        if cluster_only:
+            cands = [base]
+        if cluster > 1 and M >= 128:  # pairs of programs sharing each x tile (TMA multicast)
+            cands += [dataclasses.replace(ws, cluster=2), dataclasses.replace(ws, cluster=2, split=ws.split * 2)]
     out = []
     for t in cands:
         if t not in out and not supported(M, N, K, K // GROUP, t, x_bytes):
@@ -324,6 +329,10 @@ def main():
     ap.add_argument("--merged", help="with --summary: also write the joined sweep here")
     ap.add_argument("--consumers", type=int, default=2, choices=(1, 2),
                     help="2: also sweep warp-specialized configs (MosaicTiles.consumers)")
+    ap.add_argument("--cluster", type=int, default=1, choices=(1, 2),
+                    help="2: also sweep warp-specialized clusters of two programs (MosaicTiles.cluster)")
+    ap.add_argument("--cluster-only", default="", help="projections swept with --ws-only --cluster 2 "
+                    "over the rule and the clusters only")
     ap.add_argument("--ws-only", action="store_true",
                     help="sweep choose_tiles' rule and the warp-specialized configs only")
     ap.add_argument("--token-major", action="store_true",
@@ -422,7 +431,8 @@ def main():
                     tiles = [best_of[(kind, same_as[M])]]
                 else:
                     tiles = configs(K, N, M, x_bytes, wide=str(M) in args.wide_ms.split(","),
-                                    consumers=args.consumers, ws_only=args.ws_only)
+                                    consumers=args.consumers, ws_only=args.ws_only, cluster=args.cluster,
+                                    cluster_only=proj in args.cluster_only.split(","))
                 rows, best = sweep(results, fn_of, tiles, x, ws, r)
                 cell[kind + "_sweep"] = rows
                 if best:
@@ -446,7 +456,9 @@ def run_checks(results, key, kernels="w4a16,w4a8", deadline=float("inf")):
         [MosaicTiles(rows=128, split=2, stages=2), MosaicTiles(rows=64, split=3, stages=3),
          MosaicTiles(rows=128, split=1, stages=2, carry=True),
          MosaicTiles(rows=128, split=2, stages=3, consumers=2),
-         MosaicTiles(rows=128, split=1, stages=2, carry=True, consumers=2)],
+         MosaicTiles(rows=128, split=1, stages=2, carry=True, consumers=2),
+         MosaicTiles(rows=128, split=2, stages=3, consumers=2, cluster=2),
+         MosaicTiles(rows=128, split=1, stages=2, carry=True, consumers=2, cluster=2)],
     ):
         if time.time() > deadline:
             break

@@ -165,6 +165,8 @@ def test_bad_inputs():
         w4a8_mosaic(jnp.ones((2, 256), jnp.float32), mw, tiles=MosaicTiles(carry=True), interpret=True)
     with pytest.raises(ValueError, match="64 rows each"):  # a consumer warpgroup owns 64 rows
         w4a16_mosaic(jnp.ones((2, 256), jnp.bfloat16), mw, tiles=MosaicTiles(rows=64, consumers=2))
+    with pytest.raises(ValueError, match="cluster"):  # multicast pairs are warp-specialized programs
+        w4a16_mosaic(jnp.ones((2, 256), jnp.bfloat16), mw, tiles=MosaicTiles(cluster=2))
     with pytest.raises(ValueError, match="warp-specialized"):
         w4a16_mosaic(jnp.ones((2, 256), jnp.bfloat16), mw, tiles=MosaicTiles(rows=128, consumers=2),
                      interpret=True)
@@ -207,7 +209,10 @@ def test_model_on_mosaic_weights_matches_packed(tiny_float_and_int4):
       # warp-specialized: two consumer warpgroups and a memory warpgroup (the GPU only, no interpreter)
       (False, 256, MosaicTiles(rows=128, stages=2, carry=True, consumers=2)),
       (False, 16, MosaicTiles(rows=128, split=2, consumers=2, groups=2)),
-      (True, 128, MosaicTiles(rows=128, stages=3, consumers=2, max_tokens=128))])
+      (True, 128, MosaicTiles(rows=128, stages=3, consumers=2, max_tokens=128)),
+      # clusters of two programs multicasting each x tile
+      (False, 256, MosaicTiles(rows=128, stages=2, carry=True, consumers=2, cluster=2)),
+      (True, 128, MosaicTiles(rows=128, split=2, stages=3, consumers=2, max_tokens=128, cluster=2))])
 def test_kernels_lower_for_cuda(int8, M, tiles):
     """jax 0.10.2 lowers the Mosaic kernels for CUDA without a GPU: catches code that traces under
     the interpreter but cannot become a Mosaic GPU module (it does not run ptxas or the GPU)."""
