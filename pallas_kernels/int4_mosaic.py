@@ -53,6 +53,7 @@ SMEM_BYTES = 227 * 1024  # per program on sm_90
 # A warp-specialized program's consumers store their output in slabs of this many token columns
 # through two shared-memory slots each, so 256-token f32 partial sums leave room for the pipeline.
 EPILOGUE_TOKENS = 64
+COLUMN_BLOCK = 128  # the uncarried body's accumulators hold at most this many tokens (_int4_matmul)
 # The token-major epilogue: store the accumulator through a transposed shared-memory view and write
 # y [M, N]. jax 0.10.2's Warpgroup layout inference refuses the transposed store; on jax 0.11.2 it
 # lowers for bf16 tiles (split 1; the carried body matched float64 on the H100:
@@ -77,9 +78,8 @@ class MosaicTiles:
       wgmma per group back to back and waits once, so a step's fixed costs (barrier waits, the
       wgmma wait, the pipeline's bookkeeping) are paid once per `groups` groups.
     max_tokens: the largest token tile (wgmma's N, a power of 2 from 8 to 256); more rows run in
-      chunks of that many on a grid axis. Without `carry` a program holds two accumulators of
-      rows x tile (each step's and the running sum): at 64 x 256 that is 256 registers a thread,
-      more than a thread has, so the int8 body runs 256 tokens as two chunks of 128.
+      chunks of that many on a grid axis. Without `carry` a program holds two accumulators per
+      column block of at most COLUMN_BLOCK tokens (each step's and the running sum).
     consumers: compute warpgroups per program. 1: one warpgroup issues the TMA loads, converts and
       multiplies (`plgpu.emit_pipeline`). 2: warp-specialized (`plgpu.emit_pipeline_warp_specialized`):
       a third warpgroup only issues the loads, and two consumer warpgroups each convert and multiply
@@ -238,12 +238,19 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
             s_row.astype(jnp.bfloat16), w_tile.shape, [0])
 
     def rescaled(part, s_row, xs_row):
-        # no carry: one group's partial sums [r, tm] times its weight (and token) scales
-        r = part.shape[0]
-        part = part.astype(jnp.float32) * lax.broadcast_in_dim(s_row, (r, tm), [0])
+        # no carry: one group's partial sums [r, c] times its weight (and token) scales
+        part = part.astype(jnp.float32) * lax.broadcast_in_dim(s_row, part.shape, [0])
         if xs_row is not None:
-            part = part * lax.broadcast_in_dim(xs_row, (r, tm), [1])
+            part = part * lax.broadcast_in_dim(xs_row, part.shape, [1])
         return part
+
+    # The uncarried body multiplies, rescales and sums the token tile in column blocks of at most
+    # COLUMN_BLOCK tokens, each with its own accumulator: at 256 tokens one block's int32 / f32
+    # partial sums and the two blocks' running sums fit a thread's registers, where one 64 x 256 pair
+    # of accumulators did not (so W4A8 need not split 256 tokens into chunks that convert the
+    # weights twice).
+    cols = tm if tiles.carry else min(tm, COLUMN_BLOCK)
+    col_blocks = [pl.ds(c * cols, cols) for c in range(tm // cols)]
 
     # group j of step k is the K block g * k + j: the weight and x are passed once per group
     in_specs = (
@@ -285,13 +292,14 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
             operands.append(xs_gmem.at[step_range, pl.ds(c_idx * xs_cols, xs_cols)])
 
         def wgmma(acc_ref, w_reg, x_smem):
-            # acc_ref += w_reg [r, tk] @ x_smem^T [tk, tm]
+            # acc_ref += w_reg [r, tk] @ x_smem^T [tk, c] (x_smem: c of the tile's token rows)
             if a_smem is None:
                 plgpu.wgmma(acc_ref, w_reg, plgpu.transpose_ref(x_smem, (1, 0)))
             else:  # the interpreter's wgmma reads A from SMEM and B untransposed
                 a_smem[...] = w_reg
-                b_smem[...] = x_smem[...].T
-                plgpu.wgmma(acc_ref, a_smem, b_smem)
+                b = b_smem.at[:, pl.ds(0, x_smem.shape[0])]
+                b[...] = x_smem[...].T
+                plgpu.wgmma(acc_ref, a_smem, b)
 
         def convert_and_multiply(refs, my_rows):
             # one pipeline step on this warpgroup's rows (my_rows: a slice of the program's rows)
@@ -306,38 +314,39 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
             # time; 32-bit loads, WGMMA_UPCAST_4X plus a shuffle, were no faster on the H100 at
             # b2b3e53: benchmarks/engine/README.md.)
             w_regs = [w[my_rows].astype(op_dtype) for w in w_smems]
+            acc = list(acc)  # acc: the f32 running sums, one value per column block
+            for c, block in enumerate(col_blocks):
+                def mma(*acc_refs):  # issue every group's wgmma, then wait once (reading them)
+                    for acc_ref, w_reg, x_smem in zip(acc_refs, w_regs, x_smems):
+                        wgmma(acc_ref, w_reg, x_smem.at[block])
+                    return [acc_ref[...] for acc_ref in acc_refs]
 
-            def mma(*acc_refs):  # issue every group's wgmma, then wait once (reading them)
-                for acc_ref, w_reg, x_smem in zip(acc_refs, w_regs, x_smems):
-                    wgmma(acc_ref, w_reg, x_smem)
-                return [acc_ref[...] for acc_ref in acc_refs]
-
-            parts = pl.run_scoped(mma, *[plgpu.ACC((wg_rows, tm), acc_dtype)] * g)
-            for j, part in enumerate(parts):  # acc: the f32 running sum, a value
-                acc = acc + rescaled(part, s_smem[j, my_rows],
-                                     xs_smem[j, pl.ds(0, tm)] if int8 else None)
-            return acc
+                parts = pl.run_scoped(mma, *[plgpu.ACC((wg_rows, cols), acc_dtype)] * g)
+                for j, part in enumerate(parts):
+                    acc[c] = acc[c] + rescaled(part, s_smem[j, my_rows], xs_smem[j, block] if int8 else None)
+            return tuple(acc)
 
         def accumulate(run_pipeline):
-            # run the pipeline from a zero accumulator; its final sum [wg_rows, tm] as a value
+            # run the pipeline from zero; its final sums as values [wg_rows, cols], one a column block
             if tiles.carry:
                 def scoped(acc_ref):
                     run_pipeline(acc_ref)
-                    return acc_ref[...]
+                    return (acc_ref[...],)
                 return pl.run_scoped(scoped, plgpu.ACC((wg_rows, tm), jnp.float32))
-            acc0 = jnp.zeros((wg_rows, tm), jnp.float32)
+            acc0 = jnp.zeros((wg_rows, cols), jnp.float32)
             if not interpret:  # the interpreter has no layouts
                 acc0 = plgpu.layout_cast(acc0, plgpu.Layout.WGMMA)
-            return run_pipeline(acc0)
+            return run_pipeline((acc0,) * len(col_blocks))
 
-        def store(acc, out_tile, dst):
-            acc = acc.astype(out_tile.dtype)
-            if not token_major:
-                out_tile[...] = acc
-            elif interpret:  # out_tile [tm, rows]; the interpreter has no transposed refs
-                out_tile[...] = acc.T
-            else:  # store the [rows, tm] tile through its transposed view
-                plgpu.transpose_ref(out_tile, (1, 0))[...] = acc
+        def store(blocks, out_tile, dst):
+            for block, acc in zip(col_blocks, blocks):
+                acc = acc.astype(out_tile.dtype)
+                if not token_major:
+                    out_tile.at[:, block][...] = acc
+                elif interpret:  # out_tile [tm, rows]; the interpreter has no transposed refs
+                    out_tile.at[block][...] = acc.T
+                else:  # store the [rows, tm] tile through its transposed view
+                    plgpu.transpose_ref(out_tile.at[block], (1, 0))[...] = acc
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_tile, dst)
             plgpu.wait_smem_to_gmem(0)
@@ -358,11 +367,12 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
         my_rows = pl.ds(wg * wg_rows, wg_rows)
 
         def compute_context(run_pipeline):  # the consumers only: accumulate, then store their rows
-            acc = accumulate(run_pipeline).astype(out_smem.dtype)
+            blocks = [acc.astype(out_smem.dtype) for acc in accumulate(run_pipeline)]
             dst = out_gmem.at[s_idx, n_rows, tokens].at[my_rows]
             for e in range(tm // epi):  # slab e through slot e % 2, once that slot's last copy read it
                 plgpu.wait_smem_to_gmem(out_slots - 1, wait_read_only=True)
-                out_smem[wg, e % out_slots] = acc[:, e * epi:(e + 1) * epi]
+                c, first = divmod(e * epi, cols)  # the slab's column block, its first column there
+                out_smem[wg, e % out_slots] = blocks[c][:, first:first + epi]
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(out_smem.at[wg, e % out_slots], dst.at[:, pl.ds(e * epi, epi)])
             plgpu.wait_smem_to_gmem(0)
@@ -456,10 +466,11 @@ MEASURED: dict[tuple[int, int, int, int], MosaicTiles] = {
 GROUPS_PER_STEP = 1
 
 
-# The int8 body's largest token tile: at 256 it holds two 64 x 256 accumulators (256 registers a
-# thread). Two chunks of 128 ran M = 256 1.9-2.8x faster on the H100 in one sweep (gate_up 119.8
-# against 238.9 us, down 79.0 / 181.8, o 31.6 / 60.5, qkv 37.7 / 103.9: benchmarks/engine/
-# h100_sweep_256_450eb50.json).
+# The int8 body's largest token tile in the rule. When a 256-token tile held two 64 x 256
+# accumulators (256 registers a thread), two chunks of 128 ran M = 256 1.9-2.8x faster on the H100
+# (gate_up 119.8 against 238.9 us, down 79.0 / 181.8, o 31.6 / 60.5, qkv 37.7 / 103.9:
+# benchmarks/engine/h100_sweep_256_450eb50.json). The body now splits a 256-token tile into column
+# blocks of COLUMN_BLOCK (one weight conversion for both); not yet timed, so the rule keeps 128.
 INT8_MAX_TOKENS = 128
 
 # Token tiles from which the rule runs warp-specialized programs (two consumer warpgroups). At 128

@@ -144,6 +144,10 @@ def configs(K, N, M, x_bytes=2, wide=False, consumers=1, ws_only=False, cluster=
             cands = [base]
         if cluster > 1 and M >= 128:  # pairs of programs sharing each x tile (TMA multicast)
             cands += [dataclasses.replace(ws, cluster=2), dataclasses.replace(ws, cluster=2, split=ws.split * 2)]
+        if x_bytes == 1 and M > int4_mosaic.INT8_MAX_TOKENS:  # one 256-token tile in column blocks
+            for split in (ws.split, ws.split * 2):  # half the chunks' programs: twice the split
+                fits = [dataclasses.replace(ws, max_tokens=256, split=split, stages=n) for n in (4, 3, 2)]
+                cands += [t for t in fits if not supported(M, N, K, K // GROUP, t, x_bytes)][:1]
     out = []
     for t in cands:
         if t not in out and not supported(M, N, K, K // GROUP, t, x_bytes):

@@ -94,6 +94,7 @@ def test_both_epilogues_agree(rng, M, split):
     (512, 128, 2, -1, MosaicTiles(split=4)),
     (1024, 256, 12, 128, MosaicTiles(split=2, groups=2)),
     (256, 128, 200, 64, MosaicTiles(split=2, stages=2, max_tokens=128)),  # two chunks of 128 tokens
+    (256, 128, 250, 64, MosaicTiles(stages=2)),  # one 256-token tile in two 128-column blocks
 ])
 def test_w4a8_matches_integer_reference(rng, bits, K, N, M, group, tiles):
     qw = weights(rng, K, N, group)
@@ -212,7 +213,8 @@ def test_model_on_mosaic_weights_matches_packed(tiny_float_and_int4):
       (True, 128, MosaicTiles(rows=128, stages=3, consumers=2, max_tokens=128)),
       # clusters of two programs multicasting each x tile
       (False, 256, MosaicTiles(rows=128, stages=2, carry=True, consumers=2, cluster=2)),
-      (True, 128, MosaicTiles(rows=128, split=2, stages=3, consumers=2, max_tokens=128, cluster=2))])
+      (True, 128, MosaicTiles(rows=128, split=2, stages=3, consumers=2, max_tokens=128, cluster=2)),
+      (True, 256, MosaicTiles(rows=128, stages=2, consumers=2))])  # int8: 256 tokens, two column blocks
 def test_kernels_lower_for_cuda(int8, M, tiles):
     """jax 0.10.2 lowers the Mosaic kernels for CUDA without a GPU: catches code that traces under
     the interpreter but cannot become a Mosaic GPU module (it does not run ptxas or the GPU)."""
