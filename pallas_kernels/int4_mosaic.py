@@ -452,12 +452,18 @@ NUM_SMS = 132  # H100 / H200 SXM
 # gate_up at decode sizes: two K ranges of two groups a step (896 programs of 8 steps) read the
 # weights at 0.70-0.75 of copy bandwidth against 0.62-0.63 for the rule's (M = 1: 28.0 against
 # 32.7 us, M = 16: 30.2 against 33.9); two groups a step did not help down, qkv or o
-# (benchmarks/engine/h100_step_structure.json).
+# (benchmarks/engine/h100_step_structure.json). W4A8 qkv at 64 tokens: one warpgroup (12.3 against
+# 14.9 us warp-specialized); W4A8 o and qkv at 256 tokens: two 128-token chunks (21.3 against 21.9,
+# 29.8 against 31.4 us for one 256-token tile; benchmarks/engine/h100_sweep_cluster_47411f8.json and
+# h100_sweep_m64_47411f8.json).
 MEASURED: dict[tuple[int, int, int, int], MosaicTiles] = {
     (28672, 4096, 8, 2): MosaicTiles(split=2, groups=2),
     (28672, 4096, 16, 2): MosaicTiles(split=2, groups=2),
     (28672, 4096, 8, 1): MosaicTiles(groups=2),  # W4A8: 28.5 against 30.9 us at M = 1
     (28672, 4096, 16, 1): MosaicTiles(groups=2),  # 29.0 against 31.9 at M = 16
+    (6144, 4096, 64, 1): MosaicTiles(split=4),
+    (4096, 4096, 256, 1): MosaicTiles(rows=128, split=2, max_tokens=128, consumers=2),
+    (6144, 4096, 256, 1): MosaicTiles(rows=128, max_tokens=128, consumers=2),
 }
 
 
@@ -465,20 +471,22 @@ MEASURED: dict[tuple[int, int, int, int], MosaicTiles] = {
 # `bench_engine.py --mosaic-groups` sets it to time the step both ways.
 GROUPS_PER_STEP = 1
 
-
-# The int8 body's largest token tile in the rule. When a 256-token tile held two 64 x 256
-# accumulators (256 registers a thread), two chunks of 128 ran M = 256 1.9-2.8x faster on the H100
-# (gate_up 119.8 against 238.9 us, down 79.0 / 181.8, o 31.6 / 60.5, qkv 37.7 / 103.9:
-# benchmarks/engine/h100_sweep_256_450eb50.json). The body now splits a 256-token tile into column
-# blocks of COLUMN_BLOCK (one weight conversion for both); not yet timed, so the rule keeps 128.
-INT8_MAX_TOKENS = 128
-
-# Token tiles from which the rule runs warp-specialized programs (two consumer warpgroups). At 128
-# and 256 tokens they beat the one-warpgroup rule on every projection timed on the H100, best at
-# about one wave of programs (benchmarks/engine/h100_sweep_ws_744a87a.json; W4A16 M = 256: gate_up
-# 111.5 against 139.4 us, down 55.9 / 84.5, o 22.5 / 42.5; M = 128: gate_up 67.2 / 77.5, down 32.7 /
-# 44.4, o 14.1 / 20.5). At 1 and 16 tokens they lost (gate_up 32.9 against 29.7 at M = 1).
-WS_MIN_TOKENS = 128
+# Token tiles from which the rule runs warp-specialized programs (two consumer warpgroups). From 128
+# tokens they beat the one-warpgroup rule on every projection timed on the H100, best at about one
+# wave of programs (benchmarks/engine/h100_sweep_ws_744a87a.json; W4A16 M = 256: gate_up 111.5
+# against 139.4 us, down 55.9 / 84.5, o 22.5 / 42.5; M = 128: gate_up 67.2 / 77.5, down 32.7 / 44.4,
+# o 14.1 / 20.5); at 64 tokens on down, o and qkv (W4A16 23.7 / 27.1, 10.6 / 13.2, 15.9 / 16.8 us),
+# a tie on gate_up (46.9 / 47.3; h100_sweep_m64_47411f8.json). At 1 and 16 tokens they lost (gate_up
+# 32.9 against 29.7 at M = 1).
+WS_MIN_TOKENS = 64
+# At 256 tokens W4A16 programs run in clusters of two that multicast each x tile: 1-5% faster in one
+# H100 run (gate_up 106.0 against 111.1 us, down 52.9 / 55.2, qkv 31.7 / 32.3, o 22.1 / 22.3); at
+# 128 tokens no faster (h100_sweep_cluster_47411f8.json).
+CLUSTER_MIN_TOKENS = 256
+# W4A8 / W4A4 run 256 tokens as one tile in two column blocks (the weights converted once): gate_up
+# 101.0 against 115.8 us for two 128-token chunks, down 49.4 / 52.3 (same run). Until the column
+# blocks, a 256-token int8 tile held two 64 x 256 accumulators and two chunks were 1.9-2.8x faster
+# (h100_sweep_256_450eb50.json); MEASURED keeps chunks where they still win.
 
 
 def _deepest(tiles: MosaicTiles, tk: int, tm: int, x_bytes: int) -> MosaicTiles:
@@ -504,27 +512,28 @@ def _split_k(programs: int, steps: int, min_programs: int, max_programs: int | N
 def choose_tiles(M: int, N: int, K: int, G: int, x_bytes: int = 2) -> MosaicTiles:
     """Tiles for an [M, K] x [K, N] int4 matmul: the sweep's winner where measured, else the rule:
     - token tiles of WS_MIN_TOKENS and more: warp-specialized 128-row programs (two consumer
-      warpgroups), W4A16 carrying one accumulator, split-K to at most one wave of programs;
+      warpgroups), W4A16 carrying one accumulator from 128 tokens and running in clusters of two
+      at CLUSTER_MIN_TOKENS, split-K to at most one wave of programs;
     - smaller tiles (or N not a multiple of 128): 64-row programs of one warpgroup (W4A16 carrying
       at 128 tokens and more), split-K to at least two waves (each K range >= 4 steps),
       GROUPS_PER_STEP groups a step;
-    int8 activations in token tiles of at most INT8_MAX_TOKENS (more rows run as chunks, counted
-    in the programs); as many pipeline stages as shared memory holds, up to 4."""
-    max_tokens = INT8_MAX_TOKENS if x_bytes == 1 else MAX_TOKENS
-    tm = token_tile(M, max_tokens)
+    above 256 rows, chunks of 256 (counted in the programs); as many pipeline stages as shared
+    memory holds, up to 4."""
+    tm = token_tile(M)
     if (N, K, tm, x_bytes) in MEASURED:
         return MEASURED[(N, K, tm, x_bytes)]
     tk = step_width(K, G)
     steps = K // tk
     chunks = -(-M // tm)
+    carry = x_bytes == 2 and tm >= 128
     if tm >= WS_MIN_TOKENS and N % (2 * WGMMA_ROWS) == 0:
+        cluster = 2 if x_bytes == 2 and tm >= CLUSTER_MIN_TOKENS and (N // 128) % 2 == 0 else 1
         split = _split_k((N // 128) * chunks, steps, 0, max_programs=NUM_SMS)
-        tiles = MosaicTiles(rows=128, split=split, carry=x_bytes == 2, max_tokens=max_tokens, consumers=2)
+        tiles = MosaicTiles(rows=128, split=split, carry=carry, consumers=2, cluster=cluster)
         return _deepest(tiles, tk, tm, x_bytes)
     split = _split_k((N // 64) * chunks, steps, 2 * NUM_SMS)
     groups = GROUPS_PER_STEP if (steps // split) % GROUPS_PER_STEP == 0 else 1
-    carry = x_bytes == 2 and tm >= 128  # N not a multiple of 128: one accumulator of 64 x tm
-    return _deepest(MosaicTiles(split=split, groups=groups, carry=carry, max_tokens=max_tokens), tk, tm, x_bytes)
+    return _deepest(MosaicTiles(split=split, groups=groups, carry=carry), tk, tm, x_bytes)
 
 
 def dequantize_mosaic(mw, dtype=jnp.bfloat16):

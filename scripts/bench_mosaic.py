@@ -130,8 +130,6 @@ def configs(K, N, M, x_bytes=2, wide=False, consumers=1, ws_only=False, cluster=
     if M >= 64 and x_bytes == 2 and not ws_only:  # wide token tiles: both bodies, one carried accumulator (W4A16 only) or two
         cands += [dataclasses.replace(base, carry=not base.carry, rows=64 if base.carry else base.rows)]
         cands += [dataclasses.replace(base, rows=128, stages=n, carry=True) for n in (4, 3, 2)][:1 + (M > 64)]
-    if x_bytes == 1 and M > int4_mosaic.INT8_MAX_TOKENS and not ws_only:  # one 256-token tile: the rule before 128-token chunks
-        cands += [dataclasses.replace(base, max_tokens=int4_mosaic.MAX_TOKENS)]
     if consumers > 1 and N % 128 == 0:  # warp-specialized: two consumer warpgroups of 64 rows each
         ws = dataclasses.replace(base, rows=128, consumers=2)
         cands += [ws, dataclasses.replace(ws, split=max(1, ws.split // 2)),
@@ -144,9 +142,10 @@ def configs(K, N, M, x_bytes=2, wide=False, consumers=1, ws_only=False, cluster=
             cands = [base]
         if cluster > 1 and M >= 128:  # pairs of programs sharing each x tile (TMA multicast)
             cands += [dataclasses.replace(ws, cluster=2), dataclasses.replace(ws, cluster=2, split=ws.split * 2)]
-        if x_bytes == 1 and M > int4_mosaic.INT8_MAX_TOKENS:  # one 256-token tile in column blocks
-            for split in (ws.split, ws.split * 2):  # half the chunks' programs: twice the split
-                fits = [dataclasses.replace(ws, max_tokens=256, split=split, stages=n) for n in (4, 3, 2)]
+        if x_bytes == 1 and M > 128:  # W4A8 256-token tiles beside two 128-token chunks
+            other = 128 if ws.max_tokens > 128 else 256
+            for split in (ws.split, ws.split * 2 if other == 256 else max(1, ws.split // 2)):
+                fits = [dataclasses.replace(ws, max_tokens=other, split=split, stages=n) for n in (4, 3, 2)]
                 cands += [t for t in fits if not supported(M, N, K, K // GROUP, t, x_bytes)][:1]
     out = []
     for t in cands:
