@@ -565,7 +565,7 @@ def mosaic_matmul(x, mw, mode: str, *, interpret: bool = False):
     x_bytes = 2 if mode == "w4a16" else 1
     tiles = choose_tiles(M, N, K, G, x_bytes)
     if interpret:  # the interpreter has no warp-specialized pipelines: the same tiles on one warpgroup
-        tiles = dataclasses.replace(tiles, consumers=1)
+        tiles = dataclasses.replace(tiles, consumers=1, cluster=1)
     kernel = ((interpret or jax.default_backend() == "gpu") and (mode != "w4a16" or M <= MAX_TOKENS)
               and supported(M, N, K, G, tiles, x_bytes) is None)
     if mode == "w4a16":

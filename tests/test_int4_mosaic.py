@@ -136,11 +136,16 @@ def test_mosaic_matmul_chunks_w4a8_prefill(rng):
     assert rel(y, np.asarray(w4a4_reference(x, qw, 8), np.float64)) < BF16_TOL
 
 
-def test_mosaic_matmul_interpreted_kernel(rng):
-    qw = weights(rng, 256, 128, 64)
-    x = jnp.asarray(rng.standard_normal((4, 256)), jnp.bfloat16)
+@pytest.mark.parametrize("M,N", [(4, 128), (256, 256)])  # 256 x 256: warp-specialized clusters in the rule
+def test_mosaic_matmul_interpreted_kernel(rng, M, N):
+    """Under the interpreter mosaic_matmul runs the kernel (its wgmma, not the XLA fallback) with the
+    rule's tiles on one warpgroup, and matches the reference."""
+    qw = weights(rng, 256, N, 64)
+    x = jnp.asarray(rng.standard_normal((M, 256)), jnp.bfloat16)
     ref = np.asarray(w4a16_reference(x.astype(jnp.float32), qw), np.float64)
-    assert rel(mosaic_matmul(x, to_mosaic_layout(qw), "w4a16", interpret=True), ref) < BF16_TOL
+    mw = to_mosaic_layout(qw)
+    assert "wgmma" in str(jax.make_jaxpr(lambda x: mosaic_matmul(x, mw, "w4a16", interpret=True))(x))
+    assert rel(mosaic_matmul(x, mw, "w4a16", interpret=True), ref) < BF16_TOL
 
 
 @pytest.mark.parametrize("K,N", [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096),
