@@ -130,18 +130,21 @@ def configs(K, N, M, x_bytes=2, wide=False, consumers=1, ws_only=False, cluster=
     if M >= 64 and x_bytes == 2 and not ws_only:  # wide token tiles: both bodies, one carried accumulator (W4A16 only) or two
         cands += [dataclasses.replace(base, carry=not base.carry, rows=64 if base.carry else base.rows)]
         cands += [dataclasses.replace(base, rows=128, stages=n, carry=True) for n in (4, 3, 2)][:1 + (M > 64)]
+    if base.consumers > 1:  # the rule is warp-specialized: beside it one warpgroup (64 rows, twice the split)
+        cands += [dataclasses.replace(base, rows=64, consumers=1, cluster=1, split=base.split * 2)]
     if consumers > 1 and N % 128 == 0:  # warp-specialized: two consumer warpgroups of 64 rows each
         ws = dataclasses.replace(base, rows=128, consumers=2)
         cands += [ws, dataclasses.replace(ws, split=max(1, ws.split // 2)),
                   dataclasses.replace(ws, split=ws.split * 2)]
         if M >= 128:  # shallower pipelines leave room for 256-token x tiles; the memory warpgroup runs ahead
             cands += [dataclasses.replace(ws, stages=n) for n in (2, 3)]
-        if x_bytes == 2 and 64 <= M <= 128:  # at 256 tokens the uncarried body's two accumulators spill
+        if x_bytes == 2 and 64 <= M <= 128:  # the other W4A16 body (at 256 tokens the carried one won)
             cands += [dataclasses.replace(ws, carry=not ws.carry)]
         if cluster_only:
             cands = [base]
-        if cluster > 1 and M >= 128:  # pairs of programs sharing each x tile (TMA multicast)
-            cands += [dataclasses.replace(ws, cluster=2), dataclasses.replace(ws, cluster=2, split=ws.split * 2)]
+        if (cluster > 1 or ws.cluster > 1) and M >= 128:  # with / without pairs of programs sharing x (TMA multicast)
+            other = dataclasses.replace(ws, cluster=3 - ws.cluster)
+            cands += [other, dataclasses.replace(other, split=other.split * 2)]
         if x_bytes == 1 and M > 128:  # W4A8 256-token tiles beside two 128-token chunks
             other = 128 if ws.max_tokens > 128 else 256
             for split in (ws.split, ws.split * 2 if other == 256 else max(1, ws.split // 2)):
