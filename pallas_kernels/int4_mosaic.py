@@ -19,14 +19,16 @@ chain, not by bandwidth: benchmarks/engine/README.md). K ranges are summed after
 (128-256 tokens) a second W4A16 body (`MosaicTiles.carry`) puts the scales on the converted
 weights instead and carries one accumulator across steps: half the accumulator registers.
 
-From 128 tokens the programs are warp-specialized (`MosaicTiles.consumers`): a memory warpgroup
+From 64 tokens the programs are warp-specialized (`MosaicTiles.consumers`): a memory warpgroup
 issues the TMA loads (`plgpu.emit_pipeline_warp_specialized`), and two consumer warpgroups each
 convert and multiply 64 of the program's 128 rows against the one x tile in shared memory, so one
 converts while the other's wgmma runs; each stores its rows in 64-column slabs. At those sizes a
-program's x tile (up to 64 KB a step) outweighs its weights (8 KB), so `MosaicTiles.cluster` can
-pair neighbouring programs into a cluster that loads each x tile once and multicasts it. Both run
-on the GPU only: the interpreter has no warp-specialized pipelines, and tests run their step math
-(the same functions) through the one-warpgroup pipeline.
+program's x tile (up to 64 KB a step) outweighs its weights (8 KB), so `MosaicTiles.cluster` pairs
+neighbouring programs into a cluster that loads each x tile once and multicasts it (at 256 tokens).
+Both run on the GPU only: the interpreter has no warp-specialized pipelines, and tests run their
+step math (the same functions) through the one-warpgroup pipeline. The uncarried body works on
+column blocks of at most COLUMN_BLOCK tokens, so a 256-token int8 tile holds one accumulator pair
+per block and converts its weights once.
 
 Weights in this layout (`to_mosaic_layout`): {"w": int4 [N, K], "scales": f32 [G, N]}, the same
 scales as the packed layout of packing.py.
