@@ -322,3 +322,22 @@ def test_attention_summary_keys_and_dispatch(tmp_path):
     assert math.isclose(s["attention_frac_copy_bw"]["int4"]["32768"], 0.6 * 1.01)
     assert math.isclose(s["attention_frac_copy_bw_mosaic"]["int8"]["8192"], 0.4 * 1.01)
     assert s["quantspec_vs_bf16"] is None and s["int4kv_w4a8_acceptance"] == 0.95
+
+
+def test_join_sweeps_numbers_new_runs_after_the_joined_ones():
+    """Joining an already-joined sweep with new runs: its cells keep their run index and commit,
+    each new run takes the next free index (so cells of different calls never share one)."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from bench_mosaic import join_sweeps
+
+    meta = {"device": "H100", "copy_bw_Bps": 3e12}
+    joined = {"meta": {**meta, "commit": "old"}, "sweep": [
+        {"proj": "o", "M": 1, "run": 0, "commit": "a", "methods": {}},
+        {"proj": "o", "M": 4, "run": 3, "commit": "b", "methods": {}}]}
+    new = [{"meta": {**meta, "commit": c}, "sweep": [{"proj": "qkv", "M": m, "methods": {}} for m in (1, 16)]}
+           for c in ("c", "d")]
+    cells = join_sweeps([joined, *new])["sweep"]
+    assert [(c["run"], c["commit"]) for c in cells] == [(0, "a"), (3, "b"), (4, "c"), (4, "c"), (5, "d"), (5, "d")]
+    assert [c["run"] for c in join_sweeps(new)["sweep"]] == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="different devices"):
+        join_sweeps([joined, {**new[0], "meta": {**meta, "device": "H200"}}])
