@@ -316,6 +316,7 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
             # time; 32-bit loads, WGMMA_UPCAST_4X plus a shuffle, were no faster on the H100 at
             # b2b3e53: benchmarks/engine/README.md.)
             w_regs = [w[my_rows].astype(op_dtype) for w in w_smems]
+            s_rows = [s_smem[j, my_rows] for j in range(g)]  # each group's weight scales, once a step
             acc = list(acc)  # acc: the f32 running sums, one value per column block
             for c, block in enumerate(col_blocks):
                 def mma(*acc_refs):  # issue every group's wgmma, then wait once (reading them)
@@ -325,7 +326,7 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
 
                 parts = pl.run_scoped(mma, *[plgpu.ACC((wg_rows, cols), acc_dtype)] * g)
                 for j, part in enumerate(parts):
-                    acc[c] = acc[c] + rescaled(part, s_smem[j, my_rows], xs_smem[j, block] if int8 else None)
+                    acc[c] = acc[c] + rescaled(part, s_rows[j], xs_smem[j, block] if int8 else None)
             return tuple(acc)
 
         def accumulate(run_pipeline):
@@ -500,13 +501,11 @@ def _deepest(tiles: MosaicTiles, tk: int, tm: int, x_bytes: int) -> MosaicTiles:
     return dataclasses.replace(tiles, stages=1)
 
 
-def _split_k(programs: int, steps: int, min_programs: int, max_programs: int | None = None) -> int:
-    """K ranges per output tile: doubled while the programs stay under min_programs (or, with
-    max_programs, while twice as many still fit in it), each K range keeping >= 4 steps."""
+def _split_k(programs: int, steps: int, grow) -> int:
+    """K ranges per output tile: doubled while grow(the programs launched) says so, each K range
+    keeping >= 4 steps."""
     split = 1
-    while (steps % (2 * split) == 0 and steps // (2 * split) >= 4
-           and (programs * split < min_programs if max_programs is None
-                else programs * split * 2 <= max_programs)):
+    while steps % (2 * split) == 0 and steps // (2 * split) >= 4 and grow(programs * split):
         split *= 2
     return split
 
@@ -530,10 +529,10 @@ def choose_tiles(M: int, N: int, K: int, G: int, x_bytes: int = 2) -> MosaicTile
     carry = x_bytes == 2 and tm >= 128
     if tm >= WS_MIN_TOKENS and N % (2 * WGMMA_ROWS) == 0:
         cluster = 2 if x_bytes == 2 and tm >= CLUSTER_MIN_TOKENS and (N // 128) % 2 == 0 else 1
-        split = _split_k((N // 128) * chunks, steps, 0, max_programs=NUM_SMS)
+        split = _split_k((N // 128) * chunks, steps, lambda n: 2 * n <= NUM_SMS)  # at most one wave
         tiles = MosaicTiles(rows=128, split=split, carry=carry, consumers=2, cluster=cluster)
         return _deepest(tiles, tk, tm, x_bytes)
-    split = _split_k((N // 64) * chunks, steps, 2 * NUM_SMS)
+    split = _split_k((N // 64) * chunks, steps, lambda n: n < 2 * NUM_SMS)  # at least two waves
     groups = GROUPS_PER_STEP if (steps // split) % GROUPS_PER_STEP == 0 else 1
     return _deepest(MosaicTiles(split=split, groups=groups, carry=carry), tk, tm, x_bytes)
 

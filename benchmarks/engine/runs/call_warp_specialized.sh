@@ -14,12 +14,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv
 timeout 110 python3 scripts/bench_mosaic.py --out $OUT/check --check-only --check-s 90
 echo "check rc=$? (t=${SECONDS}s)"
-if python3 -c "
-import json, sys
-cells = [c for c in json.load(open('$OUT/check/mosaic_sweep.json'))['check'] if 'consumers=2' in c['tiles']]
-bad = [c for c in cells if 'error' in c or any(v > 1e-2 or v != v for k, v in c.items() if k.endswith('rel_err') or 'rel_err_vs' in k)]
-print('warp-specialized checks:', len(cells), 'bad:', len(bad))
-sys.exit(0 if cells and not bad else 1)"; then WS="--consumers 2"; else WS="--consumers 1"; fi
+if python3 benchmarks/engine/runs/checks_pass.py $OUT/check/mosaic_sweep.json consumers=2; then WS="--consumers 2"; else WS="--consumers 1"; fi
 echo "sweeping with $WS"
 timeout 330 python3 scripts/bench_mosaic.py --out $OUT/wide --ms 128,256 --same-as "" --no-peers-at "" \
   --w4a8-ms 128,256 --wide-ms "" --projections gate_up,down,o,qkv --peers xla_bf16,xla_int4 \

@@ -13,12 +13,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv
 timeout 75 python3 scripts/bench_mosaic.py --out $OUT/check --check-only --check-s 55
 echo "check rc=$? (t=${SECONDS}s)"
-if python3 -c "
-import json, sys
-cells = [c for c in json.load(open('$OUT/check/mosaic_sweep.json'))['check'] if 'cluster=2' in c['tiles']]
-bad = [c for c in cells if 'error' in c or any(v > 1e-2 or v != v for k, v in c.items() if 'rel_err' in k)]
-print('cluster checks:', len(cells), 'bad:', len(bad))
-sys.exit(0 if cells and not bad else 1)"; then CL=2; else CL=1; fi
+if python3 benchmarks/engine/runs/checks_pass.py $OUT/check/mosaic_sweep.json cluster=2; then CL=2; else CL=1; fi
 echo "sweeping with --cluster $CL"
 SWEEP=(--same-as "" --no-peers-at "" --wide-ms "" --peers xla_bf16,xla_int4 --skip-check --ws-only)
 timeout 330 python3 scripts/bench_mosaic.py --out $OUT/wide --ms 256,128 --w4a8-ms 128,256 \
