@@ -186,11 +186,30 @@ def _swizzled(block_minor_bytes: int, bits: int, kind: str):
     )
 
 
-def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_major: bool | None = None):
+# int8 MMAs sum into int32, and each group's partial sums are rescaled in f32. cvt.rn.f32.s32 runs
+# on sm_90's conversion unit at a fraction of the f32 rate, and at 128-256 tokens a W4A8 step
+# converts as many partial sums as its int8 MMA multiplies rows by 128-channel groups. A partial sum
+# of one group is |p| <= 127 * 8 * 256 < 2**22, so the conversion can be an integer add of the bits
+# of 1.5 * 2**23 and a float subtraction of that number, both exact (`exact_f32`).
+INT_TO_FLOAT = ("magic", "convert")
+MAGIC_F32 = 1.5 * 2**23  # bits 0x4B400000: a float whose unit in the last place is 1
+MAGIC_BITS = 0x4B400000
+
+
+def exact_f32(p):
+    """int32 p with |p| < 2**22 as f32, with no conversion instruction: the bits of MAGIC_F32 + p
+    (an integer add) read as a float, minus MAGIC_F32. Exact: MAGIC_F32 + p is an integer in
+    [2**23, 2**24), where f32 holds every integer."""
+    return lax.bitcast_convert_type(p + jnp.int32(MAGIC_BITS), jnp.float32) - jnp.float32(MAGIC_F32)
+
+
+def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_major: bool | None = None,
+                 int_to_float: str = "magic"):
     """out [M, N] f32-accumulated; x [M, K] bf16 (x_scales None) or int8 with x_scales f32 [G', M]
     (one row per pipeline step). token_major: the kernel writes y [M, N] itself, through a
     transposed store of its out^T tile (default: under the interpreter, or TRANSPOSED_STORE); else it
-    writes out^T [N, tm] and XLA transposes it after."""
+    writes out^T [N, tm] and XLA transposes it after. int_to_float: how int8 MMAs' int32 partial
+    sums become f32, "magic" (`exact_f32`) or "convert" (a conversion instruction each)."""
     if token_major is None:
         token_major = interpret or TRANSPOSED_STORE
     # jax 0.11.2 lowers the transposed store of a bf16 tile, not of split-K's f32 partial sums
@@ -204,6 +223,8 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
     why = supported(M, N, K, G, tiles, x_bytes=1 if int8 else 2)
     if why:
         raise ValueError(why)
+    if int_to_float not in INT_TO_FLOAT:
+        raise ValueError(f"int_to_float must be one of {INT_TO_FLOAT}, got {int_to_float!r}")
     tk = step_width(K, G)
     steps_total = K // tk
     if G == 1:  # per channel: the same scale every step (a small broadcast, per-channel weights only)
@@ -241,7 +262,8 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
 
     def rescaled(part, s_row, xs_row):
         # no carry: one group's partial sums [r, c] times its weight (and token) scales
-        part = part.astype(jnp.float32) * lax.broadcast_in_dim(s_row, part.shape, [0])
+        part = exact_f32(part) if int8 and int_to_float == "magic" else part.astype(jnp.float32)
+        part = part * lax.broadcast_in_dim(s_row, part.shape, [0])
         if xs_row is not None:
             part = part * lax.broadcast_in_dim(xs_row, part.shape, [1])
         return part
@@ -427,11 +449,12 @@ def w4a16_mosaic(x, mw, *, tiles: MosaicTiles = MosaicTiles(), interpret: bool =
     return y.astype(x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("act_bits", "tiles", "interpret"))
+@functools.partial(jax.jit, static_argnames=("act_bits", "tiles", "interpret", "int_to_float"))
 def w4a8_mosaic(x, mw, *, act_bits: int = 8, tiles: MosaicTiles = MosaicTiles(),
-                interpret: bool = False):
+                interpret: bool = False, int_to_float: str = "magic"):
     """W4A8 (act_bits 8) or W4A4 (act_bits 4): x [M, K] quantized per token over the weight's
-    groups as w4a4.quantize_activations does, int8 x int8 MMAs, f32 rescale per group.
+    groups as w4a4.quantize_activations does, int8 x int8 MMAs, f32 rescale per group (the int32
+    partial sums made f32 by `exact_f32`, or with int_to_float="convert" by conversion instructions).
 
     The token scales' pipeline rows are padded to 128 bytes (`TMA_ALIGN`): at 8 floats (32 B) a
     row, three of every four TMA copies wrote off the shared-memory alignment TMA needs and the
@@ -446,7 +469,7 @@ def w4a8_mosaic(x, mw, *, act_bits: int = 8, tiles: MosaicTiles = MosaicTiles(),
     xq, xs = quantize_activations(x, K // G, act_bits)  # int8 [M, K], f32 [M, G]
     steps = K // step_width(K, G)
     xs_t = jnp.broadcast_to(xs.T, (steps, x.shape[0])) if G == 1 else xs.T  # [steps, M]
-    return _int4_matmul(xq, xs_t, mw, tiles, interpret).astype(x.dtype)
+    return _int4_matmul(xq, xs_t, mw, tiles, interpret, int_to_float=int_to_float).astype(x.dtype)
 
 
 NUM_SMS = 132  # H100 / H200 SXM
