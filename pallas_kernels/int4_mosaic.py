@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
+from .bitfloat import exact_f32
 from .packing import pack_block, pack_int4, unpack_int4, weight_layout
 
 WGMMA_ROWS = 64  # wgmma's M side
@@ -186,21 +187,11 @@ def _swizzled(block_minor_bytes: int, bits: int, kind: str):
     )
 
 
-# int8 MMAs sum into int32, and each group's partial sums are rescaled in f32. cvt.rn.f32.s32 runs
-# on sm_90's conversion unit at a fraction of the f32 rate, and at 128-256 tokens a W4A8 step
-# converts as many partial sums as its int8 MMA multiplies rows by 128-channel groups. A partial sum
-# of one group is |p| <= 127 * 8 * 256 < 2**22, so the conversion can be an integer add of the bits
-# of 1.5 * 2**23 and a float subtraction of that number, both exact (`exact_f32`).
+# int8 MMAs sum into int32, and each group's partial sums are rescaled in f32. A conversion
+# instruction runs at a fraction of the f32 rate (bitfloat.py), and at 128-256 tokens a W4A8 step
+# converts as many partial sums as its MMAs have outputs; one group's partial sum is |p| <= 127 * 8 *
+# 256 < 2**22, in the range where bitfloat.exact_f32 builds the float from bits.
 INT_TO_FLOAT = ("magic", "convert")
-MAGIC_F32 = 1.5 * 2**23  # bits 0x4B400000: a float whose unit in the last place is 1
-MAGIC_BITS = 0x4B400000
-
-
-def exact_f32(p):
-    """int32 p with |p| < 2**22 as f32, with no conversion instruction: the bits of MAGIC_F32 + p
-    (an integer add) read as a float, minus MAGIC_F32. Exact: MAGIC_F32 + p is an integer in
-    [2**23, 2**24), where f32 holds every integer."""
-    return lax.bitcast_convert_type(p + jnp.int32(MAGIC_BITS), jnp.float32) - jnp.float32(MAGIC_F32)
 
 
 def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_major: bool | None = None,

@@ -108,7 +108,7 @@ def test_w4a8_matches_integer_reference(rng, bits, K, N, M, group, tiles):
 def test_exact_f32_matches_the_conversion(rng):
     """exact_f32 (an integer add and a float subtraction) equals int32 -> f32 on the range an int8
     MMA's group partial sums can take (|p| <= 127 * 8 * 256), its ends included."""
-    from pallas_kernels.int4_mosaic import exact_f32
+    from pallas_kernels.bitfloat import exact_f32
 
     bound = 127 * 8 * 256
     p = np.concatenate([rng.integers(-bound, bound + 1, 100_000), [-bound, bound, 0, -1, 1, 2**22 - 1, -(2**22) + 1]])
