@@ -15,7 +15,8 @@ every replay pass: minutes per kernel instead of seconds.)
 
   python scripts/ncu_probe.py --list        # the probes, no GPU needed
 
-Probes: decode attention (bf16, INT8, INT4 with the default launch knobs) at batch 16 x 8k, and the
+Probes: decode attention (bf16, INT8, INT4 with the default launch knobs; and the Mosaic GPU body v1 on
+INT8 / INT4: ncu -k regex:'attention_mosaic') at batch 16 x 8k, and the
 W4A16 kernels (Triton, and Mosaic GPU's W4A16 and W4A8: ncu -k regex:'mosaic') on the gate_up and
 down projections at M = 1 and 16, beside XLA's dot on `jnp.int4`-style weights (dequantized in the
 graph) at M = 16.
@@ -38,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench_attention import H, HD, attend, make_kv  # noqa: E402
+from bench_attention import H, HD, KV, attend, make_kv  # noqa: E402
 from bench_kernels import make_weights, xla_int4_matmul  # noqa: E402
 from pallas_kernels import w4a16_matmul  # noqa: E402
 from pallas_kernels import int4_mosaic  # noqa: E402
@@ -62,6 +63,28 @@ def attention_probes(B=16, S=8192):
     return out
 
 
+def attention_mosaic_probes(B=16, S=8192, version=1):
+    """The Mosaic GPU attention (attention_mosaic.py, one body `version`) on the quantized views:
+    the partials of one decode step (T = 1, 4 query heads per kv head), the default splits."""
+    from pallas_kernels import attention_mosaic
+
+    out = []
+    for variant in ("int8", "int4"):
+        def build(variant=variant):
+            key = jax.random.key(0)
+            kv, _ = make_kv(key, B, S, variant)
+            rep = H // KV
+            q_rows = jax.random.normal(jax.random.fold_in(key, 1), (B, KV, rep, HD), jnp.bfloat16)
+            row_pos = jnp.full((B, rep), S - 1, jnp.int32)
+            n, off = jnp.full((B,), S, jnp.int32), jnp.zeros((B,), jnp.int32)
+            fn = jax.jit(lambda q, kv: attention_mosaic.attention_partials(
+                q, row_pos, kv, n, off, variant=variant, sm_scale=HD ** -0.5, version=version))
+            return fn, (q_rows, kv)
+
+        out.append((f"attention_mosaic_v{version}_{variant}_{B}x{S}", build))
+    return out
+
+
 def matmul_probes():
     out = []
     for proj, (K, N) in PROJ.items():
@@ -78,19 +101,26 @@ def matmul_probes():
 
 
 def mosaic_probes():
-    """The Mosaic GPU int4 kernels (sm_90) at their default tiles (choose_tiles)."""
+    """The Mosaic GPU int4 kernels (sm_90) at their default tiles (choose_tiles), and at M = 256 the
+    W4A8 kernel with conversion instructions for its int32 partial sums (`_convert`) beside
+    bitfloat.exact_f32 (the default)."""
     out = []
     for proj, (K, N) in PROJ.items():
-        for M in (1, 16):
-            for mode in ("w4a16", "w4a8"):
-                def build(K=K, N=N, M=M, mode=mode):
-                    key = jax.random.key(K + M)
-                    (w,) = make_weights(key, K, N, 128, 1, int4=True)
-                    mw = int4_mosaic.to_mosaic_layout(w)
-                    x = jax.random.normal(jax.random.fold_in(key, 1), (M, K), jnp.bfloat16)
+        for M, mode, convert in [(M, mode, "magic") for M in (1, 16) for mode in ("w4a16", "w4a8")] + [
+                (256, "w4a8", "magic"), (256, "w4a8", "convert")]:
+            def build(K=K, N=N, M=M, mode=mode, convert=convert):
+                key = jax.random.key(K + M)
+                (w,) = make_weights(key, K, N, 128, 1, int4=True)
+                mw = int4_mosaic.to_mosaic_layout(w)
+                x = jax.random.normal(jax.random.fold_in(key, 1), (M, K), jnp.bfloat16)
+                if convert == "magic":
                     return jax.jit(lambda x, mw: int4_mosaic.mosaic_matmul(x, mw, mode)), (x, mw)
+                tiles = int4_mosaic.choose_tiles(M, N, K, K // 128, x_bytes=1)
+                return jax.jit(lambda x, mw: int4_mosaic.w4a8_mosaic(
+                    x, mw, tiles=tiles, int_to_float="convert")), (x, mw)
 
-                out.append((f"mosaic_{mode}_{proj}_M{M}", build))
+            suffix = "_convert" if convert == "convert" else ""
+            out.append((f"mosaic_{mode}{suffix}_{proj}_M{M}", build))
     return out
 
 
@@ -100,7 +130,7 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated substrings: run only matching probes")
     ap.add_argument("--list", action="store_true", help="print the probe names and exit")
     args = ap.parse_args(argv)
-    probes = attention_probes() + matmul_probes() + mosaic_probes()
+    probes = attention_probes() + attention_mosaic_probes() + matmul_probes() + mosaic_probes()
     if args.only:
         probes = [(n, b) for n, b in probes if any(s in n for s in args.only.split(","))]
     for name, build in probes:
