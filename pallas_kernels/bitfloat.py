@@ -13,9 +13,6 @@ plane (Pallas lowers only single-result asm). The PTX needs the Triton backend: 
 cannot run it and must use `nibble_floats`.
 
 The W4A16 weight kernel (w4a16.py) builds its signed weight nibbles with these too (magic = bits | 8).
-
-`exact_f32` is the same idea for int32 -> f32 (the Mosaic W4A8 kernel's int32 partial sums): the bits
-of 1.5 * 2**23 plus p, read as a float, are exactly 1.5 * 2**23 + p for |p| < 2**22.
 """
 
 from __future__ import annotations
@@ -37,17 +34,6 @@ prmt.b32 t1, s, z, 0x4342;
 lop3.b32 $0, t0, 0x000F000F, MAGIC, 0x6A;
 lop3.b32 $1, t1, 0x000F000F, MAGIC, 0x6A;
 }"""
-
-
-MAGIC_F32 = 1.5 * 2**23  # bits 0x4B400000: a float whose unit in the last place is 1
-MAGIC_F32_BITS = 0x4B400000
-
-
-def exact_f32(p):
-    """int32 p with |p| < 2**22 as f32 with no conversion instruction: an integer add of MAGIC_F32's
-    bits, read as a float (exactly MAGIC_F32 + p: f32 holds every integer in [2**23, 2**24)), minus
-    MAGIC_F32."""
-    return lax.bitcast_convert_type(p + jnp.int32(MAGIC_F32_BITS), jnp.float32) - jnp.float32(MAGIC_F32)
 
 
 def nibble_floats(p, shift: int, magic: int, cdt):

@@ -46,7 +46,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-from .bitfloat import exact_f32
 from .packing import pack_block, pack_int4, unpack_int4, weight_layout
 
 WGMMA_ROWS = 64  # wgmma's M side
@@ -187,20 +186,11 @@ def _swizzled(block_minor_bytes: int, bits: int, kind: str):
     )
 
 
-# int8 MMAs sum into int32, and each group's partial sums are rescaled in f32. A conversion
-# instruction runs at a fraction of the f32 rate (bitfloat.py), and at 128-256 tokens a W4A8 step
-# converts as many partial sums as its MMAs have outputs; one group's partial sum is |p| <= 127 * 8 *
-# 256 < 2**22, in the range where bitfloat.exact_f32 builds the float from bits.
-INT_TO_FLOAT = ("magic", "convert")
-
-
-def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_major: bool | None = None,
-                 int_to_float: str = "magic"):
+def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_major: bool | None = None):
     """out [M, N] f32-accumulated; x [M, K] bf16 (x_scales None) or int8 with x_scales f32 [G', M]
     (one row per pipeline step). token_major: the kernel writes y [M, N] itself, through a
     transposed store of its out^T tile (default: under the interpreter, or TRANSPOSED_STORE); else it
-    writes out^T [N, tm] and XLA transposes it after. int_to_float: how int8 MMAs' int32 partial
-    sums become f32, "magic" (`exact_f32`) or "convert" (a conversion instruction each)."""
+    writes out^T [N, tm] and XLA transposes it after."""
     if token_major is None:
         token_major = interpret or TRANSPOSED_STORE
     # jax 0.11.2 lowers the transposed store of a bf16 tile, not of split-K's f32 partial sums
@@ -214,8 +204,6 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
     why = supported(M, N, K, G, tiles, x_bytes=1 if int8 else 2)
     if why:
         raise ValueError(why)
-    if int_to_float not in INT_TO_FLOAT:
-        raise ValueError(f"int_to_float must be one of {INT_TO_FLOAT}, got {int_to_float!r}")
     tk = step_width(K, G)
     steps_total = K // tk
     if G == 1:  # per channel: the same scale every step (a small broadcast, per-channel weights only)
@@ -253,8 +241,7 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
 
     def rescaled(part, s_row, xs_row):
         # no carry: one group's partial sums [r, c] times its weight (and token) scales
-        part = exact_f32(part) if int8 and int_to_float == "magic" else part.astype(jnp.float32)
-        part = part * lax.broadcast_in_dim(s_row, part.shape, [0])
+        part = part.astype(jnp.float32) * lax.broadcast_in_dim(s_row, part.shape, [0])
         if xs_row is not None:
             part = part * lax.broadcast_in_dim(xs_row, part.shape, [1])
         return part
@@ -440,12 +427,11 @@ def w4a16_mosaic(x, mw, *, tiles: MosaicTiles = MosaicTiles(), interpret: bool =
     return y.astype(x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("act_bits", "tiles", "interpret", "int_to_float"))
+@functools.partial(jax.jit, static_argnames=("act_bits", "tiles", "interpret"))
 def w4a8_mosaic(x, mw, *, act_bits: int = 8, tiles: MosaicTiles = MosaicTiles(),
-                interpret: bool = False, int_to_float: str = "magic"):
+                interpret: bool = False):
     """W4A8 (act_bits 8) or W4A4 (act_bits 4): x [M, K] quantized per token over the weight's
-    groups as w4a4.quantize_activations does, int8 x int8 MMAs, f32 rescale per group (the int32
-    partial sums made f32 by `exact_f32`, or with int_to_float="convert" by conversion instructions).
+    groups as w4a4.quantize_activations does, int8 x int8 MMAs, f32 rescale per group.
 
     The token scales' pipeline rows are padded to 128 bytes (`TMA_ALIGN`): at 8 floats (32 B) a
     row, three of every four TMA copies wrote off the shared-memory alignment TMA needs and the
@@ -460,7 +446,7 @@ def w4a8_mosaic(x, mw, *, act_bits: int = 8, tiles: MosaicTiles = MosaicTiles(),
     xq, xs = quantize_activations(x, K // G, act_bits)  # int8 [M, K], f32 [M, G]
     steps = K // step_width(K, G)
     xs_t = jnp.broadcast_to(xs.T, (steps, x.shape[0])) if G == 1 else xs.T  # [steps, M]
-    return _int4_matmul(xq, xs_t, mw, tiles, interpret, int_to_float=int_to_float).astype(x.dtype)
+    return _int4_matmul(xq, xs_t, mw, tiles, interpret).astype(x.dtype)
 
 
 NUM_SMS = 132  # H100 / H200 SXM

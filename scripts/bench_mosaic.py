@@ -341,9 +341,6 @@ def main():
                     "over the rule and the clusters only")
     ap.add_argument("--ws-only", action="store_true",
                     help="sweep choose_tiles' rule and the warp-specialized configs only")
-    ap.add_argument("--w4a8-convert", action="store_true",
-                    help="also time W4A8's best tiles with conversion instructions for its int32 partial "
-                         "sums (int4_mosaic.exact_f32's alternative), as method mosaic_w4a8_convert")
     ap.add_argument("--token-major", action="store_true",
                     help="the kernels write y [M, N] themselves (int4_mosaic.TRANSPOSED_STORE)")
     args = ap.parse_args()
@@ -447,11 +444,6 @@ def main():
                 if best:
                     cell["methods"][kind] = best
                     best_of[(kind, M)] = eval(best["tiles"])  # noqa: S307 - our own repr
-                if best and kind == "mosaic_w4a8" and args.w4a8_convert:  # the same tiles, cvt instructions
-                    t = best_of[(kind, M)]
-                    cell["methods"]["mosaic_w4a8_convert"] = {"tiles": str(t), **time_kernel(
-                        results, lambda x, w: w4a8_mosaic(x, w["mosaic"], tiles=t, int_to_float="convert"),
-                        x, ws, r)}
             results["sweep"].append(cell)
             line = " ".join(f"{k}={v['us']:.1f}" for k, v in cell["methods"].items() if "us" in v)
             print(f"{proj:8s} M={M:4d} {line}", flush=True)

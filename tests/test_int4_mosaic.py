@@ -105,29 +105,6 @@ def test_w4a8_matches_integer_reference(rng, bits, K, N, M, group, tiles):
     assert rel(y, ref) < (F32_TOL if tiles.split > 1 else BF16_TOL)  # split 1 writes bf16
 
 
-def test_exact_f32_matches_the_conversion(rng):
-    """exact_f32 (an integer add and a float subtraction) equals int32 -> f32 on the range an int8
-    MMA's group partial sums can take (|p| <= 127 * 8 * 256), its ends included."""
-    from pallas_kernels.bitfloat import exact_f32
-
-    bound = 127 * 8 * 256
-    p = np.concatenate([rng.integers(-bound, bound + 1, 100_000), [-bound, bound, 0, -1, 1, 2**22 - 1, -(2**22) + 1]])
-    p = jnp.asarray(p, jnp.int32)
-    np.testing.assert_array_equal(np.asarray(exact_f32(p)), np.asarray(p.astype(jnp.float32)))
-
-
-@pytest.mark.parametrize("M,tiles", [(7, MosaicTiles(split=2)), (130, MosaicTiles(stages=2))])
-def test_w4a8_conversions_agree(rng, M, tiles):
-    """The kernel's two int32 -> f32 routes (int_to_float) give the same output bit for bit."""
-    qw = weights(rng, 256, 128, 64)
-    x = jnp.asarray(rng.standard_normal((M, 256)), jnp.float32)
-    ys = [np.asarray(w4a8_mosaic(x, to_mosaic_layout(qw), tiles=tiles, interpret=True, int_to_float=c))
-          for c in ("magic", "convert")]
-    np.testing.assert_array_equal(ys[0], ys[1])
-    with pytest.raises(ValueError, match="int_to_float"):
-        w4a8_mosaic(x, to_mosaic_layout(qw), tiles=tiles, interpret=True, int_to_float="cvt")
-
-
 @pytest.mark.parametrize("group", [128, 64, -1])
 def test_layout_round_trip(rng, group):
     qw = weights(rng, 256, 192, group)

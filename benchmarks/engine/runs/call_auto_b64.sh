@@ -5,7 +5,7 @@
 #      rebuilt from the warp-specialized sweeps;
 #   2. Nsight Compute on the kernels whose per-element work bounds them: the Triton attention and
 #      the Mosaic attention body v1 on INT8 / INT4 at 16 x 8k (issue 19: which pipe is busy), and
-#      the W4A8 kernel at M = 256 with exact_f32 and with conversion instructions (issue 18).
+#      the W4A8 kernel at M = 256, no faster than W4A16 there (issue 18: which pipe is busy).
 # Files under $OUT: run.log, hopper_auto_b64.json, hopper_auto_summary_b64.json, ncu.txt.
 export PYTHONPATH=$PWD
 export PYTHONUNBUFFERED=1

@@ -7,6 +7,8 @@
 #      int_to_float="convert" (method mosaic_w4a8_convert), cuBLAS / XLA bf16 beside;
 #   3. with the time left, the W4A16 and W4A8 steps at batch 64 and 128 (draft against verifier).
 # Files under $OUT: run.log, check/, w4a8/mosaic_sweep.json, step.json.
+# Ran at b2fe4e0 (H100): no gain (h100_sweep_w4a8_convert_b2fe4e0.json), so exact_f32, the kernels'
+# int_to_float option and bench_mosaic's --w4a8-convert were removed after it; this script is the record.
 export PYTHONPATH=$PWD
 export PYTHONUNBUFFERED=1
 {
