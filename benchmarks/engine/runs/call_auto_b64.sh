@@ -1,11 +1,11 @@
 #!/bin/bash
 # Device call (issues 18 and 19), after call_w4a8_convert.sh:
-#   2. --gamma auto at batch 64 beside the best plain and the best fixed setting (the cell the auto
-#      summary lacks: at 5c69a58 plain W4A8's prefill ran out of memory), with the H100 cost table
-#      rebuilt from the warp-specialized sweeps;
 #   1. Nsight Compute on the kernels whose per-element work bounds them: the Triton attention and
 #      the Mosaic attention body v1 on INT8 / INT4 at 16 x 8k (issue 19: which pipe is busy), and
 #      the W4A8 kernel at M = 256, no faster than W4A16 there (issue 18: which pipe is busy).
+#   2. --gamma auto at batch 64 beside the best plain and the best fixed setting (the cell the auto
+#      summary lacks: at 5c69a58 plain W4A8's prefill ran out of memory), with the H100 cost table
+#      rebuilt from the warp-specialized sweeps;
 # Files under $OUT: run.log, hopper_auto_b64.json, hopper_auto_summary_b64.json, ncu.txt.
 export PYTHONPATH=$PWD
 export PYTHONUNBUFFERED=1
