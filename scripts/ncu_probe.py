@@ -18,8 +18,8 @@ every replay pass: minutes per kernel instead of seconds.)
 Probes: decode attention (bf16, INT8, INT4 with the default launch knobs; and the Mosaic GPU body v1 on
 INT8 / INT4: ncu -k regex:'attention_mosaic') at batch 16 x 8k, and the
 W4A16 kernels (Triton, and Mosaic GPU's W4A16 and W4A8: ncu -k regex:'mosaic') on the gate_up and
-down projections at M = 1 and 16, beside XLA's dot on `jnp.int4`-style weights (dequantized in the
-graph) at M = 16.
+down projections at M = 1 and 16 (Mosaic W4A8 also at 256), beside XLA's dot on `jnp.int4`-style
+weights (dequantized in the graph) at M = 16.
 
 The committed ncu reports (benchmarks/kv/h200_ncu_*.txt) came from this script at commit 09cc211,
 when it also probed INT8/INT4 with "channels" value planes and took --attention-configs (launch-knob
