@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench_attention import H, HD, KV, attend, make_kv  # noqa: E402
+from bench_attention import H, HD, attend, make_kv  # noqa: E402
 from bench_kernels import make_weights, xla_int4_matmul  # noqa: E402
 from pallas_kernels import w4a16_matmul  # noqa: E402
 from pallas_kernels import int4_mosaic  # noqa: E402
@@ -64,8 +64,9 @@ def attention_probes(B=16, S=8192):
 
 
 def attention_mosaic_probes(B=16, S=8192, version=1):
-    """The Mosaic GPU attention (attention_mosaic.py, one body `version`) on the quantized views:
-    the partials of one decode step (T = 1, 4 query heads per kv head), the default splits."""
+    """The Mosaic GPU attention (attention_mosaic.py, body `version`) on the quantized views: one
+    decode step (T = 1) as bench_attention_mosaic.py times it, the default splits."""
+    from bench_attention_mosaic import attend as attend_partials
     from pallas_kernels import attention_mosaic
 
     out = []
@@ -73,13 +74,11 @@ def attention_mosaic_probes(B=16, S=8192, version=1):
         def build(variant=variant):
             key = jax.random.key(0)
             kv, _ = make_kv(key, B, S, variant)
-            rep = H // KV
-            q_rows = jax.random.normal(jax.random.fold_in(key, 1), (B, KV, rep, HD), jnp.bfloat16)
-            row_pos = jnp.full((B, rep), S - 1, jnp.int32)
-            n, off = jnp.full((B,), S, jnp.int32), jnp.zeros((B,), jnp.int32)
-            fn = jax.jit(lambda q, kv: attention_mosaic.attention_partials(
-                q, row_pos, kv, n, off, variant=variant, sm_scale=HD ** -0.5, version=version))
-            return fn, (q_rows, kv)
+            q = jax.random.normal(jax.random.fold_in(key, 1), (B, 1, H, HD), jnp.bfloat16)
+            q_pos, kv_len = jnp.full((B, 1), S - 1, jnp.int32), jnp.full((B,), S, jnp.int32)
+            fn = jax.jit(lambda q, kv: attend_partials(attention_mosaic.attention_partials, q, q_pos, kv, kv_len,
+                                                       variant, version=version))
+            return fn, (q, kv)
 
         out.append((f"attention_mosaic_v{version}_{variant}_{B}x{S}", build))
     return out
