@@ -89,7 +89,8 @@ from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 from .decode_attention import NEG, VARIANTS, QuantKV, pick_splits, plane_names
 from .kv_cut import cut_position
 
-TILE = 64  # KV tokens per pipeline step: wgmma's M side for the scores
+TILE = 64  # KV tokens per pipeline step by default: wgmma's M side for the scores
+KV_TILES = (64, 128)  # v1 / bf16 may take 128 tokens a step (two 64-row MMA groups), v2 / v3 64 only
 MAX_ROWS = 256  # wgmma's largest N: query rows per kv head
 SMEM_BYTES = 227 * 1024
 MAGIC = 128  # v2: bf16 bits 0x4300 | u (u = 0..15) are the number 128 + u
@@ -117,44 +118,46 @@ def interleave(x):
     return jnp.stack([x[..., :h], x[..., h:]], axis=-1).reshape(x.shape)
 
 
-def smem_bytes(variant: str, M: int, hd: int, stages: int, version: int = 1) -> int:
+def smem_bytes(variant: str, M: int, hd: int, stages: int, version: int = 1, kv_tile: int = TILE) -> int:
     """Shared memory of one program: the pipeline ring (Q and bounds included) and the scratch."""
     if variant == "bf16" or version == 1:
         tm = row_tile(M)
         if variant == "bf16":
-            tile = 2 * TILE * hd * 2
+            tile = 2 * kv_tile * hd * 2
         else:
             planes = 1 if variant == "int4" else 2
-            tile = 2 * planes * TILE * hd // 2 + 2 * hd * 4 + 2 * TILE * 4
+            tile = 2 * planes * kv_tile * hd // 2 + 2 * hd * 4 + 2 * kv_tile * 4
         stage = tile + tm * hd * 2 + 2 * tm * 4
-        scratch = TILE * tm * 2 + hd * tm * 4 + 2 * tm * 4 + (hd * TILE * 2 if variant != "bf16" else 0)
+        scratch = kv_tile * tm * 2 + hd * tm * 4 + 2 * tm * 4 + (hd * kv_tile * 2 if variant != "bf16" else 0)
         return stages * stage + scratch
     tm = row_tile(M, 2)
     planes = 1 if variant == "int4" else 2
-    tile = 2 * planes * TILE * hd // 2 + hd * 4 + tm * 4 + 2 * TILE * 4  # planes, k_scale, bias, v_scale/min
+    tile = 2 * planes * kv_tile * hd // 2 + hd * 4 + tm * 4 + 2 * kv_tile * 4  # planes, k_scale, bias, v_scale/min
     stage = tile + tm * hd * 2 + 2 * tm * 4
-    scratch = tm * hd * 2 + TILE * tm * 2 + hd * tm * 4 + 2 * tm * 4  # Q', P', O, m/l
+    scratch = tm * hd * 2 + kv_tile * tm * 2 + hd * tm * 4 + 2 * tm * 4  # Q', P', O, m/l
     return stages * stage + scratch
 
 
 def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: int, stages: int = 2,
-              version: int = 1) -> str | None:
+              version: int = 1, kv_tile: int = TILE) -> str | None:
     """Why these shapes cannot run on the Mosaic kernel, or None when they can."""
     if version not in VERSIONS:
         return f"version must be one of {VERSIONS}, got {version!r}"
+    if kv_tile not in KV_TILES or (kv_tile != 64 and version > 1 and variant != "bf16"):
+        return f"kv_tile must be one of {KV_TILES} (64 on the v2 / v3 paths), got {kv_tile!r}"
     if variant not in VARIANTS:
         return f"variant must be one of {VARIANTS}, got {variant!r}"
     if not 1 <= M <= MAX_ROWS:
         return f"{M} query rows per kv head is outside 1..{MAX_ROWS}"
     if hd != 128:  # the value MMA's 128 rows (module docstring); the key halves' 64 channels
         return f"head_dim must be 128, got {hd}"
-    if S % TILE:
-        return f"the cache length {S} is not a multiple of the {TILE}-token tile"
-    if group is not None and group % TILE:
-        return f"the key group {group} is not a multiple of the {TILE}-token tile"
-    if not 1 <= splits <= S // TILE:
-        return f"splits={splits} is outside 1..{S // TILE} (the cache's tiles)"
-    if stages < 1 or smem_bytes(variant, M, hd, stages, version) > SMEM_BYTES:
+    if S % kv_tile:
+        return f"the cache length {S} is not a multiple of the {kv_tile}-token tile"
+    if group is not None and group % kv_tile:
+        return f"the key group {group} is not a multiple of the {kv_tile}-token tile"
+    if not 1 <= splits <= S // kv_tile:
+        return f"splits={splits} is outside 1..{S // kv_tile} (the cache's tiles)"
+    if stages < 1 or smem_bytes(variant, M, hd, stages, version, kv_tile) > SMEM_BYTES:
         return f"{stages} pipeline stages do not fit in shared memory"
     return None
 
@@ -164,9 +167,9 @@ def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: 
 PROGRAMS_PER_SM = 2
 
 
-def choose_splits(batch: int, kv_heads: int, S: int) -> int:
-    """Context splits for a cache of S slots: decode_attention.pick_splits over 64-token tiles."""
-    return pick_splits(batch, kv_heads, S // TILE, PROGRAMS_PER_SM)
+def choose_splits(batch: int, kv_heads: int, S: int, kv_tile: int = TILE) -> int:
+    """Context splits for a cache of S slots: decode_attention.pick_splits over kv_tile-token tiles."""
+    return pick_splits(batch, kv_heads, S // kv_tile, PROGRAMS_PER_SM)
 
 
 def _swizzled(minor_bytes: int, bits: int, kind: str):
@@ -192,13 +195,14 @@ def _bounds(row_pos, n, off, tm, cut, cut_side):
     return jnp.stack([lo, hi], axis=1)
 
 
-def _tile_ranges(bounds, S, P):
-    """[B, P, 4] int32: (first tile, tile count, 0, 0) of each split. The tiles any query row of a
-    batch row can see are divided evenly among the P splits, as in the Triton kernel."""
+def _tile_ranges(bounds, S, P, kv_tile):
+    """[B, P, 4] int32: (first tile, tile count, 0, 0) of each split, in tiles of kv_tile tokens. The
+    tiles any query row of a batch row can see are divided evenly among the P splits, as in the
+    Triton kernel."""
     lo, hi = bounds[:, 0], bounds[:, 1]  # [B, tm]
     seen = hi > lo
-    start = jnp.min(jnp.where(seen, lo, S), axis=1) // TILE  # [B]
-    end = (jnp.max(jnp.where(seen, hi, 0), axis=1) + TILE - 1) // TILE
+    start = jnp.min(jnp.where(seen, lo, S), axis=1) // kv_tile  # [B]
+    end = (jnp.max(jnp.where(seen, hi, 0), axis=1) + kv_tile - 1) // kv_tile
     total = jnp.maximum(end - start, 0)
     per = (total + P - 1) // P
     split = jnp.arange(P, dtype=jnp.int32)
@@ -209,7 +213,7 @@ def _tile_ranges(bounds, S, P):
 
 
 def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits=None, stages=2,
-                       interpret=False, cut=None, cut_side=None, version=1):
+                       interpret=False, cut=None, cut_side=None, version=1, kv_tile=TILE):
     """One launch: unnormalized partials over the slots [0, n) of `kv`, slot j at position off + j
     (decode_attention.attention_partials' contract; merge with decode_attention.merge_partials).
     With cut=(G, D) and cut_side "below" / "from", a query row at position p reads only the positions
@@ -219,6 +223,9 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     kv: (k, v) [B, KV, S, hd] for "bf16" or a QuantKV (value planes [B, KV, hd/2, S]); n, off: [B] int32;
     splits: context splits (programs per row and kv head), None for choose_splits;
     stages: pipeline depth (TMA loads in flight per program);
+    kv_tile: KV tokens per pipeline step (KV_TILES; 128 on the v1 and bf16 paths halves the steps,
+    so each step's fixed work, the softmax reductions across the warpgroup and the MMA waits, is
+    spread over twice the tokens);
     version: 1 (dequantize the keys in registers, values through SMEM) or 2 (raw codes into the MMAs,
     scales folded into Q and P: module docstring, "v2"); the bf16 variant runs version 1 either way.
     Returns o [B, KV, P, M, hd] f32 (unnormalized), m and l [B, KV, P, M] f32.
@@ -236,10 +243,10 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         names = plane_names(variant)
         operands = [getattr(kv, x) for x in names]
     if splits is None:
-        splits = choose_splits(B, KV, S) if S >= TILE else 1
+        splits = choose_splits(B, KV, S, kv_tile) if S >= kv_tile else 1
     if variant == "bf16":
         version = 1  # nothing to fold: v2 is the quantized path
-    why = supported(variant, M, hd, S, group, splits, stages, version)
+    why = supported(variant, M, hd, S, group, splits, stages, version, kv_tile)
     if why:
         raise ValueError(why)
     if (cut is None) != (cut_side is None) or cut_side not in (None, "below", "from"):
@@ -303,7 +310,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         first, count = rng_smem[0], rng_smem[1]
 
         def tile(i):  # clamped into the cache: a split with no visible tile reads one, all masked
-            return jnp.minimum(first + i, S // TILE - 1)
+            return jnp.minimum(first + i, S // kv_tile - 1)
 
         def q_operand(q_s, j):  # Q^T [hd/parts, tm] of channel part j as wgmma's B
             return q_s.at[j] if interpret else plgpu.transpose_ref(q_s.at[j], (1, 0))
@@ -311,14 +318,14 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         def softmax_probs(i, scores, bnd, m_prev, l_prev):
             """This tile's masked probabilities P^T [64, tm] f32 from the scaled scores S^T [64, tm],
             the rescale of earlier columns [tm] and the new m, l."""
-            slots = (first + i) * TILE + lax.broadcasted_iota(jnp.int32, (TILE, tm), 0)
-            lo = lax.broadcast_in_dim(bnd[0], (TILE, tm), (1,))
-            hi = lax.broadcast_in_dim(bnd[1], (TILE, tm), (1,))
+            slots = (first + i) * kv_tile + lax.broadcasted_iota(jnp.int32, (kv_tile, tm), 0)
+            lo = lax.broadcast_in_dim(bnd[0], (kv_tile, tm), (1,))
+            hi = lax.broadcast_in_dim(bnd[1], (kv_tile, tm), (1,))
             mask = (slots >= lo) & (slots < hi)
             scores = jnp.where(mask, scores, NEG)
             m_next = jnp.maximum(m_prev, jnp.max(scores, axis=0))
             corr = jnp.exp(m_prev - m_next)
-            p = jnp.where(mask, jnp.exp(scores - lax.broadcast_in_dim(m_next, (TILE, tm), (1,))), 0.0)
+            p = jnp.where(mask, jnp.exp(scores - lax.broadcast_in_dim(m_next, (kv_tile, tm), (1,))), 0.0)
             l_next = l_prev * corr + jnp.sum(p, axis=0)
             return p, corr, m_next, l_next
 
@@ -344,7 +351,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             # q_s [1, tm, hd] bf16; bnd_s [2, tm]; k_s, v_s [64, hd] bf16
             (i,) = idx
             with jax.named_scope("scores"):
-                scores = mma((TILE, tm), [(k_s, q_operand(q_s, 0))]) * sm_scale
+                scores = mma((kv_tile, tm), [(k_s, q_operand(q_s, 0))]) * sm_scale
             p, o, m, l = softmax_step(i, scores, bnd_s, carry)
             with jax.named_scope("values"):
                 p_smem[...] = p.astype(bf16)
@@ -374,20 +381,20 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                     chans = pl.ds(j * hd2, hd2)
                     scale = ks[0, chans].astype(f32) * cs
                     shift = km[0, chans].astype(f32) - offset * scale
-                    k = codes * lax.broadcast_in_dim(scale, (TILE, hd2), (1,)) \
-                        + lax.broadcast_in_dim(shift, (TILE, hd2), (1,))
+                    k = codes * lax.broadcast_in_dim(scale, (kv_tile, hd2), (1,)) \
+                        + lax.broadcast_in_dim(shift, (kv_tile, hd2), (1,))
                     k = k.astype(bf16)
                     if interpret:  # the interpreter's wgmma reads A from SMEM
                         ka_smem[j] = k
                         k = ka_smem.at[j]
                     keys.append(k)
             with jax.named_scope("scores"):
-                scores = mma((TILE, tm), [(keys[j], q_operand(q_s, j)) for j in range(2)]) * sm_scale
+                scores = mma((kv_tile, tm), [(keys[j], q_operand(q_s, j)) for j in range(2)]) * sm_scale
             p, o, m, l = softmax_step(i, scores, bnd_s, carry)
             with jax.named_scope("values"):
-                ps = (p * lax.broadcast_in_dim(vs[...].astype(f32) * cs, (TILE, tm), (0,))).astype(bf16)
+                ps = (p * lax.broadcast_in_dim(vs[...].astype(f32) * cs, (kv_tile, tm), (0,))).astype(bf16)
                 p_smem[...] = ps
-                shift = jnp.sum(p * lax.broadcast_in_dim(vm[...].astype(f32), (TILE, tm), (0,)), axis=0)
+                shift = jnp.sum(p * lax.broadcast_in_dim(vm[...].astype(f32), (kv_tile, tm), (0,)), axis=0)
                 if offset:
                     shift = shift - offset * jnp.sum(ps.astype(f32), axis=0)
                 # V^T codes [hd, 64]: low-nibble channels on rows 0..hd/2-1, high on the rest,
@@ -431,7 +438,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             (i,) = idx
             o_lo, o_hi, m_prev, l_prev = carry
 
-            @pl.when((i == 0) | (tile(i) % (group // TILE) == 0))
+            @pl.when((i == 0) | (tile(i) % (group // kv_tile) == 0))
             def _():  # a new key group: Q' = Q * s cs per channel, B of the score MMAs
                 with jax.named_scope("fold_q"):
                     rows = hd if v3 else hd2  # v3: one [hd, tm] Q'^T, channels interleaved
@@ -449,17 +456,17 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                         if interpret:
                             kf_smem[...] = a
                             a = kf_smem
-                        accs.append(mma((TILE, tm), [(a, qs_smem.at[0])]))
+                        accs.append(mma((kv_tile, tm), [(a, qs_smem.at[0])]))
                         continue
                     lo, hi = nibbles(plane)  # [64 tokens, 64 channels] per nibble half
-                    accs.append(mma((TILE, tm), [(a_operand(lo, 0), qs_smem.at[0]),
+                    accs.append(mma((kv_tile, tm), [(a_operand(lo, 0), qs_smem.at[0]),
                                                  (a_operand(hi, 1), qs_smem.at[1])]))
-                scores = (combine(accs) + lax.broadcast_in_dim(kb[0], (TILE, tm), (1,))) * sm_scale
+                scores = (combine(accs) + lax.broadcast_in_dim(kb[0], (kv_tile, tm), (1,))) * sm_scale
             p, corr, m, l = softmax_probs(i, scores, bnd_s, m_prev, l_prev)
             with jax.named_scope("values"):
-                ps = (p * lax.broadcast_in_dim(vs[...].astype(f32) * cs, (TILE, tm), (0,))).astype(bf16)
+                ps = (p * lax.broadcast_in_dim(vs[...].astype(f32) * cs, (kv_tile, tm), (0,))).astype(bf16)
                 p_smem[...] = ps
-                shift = jnp.sum(p * lax.broadcast_in_dim(vm[...].astype(f32), (TILE, tm), (0,))  # one reduction
+                shift = jnp.sum(p * lax.broadcast_in_dim(vm[...].astype(f32), (kv_tile, tm), (0,))  # one reduction
                                 - (offset + MAGIC * sum(weights)) * ps.astype(f32), axis=0)
                 shift = lax.broadcast_in_dim(shift, (hd2, tm), (1,))
                 corr = lax.broadcast_in_dim(corr, (hd2, tm), (1,))
@@ -485,20 +492,20 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         ]
         gmem = [q_gmem.at[b, h], bnd_gmem.at[b]]
         if variant == "bf16":
-            in_specs += [plgpu.BlockSpec((TILE, hd), lambda i: (tile(i), 0),
+            in_specs += [plgpu.BlockSpec((kv_tile, hd), lambda i: (tile(i), 0),
                                          transforms=_swizzled(hd * 2, 16, "lhs")),
-                         plgpu.BlockSpec((TILE, hd), lambda i: (tile(i), 0),  # A of a 32B-swizzled MMA
+                         plgpu.BlockSpec((kv_tile, hd), lambda i: (tile(i), 0),  # A of a 32B-swizzled MMA
                                          transforms=_swizzled(32, 16, "lhs"))]
         else:
             if v3:  # int4 [64, hd]: 64-byte rows, swizzled as the wgmma A's load expects
-                k_spec = plgpu.BlockSpec((TILE, hd), lambda i: (tile(i), 0),
+                k_spec = plgpu.BlockSpec((kv_tile, hd), lambda i: (tile(i), 0),
                                          transforms=() if interpret else _swizzled(hd // 2, 4, "lhs"))
             else:
-                k_spec = plgpu.BlockSpec((TILE, hd2), lambda i: (tile(i), 0))
-            ks_spec = plgpu.BlockSpec((1, hd), lambda i: (tile(i) * TILE // group, 0))
-            kb_spec = plgpu.BlockSpec((1, tm), lambda i: (tile(i) * TILE // group, 0))  # v2's bias
-            v_spec = plgpu.BlockSpec((hd2, TILE), lambda i: (0, tile(i)))
-            vs_spec = plgpu.BlockSpec((TILE,), lambda i: (tile(i),))
+                k_spec = plgpu.BlockSpec((kv_tile, hd2), lambda i: (tile(i), 0))
+            ks_spec = plgpu.BlockSpec((1, hd), lambda i: (tile(i) * kv_tile // group, 0))
+            kb_spec = plgpu.BlockSpec((1, tm), lambda i: (tile(i) * kv_tile // group, 0))  # v2's bias
+            v_spec = plgpu.BlockSpec((hd2, kv_tile), lambda i: (0, tile(i)))
+            vs_spec = plgpu.BlockSpec((kv_tile,), lambda i: (tile(i),))
             planes = 1 if variant == "int4" else 2
             in_specs += [k_spec] * planes + [ks_spec, kb_spec if v2 else ks_spec] + [v_spec] * planes \
                 + [vs_spec] * 2
@@ -528,25 +535,25 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     # P^T [64, tm] is B with its N (query) axis minor: wgmma takes one swizzle for A and B, and
     # tm = 16 bf16 columns allow only 32 B; so the value MMA's A tiles are 32B-swizzled too.
     scratch = dict(
-        p_smem=plgpu.SMEM((TILE, tm), bf16, transforms=_swizzled(32, 16, "rhs")),
+        p_smem=plgpu.SMEM((kv_tile, tm), bf16, transforms=_swizzled(32, 16, "rhs")),
         o_smem=plgpu.SMEM((hd, tm), f32),
         ml_smem=plgpu.SMEM((2, tm), f32),
         rng_smem=plgpu.SMEM((4,), jnp.int32),
         barrier=plgpu.Barrier(num_arrivals=1),
     )
     if v2:  # P'^T [64, tm] N-major B (tm >= 32: a 64B+ swizzle); Q' [2, tm, hd/2] K-major B
-        scratch["p_smem"] = plgpu.SMEM((TILE, tm), bf16, transforms=_swizzled(tm * 2, 16, "rhs"))
+        scratch["p_smem"] = plgpu.SMEM((kv_tile, tm), bf16, transforms=_swizzled(tm * 2, 16, "rhs"))
         q_rows = (1, hd, tm) if v3 else (2, hd2, tm)
         scratch["qs_smem"] = plgpu.SMEM(q_rows, bf16, transforms=() if interpret else _swizzled(tm * 2, 16, "rhs"))
         if interpret:
-            scratch["ka_smem"] = plgpu.SMEM((2, TILE, TILE), bf16)
+            scratch["ka_smem"] = plgpu.SMEM((2, kv_tile, kv_tile), bf16)
             if v3:
-                scratch["kf_smem"] = plgpu.SMEM((TILE, hd), bf16)
+                scratch["kf_smem"] = plgpu.SMEM((kv_tile, hd), bf16)
     else:
         if quant or interpret:  # the value tile's A operand staged in SMEM: V^T [hd, 64]
-            scratch["a_smem"] = plgpu.SMEM((hd, TILE), bf16, transforms=_swizzled(32, 16, "lhs"))
+            scratch["a_smem"] = plgpu.SMEM((hd, kv_tile), bf16, transforms=_swizzled(32, 16, "lhs"))
         if quant and interpret:
-            scratch["ka_smem"] = plgpu.SMEM((2, TILE, hd2), bf16)
+            scratch["ka_smem"] = plgpu.SMEM((2, kv_tile, hd2), bf16)
     kernel = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((B, KV, P, hd, tm), f32), jax.ShapeDtypeStruct((B, KV, P, 2, tm), f32)),
@@ -557,6 +564,6 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         interpret=InterpretGPUParams() if interpret else None,
         kernel_name=f"attention_mosaic_{variant}" + (f"_v{version}" if version > 1 else ""),
     )
-    o_t, ml = kernel(q, bounds, _tile_ranges(bounds, S, P), *operands)
+    o_t, ml = kernel(q, bounds, _tile_ranges(bounds, S, P, kv_tile), *operands)
     o = o_t.swapaxes(-1, -2)[:, :, :, :M]
     return o, ml[:, :, :, 0, :M], ml[:, :, :, 1, :M]

@@ -240,7 +240,8 @@ def main(argv=None):
     ap.add_argument("--contexts", default="8192,32768")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--v1-configs", default="2:1",
-                    help="Mosaic v1 configs stages:split_factor (splits = choose_splits x factor), comma-separated")
+                    help="Mosaic v1 configs stages:split_factor[:kv_tile] (splits = choose_splits x factor; "
+                         "kv_tile 64 when left out), comma-separated")
     ap.add_argument("--v2-configs", default="2:1,3:1,2:2", help="Mosaic v2 configs, as --v1-configs")
     ap.add_argument("--v3-configs", default="2:1,3:1,2:2", help="Mosaic v3 configs, as --v1-configs")
     ap.add_argument("--T", type=int, default=1, help="query positions per row in the timed step")
@@ -259,7 +260,7 @@ def main(argv=None):
     contexts = [int(c) for c in args.contexts.split(",")]
     B, check_S, interpret = args.batch, 4096, args.smoke
     def parse(text, version):
-        return [(version, int(st), int(f)) for st, f in (c.split(":") for c in text.split(",") if c)]
+        return [(version, *(int(x) for x in c.split(":")), attention_mosaic.TILE)[:4] for c in text.split(",") if c]
 
     configs = parse(args.v1_configs, 1) + parse(args.v2_configs, 2) + parse(args.v3_configs, 3)
     if args.smoke:
@@ -278,15 +279,16 @@ def main(argv=None):
 
     def mosaic_configs(S, variant=None):
         """Mosaic configs at context S (all variants' when variant is None): bf16 runs v1 only."""
-        base = attention_mosaic.choose_splits(B, KV, S)
-        tiles = S // attention_mosaic.TILE
         out = []
-        for version, st, f in configs:
-            c = dict(version=version, stages=st, splits=min(tiles, base * f))
+        for version, st, f, kv_tile in configs:
+            base = attention_mosaic.choose_splits(B, KV, S, kv_tile)
+            c = dict(version=version, stages=st, splits=min(S // kv_tile, base * f))
+            if kv_tile != attention_mosaic.TILE:  # the key only where it differs: older files stay comparable
+                c["kv_tile"] = kv_tile
             if c in out or (variant == "bf16" and version > 1):
                 continue
             # the verify check's rows (T = 5: 20 query rows) bound the shared memory
-            if attention_mosaic.supported("int8", 20, HD, S, GROUP, c["splits"], st, version) is None:
+            if attention_mosaic.supported("int8", 20, HD, S, GROUP, c["splits"], st, version, kv_tile) is None:
                 out.append(c)
         return out
 

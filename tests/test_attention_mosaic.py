@@ -32,7 +32,7 @@ def rng(request):
 
 
 def mosaic_attention(q, q_pos, kv, kv_len, variant, *, recent=None, recent_start=None, cut=None, splits=None,
-                     interpret=True, version=1):
+                     interpret=True, version=1, kv_tile=64):
     """decode_attention's flow (query rows per kv head, main launch + recent buffer, merge) on the
     Mosaic kernel: [B, T, H, hd] f32."""
     B, T, H, hd = q.shape
@@ -44,7 +44,7 @@ def mosaic_attention(q, q_pos, kv, kv_len, variant, *, recent=None, recent_start
     run = lambda *a, **k: attention_partials(q_rows, row_pos, *a, sm_scale=1 / math.sqrt(hd), cut=cut,  # noqa: E731
                                              interpret=interpret, **k)
     parts = [run(kv, kv_len, jnp.zeros((B,), jnp.int32), variant=variant, splits=splits, cut_side=sides[0],
-                 version=version)]
+                 version=version, kv_tile=kv_tile)]
     if recent is not None:
         R = recent[0].shape[2]
         parts.append(run(recent, jnp.full((B,), R, jnp.int32), recent_start, variant="bf16", splits=1,
@@ -83,6 +83,24 @@ def test_matches_float64(rng, variant, version, T, H, KV, splits):
     q_pos = lens[:, None] + np.arange(T)
     out = mosaic_attention(q, jnp.asarray(q_pos, jnp.int32), kv, jnp.asarray(lens + T, jnp.int32), variant,
                            splits=splits, version=version)
+    k_pos = np.broadcast_to(np.arange(S), (B, S))
+    want = np_attention(q, q_pos, k64, v64, k_pos, k_pos < (lens + T)[:, None])
+    err = np.abs(np.asarray(out, np.float64) - want).max()
+    print(f"max abs err {err:.2e}")
+    assert err < TOL, err
+
+
+@pytest.mark.parametrize("variant", ["bf16", "int8", "int4"])
+def test_kv_tile_128_matches_float64(rng, variant):
+    """128-token pipeline steps (v1 and bf16): a verify step (T = 5) over 4 tiles with 3 splits, one
+    row filling the cache and one short row whose last step is partly masked."""
+    B, S, G, T, H, KV = 2, 512, 128, 5, 12, 3
+    kv, k64, v64 = cache(rng, variant, B, KV, S, G)
+    q = jnp.asarray(rng.standard_normal((B, T, H, HD)), jnp.float32)
+    lens = np.array([S - T, int(rng.integers(1, S // 2))])
+    q_pos = lens[:, None] + np.arange(T)
+    out = mosaic_attention(q, jnp.asarray(q_pos, jnp.int32), kv, jnp.asarray(lens + T, jnp.int32), variant,
+                           splits=3, kv_tile=128)
     k_pos = np.broadcast_to(np.arange(S), (B, S))
     want = np_attention(q, q_pos, k64, v64, k_pos, k_pos < (lens + T)[:, None])
     err = np.abs(np.asarray(out, np.float64) - want).max()
@@ -135,6 +153,10 @@ def test_supported_and_bad_inputs(rng):
     assert "group" in supported("int4", 4, 128, 256, 32, 1)
     assert "splits" in supported("bf16", 4, 128, 256, None, 5)
     assert "tile" in supported("bf16", 4, 128, 200, None, 1)
+    assert supported("int8", 20, 128, 8192, 128, choose_splits(16, 8, 8192, 128), stages=3, kv_tile=128) is None
+    assert "kv_tile" in supported("int8", 4, 128, 512, 128, 1, version=2, kv_tile=128)
+    assert "kv_tile" in supported("int8", 4, 128, 512, 128, 1, kv_tile=32)
+    assert "group" in supported("int4", 4, 128, 512, 64, 1, kv_tile=128)
     kv, _, _ = cache(rng, "int4", 1, 1, 128, 64)
     q = jnp.ones((1, 1, 4, HD), jnp.float32)
     with pytest.raises(ValueError, match="splits"):
@@ -146,9 +168,10 @@ def test_supported_and_bad_inputs(rng):
 
 
 # v2 and v3 pad both M to 32 rows: only the cut case for them
-@pytest.mark.parametrize("variant,version,M,cut", [(v, n, M, c) for v, n in VARIANT_VERSIONS
-                                                   for M, c in [(4, False), (20, True)] if n == 1 or c])
-def test_lowers_for_cuda(variant, version, M, cut):
+@pytest.mark.parametrize("variant,version,M,cut,kv_tile",
+                         [(v, n, M, c, 64) for v, n in VARIANT_VERSIONS for M, c in [(4, False), (20, True)]
+                          if n == 1 or c] + [(v, 1, 20, True, 128) for v in ("bf16", "int8", "int4")])
+def test_lowers_for_cuda(variant, version, M, cut, kv_tile):
     """jax 0.10.2 lowers the kernel for CUDA without a GPU: catches code that the interpreter runs but
     Mosaic GPU cannot lower (layout inference, wgmma operand layouts, 8-bit arithmetic)."""
     from jax import export
@@ -166,8 +189,10 @@ def test_lowers_for_cuda(variant, version, M, cut):
                      u8(B, KV, HD // 2, S), u8(B, KV, HD // 2, S), f16(B, KV, S), f16(B, KV, S))
 
     def f(q, pos, kv, n, off):
-        return attention_partials(q, pos, kv, n, off, variant=variant, sm_scale=0.1, splits=2, stages=3,
-                                  cut=(G, 32) if cut else None, cut_side="below" if cut else None, version=version)
+        return attention_partials(q, pos, kv, n, off, variant=variant, sm_scale=0.1, splits=2,
+                                  stages=2 if variant == "bf16" and kv_tile == 128 else 3,  # shared memory
+                                  cut=(G, 32) if cut else None, cut_side="below" if cut else None, version=version,
+                                  kv_tile=kv_tile)
 
     args = (sd((B, KV, M, HD), jnp.float32), sd((B, M), jnp.int32), kv, sd((B,), jnp.int32), sd((B,), jnp.int32))
     module = export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
