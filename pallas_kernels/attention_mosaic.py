@@ -90,20 +90,21 @@ from .decode_attention import NEG, VARIANTS, QuantKV, pick_splits, plane_names
 from .kv_cut import cut_position
 
 TILE = 64  # KV tokens per pipeline step by default: wgmma's M side for the scores
-KV_TILES = (64, 128)  # v1 / bf16 may take 128 tokens a step (two 64-row MMA groups), v2 / v3 64 only
+KV_TILES = (64, 128)  # v1 / v4 / bf16 may take 128 tokens a step (two 64-row MMA groups), v2 / v3 64 only
 MAX_ROWS = 256  # wgmma's largest N: query rows per kv head
 SMEM_BYTES = 227 * 1024
 MAGIC = 128  # v2: bf16 bits 0x4300 | u (u = 0..15) are the number 128 + u
 K_MAGIC_V3 = -8  # v3's keys: the int4 view's (u ^ 8) converts to u - 8
 
 
-VERSIONS = (1, 2, 3)
+VERSIONS = (1, 2, 3, 4)
+F16_MAGIC = 0x6400  # v4: f16 bits 0x6400 | c (c = 0..1023) are the number 1024 + c
 
 
 def row_tile(M: int, version: int = 1) -> int:
     """Query rows on the MMA's N side: M padded to a power of 2 >= 16 (bf16 B tiles need 32-byte
     rows); >= 32 on the quantized v2 path (module docstring, "v2")."""
-    return max(16 if version == 1 else 32, 1 << (M - 1).bit_length())
+    return max(16 if version in (1, 4) else 32, 1 << (M - 1).bit_length())
 
 
 def int4_view(planes):
@@ -120,7 +121,7 @@ def interleave(x):
 
 def smem_bytes(variant: str, M: int, hd: int, stages: int, version: int = 1, kv_tile: int = TILE) -> int:
     """Shared memory of one program: the pipeline ring (Q and bounds included) and the scratch."""
-    if variant == "bf16" or version == 1:
+    if variant == "bf16" or version in (1, 4):
         tm = row_tile(M)
         if variant == "bf16":
             tile = 2 * kv_tile * hd * 2
@@ -143,7 +144,7 @@ def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: 
     """Why these shapes cannot run on the Mosaic kernel, or None when they can."""
     if version not in VERSIONS:
         return f"version must be one of {VERSIONS}, got {version!r}"
-    if kv_tile not in KV_TILES or (kv_tile != 64 and version > 1 and variant != "bf16"):
+    if kv_tile not in KV_TILES or (kv_tile != 64 and version in (2, 3) and variant != "bf16"):
         return f"kv_tile must be one of {KV_TILES} (64 on the v2 / v3 paths), got {kv_tile!r}"
     if variant not in VARIANTS:
         return f"variant must be one of {VARIANTS}, got {variant!r}"
@@ -226,8 +227,9 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     kv_tile: KV tokens per pipeline step (KV_TILES; 128 on the v1 and bf16 paths halves the steps,
     so each step's fixed work, the softmax reductions across the warpgroup and the MMA waits, is
     spread over twice the tokens);
-    version: 1 (dequantize the keys in registers, values through SMEM) or 2 (raw codes into the MMAs,
-    scales folded into Q and P: module docstring, "v2"); the bf16 variant runs version 1 either way.
+    version: 1 (dequantize the keys in registers, values through SMEM), 2 (raw codes into the MMAs,
+    scales folded into Q and P: module docstring, "v2"), 3 (v2, keys through an int4 view) or 4 (v1
+    in f16, the codes built from bits: "v4"); the bf16 variant runs version 1 either way.
     Returns o [B, KV, P, M, hd] f32 (unnormalized), m and l [B, KV, P, M] f32.
     """
     B, KV, M, hd = q_rows.shape
@@ -252,8 +254,10 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     if (cut is None) != (cut_side is None) or cut_side not in (None, "below", "from"):
         raise ValueError(f"cut (G, D) and cut_side ('below' / 'from') go together, got {cut}, {cut_side!r}")
     tm = row_tile(M, version)
-    v2 = version >= 2  # v3 is v2 with the keys read through an int4 view
+    v2 = version in (2, 3)  # v3 is v2 with the keys read through an int4 view
     v3 = version == 3
+    f16_codes = version == 4  # v1's body in f16, the codes from bits
+    cdt = jnp.float16 if f16_codes else jnp.bfloat16  # the MMAs' operand type
     P = splits
     hd2 = hd // 2
     quant = variant != "bf16"
@@ -261,7 +265,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     offset = 8.0 if variant == "int8" else 0.0  # INT8 codes are 16u + l; the value's code is 16u + l - 8
     bf16, f32 = jnp.bfloat16, jnp.float32
     parts = 2 if quant else 1  # channel halves: one MMA per nibble half of the key planes
-    q = jnp.pad(q_rows, ((0, 0), (0, 0), (0, tm - M), (0, 0))).astype(bf16)
+    q = jnp.pad(q_rows, ((0, 0), (0, 0), (0, tm - M), (0, 0))).astype(cdt)
     q = q.reshape(B, KV, tm, parts, hd // parts).transpose(0, 1, 3, 2, 4)  # [B, KV, parts, tm, hd/parts]
     if interpret or v2:  # Q^T: the interpreter's wgmma takes B untransposed; v2 scales it per channel row
         q = q.swapaxes(-1, -2)
@@ -336,8 +340,9 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             return p, o * lax.broadcast_in_dim(corr, (hd, tm), (1,)), m_next, l_next
 
         def unpack(planes):
-            """Codes of a tile of packed bytes (one or two planes) as two f32 register tiles: the
-            low-nibble channels and the high-nibble channels (module docstring)."""
+            """Codes of a tile of packed bytes (one or two planes) as two register tiles, f32 (v1) or
+            f16 (v4, from bits: no conversion instruction): the low-nibble channels and the
+            high-nibble channels (module docstring)."""
             planes = [x.astype(jnp.int16) for x in planes]  # Mosaic has no 8-bit shifts
             if len(planes) == 1:
                 x = planes[0]
@@ -345,6 +350,9 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             else:
                 u, l = planes
                 lo, hi = ((u & 15) << 4) | (l & 15), (u & 0xF0) | (l >> 4)
+            if f16_codes:  # 1024 + c from bits, minus 1024: exact (c < 256), two packed ops per pair
+                return tuple(lax.bitcast_convert_type(y | jnp.int16(F16_MAGIC), cdt) - jnp.asarray(1024, cdt)
+                             for y in (lo, hi))
             return lo.astype(f32), hi.astype(f32)
 
         def step_bf16(idx, q_s, bnd_s, k_s, v_s, carry):
@@ -381,9 +389,10 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                     chans = pl.ds(j * hd2, hd2)
                     scale = ks[0, chans].astype(f32) * cs
                     shift = km[0, chans].astype(f32) - offset * scale
-                    k = codes * lax.broadcast_in_dim(scale, (kv_tile, hd2), (1,)) \
-                        + lax.broadcast_in_dim(shift, (kv_tile, hd2), (1,))
-                    k = k.astype(bf16)
+                    # f32 FMAs (v1) or f16 ones (v4: the scale and shift rounded to f16 first)
+                    k = codes * lax.broadcast_in_dim(scale.astype(codes.dtype), (kv_tile, hd2), (1,)) \
+                        + lax.broadcast_in_dim(shift.astype(codes.dtype), (kv_tile, hd2), (1,))
+                    k = k.astype(cdt)
                     if interpret:  # the interpreter's wgmma reads A from SMEM
                         ka_smem[j] = k
                         k = ka_smem.at[j]
@@ -392,7 +401,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                 scores = mma((kv_tile, tm), [(keys[j], q_operand(q_s, j)) for j in range(2)]) * sm_scale
             p, o, m, l = softmax_step(i, scores, bnd_s, carry)
             with jax.named_scope("values"):
-                ps = (p * lax.broadcast_in_dim(vs[...].astype(f32) * cs, (kv_tile, tm), (0,))).astype(bf16)
+                ps = (p * lax.broadcast_in_dim(vs[...].astype(f32) * cs, (kv_tile, tm), (0,))).astype(cdt)
                 p_smem[...] = ps
                 shift = jnp.sum(p * lax.broadcast_in_dim(vm[...].astype(f32), (kv_tile, tm), (0,)), axis=0)
                 if offset:
@@ -400,7 +409,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                 # V^T codes [hd, 64]: low-nibble channels on rows 0..hd/2-1, high on the rest,
                 # staged through SMEM into one 128-row A operand
                 for j, codes in enumerate(unpack(v_planes)):
-                    a_smem[pl.ds(j * hd2, hd2), :] = codes.astype(bf16)
+                    a_smem[pl.ds(j * hd2, hd2), :] = codes.astype(cdt)
                 plgpu.commit_smem()
                 o = o + mma((hd, tm), [(a_smem, p_smem)]) + lax.broadcast_in_dim(shift, (hd, tm), (1,))
             return o, m, l
@@ -535,7 +544,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     # P^T [64, tm] is B with its N (query) axis minor: wgmma takes one swizzle for A and B, and
     # tm = 16 bf16 columns allow only 32 B; so the value MMA's A tiles are 32B-swizzled too.
     scratch = dict(
-        p_smem=plgpu.SMEM((kv_tile, tm), bf16, transforms=_swizzled(32, 16, "rhs")),
+        p_smem=plgpu.SMEM((kv_tile, tm), cdt, transforms=_swizzled(32, 16, "rhs")),
         o_smem=plgpu.SMEM((hd, tm), f32),
         ml_smem=plgpu.SMEM((2, tm), f32),
         rng_smem=plgpu.SMEM((4,), jnp.int32),
@@ -551,9 +560,9 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                 scratch["kf_smem"] = plgpu.SMEM((kv_tile, hd), bf16)
     else:
         if quant or interpret:  # the value tile's A operand staged in SMEM: V^T [hd, 64]
-            scratch["a_smem"] = plgpu.SMEM((hd, kv_tile), bf16, transforms=_swizzled(32, 16, "lhs"))
+            scratch["a_smem"] = plgpu.SMEM((hd, kv_tile), cdt, transforms=_swizzled(32, 16, "lhs"))
         if quant and interpret:
-            scratch["ka_smem"] = plgpu.SMEM((2, kv_tile, hd2), bf16)
+            scratch["ka_smem"] = plgpu.SMEM((2, kv_tile, hd2), cdt)
     kernel = plgpu.kernel(
         body,
         out_type=(jax.ShapeDtypeStruct((B, KV, P, hd, tm), f32), jax.ShapeDtypeStruct((B, KV, P, 2, tm), f32)),

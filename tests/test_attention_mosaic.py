@@ -62,13 +62,14 @@ def cache(rng, variant, B, KV, S, G):
 
 
 # (variant, version): v2 and v3 are quantized paths (bf16 runs v1 either way)
-VARIANT_VERSIONS = [("bf16", 1), ("int8", 1), ("int4", 1), ("int8", 2), ("int4", 2), ("int8", 3), ("int4", 3)]
+VARIANT_VERSIONS = [("bf16", 1), ("int8", 1), ("int4", 1), ("int8", 2), ("int4", 2), ("int8", 3), ("int4", 3),
+                    ("int8", 4), ("int4", 4)]
 
 
 CASES = [(1, 8, 2, 2), (5, 12, 3, None)]  # draft step; verify (15 -> 16 rows; 32 on v2)
 
 
-# v2, v3 at T = 1 only here: test_verify_with_cut runs them at T = 4 (file runtime)
+# v2, v3, v4 at T = 1 only here: test_verify_with_cut runs them at T = 4 (file runtime)
 @pytest.mark.parametrize("variant,version,T,H,KV,splits",
                          [(v, n, *c) for v, n in VARIANT_VERSIONS for c in CASES if n == 1 or c[0] == 1])
 def test_matches_float64(rng, variant, version, T, H, KV, splits):
@@ -76,7 +77,7 @@ def test_matches_float64(rng, variant, version, T, H, KV, splits):
     (its last tiles fully masked), each query seeing the keys up to its own position. v2 runs
     128-token key groups over 6 tiles: with 2 splits, each of the full row's programs crosses a group
     boundary (Q' refolded) and the second starts mid-group (folds at once)."""
-    B, S, G = (2, 256, 64) if version == 1 else (2, 384, 128)  # v3 as v2
+    B, S, G = (2, 256, 64) if version == 1 else (2, 384, 128)  # v3, v4 as v2
     kv, k64, v64 = cache(rng, variant, B, KV, S, G)
     q = jnp.asarray(rng.standard_normal((B, T, H, HD)), jnp.float32)
     lens = np.array([S - T, int(rng.integers(1, S // 2))])
@@ -90,9 +91,9 @@ def test_matches_float64(rng, variant, version, T, H, KV, splits):
     assert err < TOL, err
 
 
-@pytest.mark.parametrize("variant", ["bf16", "int8", "int4"])
-def test_kv_tile_128_matches_float64(rng, variant):
-    """128-token pipeline steps (v1 and bf16): a verify step (T = 5) over 4 tiles with 3 splits, one
+@pytest.mark.parametrize("variant,version", [("bf16", 1), ("int8", 1), ("int4", 1), ("int4", 4)])
+def test_kv_tile_128_matches_float64(rng, variant, version):
+    """128-token pipeline steps (v1, v4 and bf16): a verify step (T = 5) over 4 tiles with 3 splits, one
     row filling the cache and one short row whose last step is partly masked."""
     B, S, G, T, H, KV = 2, 512, 128, 5, 12, 3
     kv, k64, v64 = cache(rng, variant, B, KV, S, G)
@@ -100,7 +101,7 @@ def test_kv_tile_128_matches_float64(rng, variant):
     lens = np.array([S - T, int(rng.integers(1, S // 2))])
     q_pos = lens[:, None] + np.arange(T)
     out = mosaic_attention(q, jnp.asarray(q_pos, jnp.int32), kv, jnp.asarray(lens + T, jnp.int32), variant,
-                           splits=3, kv_tile=128)
+                           splits=3, kv_tile=128, version=version)
     k_pos = np.broadcast_to(np.arange(S), (B, S))
     want = np_attention(q, q_pos, k64, v64, k_pos, k_pos < (lens + T)[:, None])
     err = np.abs(np.asarray(out, np.float64) - want).max()
@@ -108,8 +109,8 @@ def test_kv_tile_128_matches_float64(rng, variant):
     assert err < TOL, err
 
 
-# v2 and v3 share the values and the cut; each runs one variant here (both at T = 1 above)
-@pytest.mark.parametrize("variant,version", [("int8", 1), ("int4", 1), ("int8", 2), ("int4", 3)])
+# v2 and v3 share the values and the cut; each runs one variant here (both at T = 1 above), as v4
+@pytest.mark.parametrize("variant,version", [("int8", 1), ("int4", 1), ("int8", 2), ("int4", 3), ("int8", 4)])
 def test_verify_with_cut_matches_float64(rng, variant, version):
     """cut=(G, D) on the hierarchical cache: a query at p reads plane slots below c(p) and recent
     positions in [c(p), p]; rows straddle cut boundaries and the planes and buffer overlap with
@@ -170,7 +171,8 @@ def test_supported_and_bad_inputs(rng):
 # v2 and v3 pad both M to 32 rows: only the cut case for them
 @pytest.mark.parametrize("variant,version,M,cut,kv_tile",
                          [(v, n, M, c, 64) for v, n in VARIANT_VERSIONS for M, c in [(4, False), (20, True)]
-                          if n == 1 or c] + [(v, 1, 20, True, 128) for v in ("bf16", "int8", "int4")])
+                          if n == 1 or c] + [(v, n, 20, True, 128) for v, n in (("bf16", 1), ("int8", 1), ("int4", 1),
+                                                                                ("int8", 4))])
 def test_lowers_for_cuda(variant, version, M, cut, kv_tile):
     """jax 0.10.2 lowers the kernel for CUDA without a GPU: catches code that the interpreter runs but
     Mosaic GPU cannot lower (layout inference, wgmma operand layouts, 8-bit arithmetic)."""
