@@ -61,6 +61,22 @@ K = hd MMA per plane. Whether XLA makes the uint8 -> int4 bitcast free on the GP
 no-op on packed int4) shows in the benchmark as an extra kernel outside the attention kernel. The
 values keep v2's path (an int4 view of the transposed value planes interleaves two channels along
 the token axis, which needs a B operand with interleaved rows).
+v4 (`version=4`, quantized variants): v1's body (tm = 16, the keys dequantized in registers, V^T
+codes through SMEM) in f16, with the codes built from bits instead of converted. The CUDA
+programming guide's throughput table gives 16 type conversions a clock per SM on compute capability
+9.0, an eighth of the f32 FMA rate, and v1 converts every code twice (to f32, then the dequantized
+key or the value code to bf16): a bound to test, not a measured one. In v4 a
+nibble code c (0..15, or 16 u + l = 0..255 for INT8) is OR-ed with 0x6400 and bitcast to f16, which is
+exactly 1024 + c; subtracting 1024 in f16 leaves c exactly. The keys are then c * (s cs) + (m - 8 s
+cs) in f16 arithmetic (the scale and shift rounded to f16, an error of 2^-11 relative, against v1's
+bf16 rounding of the key at 2^-8), the value codes go to SMEM as they are, P^T is rounded to f16,
+and Q is f16 (a bf16 query converts exactly unless it is below f16's normal range, 6e-5). f16 holds
+every INT8 code exactly; bf16 (8 significant bits) could not hold 1024-style offsets of 0..255.
+
+kv_tile (v1, v4, bf16): tokens per pipeline step, 64 (one MMA row group) or 128 (two). A step
+carries work that does not grow with its tokens (the TMA wait, the score and value MMAs' waits, the
+softmax reductions across the warpgroup's four warps, the SMEM fences before the value MMA); 128
+pays it half as often, for twice the registers of the key tiles.
 
 Masking: every query row r sees the slots [lo_r, hi_r), computed by the wrapper from its position,
 the cache length n, the offset of slot 0 and its cut c(p) (kv_cut.py); the kernel compares an iota
