@@ -78,6 +78,12 @@ carries work that does not grow with its tokens (the TMA wait, the score and val
 softmax reductions across the warpgroup's four warps, the SMEM fences before the value MMA); 128
 pays it half as often, for twice the registers of the key tiles.
 
+Deferred sums (v1, v4, bf16): a step's only reduction across the warpgroup's four warps is the
+running maximum over the tile's tokens; the softmax denominators l and the values' per-column
+minimum and offset term (sum_t p m - offset sum_t ps) are linear in p, so each thread keeps its own
+rows' share in a [kv_tile, tm] tile rescaled with o, and the warps combine them once, after the
+last step. (v2 / v3 reduce them every step.)
+
 Masking: every query row r sees the slots [lo_r, hi_r), computed by the wrapper from its position,
 the cache length n, the offset of slot 0 and its cut c(p) (kv_cut.py); the kernel compares an iota
 with two [tm] vectors. Padding rows see nothing.
@@ -335,25 +341,33 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         def q_operand(q_s, j):  # Q^T [hd/parts, tm] of channel part j as wgmma's B
             return q_s.at[j] if interpret else plgpu.transpose_ref(q_s.at[j], (1, 0))
 
-        def softmax_probs(i, scores, bnd, m_prev, l_prev):
-            """This tile's masked probabilities P^T [64, tm] f32 from the scaled scores S^T [64, tm],
-            the rescale of earlier columns [tm] and the new m, l."""
+        def probs(i, scores, bnd, m_prev):
+            """This tile's masked probabilities P^T [kv_tile, tm] f32 from the scaled scores S^T,
+            the rescale of earlier columns [tm] and the new running maximum m."""
             slots = (first + i) * kv_tile + lax.broadcasted_iota(jnp.int32, (kv_tile, tm), 0)
             lo = lax.broadcast_in_dim(bnd[0], (kv_tile, tm), (1,))
             hi = lax.broadcast_in_dim(bnd[1], (kv_tile, tm), (1,))
             mask = (slots >= lo) & (slots < hi)
             scores = jnp.where(mask, scores, NEG)
-            m_next = jnp.maximum(m_prev, jnp.max(scores, axis=0))
+            m_next = jnp.maximum(m_prev, jnp.max(scores, axis=0))  # the step's one cross-warp reduction
             corr = jnp.exp(m_prev - m_next)
             p = jnp.where(mask, jnp.exp(scores - lax.broadcast_in_dim(m_next, (kv_tile, tm), (1,))), 0.0)
-            l_next = l_prev * corr + jnp.sum(p, axis=0)
-            return p, corr, m_next, l_next
+            return p, corr, m_next
+
+        def softmax_probs(i, scores, bnd, m_prev, l_prev):
+            """v2 / v3: P^T, the rescale, the new m and the row sums l, reduced every step."""
+            p, corr, m_next = probs(i, scores, bnd, m_prev)
+            return p, corr, m_next, l_prev * corr + jnp.sum(p, axis=0)
 
         def softmax_step(i, scores, bnd, carry):
-            """Online-softmax update of (o, m, l): the probabilities, the rescaled o and new m, l."""
-            o, m_prev, l_prev = carry
-            p, corr, m_next, l_next = softmax_probs(i, scores, bnd, m_prev, l_prev)
-            return p, o * lax.broadcast_in_dim(corr, (hd, tm), (1,)), m_next, l_next
+            """v1 / v4 / bf16: P^T and the carry (o, m, l_acc, s_acc) with o rescaled, the new m and
+            the deferred sums rescaled, p added to l_acc (the caller adds the values' shift to s_acc):
+            each thread keeps its own rows' sums, reduced across the warpgroup once at the end
+            (module docstring, "Deferred sums")."""
+            o, m_prev, l_acc, s_acc = carry
+            p, corr, m_next = probs(i, scores, bnd, m_prev)
+            corr_t = lax.broadcast_in_dim(corr, (kv_tile, tm), (1,))
+            return p, (o * lax.broadcast_in_dim(corr, (hd, tm), (1,)), m_next, l_acc * corr_t + p, s_acc * corr_t)
 
         def unpack(planes):
             """Codes of a tile of packed bytes (one or two planes) as two register tiles, f32 (v1) or
@@ -376,7 +390,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             (i,) = idx
             with jax.named_scope("scores"):
                 scores = mma((kv_tile, tm), [(k_s, q_operand(q_s, 0))]) * sm_scale
-            p, o, m, l = softmax_step(i, scores, bnd_s, carry)
+            p, (o, m, l_acc, s_acc) = softmax_step(i, scores, bnd_s, carry)
             with jax.named_scope("values"):
                 p_smem[...] = p.astype(bf16)
                 if interpret:  # no transposed views in the interpreter: stage V^T
@@ -386,7 +400,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                     v_t = plgpu.transpose_ref(v_s, (1, 0))  # [hd, 64]
                 plgpu.commit_smem()
                 o = o + mma((hd, tm), [(v_t, p_smem)])
-            return o, m, l
+            return o, m, l_acc, s_acc
 
         def step_quant(idx, q_s, bnd_s, *tiles_and_carry):
             # q_s [2, tm, hd/2] bf16; bnd_s [2, tm]; key planes [64, hd/2] u8; ks, km [1, hd] f32;
@@ -415,20 +429,21 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                     keys.append(k)
             with jax.named_scope("scores"):
                 scores = mma((kv_tile, tm), [(keys[j], q_operand(q_s, j)) for j in range(2)]) * sm_scale
-            p, o, m, l = softmax_step(i, scores, bnd_s, carry)
+            p, (o, m, l_acc, s_acc) = softmax_step(i, scores, bnd_s, carry)
             with jax.named_scope("values"):
                 ps = (p * lax.broadcast_in_dim(vs[...].astype(f32) * cs, (kv_tile, tm), (0,))).astype(cdt)
                 p_smem[...] = ps
-                shift = jnp.sum(p * lax.broadcast_in_dim(vm[...].astype(f32), (kv_tile, tm), (0,)), axis=0)
+                # each column's sum_t p m - offset sum_t ps, kept per thread (deferred)
+                s_acc = s_acc + p * lax.broadcast_in_dim(vm[...].astype(f32), (kv_tile, tm), (0,))
                 if offset:
-                    shift = shift - offset * jnp.sum(ps.astype(f32), axis=0)
+                    s_acc = s_acc - offset * ps.astype(f32)
                 # V^T codes [hd, 64]: low-nibble channels on rows 0..hd/2-1, high on the rest,
                 # staged through SMEM into one 128-row A operand
                 for j, codes in enumerate(unpack(v_planes)):
                     a_smem[pl.ds(j * hd2, hd2), :] = codes.astype(cdt)
                 plgpu.commit_smem()
-                o = o + mma((hd, tm), [(a_smem, p_smem)]) + lax.broadcast_in_dim(shift, (hd, tm), (1,))
-            return o, m, l
+                o = o + mma((hd, tm), [(a_smem, p_smem)])
+            return o, m, l_acc, s_acc
 
         def nibbles(plane):
             """A [rows, cols] tile of packed bytes as two bf16 register tiles MAGIC + nibble (low
@@ -539,17 +554,24 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             z = jnp.zeros(shape, f32)
             return z if interpret else plgpu.layout_cast(z, plgpu.Layout.WGMMA)  # the interpreter has no layouts
 
-        o0 = (zeros((hd2, tm)), zeros((hd2, tm))) if v2 else (zeros((hd, tm)),)
+        m0 = jnp.full((tm,), NEG, f32)
+        if v2:  # carry (o_lo, o_hi, m, l)
+            init = (zeros((hd2, tm)), zeros((hd2, tm)), m0, jnp.zeros((tm,), f32))
+        else:  # carry (o, m, l_acc, s_acc): the sums deferred (softmax_step)
+            init = (zeros((hd, tm)), m0, zeros((kv_tile, tm)), zeros((kv_tile, tm)))
         step = step_bf16 if variant == "bf16" else step_quant_v2 if v2 else step_quant
-        *o, m, l = plgpu.emit_pipeline(  # carry: (o, m, l) in v1, (o_lo, o_hi, m, l) in v2
-            step, grid=(jnp.maximum(count, 1),), in_specs=in_specs,
-            max_concurrent_steps=stages, init_carry=(*o0, jnp.full((tm,), NEG, f32), jnp.zeros((tm,), f32)),
-        )(*gmem)
+        out = plgpu.emit_pipeline(step, grid=(jnp.maximum(count, 1),), in_specs=in_specs,
+                                  max_concurrent_steps=stages, init_carry=init)(*gmem)
         if v2:
-            o_smem[pl.ds(0, hd2), :] = o[0]
-            o_smem[pl.ds(hd2, hd2), :] = o[1]
+            o_lo, o_hi, m, l = out
+            o_smem[pl.ds(0, hd2), :] = o_lo
+            o_smem[pl.ds(hd2, hd2), :] = o_hi
         else:
-            o_smem[...] = o[0]
+            o, m, l_acc, s_acc = out
+            l = jnp.sum(l_acc, axis=0)
+            if quant:  # the values' minimum and offset terms, one per column
+                o = o + lax.broadcast_in_dim(jnp.sum(s_acc, axis=0), (hd, tm), (1,))
+            o_smem[...] = o
         ml_smem[0] = m
         ml_smem[1] = l
         plgpu.commit_smem()
