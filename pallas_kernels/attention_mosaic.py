@@ -246,7 +246,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     kv: (k, v) [B, KV, S, hd] for "bf16" or a QuantKV (value planes [B, KV, hd/2, S]); n, off: [B] int32;
     splits: context splits (programs per row and kv head), None for choose_splits;
     stages: pipeline depth (TMA loads in flight per program);
-    kv_tile: KV tokens per pipeline step (KV_TILES; 128 on the v1 and bf16 paths halves the steps,
+    kv_tile: KV tokens per pipeline step (KV_TILES; 128 on the v1, v4 and bf16 paths halves the steps,
     so each step's fixed work, the softmax reductions across the warpgroup and the MMA waits, is
     spread over twice the tokens);
     version: 1 (dequantize the keys in registers, values through SMEM), 2 (raw codes into the MMAs,
