@@ -120,13 +120,14 @@ K_MAGIC_V3 = -8  # v3's keys: the int4 view's (u ^ 8) converts to u - 8
 
 
 VERSIONS = (1, 2, 3, 4)
+FOLDED = (2, 3)  # the bodies that fold the scales into Q and P (tm >= 32, 64-token steps); 1 and 4 share v1's
 F16_MAGIC = 0x6400  # v4: f16 bits 0x6400 | c (c = 0..1023) are the number 1024 + c
 
 
 def row_tile(M: int, version: int = 1) -> int:
     """Query rows on the MMA's N side: M padded to a power of 2 >= 16 (bf16 B tiles need 32-byte
     rows); >= 32 on the quantized v2 path (module docstring, "v2")."""
-    return max(16 if version in (1, 4) else 32, 1 << (M - 1).bit_length())
+    return max(32 if version in FOLDED else 16, 1 << (M - 1).bit_length())
 
 
 def int4_view(planes):
@@ -143,7 +144,7 @@ def interleave(x):
 
 def smem_bytes(variant: str, M: int, hd: int, stages: int, version: int = 1, kv_tile: int = TILE) -> int:
     """Shared memory of one program: the pipeline ring (Q and bounds included) and the scratch."""
-    if variant == "bf16" or version in (1, 4):
+    if variant == "bf16" or version not in FOLDED:
         tm = row_tile(M)
         if variant == "bf16":
             tile = 2 * kv_tile * hd * 2
@@ -166,7 +167,7 @@ def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: 
     """Why these shapes cannot run on the Mosaic kernel, or None when they can."""
     if version not in VERSIONS:
         return f"version must be one of {VERSIONS}, got {version!r}"
-    if kv_tile not in KV_TILES or (kv_tile != 64 and version in (2, 3) and variant != "bf16"):
+    if kv_tile not in KV_TILES or (kv_tile != 64 and version in FOLDED and variant != "bf16"):
         return f"kv_tile must be one of {KV_TILES} (64 on the v2 / v3 paths), got {kv_tile!r}"
     if variant not in VARIANTS:
         return f"variant must be one of {VARIANTS}, got {variant!r}"
@@ -276,7 +277,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     if (cut is None) != (cut_side is None) or cut_side not in (None, "below", "from"):
         raise ValueError(f"cut (G, D) and cut_side ('below' / 'from') go together, got {cut}, {cut_side!r}")
     tm = row_tile(M, version)
-    v2 = version in (2, 3)  # v3 is v2 with the keys read through an int4 view
+    v2 = version in FOLDED  # v3 is v2 with the keys read through an int4 view
     v3 = version == 3
     f16_codes = version == 4  # v1's body in f16, the codes from bits
     cdt = jnp.float16 if f16_codes else jnp.bfloat16  # the MMAs' operand type

@@ -260,8 +260,12 @@ def main(argv=None):
     variants = args.variants.split(",")
     contexts = [int(c) for c in args.contexts.split(",")]
     B, check_S, interpret = args.batch, 4096, args.smoke
-    def parse(text, version):
-        return [(version, *(int(x) for x in c.split(":")), attention_mosaic.TILE)[:4] for c in text.split(",") if c]
+    def parse(text, version):  # "stages:factor[:kv_tile],..." -> [(version, stages, factor, kv_tile)]
+        out = []
+        for c in filter(None, text.split(",")):
+            st, f, *tile = (int(x) for x in c.split(":"))
+            out.append((version, st, f, tile[0] if tile else attention_mosaic.TILE))
+        return out
 
     configs = parse(args.v1_configs, 1) + parse(args.v2_configs, 2) + parse(args.v3_configs, 3) \
         + parse(args.v4_configs, 4)
