@@ -110,6 +110,7 @@ from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
 from .decode_attention import NEG, VARIANTS, QuantKV, pick_splits, plane_names
 from .kv_cut import cut_position
+from .packed_codes import F16_BASE, as_wgmma, in_column_order, unpack_bytes
 
 TILE = 64  # KV tokens per pipeline step by default: wgmma's M side for the scores
 KV_TILES = (64, 128)  # v1 / v4 / bf16 may take 128 tokens a step (two 64-row MMA groups), v2 / v3 64 only
@@ -119,8 +120,8 @@ MAGIC = 128  # v2: bf16 bits 0x4300 | u (u = 0..15) are the number 128 + u
 K_MAGIC_V3 = -8  # v3's keys: the int4 view's (u ^ 8) converts to u - 8
 
 
-VERSIONS = (1, 2, 3, 4)
-FOLDED = (2, 3)  # the bodies that fold the scales into Q and P (tm >= 32, 64-token steps); 1 and 4 share v1's
+VERSIONS = (1, 2, 3, 4, 5)
+FOLDED = (2, 3)  # the bodies that fold the scales into Q and P (tm >= 32, 64-token steps); 1, 4, 5 share v1's
 F16_MAGIC = 0x6400  # v4: f16 bits 0x6400 | c (c = 0..1023) are the number 1024 + c
 
 
@@ -279,7 +280,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     tm = row_tile(M, version)
     v2 = version in FOLDED  # v3 is v2 with the keys read through an int4 view
     v3 = version == 3
-    f16_codes = version == 4  # v1's body in f16, the codes from bits
+    f16_codes = version in (4, 5)  # v1's body in f16, the codes from bits
+    packed = version == 5  # v4 with the codes unpacked a 32-bit word at a time (packed_codes.py)
     cdt = jnp.float16 if f16_codes else jnp.bfloat16  # the MMAs' operand type
     P = splits
     hd2 = hd // 2
@@ -290,6 +292,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     parts = 2 if quant else 1  # channel halves: one MMA per nibble half of the key planes
     q = jnp.pad(q_rows, ((0, 0), (0, 0), (0, tm - M), (0, 0))).astype(cdt)
     q = q.reshape(B, KV, tm, parts, hd // parts).transpose(0, 1, 3, 2, 4)  # [B, KV, parts, tm, hd/parts]
+    if packed:  # the keys' channels come out of packed_codes.as_wgmma in column_order: Q's to match
+        q = in_column_order(q)
     if interpret or v2:  # Q^T: the interpreter's wgmma takes B untransposed; v2 scales it per channel row
         q = q.swapaxes(-1, -2)
     bounds = _bounds(row_pos, n, off, tm, cut, cut_side)
@@ -403,27 +407,41 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                 o = o + mma((hd, tm), [(v_t, p_smem)])
             return o, m, l_acc, s_acc
 
+        def packed_codes(refs):
+            """v5: (lo, hi) codes of a tile's planes, f16 in cdt (1024 + code: F16_BASE), WGMMA_UPCAST_2X
+            on the GPU; the interpreter (no layouts) builds the same numbers with v4's jnp path."""
+            if interpret:
+                return tuple(c + jnp.asarray(F16_BASE, cdt) for c in unpack([r[...] for r in refs]))
+            up = plgpu.Layout.WGMMA_UPCAST_2X  # four consecutive bytes a thread: 32-bit loads
+            return unpack_bytes([plgpu.load(r, (), layout=up, optimized=True) for r in refs])
+
         def step_quant(idx, q_s, bnd_s, *tiles_and_carry):
             # q_s [2, tm, hd/2] bf16; bnd_s [2, tm]; key planes [64, hd/2] u8; ks, km [1, hd] f32;
             # value planes [hd/2, 64] u8; vs, vm [64] f32
             *tiles, carry = tiles_and_carry
             if variant == "int8":
                 ku, kl, ks, km, vu, vl, vs, vm = tiles
-                k_planes, v_planes = (ku[...], kl[...]), (vu[...], vl[...])
+                k_refs, v_refs = (ku, kl), (vu, vl)
             else:
                 ku, ks, km, vu, vs, vm = tiles
-                k_planes, v_planes = (ku[...],), (vu[...],)
+                k_refs, v_refs = (ku,), (vu,)
             (i,) = idx
             with jax.named_scope("dequant_keys"):
                 keys = []
-                for j, codes in enumerate(unpack(k_planes)):  # [64 tokens, 64 channels] each
+                if packed:
+                    k_codes = [c - jnp.asarray(F16_BASE, cdt) for c in packed_codes(k_refs)]  # exact
+                else:
+                    k_codes = unpack([r[...] for r in k_refs])
+                for j, codes in enumerate(k_codes):  # [64 tokens, 64 channels] each
                     chans = pl.ds(j * hd2, hd2)
                     scale = ks[0, chans].astype(f32) * cs
                     shift = km[0, chans].astype(f32) - offset * scale
-                    # f32 FMAs (v1) or f16 ones (v4: the scale and shift rounded to f16 first)
+                    # f32 FMAs (v1) or f16 ones (v4, v5: the scale and shift rounded to f16 first)
                     k = codes * lax.broadcast_in_dim(scale.astype(codes.dtype), (kv_tile, hd2), (1,)) \
                         + lax.broadcast_in_dim(shift.astype(codes.dtype), (kv_tile, hd2), (1,))
                     k = k.astype(cdt)
+                    if packed:  # channels in column_order, as Q's (the interpreter reorders them)
+                        k = in_column_order(k) if interpret else as_wgmma(k)
                     if interpret:  # the interpreter's wgmma reads A from SMEM
                         ka_smem[j] = k
                         k = ka_smem.at[j]
@@ -434,13 +452,15 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             with jax.named_scope("values"):
                 ps = (p * lax.broadcast_in_dim(vs[...].astype(f32) * cs, (kv_tile, tm), (0,))).astype(cdt)
                 p_smem[...] = ps
-                # each column's sum_t p m - offset sum_t ps, kept per thread (deferred)
+                # each column's sum_t p m - offset sum_t ps, kept per thread (deferred); v5's value
+                # codes enter the MMA as 1024 + code, so its offset has F16_BASE more
                 s_acc = s_acc + p * lax.broadcast_in_dim(vm[...].astype(f32), (kv_tile, tm), (0,))
-                if offset:
-                    s_acc = s_acc - offset * ps.astype(f32)
+                if offset or packed:
+                    s_acc = s_acc - (offset + (F16_BASE if packed else 0.0)) * ps.astype(f32)
                 # V^T codes [hd, 64]: low-nibble channels on rows 0..hd/2-1, high on the rest,
                 # staged through SMEM into one 128-row A operand
-                for j, codes in enumerate(unpack(v_planes)):
+                v_codes = packed_codes(v_refs) if packed else unpack([r[...] for r in v_refs])
+                for j, codes in enumerate(v_codes):
                     a_smem[pl.ds(j * hd2, hd2), :] = codes.astype(cdt)
                 plgpu.commit_smem()
                 o = o + mma((hd, tm), [(a_smem, p_smem)])

@@ -16,7 +16,7 @@ every replay pass: minutes per kernel instead of seconds.)
   python scripts/ncu_probe.py --list        # the probes, no GPU needed
 
 Probes: decode attention (bf16, INT8, INT4 with the default launch knobs; and the Mosaic GPU bodies v1
-and v4 on INT8 / INT4: ncu -k regex:'attention_mosaic') at batch 16 x 8k, and the
+and v4, v5 on INT8 / INT4: ncu -k regex:'attention_mosaic') at batch 16 x 8k, and the
 W4A16 kernels (Triton, and Mosaic GPU's W4A16 and W4A8: ncu -k regex:'mosaic') on the gate_up and
 down projections at M = 1 and 16 (Mosaic W4A8 also at 256), beside XLA's dot on `jnp.int4`-style
 weights (dequantized in the graph) at M = 16.
@@ -122,7 +122,8 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated substrings: run only matching probes")
     ap.add_argument("--list", action="store_true", help="print the probe names and exit")
     args = ap.parse_args(argv)
-    probes = (attention_probes() + attention_mosaic_probes() + attention_mosaic_probes(version=4) + matmul_probes()
+    probes = (attention_probes() + attention_mosaic_probes() + attention_mosaic_probes(version=4)
+              + attention_mosaic_probes(version=5) + matmul_probes()
               + mosaic_probes())
     if args.only:
         probes = [(n, b) for n, b in probes if any(s in n for s in args.only.split(","))]

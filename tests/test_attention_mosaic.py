@@ -63,7 +63,7 @@ def cache(rng, variant, B, KV, S, G):
 
 # (variant, version): v2 and v3 are quantized paths (bf16 runs v1 either way)
 VARIANT_VERSIONS = [("bf16", 1), ("int8", 1), ("int4", 1), ("int8", 2), ("int4", 2), ("int8", 3), ("int4", 3),
-                    ("int8", 4), ("int4", 4)]
+                    ("int8", 4), ("int4", 4), ("int8", 5), ("int4", 5)]
 
 
 CASES = [(1, 8, 2, 2), (5, 12, 3, None)]  # draft step; verify (15 -> 16 rows; 32 on v2)
@@ -149,7 +149,7 @@ def test_supported_and_bad_inputs(rng):
     assert supported("int8", 16, 128, 8192, 128, choose_splits(16, 8, 8192)) is None
     assert supported("int4", 4, 128, 32768, 128, choose_splits(16, 8, 32768), stages=4) is None
     assert supported("int4", 32, 128, 32768, 128, choose_splits(16, 8, 32768), stages=4, version=2) is None
-    assert "version" in supported("int4", 4, 128, 256, 64, 1, version=5)
+    assert "version" in supported("int4", 4, 128, 256, 64, 1, version=6)
     assert "head_dim" in supported("bf16", 4, 64, 256, None, 1)
     assert "group" in supported("int4", 4, 128, 256, 32, 1)
     assert "splits" in supported("bf16", 4, 128, 256, None, 5)
@@ -172,7 +172,7 @@ def test_supported_and_bad_inputs(rng):
 @pytest.mark.parametrize("variant,version,M,cut,kv_tile",
                          [(v, n, M, c, 64) for v, n in VARIANT_VERSIONS for M, c in [(4, False), (20, True)]
                           if n == 1 or c] + [(v, n, 20, True, 128) for v, n in (("bf16", 1), ("int8", 1), ("int4", 1),
-                                                                                ("int8", 4))])
+                                                                                ("int8", 4), ("int4", 5))])
 def test_lowers_for_cuda(variant, version, M, cut, kv_tile):
     """jax 0.10.2 lowers the kernel for CUDA without a GPU: catches code that the interpreter runs but
     Mosaic GPU cannot lower (layout inference, wgmma operand layouts, 8-bit arithmetic)."""
