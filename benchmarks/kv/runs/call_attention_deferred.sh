@@ -1,30 +1,28 @@
 #!/bin/bash
-# Device call (issue 19, A1): the Mosaic attention bodies v1 / v4 / bf16 with deferred sums (one
-# reduction across the warpgroup a step, the running maximum; the softmax denominators and the
-# values' shift terms summed per thread and combined after the last step), at 64- and 128-token
-# steps, beside the Triton kernel (the anchor that compares this run with call_attention_v4.sh's),
-# checked against float64 first, batch 16 x 8k and 32k; then the PTX of v4 on INT8 and INT4.
-# v5 (tenth session): v4 with the codes unpacked a 32-bit word at a time (packed_codes.py).
-# SHORT=1 (a lease of about 4 minutes): v4 and v5 only, INT8 and INT4 at 8k, no dump.
-# Files under $OUT: run.log, attention_deferred.json, dump.tar.gz (not with SHORT=1).
+# Device call (issue 19, A1): the Mosaic attention bodies with deferred sums (one reduction across
+# the warpgroup a step, the running maximum; the softmax denominators and the values' shift terms
+# summed per thread and combined after the last step) and v5 (tenth session: v4 with the codes
+# unpacked a 32-bit word at a time, packed_codes.py), at 64- and 128-token steps, beside the Triton
+# kernel (the anchor that compares this run with call_attention_v4.sh's), each checked against
+# float64 first; batch 16 x 8k, INT8 and INT4; then the PTX of v5 on INT8 and INT4 (about 4 min).
+# FULL=1 adds 32k, bf16 and v1 (about 7 min).
+# Files under $OUT: run.log, attention_deferred.json, dump.tar.gz.
 export PYTHONPATH=$PWD
 export PYTHONUNBUFFERED=1
-if [ -n "$SHORT" ]; then
-  CELLS=(--contexts 8192 --variants int8,int4 --v1-configs "")
-else
+if [ -n "$FULL" ]; then
   CELLS=(--contexts 8192,32768 --variants int8,int4,bf16 --v1-configs 2:1,2:1:128)
+else
+  CELLS=(--contexts 8192 --variants int8,int4 --v1-configs "")
 fi
 {
 nvidia-smi --query-gpu=name,memory.total --format=csv
 timeout ${BENCH_TIMEOUT:-330} python3 scripts/bench_attention_mosaic.py --out $OUT/attention_deferred.json \
   "${CELLS[@]}" --v2-configs "" --v3-configs "" --v4-configs 2:1,2:1:128 --v5-configs 2:1,2:1:128
 echo "bench rc=$? (t=${SECONDS}s)"
-if [ -z "$SHORT" ]; then
-  mkdir -p $OUT/dump
-  MOSAIC_GPU_DUMP_TO=$OUT/dump MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 \
-    timeout 60 python3 scripts/ncu_probe.py --calls 1 --only attention_mosaic_v5
-  echo "dump rc=$? (t=${SECONDS}s)"
-  rm -f $OUT/dump/*mlir-passes.log
-  tar czf $OUT/dump.tar.gz -C $OUT dump && rm -rf $OUT/dump
-fi
+mkdir -p $OUT/dump
+MOSAIC_GPU_DUMP_TO=$OUT/dump MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 \
+  timeout 60 python3 scripts/ncu_probe.py --calls 1 --only attention_mosaic_v5
+echo "dump rc=$? (t=${SECONDS}s)"
+rm -f $OUT/dump/*mlir-passes.log
+tar czf $OUT/dump.tar.gz -C $OUT dump && rm -rf $OUT/dump
 } > $OUT/run.log 2>&1
