@@ -197,6 +197,42 @@ def choose_splits(batch: int, kv_heads: int, S: int, kv_tile: int = TILE) -> int
     return pick_splits(batch, kv_heads, S // kv_tile, PROGRAMS_PER_SM)
 
 
+KERNELS = ("auto", "mosaic", "triton")  # decode_attention's `kernel`
+# Variant -> the config of this kernel that measured faster than the Triton kernel on sm_90, at batch
+# 16 x 8k and 32k (benchmarks/kv/README.md): what kernel="auto" runs there. Empty: none did yet, so
+# "auto" runs the Triton kernel everywhere.
+FASTER: dict[str, dict] = {}
+FORCED = dict(version=5)  # kernel="mosaic" for a variant with no measured config (bf16 runs v1)
+
+
+def _on_hopper() -> bool:
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
+
+
+def choose(kernel: str, variant: str, M: int, kv, splits=None, interpret: bool = False) -> dict | None:
+    """The config decode_attention runs this kernel with, or None for the Triton kernel. kernel:
+    "triton"; "mosaic" (FASTER's config, else FORCED; a ValueError if the shapes are not supported);
+    "auto" (FASTER's config on sm_90 where the shapes are supported, else None)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "triton" or (kernel == "auto" and (interpret or variant not in FASTER or not _on_hopper())):
+        return None
+    config = FASTER.get(variant, {} if variant == "bf16" else FORCED)
+    k = kv[0] if variant == "bf16" else kv.k_upper
+    B, KV, S = k.shape[:3]
+    hd = k.shape[3] if variant == "bf16" else 2 * k.shape[3]
+    group = None if variant == "bf16" else S // kv.k_scale.shape[2]
+    kv_tile = config.get("kv_tile", TILE)
+    n_splits = splits or (choose_splits(B, KV, S, kv_tile) if S >= kv_tile else 1)
+    why = supported(variant, M, hd, S, group, n_splits, config.get("stages", 2), config.get("version", 1), kv_tile)
+    if why is None:
+        return config
+    if kernel == "mosaic":
+        raise ValueError(f"the Mosaic attention cannot run this launch: {why}")
+    return None
+
+
 def _swizzled(minor_bytes: int, bits: int, kind: str):
     """SMEM tiling + swizzle for a tile whose rows are minor_bytes long (none under 32 B)."""
     if minor_bytes < 32:

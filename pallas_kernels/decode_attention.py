@@ -514,6 +514,7 @@ def decode_attention(
     splits: Optional[int] = None,
     backend: str = "auto",
     v_layout: str = V_LAYOUT,  # the only layout: the QuantKV's value planes are [B, KV, hd/2, S]
+    kernel: str = "auto",
     **launch,  # programs_per_sm, num_warps, num_stages, unpack (LAUNCH_KNOBS)
 ):
     """Attention of T query positions per row over the cache (+ the recent buffer): [B, T, H, hd].
@@ -524,6 +525,10 @@ def decode_attention(
     cache; the caller keeps c(p) <= kv_len and the buffer holding [c(p), p]). backend: "auto"
     (triton on GPU, else reference), "triton", "interpret", "reference". block_k, splits and
     `launch` tune the main launch (attention_partials); the recent buffer runs bf16's DEFAULTS.
+    kernel: which kernel runs the main launch on the "triton" / "interpret" backends: "triton"
+    (this module's), "mosaic" (attention_mosaic.py, Hopper; its config from
+    attention_mosaic.FASTER or v5 at 64-token steps) or "auto" (`attention_mosaic.choose`:
+    Mosaic on sm_90 where it measured faster, else Triton).
 
     A QuantKV's value planes are [B, KV, hd/2, S] (module docstring); v_layout may only be "tokens".
     """
@@ -543,11 +548,20 @@ def decode_attention(
     q_rows = q.reshape(B, T, KV, rep, hd).transpose(0, 2, 3, 1, 4).reshape(B, KV, rep * T, hd)
     q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, M - rep * T), (0, 0)))
     row_pos = jnp.pad(jnp.tile(q_pos.astype(jnp.int32), (1, rep)), ((0, 0), (0, M - rep * T)), constant_values=-1)
-    run = functools.partial(attention_partials, q_rows, row_pos, sm_scale=sm_scale,
-                            interpret=backend == "interpret")
+    interpret = backend == "interpret"
+    run = functools.partial(attention_partials, q_rows, row_pos, sm_scale=sm_scale, interpret=interpret)
     sides = ("below", "from") if cut is not None else (None, None)
-    parts = [run(kv, kv_len, jnp.zeros((B,), jnp.int32), variant=variant, block_k=block_k, splits=splits,
-                 cut=cut, cut_side=sides[0], **launch)]
+    from . import attention_mosaic  # it imports this module
+
+    zero = jnp.zeros((B,), jnp.int32)
+    config = attention_mosaic.choose(kernel, variant, M, kv, splits, interpret)
+    if config is None:
+        parts = [run(kv, kv_len, zero, variant=variant, block_k=block_k, splits=splits, cut=cut, cut_side=sides[0],
+                     **launch)]
+    else:
+        parts = [attention_mosaic.attention_partials(q_rows, row_pos, kv, kv_len, zero, variant=variant,
+                                                     sm_scale=sm_scale, splits=splits, interpret=interpret, cut=cut,
+                                                     cut_side=sides[0], **config)]
     if recent is not None:
         R = recent[0].shape[2]
         parts.append(run(recent, jnp.full((B,), R, jnp.int32), recent_start, variant="bf16", splits=1,

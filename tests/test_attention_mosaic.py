@@ -199,3 +199,32 @@ def test_lowers_for_cuda(variant, version, M, cut, kv_tile):
     args = (sd((B, KV, M, HD), jnp.float32), sd((B, M), jnp.int32), kv, sd((B,), jnp.int32), sd((B,), jnp.int32))
     module = export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
     assert "mosaic_gpu" in module
+
+
+def test_decode_attention_runs_the_mosaic_kernel_when_asked(rng):
+    """decode_attention(kernel="mosaic") runs this kernel on the planes (FORCED: v5; the recent
+    buffer's launch stays Triton's) and matches decode_attention's reference; "auto" keeps the Triton
+    kernel off Hopper; bad names and unsupported shapes are refused."""
+    from pallas_kernels import attention_mosaic
+    from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
+
+    B, T, H, KV, S, R, G, D = 2, 2, 8, 2, 256, 128, 64, 32
+    kv, _, _ = cache(rng, "int4", B, KV, S, G)
+    recent = tuple(jnp.asarray(rng.standard_normal((B, KV, R, HD)), jnp.bfloat16) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((B, T, H, HD)), jnp.float32)
+    lens = np.array([G + D + int(rng.integers(0, G)), 2 * G + int(rng.integers(0, G))])
+    q_len = jnp.asarray(lens // G * G, jnp.int32)
+    r_start = jnp.asarray(np.maximum(lens // G * G - G, 0), jnp.int32)
+    q_pos = jnp.asarray(lens[:, None] + np.arange(T), jnp.int32)
+    args = dict(variant="int4", recent=recent, recent_start=r_start, cut=(G, D))
+    got = decode_attention(q, q_pos, kv, q_len, backend="interpret", kernel="mosaic", **args)
+    want = decode_attention_reference(q, q_pos, kv, q_len, **args)
+    err = float(jnp.abs(got - want).max())
+    assert err < TOL, err
+    M = 16  # the padded query rows of this launch
+    assert attention_mosaic.choose("auto", "int4", M, kv) is None  # no GPU here, and nothing measured faster
+    assert attention_mosaic.choose("mosaic", "int4", M, kv) == attention_mosaic.FORCED
+    with pytest.raises(ValueError, match="kernel must be"):
+        attention_mosaic.choose("cuda", "int4", M, kv)
+    with pytest.raises(ValueError, match="cannot run"):
+        attention_mosaic.choose("mosaic", "int4", 512, kv)  # more query rows than wgmma's N
