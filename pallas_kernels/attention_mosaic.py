@@ -73,12 +73,22 @@ bf16 rounding of the key at 2^-8), the value codes go to SMEM as they are, P^T i
 and Q is f16 (a bf16 query converts exactly unless it is below f16's normal range, 6e-5). f16 holds
 every INT8 code exactly; bf16 (8 significant bits) could not hold 1024-style offsets of 0..255.
 
-kv_tile (v1, v4, bf16): tokens per pipeline step, 64 (one MMA row group) or 128 (two). A step
+v5 (`version=5`, quantized variants): v4 with the codes unpacked a 32-bit word at a time
+(packed_codes.py). The ninth session's PTX of v4 showed its per-code work as 16-bit scalar integer
+ops on codes loaded two bytes a thread (wgmma's register layout). v5 loads each plane tile in
+WGMMA_UPCAST_2X (four consecutive bytes a thread), builds four code bytes per word with masks and
+shifts (INT8: 16 u + l from both planes' words) and each f16 pair 1024 + code with one `prmt`. The
+keys are dequantized in that layout by packed f16 ops, then relabelled as wgmma's A operand without
+moving data, which permutes each 16-channel block (packed_codes.column_order), so the wrapper
+permutes Q's channels to match. The value codes go to SMEM as 1024 + code (no subtraction): the
+deferred shift term takes 1024 sum_t ps more.
+
+kv_tile (v1, v4, v5, bf16): tokens per pipeline step, 64 (one MMA row group) or 128 (two). A step
 carries work that does not grow with its tokens (the TMA wait, the score and value MMAs' waits, the
 softmax reductions across the warpgroup's four warps, the SMEM fences before the value MMA); 128
 pays it half as often, for twice the registers of the key tiles.
 
-Deferred sums (v1, v4, bf16): a step's only reduction across the warpgroup's four warps is the
+Deferred sums (v1, v4, v5, bf16): a step's only reduction across the warpgroup's four warps is the
 running maximum over the tile's tokens; the softmax denominators l and the values' per-column
 minimum and offset term (sum_t p m - offset sum_t ps) are linear in p, so each thread keeps its own
 rows' share in a [kv_tile, tm] tile rescaled with o, and the warps combine them once, after the
@@ -113,7 +123,7 @@ from .kv_cut import cut_position
 from .packed_codes import F16_BASE, as_wgmma, in_column_order, unpack_bytes
 
 TILE = 64  # KV tokens per pipeline step by default: wgmma's M side for the scores
-KV_TILES = (64, 128)  # v1 / v4 / bf16 may take 128 tokens a step (two 64-row MMA groups), v2 / v3 64 only
+KV_TILES = (64, 128)  # v1 / v4 / v5 / bf16 may take 128 tokens a step (two 64-row MMA groups), v2 / v3 64 only
 MAX_ROWS = 256  # wgmma's largest N: query rows per kv head
 SMEM_BYTES = 227 * 1024
 MAGIC = 128  # v2: bf16 bits 0x4300 | u (u = 0..15) are the number 128 + u
@@ -284,12 +294,13 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     kv: (k, v) [B, KV, S, hd] for "bf16" or a QuantKV (value planes [B, KV, hd/2, S]); n, off: [B] int32;
     splits: context splits (programs per row and kv head), None for choose_splits;
     stages: pipeline depth (TMA loads in flight per program);
-    kv_tile: KV tokens per pipeline step (KV_TILES; 128 on the v1, v4 and bf16 paths halves the steps,
+    kv_tile: KV tokens per pipeline step (KV_TILES; 128 on the v1, v4, v5 and bf16 paths halves the steps,
     so each step's fixed work, the softmax reductions across the warpgroup and the MMA waits, is
     spread over twice the tokens);
     version: 1 (dequantize the keys in registers, values through SMEM), 2 (raw codes into the MMAs,
-    scales folded into Q and P: module docstring, "v2"), 3 (v2, keys through an int4 view) or 4 (v1
-    in f16, the codes built from bits: "v4"); the bf16 variant runs version 1 either way.
+    scales folded into Q and P: module docstring, "v2"), 3 (v2, keys through an int4 view), 4 (v1
+    in f16, the codes built from bits: "v4") or 5 (v4 unpacking 32-bit words: "v5"); the bf16
+    variant runs version 1 either way.
     Returns o [B, KV, P, M, hd] f32 (unnormalized), m and l [B, KV, P, M] f32.
     """
     B, KV, M, hd = q_rows.shape
@@ -401,7 +412,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             return p, corr, m_next, l_prev * corr + jnp.sum(p, axis=0)
 
         def softmax_step(i, scores, bnd, carry):
-            """v1 / v4 / bf16: P^T and the carry (o, m, l_acc, s_acc) with o rescaled, the new m and
+            """v1 / v4 / v5 / bf16: P^T and the carry (o, m, l_acc, s_acc) with o rescaled, the new m and
             the deferred sums rescaled, p added to l_acc (the caller adds the values' shift to s_acc):
             each thread keeps its own rows' sums, reduced across the warpgroup once at the end
             (module docstring, "Deferred sums")."""
