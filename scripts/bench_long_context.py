@@ -53,6 +53,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bandwidth import best_copy_bandwidth  # noqa: E402
+from pallas_kernels import attention_mosaic  # noqa: E402
 from qspec_jax import checkpoint, hierarchical_kv, kv_cache, quantize, speculative  # noqa: E402
 from qspec_jax.config import get_preset  # noqa: E402
 from qspec_jax.evaluation import run_metadata  # noqa: E402
@@ -419,7 +420,7 @@ def append_to(results: dict, path: str) -> dict:
     unless the two runs time the same thing (device, preset, tokens, reps, kernels, KV settings)."""
     with open(path) as f:
         prev = json.load(f)
-    same = ("device", "preset", "new_tokens", "reps", "kernels", "kv_group", "kv_window")
+    same = ("device", "preset", "new_tokens", "reps", "kernels", "attention", "kv_group", "kv_window")
     diff = {k: (prev["meta"].get(k), results["meta"].get(k)) for k in same if prev["meta"].get(k) != results["meta"].get(k)}
     if diff:
         raise SystemExit(f"--append: {path} was run with other settings (there, here): {diff}")
@@ -452,6 +453,9 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny preset, short contexts: CPU check that it runs")
     ap.add_argument("--kernels", default="auto", choices=KERNELS,
                     help="int4 kernels (qspec_jax.kernel_choice): auto = Mosaic GPU on Hopper, else Triton")
+    ap.add_argument("--mosaic-attention", default="",
+                    help="variant=version:stages[:kv_tile],... : run the quantized cache's attention on the "
+                         "Mosaic GPU kernel with these configs (sets attention_mosaic.FASTER; default: as measured)")
     ap.add_argument("--out", help="results JSON (written after every mode)")
     ap.add_argument("--summary", help="merge the issue's ratio maps into this summary JSON")
     ap.add_argument("--summarize", help="only rebuild --summary (and --plot) from this results JSON")
@@ -495,6 +499,11 @@ def main(argv=None):
             print(f"{r['batch']}x{r['context']} {r['mode']}: cache {r['cache_bytes'] / 1e9:.1f} GB + weights "
                   f"{r['weights_bytes'] / 1e9:.1f} GB = {r['total_bytes'] / 2**30:.1f} GiB")
         return rows
+    for spec in filter(None, args.mosaic_attention.split(",")):
+        variant, config = spec.split("=")
+        version, stages, *tile = (int(x) for x in config.split(":"))
+        attention_mosaic.FASTER[variant] = dict(version=version, stages=stages,
+                                                **({"kv_tile": tile[0]} if tile else {}))
     bandwidth, _ = best_copy_bandwidth(args.smoke)
     t0 = time.perf_counter()
     fparams = checkpoint.random_params(config, seed=0, dtype=jnp.bfloat16)
@@ -508,6 +517,7 @@ def main(argv=None):
           flush=True)
     results = {"meta": {**run_metadata(), "preset": args.preset, "weights": "generated from a seed (speed only)",
                         "kernels": resolve_kernels(args.kernels),
+                        "attention": {"mosaic": dict(attention_mosaic.FASTER)} if attention_mosaic.FASTER else "triton",
                         "new_tokens": args.new_tokens, "reps": args.reps, "kv_group": args.kv_group,
                         "kv_window": args.kv_window, "copy_bytes_per_s": bandwidth, "argv": sys.argv[1:],
                         "device_bytes_limit": (jax.devices()[0].memory_stats() or {}).get("bytes_limit"),
