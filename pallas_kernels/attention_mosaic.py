@@ -118,6 +118,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
+from .common import is_hopper
 from .decode_attention import NEG, VARIANTS, QuantKV, pick_splits, plane_names
 from .kv_cut import cut_position
 from .packed_codes import F16_BASE, as_wgmma, in_column_order, unpack_bytes
@@ -215,18 +216,13 @@ FASTER: dict[str, dict] = {}
 FORCED = dict(version=5)  # kernel="mosaic" for a variant with no measured config (bf16 runs v1)
 
 
-def _on_hopper() -> bool:
-    dev = jax.devices()[0]
-    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
-
-
 def choose(kernel: str, variant: str, M: int, kv, splits=None, interpret: bool = False) -> dict | None:
     """The config decode_attention runs this kernel with, or None for the Triton kernel. kernel:
     "triton"; "mosaic" (FASTER's config, else FORCED; a ValueError if the shapes are not supported);
     "auto" (FASTER's config on sm_90 where the shapes are supported, else None)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "triton" or (kernel == "auto" and (interpret or variant not in FASTER or not _on_hopper())):
+    if kernel == "triton" or (kernel == "auto" and (interpret or variant not in FASTER or not is_hopper())):
         return None
     config = FASTER.get(variant, {} if variant == "bf16" else FORCED)
     k = kv[0] if variant == "bf16" else kv.k_upper

@@ -1,6 +1,6 @@
 """Helpers shared by the Pallas Triton kernels: dot dtypes, the matmuls' input check, row and column
 masks with masked loads and stores, the interpret-mode atomic add, and the int4 matmuls' K loop,
-nibble unpacking and launch.
+nibble unpacking and launch; and `is_hopper`, which the Triton / Mosaic GPU choices ask.
 
 Every GPU `pallas_call` here passes `plt.CompilerParams` (without it jax picks the Mosaic GPU
 backend); ragged edges go through `plt.load` / `plt.store` with masks (Triton lowers no
@@ -21,6 +21,12 @@ from .packing import weight_layout
 
 if TYPE_CHECKING:
     from .tiling import CallPlan
+
+
+def is_hopper() -> bool:
+    """Whether the default device is an sm_90 GPU (H100 / H200): where the Mosaic GPU kernels run."""
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
 def pow2_at_least(n: int) -> int:

@@ -15,15 +15,10 @@ from __future__ import annotations
 
 import jax
 
+from pallas_kernels.common import is_hopper
 from pallas_kernels.int4_mosaic import is_mosaic_layout, to_mosaic_layout
 
 KERNELS = ("auto", "mosaic", "triton")
-
-
-def is_hopper() -> bool:
-    """Whether the default device is an sm_90 GPU."""
-    dev = jax.devices()[0]
-    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
 def resolve_kernels(kernels: str = "auto") -> str:
