@@ -203,37 +203,45 @@ def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: 
 PROGRAMS_PER_SM = 2
 
 
-def choose_splits(batch: int, kv_heads: int, S: int, kv_tile: int = TILE) -> int:
+def choose_splits(batch: int, kv_heads: int, S: int, kv_tile: int = TILE,
+                  programs_per_sm: float = PROGRAMS_PER_SM) -> int:
     """Context splits for a cache of S slots: decode_attention.pick_splits over kv_tile-token tiles."""
-    return pick_splits(batch, kv_heads, S // kv_tile, PROGRAMS_PER_SM)
+    return pick_splits(batch, kv_heads, S // kv_tile, programs_per_sm)
 
 
 KERNELS = ("auto", "mosaic", "triton")  # decode_attention's `kernel`
 # Variant -> the config of this kernel that measured faster than the Triton kernel on sm_90, at batch
-# 16 x 8k and 32k (benchmarks/kv/README.md): what kernel="auto" runs there. Empty: none did yet, so
-# "auto" runs the Triton kernel everywhere.
-FASTER: dict[str, dict] = {}
-FORCED = dict(version=5)  # kernel="mosaic" for a variant with no measured config (bf16 runs v1)
+# 16 x 8k and 32k, timed as decode_attention calls it (rows padded to 16, partials merged): what
+# kernel="auto" runs there. H100 at the eleventh session's tree (benchmarks/kv/README.md): INT8 133.0 /
+# 492.6 us against Triton's 166.8 / 590.0 (1.25x / 1.20x), INT4 at 128-token steps 93.0 / 327.0
+# against 114.0 / 411.2 (1.23x / 1.26x). bf16 stays on Triton (v1 measured slower).
+FASTER: dict[str, dict] = {"int8": dict(version=5, stages=2), "int4": dict(version=5, stages=2, kv_tile=128)}
+FORCED = dict(version=5)  # kernel="mosaic" where no measured config runs the launch (bf16 runs v1)
 
 
 def choose(kernel: str, variant: str, M: int, kv, splits=None, interpret: bool = False) -> dict | None:
     """The config decode_attention runs this kernel with, or None for the Triton kernel. kernel:
-    "triton"; "mosaic" (FASTER's config, else FORCED; a ValueError if the shapes are not supported);
-    "auto" (FASTER's config on sm_90 where the shapes are supported, else None)."""
+    "triton"; "mosaic" (FASTER's config where the shapes allow it, else FORCED; a ValueError if
+    neither runs them); "auto" (FASTER's config on sm_90 where the shapes allow it, else None)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "triton" or (kernel == "auto" and (interpret or variant not in FASTER or not is_hopper())):
         return None
-    config = FASTER.get(variant, {} if variant == "bf16" else FORCED)
     k = kv[0] if variant == "bf16" else kv.k_upper
     B, KV, S = k.shape[:3]
     hd = k.shape[3] if variant == "bf16" else 2 * k.shape[3]
     group = None if variant == "bf16" else S // kv.k_scale.shape[2]
-    kv_tile = config.get("kv_tile", TILE)
-    n_splits = splits or (choose_splits(B, KV, S, kv_tile) if S >= kv_tile else 1)
-    why = supported(variant, M, hd, S, group, n_splits, config.get("stages", 2), config.get("version", 1), kv_tile)
-    if why is None:
-        return config
+    configs = [FASTER[variant]] if variant in FASTER else []
+    if kernel == "mosaic":  # bf16's forced config is v1 (nothing to unpack)
+        configs.append({} if variant == "bf16" else FORCED)
+    why = None
+    for config in configs:
+        kv_tile = config.get("kv_tile", TILE)
+        per_sm = config.get("programs_per_sm", PROGRAMS_PER_SM)
+        n_splits = splits or (choose_splits(B, KV, S, kv_tile, per_sm) if S >= kv_tile else 1)
+        why = supported(variant, M, hd, S, group, n_splits, config.get("stages", 2), config.get("version", 1), kv_tile)
+        if why is None:
+            return config
     if kernel == "mosaic":
         raise ValueError(f"the Mosaic attention cannot run this launch: {why}")
     return None
@@ -280,7 +288,8 @@ def _tile_ranges(bounds, S, P, kv_tile):
 
 
 def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits=None, stages=2,
-                       interpret=False, cut=None, cut_side=None, version=1, kv_tile=TILE):
+                       interpret=False, cut=None, cut_side=None, version=1, kv_tile=TILE,
+                       programs_per_sm=PROGRAMS_PER_SM):
     """One launch: unnormalized partials over the slots [0, n) of `kv`, slot j at position off + j
     (decode_attention.attention_partials' contract; merge with decode_attention.merge_partials).
     With cut=(G, D) and cut_side "below" / "from", a query row at position p reads only the positions
@@ -288,7 +297,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
 
     q_rows: [B, KV, M, hd] query blocks; row_pos: [B, M] int32 query positions (-1 for padding);
     kv: (k, v) [B, KV, S, hd] for "bf16" or a QuantKV (value planes [B, KV, hd/2, S]); n, off: [B] int32;
-    splits: context splits (programs per row and kv head), None for choose_splits;
+    splits: context splits (programs per row and kv head), None for choose_splits (with
+    programs_per_sm: the programs an SM is taken to hold at once);
     stages: pipeline depth (TMA loads in flight per program);
     kv_tile: KV tokens per pipeline step (KV_TILES; 128 on the v1, v4, v5 and bf16 paths halves the steps,
     so each step's fixed work, the softmax reductions across the warpgroup and the MMA waits, is
@@ -312,7 +322,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         names = plane_names(variant)
         operands = [getattr(kv, x) for x in names]
     if splits is None:
-        splits = choose_splits(B, KV, S, kv_tile) if S >= kv_tile else 1
+        splits = choose_splits(B, KV, S, kv_tile, programs_per_sm) if S >= kv_tile else 1
     if variant == "bf16":
         version = 1  # nothing to fold: v2 is the quantized path
     why = supported(variant, M, hd, S, group, splits, stages, version, kv_tile)
@@ -376,8 +386,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         # interpreter); bnd_gmem [B, 2, tm] int32; then the cache operands (bf16: k, v
         # [B, KV, S, hd]; int8: ku, kl [B, KV, S, hd/2] u8, ks, km [B, KV, S/G, hd] f32, vu, vl
         # [B, KV, hd/2, S] u8, vs, vm [B, KV, S] f32; int4 without kl, vl); then o_gmem
-        # [B, KV, P, hd, tm], ml_gmem [B, KV, P, 2, tm] (m and l).
-        *cache, o_gmem, ml_gmem = refs
+        # [B, KV, P, hd, tm], m_gmem, l_gmem [B, KV, P, tm].
+        *cache, o_gmem, m_gmem, l_gmem = refs
         b, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
         plgpu.copy_gmem_to_smem(rng_gmem.at[b, s], rng_smem, barrier)  # this split's tiles
         plgpu.barrier_wait(barrier)
@@ -477,11 +487,14 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                     k_codes = unpack([r[...] for r in k_refs])
                 for j, codes in enumerate(k_codes):  # [64 tokens, 64 channels] each
                     chans = pl.ds(j * hd2, hd2)
-                    scale = ks[0, chans].astype(f32) * cs
-                    shift = km[0, chans].astype(f32) - offset * scale
-                    # f32 FMAs (v1) or f16 ones (v4, v5: the scale and shift rounded to f16 first)
-                    k = codes * lax.broadcast_in_dim(scale.astype(codes.dtype), (kv_tile, hd2), (1,)) \
-                        + lax.broadcast_in_dim(shift.astype(codes.dtype), (kv_tile, hd2), (1,))
+                    # f32 (v1) or f16 (v4, v5: the cache's f16 scales need no conversion; cs and
+                    # offset * cs are powers of two, so the shift is rounded once, as in f32)
+                    scale = ks[0, chans].astype(codes.dtype)
+                    scale = scale * cs if cs != 1 else scale
+                    shift = km[0, chans].astype(codes.dtype)
+                    shift = shift - offset * scale if offset else shift
+                    k = codes * lax.broadcast_in_dim(scale, (kv_tile, hd2), (1,)) \
+                        + lax.broadcast_in_dim(shift, (kv_tile, hd2), (1,))
                     k = k.astype(cdt)
                     if packed:  # channels in column_order, as Q's (the interpreter reorders them)
                         k = in_column_order(k) if interpret else as_wgmma(k)
@@ -640,7 +653,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         ml_smem[1] = l
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[b, h, s])
-        plgpu.copy_smem_to_gmem(ml_smem, ml_gmem.at[b, h, s])
+        plgpu.copy_smem_to_gmem(ml_smem.at[0], m_gmem.at[b, h, s])
+        plgpu.copy_smem_to_gmem(ml_smem.at[1], l_gmem.at[b, h, s])
         plgpu.wait_smem_to_gmem(0)
 
     # P^T [64, tm] is B with its N (query) axis minor: wgmma takes one swizzle for A and B, and
@@ -667,7 +681,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             scratch["ka_smem"] = plgpu.SMEM((2, kv_tile, hd2), cdt)
     kernel = plgpu.kernel(
         body,
-        out_type=(jax.ShapeDtypeStruct((B, KV, P, hd, tm), f32), jax.ShapeDtypeStruct((B, KV, P, 2, tm), f32)),
+        out_type=(jax.ShapeDtypeStruct((B, KV, P, hd, tm), f32),) + (jax.ShapeDtypeStruct((B, KV, P, tm), f32),) * 2,
         grid=(B, KV, P),
         grid_names=("b", "h", "s"),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
@@ -675,6 +689,5 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         interpret=InterpretGPUParams() if interpret else None,
         kernel_name=f"attention_mosaic_{variant}" + (f"_v{version}" if version > 1 else ""),
     )
-    o_t, ml = kernel(q, bounds, _tile_ranges(bounds, S, P, kv_tile), *operands)
-    o = o_t.swapaxes(-1, -2)[:, :, :, :M]
-    return o, ml[:, :, :, 0, :M], ml[:, :, :, 1, :M]
+    o_t, m, l = kernel(q, bounds, _tile_ranges(bounds, S, P, kv_tile), *operands)
+    return o_t.swapaxes(-1, -2)[:, :, :, :M], m[..., :M], l[..., :M]  # no slices when M == tm (decode_attention)

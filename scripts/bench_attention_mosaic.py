@@ -13,7 +13,8 @@ One run does, in order, writing everything to --out (JSON, rewritten after every
           pipeline stages, splits, kv_tile: --v1-configs ... --v5-configs; v2 to v5 are
           quantized paths, so bf16 runs v1 only), timed by CUPTI (jax.experimental.mosaic.gpu.profiler.measure,
           aggregate=False): each kernel's own time, so the wrapper's small XLA ops (padding Q, the
-          mask bounds) are reported apart from the attention kernel. A batch-16 cache is 0.27 GB
+          mask bounds) are reported apart from the attention kernel; attend_us times the call as
+          decode_attention makes it (query rows padded to 16, the partials merged), all kernels. A batch-16 cache is 0.27 GB
           (INT4) to 1 GB (bf16) at 8k tokens: far beyond the 50 MB L2, so one copy suffices.
           v2/v3's key bias (q . min per key group) and v3's int4 bitcast and interleaved key scales
           are XLA ops in the wrapper: in `us`, not in kernel_us (`kernels` names every kernel).
@@ -240,8 +241,8 @@ def main(argv=None):
     ap.add_argument("--contexts", default="8192,32768")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--v1-configs", default="2:1",
-                    help="Mosaic v1 configs stages:split_factor[:kv_tile] (splits = choose_splits x factor; "
-                         "kv_tile 64 when left out), comma-separated")
+                    help="Mosaic v1 configs stages:split_factor[:kv_tile] (splits = choose_splits x factor, "
+                         "rounded; kv_tile 64 when left out), comma-separated")
     ap.add_argument("--v2-configs", default="2:1,3:1,2:2", help="Mosaic v2 configs, as --v1-configs")
     ap.add_argument("--v3-configs", default="2:1,3:1,2:2", help="Mosaic v3 configs, as --v1-configs")
     ap.add_argument("--v4-configs", default="2:1,2:1:128", help="Mosaic v4 configs, as --v1-configs")
@@ -264,8 +265,8 @@ def main(argv=None):
     def parse(text, version):  # "stages:factor[:kv_tile],..." -> [(version, stages, factor, kv_tile)]
         out = []
         for c in filter(None, text.split(",")):
-            st, f, *tile = (int(x) for x in c.split(":"))
-            out.append((version, st, f, tile[0] if tile else attention_mosaic.TILE))
+            st, f, *tile = c.split(":")
+            out.append((version, int(st), float(f), int(tile[0]) if tile else attention_mosaic.TILE))
         return out
 
     configs = parse(args.v1_configs, 1) + parse(args.v2_configs, 2) + parse(args.v3_configs, 3) \
@@ -290,7 +291,7 @@ def main(argv=None):
         out = []
         for version, st, f, kv_tile in configs:
             base = attention_mosaic.choose_splits(B, KV, S, kv_tile)
-            c = dict(version=version, stages=st, splits=min(S // kv_tile, base * f))
+            c = dict(version=version, stages=st, splits=min(S // kv_tile, max(1, round(base * f))))
             if kv_tile != attention_mosaic.TILE:  # the key only where it differs: older files stay comparable
                 c["kv_tile"] = kv_tile
             if c in out or (variant == "bf16" and version > 1):
@@ -353,6 +354,9 @@ def main(argv=None):
                         total, kern, names = cupti_us(run, q_rows, kv, iterations=args.iterations)
                         cell.update(us=total, kernel_us=kern, kernels=names,
                                     frac_copy_bw=nbytes / (kern * 1e-6) / bw)
+                        # decode_attention's call as the model makes it (rows padded to 16, merged)
+                        whole = lambda q, kv: attend(fn, q, q_pos, kv, kv_len, variant, **config)  # noqa: E731
+                        cell["attend_us"], _, _ = cupti_us(whole, q, kv, iterations=args.iterations)
                 except Exception as e:  # noqa: BLE001 - a config that does not compile is reported
                     cell["error"] = record_error(e)
                 out["cells"].append(cell)

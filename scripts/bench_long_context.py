@@ -454,7 +454,8 @@ def main(argv=None):
     ap.add_argument("--kernels", default="auto", choices=KERNELS,
                     help="int4 kernels (qspec_jax.kernel_choice): auto = Mosaic GPU on Hopper, else Triton")
     ap.add_argument("--mosaic-attention", default="",
-                    help="variant=version:stages[:kv_tile],... : run the quantized cache's attention on the "
+                    help="'triton' (the Triton kernel for every variant) or "
+                         "variant=version:stages[:kv_tile[:programs_per_sm]],... : run the quantized cache's attention on the "
                          "Mosaic GPU kernel with these configs (sets attention_mosaic.FASTER; default: as measured)")
     ap.add_argument("--out", help="results JSON (written after every mode)")
     ap.add_argument("--summary", help="merge the issue's ratio maps into this summary JSON")
@@ -499,11 +500,17 @@ def main(argv=None):
             print(f"{r['batch']}x{r['context']} {r['mode']}: cache {r['cache_bytes'] / 1e9:.1f} GB + weights "
                   f"{r['weights_bytes'] / 1e9:.1f} GB = {r['total_bytes'] / 2**30:.1f} GiB")
         return rows
-    for spec in filter(None, args.mosaic_attention.split(",")):
+    specs = args.mosaic_attention.split(",") if args.mosaic_attention not in ("", "triton") else []
+    if args.mosaic_attention == "triton":  # the Triton kernel for every variant
+        attention_mosaic.FASTER.clear()
+    for spec in specs:
         variant, config = spec.split("=")
-        version, stages, *tile = (int(x) for x in config.split(":"))
-        attention_mosaic.FASTER[variant] = dict(version=version, stages=stages,
-                                                **({"kv_tile": tile[0]} if tile else {}))
+        version, stages, *rest = config.split(":")
+        attention_mosaic.FASTER[variant] = dict(version=int(version), stages=int(stages))
+        if rest:
+            attention_mosaic.FASTER[variant]["kv_tile"] = int(rest[0])
+        if rest[1:]:
+            attention_mosaic.FASTER[variant]["programs_per_sm"] = float(rest[1])
     bandwidth, _ = best_copy_bandwidth(args.smoke)
     t0 = time.perf_counter()
     fparams = checkpoint.random_params(config, seed=0, dtype=jnp.bfloat16)

@@ -155,6 +155,7 @@ def test_supported_and_bad_inputs(rng):
     assert "splits" in supported("bf16", 4, 128, 256, None, 5)
     assert "tile" in supported("bf16", 4, 128, 200, None, 1)
     assert supported("int8", 20, 128, 8192, 128, choose_splits(16, 8, 8192, 128), stages=3, kv_tile=128) is None
+    assert choose_splits(16, 8, 8192) == 2 < choose_splits(16, 8, 8192, programs_per_sm=3) == 3  # one wave either way
     assert "kv_tile" in supported("int8", 4, 128, 512, 128, 1, version=2, kv_tile=128)
     assert "kv_tile" in supported("int8", 4, 128, 512, 128, 1, kv_tile=32)
     assert "group" in supported("int4", 4, 128, 512, 64, 1, kv_tile=128)
@@ -222,8 +223,13 @@ def test_decode_attention_runs_the_mosaic_kernel_when_asked(rng):
     err = float(jnp.abs(got - want).max())
     assert err < TOL, err
     M = 16  # the padded query rows of this launch
-    assert attention_mosaic.choose("auto", "int4", M, kv) is None  # no GPU here, and nothing measured faster
+    assert attention_mosaic.choose("auto", "int4", M, kv) is None  # no GPU here
+    # FASTER's INT4 config takes 128-token steps, which a 64-token key group cannot: FORCED runs it
+    assert attention_mosaic.FASTER["int4"].get("kv_tile") == 128
     assert attention_mosaic.choose("mosaic", "int4", M, kv) == attention_mosaic.FORCED
+    kv128, _, _ = cache(rng, "int4", B, KV, S, 128)
+    assert attention_mosaic.choose("mosaic", "int4", M, kv128) == attention_mosaic.FASTER["int4"]
+    assert attention_mosaic.choose("auto", "int4", M, kv128) is None
     with pytest.raises(ValueError, match="kernel must be"):
         attention_mosaic.choose("cuda", "int4", M, kv)
     with pytest.raises(ValueError, match="cannot run"):
