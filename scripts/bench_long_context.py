@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bandwidth import best_copy_bandwidth  # noqa: E402
 from pallas_kernels import attention_mosaic  # noqa: E402
+from pallas_kernels.common import is_hopper  # noqa: E402
 from qspec_jax import checkpoint, hierarchical_kv, kv_cache, quantize, speculative  # noqa: E402
 from qspec_jax.config import get_preset  # noqa: E402
 from qspec_jax.evaluation import run_metadata  # noqa: E402
@@ -524,7 +525,9 @@ def main(argv=None):
           flush=True)
     results = {"meta": {**run_metadata(), "preset": args.preset, "weights": "generated from a seed (speed only)",
                         "kernels": resolve_kernels(args.kernels),
-                        "attention": {"mosaic": dict(attention_mosaic.FASTER)} if attention_mosaic.FASTER else "triton",
+                        # what decode_attention(kernel="auto") runs: FASTER's configs on sm_90 only
+                        "attention": {"mosaic": dict(attention_mosaic.FASTER)}
+                        if attention_mosaic.FASTER and is_hopper() else "triton",
                         "new_tokens": args.new_tokens, "reps": args.reps, "kv_group": args.kv_group,
                         "kv_window": args.kv_window, "copy_bytes_per_s": bandwidth, "argv": sys.argv[1:],
                         "device_bytes_limit": (jax.devices()[0].memory_stats() or {}).get("bytes_limit"),
