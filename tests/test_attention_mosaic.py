@@ -234,3 +234,29 @@ def test_decode_attention_runs_the_mosaic_kernel_when_asked(rng):
         attention_mosaic.choose("cuda", "int4", M, kv)
     with pytest.raises(ValueError, match="cannot run"):
         attention_mosaic.choose("mosaic", "int4", 512, kv)  # more query rows than wgmma's N
+
+
+def test_auto_takes_the_measured_configs_on_hopper_for_large_caches_only(monkeypatch):
+    """kernel="auto" on sm_90: FASTER's config from MIN_CACHE_TOKENS (batch x slots) on, where the
+    shapes allow it; the Triton kernel below that, and for the bf16 cache (nothing measured faster)."""
+    from pallas_kernels import attention_mosaic
+    from pallas_kernels.decode_attention import QuantKV
+
+    monkeypatch.setattr(attention_mosaic, "is_hopper", lambda: True)
+
+    def planes(B, S, G=128, KV=8):  # shapes only: choose reads nothing else
+        u8, f16 = jnp.uint8, jnp.float16
+        sds = jax.ShapeDtypeStruct
+        return QuantKV(sds((B, KV, S, HD // 2), u8), sds((B, KV, S, HD // 2), u8), sds((B, KV, S // G, HD), f16),
+                       sds((B, KV, S // G, HD), f16), sds((B, KV, HD // 2, S), u8), sds((B, KV, HD // 2, S), u8),
+                       sds((B, KV, S), f16), sds((B, KV, S), f16))
+
+    big = attention_mosaic.MIN_CACHE_TOKENS // 8192
+    for variant in ("int8", "int4"):
+        assert attention_mosaic.choose("auto", variant, 16, planes(big, 8192)) == attention_mosaic.FASTER[variant]
+        assert attention_mosaic.choose("auto", variant, 16, planes(big // 2, 8192)) is None
+        assert attention_mosaic.choose("auto", variant, 512, planes(big, 8192)) is None  # wgmma's N: 256 rows
+    assert attention_mosaic.choose("auto", "int4", 16, planes(big, 8192, G=64)) is None  # 128-token steps
+    assert attention_mosaic.choose("mosaic", "int4", 16, planes(big, 8192, G=64)) == attention_mosaic.FORCED
+    bf16 = (jax.ShapeDtypeStruct((big, 8, 8192, HD), jnp.bfloat16),) * 2
+    assert attention_mosaic.choose("auto", "bf16", 16, bf16) is None

@@ -341,3 +341,30 @@ def test_join_sweeps_numbers_new_runs_after_the_joined_ones():
     assert [c["run"] for c in join_sweeps(new)["sweep"]] == [0, 0, 1, 1]
     with pytest.raises(ValueError, match="different devices"):
         join_sweeps([joined, {**new[0], "meta": {**meta, "device": "H200"}}])
+
+
+def test_attention_summary_names_the_kernel_decode_attention_runs(tmp_path):
+    """Issue 19's A1 keys: per variant and context the kernel whose call as decode_attention makes
+    it (attend_us) was fastest in the newest run that timed it, with that kernel's own fraction,
+    even where another kernel's kernel-only cell read faster; without attend_us, the higher fraction."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import bench_attention_mosaic as bam
+
+    rng = np.random.default_rng(19)
+    frac = rng.uniform(0.3, 0.9, 4)
+
+    def cell(variant, kernel, f, attend=None):
+        c = {"context": 8192, "variant": variant, "kernel": kernel, "config": {}, "kernel_us": 100 / f, "frac_copy_bw": f}
+        return {**c, "attend_us": attend} if attend else c
+
+    meta = {"device": "GPU", "jax": "0", "commit": "abc"}
+    old = {"meta": meta, "cells": [cell("int8", "triton", frac[0]), cell("int8", "mosaic", frac[0] / 2)]}
+    new = {"meta": {**meta, "commit": "def"}, "cells": [
+        cell("int4", "triton", max(frac[1:3]), attend=200.0), cell("int4", "mosaic", min(frac[1:3]), attend=150.0)]}
+    quality = json.load(open(os.path.join(ROOT, "benchmarks", "kv", "kv_quality.json")))
+    s = bam.summarize([old, new], quality, "kv_quality.json")
+    assert s["attention_kernel"] == {"int8": {"8192": "triton"}, "int4": {"8192": "mosaic"}}
+    assert s["attention_frac_copy_bw"]["int4"]["8192"] == min(frac[1:3])  # the kernel the call runs
+    assert s["attention_frac_copy_bw"]["int8"]["8192"] == frac[0]
+    assert s["attention_frac_copy_bw_mosaic"]["int8"]["8192"] == frac[0] / 2
+    assert s["commit"] == ["abc", "def"]
