@@ -84,7 +84,7 @@ permutes Q's channels to match. The value codes go to SMEM as 1024 + code (no su
 deferred shift term takes 1024 sum_t ps more. The key scale s cs and shift m - 8 s cs are computed
 in f16 from the cache's f16 scales (v4 too): cs and 8 cs are powers of two, so the shift is rounded
 once, as the f32 path rounds it, and the step has no f16 <-> f32 conversions of scales (the H100's
-PTX of a step: 941 -> 844 instructions on INT8, 795 -> 678 on INT4).
+PTX of a step: 941 -> 843 instructions on INT8, 795 -> 677 on INT4).
 
 kv_tile (v1, v4, v5, bf16): tokens per pipeline step, 64 (one MMA row group) or 128 (two). A step
 carries work that does not grow with its tokens (the TMA wait, the score and value MMAs' waits, the

@@ -368,3 +368,28 @@ def test_attention_summary_names_the_kernel_decode_attention_runs(tmp_path):
     assert s["attention_frac_copy_bw"]["int8"]["8192"] == frac[0]
     assert s["attention_frac_copy_bw_mosaic"]["int8"]["8192"] == frac[0] / 2
     assert s["commit"] == ["abc", "def"]
+
+
+def test_ptx_mix_counts_the_mma_block(tmp_path):
+    """scripts/ptx_mix.py: the block that issues wgmma, its instructions by opcode (inline-asm
+    statements one by one, predicated ones by their opcode), registers and spills from ptxas."""
+    rng = np.random.default_rng(7)
+    n_and, n_mma = (int(x) for x in rng.integers(1, 9, 2))
+    wgmma = ("\t{ .reg .pred p; setp.ne.b32 p, 1, 0; wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 "
+             "{%r1,%r2}, {%r3}, %rd4, p, 1, 1, 0; }\n")
+    ptx = (".visible .entry k(\n.param .u64 a\n)\n{\n\t.reg .b32 %r<9>;\n\tmov.b32 %r1, 0;\n$L__BB0_1:\n"
+           + "\tand.b32 %r2, %r1, 15;\n" * n_and + "\t@%p1 bra $L__BB0_2;\n" + wgmma * n_mma
+           + "\t// a comment\n$L__BB0_2:\n\tret;\n}\n")
+    (tmp_path / "k_0.ptx").write_text(ptx)
+    (tmp_path / "k_0.ptxas").write_text("ptxas info    : 0 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads\n"
+                                        "ptxas info    : Used 96 registers, used 1 barriers\n")
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import ptx_mix
+
+    got = ptx_mix.main([str(tmp_path), "--out", str(tmp_path / "mix.json"), "--meta", "device=test"])
+    k = got["kernels"]["k"]
+    assert k["registers"] == 96 and k["spill_store_bytes"] == 8 and got["meta"] == {"device": "test"}
+    body = k["loop_body"]
+    assert body["block"] == "$L__BB0_1" and body["instructions"] == n_and + 1 + 2 * n_mma
+    assert body["ops"]["and.b32"] == n_and and body["ops"]["bra"] == 1 and body["ops"]["setp.ne.b32"] == n_mma
+    assert body["outside_wgmma_asm"] == n_and + 1

@@ -13,10 +13,5 @@ timeout ${BENCH_TIMEOUT:-420} python3 scripts/bench_attention_mosaic.py --out $O
   --contexts 8192,32768 --variants int8,int4 --v1-configs "" --v2-configs "" --v3-configs "" --v4-configs "" \
   --v5-configs 2:1,2:1.5,2:2,3:1,2:1:128,2:1.5:128
 echo "bench rc=$? (t=${SECONDS}s)"
-mkdir -p $OUT/dump
-MOSAIC_GPU_DUMP_TO=$OUT/dump MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 \
-  timeout 60 python3 scripts/ncu_probe.py --calls 1 --only attention_mosaic_v5
-echo "dump rc=$? (t=${SECONDS}s)"
-rm -f $OUT/dump/*mlir-passes.log
-tar czf $OUT/dump.tar.gz -C $OUT dump && rm -rf $OUT/dump
+bash benchmarks/kv/runs/dump_ptx.sh attention_mosaic_v5
 } > $OUT/run.log 2>&1
