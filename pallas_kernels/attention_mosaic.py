@@ -114,6 +114,8 @@ through SMEM scratch and Q comes pre-transposed; the rest of the body is the sam
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -297,6 +299,10 @@ def _tile_ranges(bounds, S, P, kv_tile):
     return jnp.stack([first, count, zero, zero], axis=-1).astype(jnp.int32)
 
 
+# Jitted with its static knobs so that a model whose layers are unrolled lowers the kernel once per
+# shape, not once per call site (each Mosaic GPU lowering takes about a second on the host).
+@functools.partial(jax.jit, static_argnames=("variant", "sm_scale", "splits", "stages", "interpret", "cut",
+                                             "cut_side", "version", "kv_tile", "programs_per_sm"))
 def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits=None, stages=2,
                        interpret=False, cut=None, cut_side=None, version=1, kv_tile=TILE,
                        programs_per_sm=PROGRAMS_PER_SM):
@@ -367,7 +373,9 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         # here exactly as in the kernel, so the MAGIC offset cancels to f32 rounding.
         qf = q.swapaxes(-1, -2).transpose(0, 1, 3, 2, 4).reshape(B, KV, tm, hd).astype(f32)  # [B, KV, tm, hd]
         ksf = kv.k_scale.astype(f32) * cs  # [B, KV, S/G, hd]
-        q_scaled = (qf[:, :, None] * ksf[:, :, :, None, :]).astype(bf16).astype(f32)  # [B, KV, S/G, tm, hd]
+        # rounded to bf16 by reduce_precision: under jit XLA may drop an f32 -> bf16 -> f32 round trip
+        # (excess precision allowed), which would break the MAGIC cancellation
+        q_scaled = lax.reduce_precision(qf[:, :, None] * ksf[:, :, :, None, :], 8, 7)  # [B, KV, S/G, tm, hd]
         bias = jnp.einsum("bhrc,bhgc->bhgr", qf, kv.k_min.astype(f32), precision=lax.Precision.HIGHEST) \
             - (offset + (K_MAGIC_V3 if v3 else MAGIC) * sum(weights)) * q_scaled.sum(-1)  # [B, KV, S/G, tm]
         names = [x for x in names if x != "k_min"]
