@@ -505,8 +505,8 @@ def main(argv=None):
     if args.mosaic_attention == "triton":  # the Triton kernel for every variant
         attention_mosaic.FASTER.clear()
     for spec in specs:
-        variant, config = spec.split("=")
-        version, stages, *rest = config.split(":")
+        variant, knobs = spec.split("=")  # not `config`: the model's config below
+        version, stages, *rest = knobs.split(":")
         attention_mosaic.FASTER[variant] = dict(version=int(version), stages=int(stages))
         if rest:
             attention_mosaic.FASTER[variant]["kv_tile"] = int(rest[0])
@@ -526,7 +526,8 @@ def main(argv=None):
     results = {"meta": {**run_metadata(), "preset": args.preset, "weights": "generated from a seed (speed only)",
                         "kernels": resolve_kernels(args.kernels),
                         # what decode_attention(kernel="auto") runs: FASTER's configs on sm_90 only
-                        "attention": {"mosaic": dict(attention_mosaic.FASTER)}
+                        "attention": {"mosaic": dict(attention_mosaic.FASTER),
+                                      "min_cache_tokens": attention_mosaic.MIN_CACHE_TOKENS}
                         if attention_mosaic.FASTER and is_hopper() else "triton",
                         "new_tokens": args.new_tokens, "reps": args.reps, "kv_group": args.kv_group,
                         "kv_window": args.kv_window, "copy_bytes_per_s": bandwidth, "argv": sys.argv[1:],

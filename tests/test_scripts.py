@@ -215,10 +215,11 @@ def test_bench_long_context_cells_in_two_processes(tmp_path):
     rows = run_script("bench_long_context.py", "--dry-run", "--shapes", "16x32768")
     assert "16x32768 w4a16_bf16kv: cache 69.0 GB + weights 5.8 GB" in rows and "4x32768" not in rows
     out, cells = tmp_path / "lc.json", "2x48:w4a16_bf16kv,qspec_w4a8_int8kv_g3;1x40:bf16_bf16kv"
-    for shape in ("2x48", "1x40"):
+    for shape, attention in (("2x48", ["--mosaic-attention", "int8=5:2:64:3,int4=5:2:128"]), ("1x40", [])):
         run_script("bench_long_context.py", "--smoke", "--cells", cells, "--shapes", shape, "--append",
-                   "--compile-threads", "2", "--out", str(out))
+                   "--compile-threads", "2", "--out", str(out), *attention)
     res = json.loads(out.read_text())
+    assert res["meta"]["attention"] == "triton"  # Mosaic configs take effect on sm_90 only
     assert [(c["batch"], c["context"], [m["mode"] for m in c["modes"]]) for c in res["cells"]] == [
         (2, 48, ["w4a16_bf16kv", "qspec_w4a8_int8kv_g3"]), (1, 40, ["bf16_bf16kv"])]
     assert res["meta"]["argv"][3:5] == ["--shapes", "2x48"] and res["meta"]["appended"][0]["argv"][3:5] == [
