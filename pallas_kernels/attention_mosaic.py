@@ -228,6 +228,18 @@ MIN_CACHE_TOKENS = 16 * 8192
 FORCED = dict(version=5)  # kernel="mosaic" where no measured config runs the launch (bf16 runs v1)
 
 
+def cache_dims(variant: str, kv) -> tuple:
+    """(B, KV, S, hd, group) of a launch's cache: bf16 (k, v) [B, KV, S, hd] or a QuantKV (group None
+    for bf16)."""
+    if variant == "bf16":
+        B, KV, S, hd = kv[0].shape
+        return B, KV, S, hd, None
+    if not isinstance(kv, QuantKV):
+        raise ValueError(f"variant {variant!r} takes QuantKV planes")
+    B, KV, S, half = kv.k_upper.shape
+    return B, KV, S, 2 * half, S // kv.k_scale.shape[2]
+
+
 def choose(kernel: str, variant: str, M: int, kv, splits=None, interpret: bool = False) -> dict | None:
     """The config decode_attention runs this kernel with, or None for the Triton kernel. kernel:
     "triton"; "mosaic" (FASTER's config where the shapes allow it, else FORCED; a ValueError if
@@ -237,10 +249,7 @@ def choose(kernel: str, variant: str, M: int, kv, splits=None, interpret: bool =
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "triton" or (kernel == "auto" and (interpret or variant not in FASTER or not is_hopper())):
         return None
-    k = kv[0] if variant == "bf16" else kv.k_upper
-    B, KV, S = k.shape[:3]
-    hd = k.shape[3] if variant == "bf16" else 2 * k.shape[3]
-    group = None if variant == "bf16" else S // kv.k_scale.shape[2]
+    B, KV, S, hd, group = cache_dims(variant, kv)
     if kernel == "auto" and B * S < MIN_CACHE_TOKENS:
         return None
     configs = [FASTER[variant]] if variant in FASTER else []
@@ -326,15 +335,10 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     Returns o [B, KV, P, M, hd] f32 (unnormalized), m and l [B, KV, P, M] f32.
     """
     B, KV, M, hd = q_rows.shape
+    S, group = cache_dims(variant, kv)[2::2]
     if variant == "bf16":
-        k, v = kv
-        S, group = k.shape[2], None
-        operands = [k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)]  # the MMA's type (no copy if bf16)
+        operands = [x.astype(jnp.bfloat16) for x in kv]  # the MMA's type (no copy if bf16)
     else:
-        if not isinstance(kv, QuantKV):
-            raise ValueError(f"variant {variant!r} takes QuantKV planes")
-        S = kv.k_upper.shape[2]
-        group = S // kv.k_scale.shape[2]
         names = plane_names(variant)
         operands = [getattr(kv, x) for x in names]
     if splits is None:

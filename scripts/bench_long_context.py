@@ -501,10 +501,9 @@ def main(argv=None):
             print(f"{r['batch']}x{r['context']} {r['mode']}: cache {r['cache_bytes'] / 1e9:.1f} GB + weights "
                   f"{r['weights_bytes'] / 1e9:.1f} GB = {r['total_bytes'] / 2**30:.1f} GiB")
         return rows
-    specs = args.mosaic_attention.split(",") if args.mosaic_attention not in ("", "triton") else []
     if args.mosaic_attention == "triton":  # the Triton kernel for every variant
         attention_mosaic.FASTER.clear()
-    for spec in specs:
+    for spec in filter(None, args.mosaic_attention.split(",") if args.mosaic_attention != "triton" else []):
         variant, knobs = spec.split("=")  # not `config`: the model's config below
         version, stages, *rest = knobs.split(":")
         attention_mosaic.FASTER[variant] = dict(version=int(version), stages=int(stages))

@@ -53,6 +53,16 @@ def mosaic_attention(q, q_pos, kv, kv_len, variant, *, recent=None, recent_start
     return out.reshape(B, KV, rep, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
+def plane_shapes(B, KV, S, G):
+    """A QuantKV of shapes only (jax.ShapeDtypeStruct): for lowering and for choose."""
+    from pallas_kernels.decode_attention import QuantKV
+
+    u8 = lambda *s: jax.ShapeDtypeStruct(s, jnp.uint8)  # noqa: E731
+    f16 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float16)  # noqa: E731
+    return QuantKV(u8(B, KV, S, HD // 2), u8(B, KV, S, HD // 2), f16(B, KV, S // G, HD), f16(B, KV, S // G, HD),
+                   u8(B, KV, HD // 2, S), u8(B, KV, HD // 2, S), f16(B, KV, S), f16(B, KV, S))
+
+
 def cache(rng, variant, B, KV, S, G):
     if variant == "bf16":
         k, v = (jnp.asarray(rng.standard_normal((B, KV, S, HD)), jnp.bfloat16) for _ in range(2))
@@ -179,17 +189,9 @@ def test_lowers_for_cuda(variant, version, M, cut, kv_tile):
     Mosaic GPU cannot lower (layout inference, wgmma operand layouts, 8-bit arithmetic)."""
     from jax import export
 
-    from pallas_kernels.decode_attention import QuantKV
-
     B, KV, S, G = 2, 2, 512, 128
     sd = jax.ShapeDtypeStruct
-    u8 = lambda *s: sd(s, jnp.uint8)  # noqa: E731
-    f16 = lambda *s: sd(s, jnp.float16)  # noqa: E731
-    if variant == "bf16":
-        kv = (sd((B, KV, S, HD), jnp.bfloat16),) * 2
-    else:
-        kv = QuantKV(u8(B, KV, S, HD // 2), u8(B, KV, S, HD // 2), f16(B, KV, S // G, HD), f16(B, KV, S // G, HD),
-                     u8(B, KV, HD // 2, S), u8(B, KV, HD // 2, S), f16(B, KV, S), f16(B, KV, S))
+    kv = (sd((B, KV, S, HD), jnp.bfloat16),) * 2 if variant == "bf16" else plane_shapes(B, KV, S, G)
 
     def f(q, pos, kv, n, off):
         return attention_partials(q, pos, kv, n, off, variant=variant, sm_scale=0.1, splits=2,
@@ -240,16 +242,11 @@ def test_auto_takes_the_measured_configs_on_hopper_for_large_caches_only(monkeyp
     """kernel="auto" on sm_90: FASTER's config from MIN_CACHE_TOKENS (batch x slots) on, where the
     shapes allow it; the Triton kernel below that, and for the bf16 cache (nothing measured faster)."""
     from pallas_kernels import attention_mosaic
-    from pallas_kernels.decode_attention import QuantKV
 
     monkeypatch.setattr(attention_mosaic, "is_hopper", lambda: True)
 
     def planes(B, S, G=128, KV=8):  # shapes only: choose reads nothing else
-        u8, f16 = jnp.uint8, jnp.float16
-        sds = jax.ShapeDtypeStruct
-        return QuantKV(sds((B, KV, S, HD // 2), u8), sds((B, KV, S, HD // 2), u8), sds((B, KV, S // G, HD), f16),
-                       sds((B, KV, S // G, HD), f16), sds((B, KV, HD // 2, S), u8), sds((B, KV, HD // 2, S), u8),
-                       sds((B, KV, S), f16), sds((B, KV, S), f16))
+        return plane_shapes(B, KV, S, G)
 
     big = attention_mosaic.MIN_CACHE_TOKENS // 8192
     for variant in ("int8", "int4"):
