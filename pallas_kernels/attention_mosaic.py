@@ -86,12 +86,25 @@ in f16 from the cache's f16 scales (v4 too): cs and 8 cs are powers of two, so t
 once, as the f32 path rounds it, and the step has no f16 <-> f32 conversions of scales (the H100's
 PTX of a step: 941 -> 843 instructions on INT8, 795 -> 677 on INT4).
 
-kv_tile (v1, v4, v5, bf16): tokens per pipeline step, 64 (one MMA row group) or 128 (two). A step
+v6 (`version=6`, quantized variants): v5 with the mask paid only where it cuts. The H100's PTX of a
+v5 step spends about 50 of its 677 (INT4) / 843 (INT8) instructions on the mask: an iota, two
+compares and two selects per score. A tile every real query row sees in full (from the highest
+lo to the lowest hi over the real rows, a [first, end) tile range per batch row that the wrapper
+passes beside each split's tiles) needs none, so a uniform `lax.cond` on the tile index takes an
+unmasked path there; in decode only the last tile of a row's context (and, in verify, the tile of
+the last gamma positions) is masked. Without a "from" cut every row's lo is 0, so the masked path
+compares with hi only. Padding rows (zero queries) are left unmasked on interior tiles: their
+partials are finite and dropped by the caller.
+v7 (`version=7`, quantized variants): v6 with `approx_math` (exp as one multiply and `ex2.approx`). The same PTX shows
+jnp.exp's accurate sequence, about 8 instructions for each of a step's 12 exponentials a thread
+(INT4, 64-token steps); ex2.approx's relative error (about 2^-22) is far below P's f16 rounding.
+
+kv_tile (v1, v4 to v7, bf16): tokens per pipeline step, 64 (one MMA row group) or 128 (two). A step
 carries work that does not grow with its tokens (the TMA wait, the score and value MMAs' waits, the
 softmax reductions across the warpgroup's four warps, the SMEM fences before the value MMA); 128
 pays it half as often, for twice the registers of the key tiles.
 
-Deferred sums (v1, v4, v5, bf16): a step's only reduction across the warpgroup's four warps is the
+Deferred sums (v1, v4 to v7, bf16): a step's only reduction across the warpgroup's four warps is the
 running maximum over the tile's tokens; the softmax denominators l and the values' per-column
 minimum and offset term (sum_t p m - offset sum_t ps) are linear in p, so each thread keeps its own
 rows' share in a [kv_tile, tm] tile rescaled with o, and the warps combine them once, after the
@@ -129,15 +142,15 @@ from .kv_cut import cut_position
 from .packed_codes import F16_BASE, as_wgmma, in_column_order, unpack_bytes
 
 TILE = 64  # KV tokens per pipeline step by default: wgmma's M side for the scores
-KV_TILES = (64, 128)  # v1 / v4 / v5 / bf16 may take 128 tokens a step (two 64-row MMA groups), v2 / v3 64 only
+KV_TILES = (64, 128)  # v1 / v4 to v7 / bf16 may take 128 tokens a step (two 64-row MMA groups), v2 / v3 64 only
 MAX_ROWS = 256  # wgmma's largest N: query rows per kv head
 SMEM_BYTES = 227 * 1024
 MAGIC = 128  # v2: bf16 bits 0x4300 | u (u = 0..15) are the number 128 + u
 K_MAGIC_V3 = -8  # v3's keys: the int4 view's (u ^ 8) converts to u - 8
 
 
-VERSIONS = (1, 2, 3, 4, 5)
-FOLDED = (2, 3)  # the bodies that fold the scales into Q and P (tm >= 32, 64-token steps); 1, 4, 5 share v1's
+VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+FOLDED = (2, 3)  # the bodies that fold the scales into Q and P (tm >= 32, 64-token steps); 1, 4 to 7 share v1's
 F16_MAGIC = 0x6400  # v4: f16 bits 0x6400 | c (c = 0..1023) are the number 1024 + c
 
 
@@ -291,10 +304,11 @@ def _bounds(row_pos, n, off, tm, cut, cut_side):
     return jnp.stack([lo, hi], axis=1)
 
 
-def _tile_ranges(bounds, S, P, kv_tile):
-    """[B, P, 4] int32: (first tile, tile count, 0, 0) of each split, in tiles of kv_tile tokens. The
-    tiles any query row of a batch row can see are divided evenly among the P splits, as in the
-    Triton kernel."""
+def _tile_ranges(bounds, real, S, P, kv_tile):
+    """[B, P, 4] int32: (first tile, tile count, first full tile, end of the full tiles) of each
+    split, in tiles of kv_tile tokens. The tiles any query row of a batch row can see are divided
+    evenly among the P splits, as in the Triton kernel; the full tiles [first, end) are those every
+    real row (`real` [B, tm] bool) sees in full (v6; empty where a real row sees nothing)."""
     lo, hi = bounds[:, 0], bounds[:, 1]  # [B, tm]
     seen = hi > lo
     start = jnp.min(jnp.where(seen, lo, S), axis=1) // kv_tile  # [B]
@@ -304,8 +318,10 @@ def _tile_ranges(bounds, S, P, kv_tile):
     split = jnp.arange(P, dtype=jnp.int32)
     first = start[:, None] + split * per[:, None]
     count = jnp.clip(total[:, None] - split * per[:, None], 0, per[:, None])
-    zero = jnp.zeros_like(first)
-    return jnp.stack([first, count, zero, zero], axis=-1).astype(jnp.int32)
+    full_first = -(-jnp.max(jnp.where(real, lo, 0), axis=1) // kv_tile)  # ceil
+    full_end = jnp.maximum(jnp.min(jnp.where(real, hi, S), axis=1) // kv_tile, full_first)
+    full = jnp.broadcast_to(jnp.stack([full_first, full_end], axis=-1)[:, None], (*first.shape, 2))
+    return jnp.concatenate([jnp.stack([first, count], axis=-1), full], axis=-1).astype(jnp.int32)
 
 
 # Jitted with its static knobs so that a model whose layers are unrolled lowers the kernel once per
@@ -325,12 +341,14 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     splits: context splits (programs per row and kv head), None for choose_splits (with
     programs_per_sm: the programs an SM is taken to hold at once);
     stages: pipeline depth (TMA loads in flight per program);
-    kv_tile: KV tokens per pipeline step (KV_TILES; 128 on the v1, v4, v5 and bf16 paths halves the steps,
+    kv_tile: KV tokens per pipeline step (KV_TILES; 128 on the v1, v4 to v7 and bf16 paths halves the steps,
     so each step's fixed work, the softmax reductions across the warpgroup and the MMA waits, is
     spread over twice the tokens);
     version: 1 (dequantize the keys in registers, values through SMEM), 2 (raw codes into the MMAs,
     scales folded into Q and P: module docstring, "v2"), 3 (v2, keys through an int4 view), 4 (v1
-    in f16, the codes built from bits: "v4") or 5 (v4 unpacking 32-bit words: "v5"); the bf16
+    in f16, the codes built from bits: "v4"), 5 (v4 unpacking 32-bit words: "v5") or 6 (v5 with
+    the mask only on tiles some real row sees in part: "v6") or 7 (v6 with exp as ex2.approx:
+    "v7"); the bf16
     variant runs version 1 either way.
     Returns o [B, KV, P, M, hd] f32 (unnormalized), m and l [B, KV, P, M] f32.
     """
@@ -353,8 +371,12 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     tm = row_tile(M, version)
     v2 = version in FOLDED  # v3 is v2 with the keys read through an int4 view
     v3 = version == 3
-    f16_codes = version in (4, 5)  # v1's body in f16, the codes from bits
-    packed = version == 5  # v4 with the codes unpacked a 32-bit word at a time (packed_codes.py)
+    # v4 to v7 each add one change to the version before (module docstring)
+    f16_codes = version >= 4  # v1's body in f16, the codes from bits
+    packed = version >= 5  # the codes unpacked a 32-bit word at a time (packed_codes.py)
+    interior = version >= 6  # the mask only on tiles some real row sees in part
+    approx_exp = version >= 7  # exp as ex2.approx
+    lo_zero = cut_side != "from"  # every row's lo is 0: the mask compares with hi only (v6)
     cdt = jnp.float16 if f16_codes else jnp.bfloat16  # the MMAs' operand type
     P = splits
     hd2 = hd // 2
@@ -414,6 +436,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         plgpu.copy_gmem_to_smem(rng_gmem.at[b, s], rng_smem, barrier)  # this split's tiles
         plgpu.barrier_wait(barrier)
         first, count = rng_smem[0], rng_smem[1]
+        full_first, full_end = rng_smem[2], rng_smem[3]  # v6: the tiles every real row sees in full
 
         def tile(i):  # clamped into the cache: a split with no visible tile reads one, all masked
             return jnp.minimum(first + i, S // kv_tile - 1)
@@ -424,15 +447,26 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         def probs(i, scores, bnd, m_prev):
             """This tile's masked probabilities P^T [kv_tile, tm] f32 from the scaled scores S^T,
             the rescale of earlier columns [tm] and the new running maximum m."""
-            slots = (first + i) * kv_tile + lax.broadcasted_iota(jnp.int32, (kv_tile, tm), 0)
-            lo = lax.broadcast_in_dim(bnd[0], (kv_tile, tm), (1,))
-            hi = lax.broadcast_in_dim(bnd[1], (kv_tile, tm), (1,))
-            mask = (slots >= lo) & (slots < hi)
-            scores = jnp.where(mask, scores, NEG)
-            m_next = jnp.maximum(m_prev, jnp.max(scores, axis=0))  # the step's one cross-warp reduction
-            corr = jnp.exp(m_prev - m_next)
-            p = jnp.where(mask, jnp.exp(scores - lax.broadcast_in_dim(m_next, (kv_tile, tm), (1,))), 0.0)
-            return p, corr, m_next
+            def masked(scores):
+                slots = (first + i) * kv_tile + lax.broadcasted_iota(jnp.int32, (kv_tile, tm), 0)
+                mask = slots < lax.broadcast_in_dim(bnd[1], (kv_tile, tm), (1,))
+                if not (interior and lo_zero):
+                    mask = mask & (slots >= lax.broadcast_in_dim(bnd[0], (kv_tile, tm), (1,)))
+                scores = jnp.where(mask, scores, NEG)
+                m_next = jnp.maximum(m_prev, jnp.max(scores, axis=0))  # the step's one cross-warp reduction
+                p = jnp.where(mask, jnp.exp(scores - lax.broadcast_in_dim(m_next, (kv_tile, tm), (1,))), 0.0)
+                return p, m_next
+
+            def unmasked(scores):  # v6: a tile every real row sees in full
+                m_next = jnp.maximum(m_prev, jnp.max(scores, axis=0))
+                return jnp.exp(scores - lax.broadcast_in_dim(m_next, (kv_tile, tm), (1,))), m_next
+
+            if interior:
+                full = (first + i >= full_first) & (first + i < full_end)
+                p, m_next = lax.cond(full, unmasked, masked, scores)
+            else:
+                p, m_next = masked(scores)
+            return p, jnp.exp(m_prev - m_next), m_next
 
         def softmax_probs(i, scores, bnd, m_prev, l_prev):
             """v2 / v3: P^T, the rescale, the new m and the row sums l, reduced every step."""
@@ -440,7 +474,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             return p, corr, m_next, l_prev * corr + jnp.sum(p, axis=0)
 
         def softmax_step(i, scores, bnd, carry):
-            """v1 / v4 / v5 / bf16: P^T and the carry (o, m, l_acc, s_acc) with o rescaled, the new m and
+            """v1 / v4 to v7 / bf16: P^T and the carry (o, m, l_acc, s_acc) with o rescaled, the new m and
             the deferred sums rescaled, p added to l_acc (the caller adds the values' shift to s_acc):
             each thread keeps its own rows' sums, reduced across the warpgroup once at the end
             (module docstring, "Deferred sums")."""
@@ -706,10 +740,12 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         out_type=(jax.ShapeDtypeStruct((B, KV, P, hd, tm), f32),) + (jax.ShapeDtypeStruct((B, KV, P, tm), f32),) * 2,
         grid=(B, KV, P),
         grid_names=("b", "h", "s"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+                                             approx_math=approx_exp),
         scratch_types=scratch,
         interpret=InterpretGPUParams() if interpret else None,
         kernel_name=f"attention_mosaic_{variant}" + (f"_v{version}" if version > 1 else ""),
     )
-    o_t, m, l = kernel(q, bounds, _tile_ranges(bounds, S, P, kv_tile), *operands)
+    real = jnp.pad(row_pos >= 0, ((0, 0), (0, tm - M)))
+    o_t, m, l = kernel(q, bounds, _tile_ranges(bounds, real, S, P, kv_tile), *operands)
     return o_t.swapaxes(-1, -2)[:, :, :, :M], m[..., :M], l[..., :M]  # no slices when M == tm (decode_attention)

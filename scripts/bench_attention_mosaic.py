@@ -10,7 +10,7 @@ One run does, in order, writing everything to --out (JSON, rewritten after every
           error; NaN fails); the Triton kernel is checked the same way;
   time    per context (default 8192 and 32768) and variant, at --batch rows, every row at the full
           context: the Triton launch (its DEFAULTS, pick_splits) and each Mosaic config (version,
-          pipeline stages, splits, kv_tile: --v1-configs ... --v5-configs; v2 to v5 are
+          pipeline stages, splits, kv_tile: --v1-configs ... --v7-configs; v2 to v7 are
           quantized paths, so bf16 runs v1 only), timed by CUPTI (jax.experimental.mosaic.gpu.profiler.measure,
           aggregate=False): each kernel's own time, so the wrapper's small XLA ops (padding Q, the
           mask bounds) are reported apart from the attention kernel; attend_us times the call as
@@ -257,6 +257,8 @@ def main(argv=None):
     ap.add_argument("--v3-configs", default="2:1,3:1,2:2", help="Mosaic v3 configs, as --v1-configs")
     ap.add_argument("--v4-configs", default="2:1,2:1:128", help="Mosaic v4 configs, as --v1-configs")
     ap.add_argument("--v5-configs", default="2:1,2:1:128", help="Mosaic v5 configs, as --v1-configs")
+    ap.add_argument("--v6-configs", default="2:1,2:1:128", help="Mosaic v6 configs, as --v1-configs")
+    ap.add_argument("--v7-configs", default="2:1,2:1:128", help="Mosaic v7 configs, as --v1-configs")
     ap.add_argument("--T", type=int, default=1, help="query positions per row in the timed step")
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="CPU interpreters, tiny shapes (a path check)")
@@ -280,7 +282,8 @@ def main(argv=None):
         return out
 
     configs = parse(args.v1_configs, 1) + parse(args.v2_configs, 2) + parse(args.v3_configs, 3) \
-        + parse(args.v4_configs, 4) + parse(args.v5_configs, 5)
+        + parse(args.v4_configs, 4) + parse(args.v5_configs, 5) + parse(args.v6_configs, 6) \
+        + parse(args.v7_configs, 7)
     if args.smoke:
         B, contexts, check_S = 1, [256], 512
         configs = [next(c for c in configs if c[0] == n) for n in attention_mosaic.VERSIONS

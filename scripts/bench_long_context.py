@@ -34,6 +34,8 @@ the batch-16 cells first (int4 weights only; give JAX 95% of the memory), then t
     python scripts/bench_long_context.py --summarize benchmarks/kv/h200_long_context.json \\
         --summary benchmarks/kv/h200_summary.json --plot benchmarks/kv/h200_long_context.png
                                                           # the issue's ratio maps and plot from a results file
+    python scripts/bench_long_context.py --summarize A.json B.json:16x8192 --summary S.json
+                                                          # cell by cell: A's cells, B's 16 x 8k in their place
 """
 
 from __future__ import annotations
@@ -387,29 +389,65 @@ def plot(results: dict, path: str):
     plt.close(fig)
 
 
-def write_summary(results: dict, path: str, source: str):
-    """Merge the ratio maps into the summary JSON at `path` (keeping its other measured keys);
-    `source`: the results file they come from."""
+def parse_run(text: str) -> tuple[str, set | None]:
+    """--summarize's FILE[:BxS,BxS...] -> (path, the cells it gives, None for all of its cells)."""
+    path, _, cells = text.partition(":")
+    return path, set(cells.lower().split(",")) if cells else None
+
+
+def merge_maps(runs: list) -> tuple[dict, dict]:
+    """The issue's ratio maps and floor bounds of several results files, cell by cell. runs:
+    [(source, results, cells or None)] in order; a later run's cell replaces an earlier one's, so
+    every ratio still comes from one process. Returns the maps (with "floor_bound") and {BxS: source}."""
+    owner = {}
+    for source, results, cells in runs:
+        for cell in results["cells"]:
+            key = f"{cell['batch']}x{cell['context']}"
+            if cells is None or key in cells:
+                owner[key] = source
+    missing = {c for _, _, cells in runs for c in cells or ()} - set(owner)
+    if missing:
+        raise SystemExit(f"--summarize: no run holds the cells {sorted(missing)}")
+    maps, bounds = {}, {}
+    for source, results, _ in runs:
+        for into, part in ((maps, summarize(results)), (bounds, floor_bounds(results))):
+            for name, m in part.items():
+                out = into.setdefault(name, {})
+                for key, value in m.items():  # the issue's cells stay as keys, None where unmeasured
+                    if owner.get(key) == source:
+                        out[key] = value
+                    elif key not in owner:
+                        out.setdefault(key, None)
+    return {**maps, "floor_bound": bounds}, owner
+
+
+def write_summary(runs: list, path: str):
+    """Merge the ratio maps of `runs` ([(source, results, cells or None)], merge_maps) into the
+    summary JSON at `path`, keeping its other measured keys."""
     summary = {}
     if os.path.exists(path):
         with open(path) as f:
             summary = json.load(f)
-    meta = results["meta"]
-    if summary.get("device") not in (None, meta.get("device")):
-        raise SystemExit(f"{path} holds {summary['device']} numbers; {source} is from {meta.get('device')}")
-    summary.update(summarize(results))
-    summary["floor_bound"] = floor_bounds(results)
-    summary["e2e"] = {"source": source, "device": meta.get("device"), "kernels": meta.get("kernels"),
-                      "commit": meta.get("commit"), "ratios": "decode only (module docstring of "
-                      "scripts/bench_long_context.py); median seconds of the baseline over the mode's"}
+    metas = [results["meta"] for _, results, _ in runs]
+    for (source, _, _), meta in zip(runs, metas):
+        if summary.setdefault("device", meta.get("device")) != meta.get("device"):
+            raise SystemExit(f"{path} holds {summary['device']} numbers; {source} is from {meta.get('device')}")
+    maps, owner = merge_maps(runs)
+    summary.update(maps)
+    commits = [str(m.get("commit"))[:7] for m in metas if m.get("commit")]
+    used = set(owner.values())
+    summary["e2e"] = {"source": {key: owner[key] for key in sorted(owner)}, "device": metas[-1].get("device"),
+                      "kernels": sorted({str(m.get("kernels")) for m in metas}),
+                      "attention": {src: m.get("attention") for (src, _, _), m in zip(runs, metas) if src in used},
+                      "commit": sorted(set(commits), key=commits.index),
+                      "ratios": "decode only (module docstring of scripts/bench_long_context.py); median seconds "
+                                "of the baseline over the mode's, both from the run named for the cell"}
     if isinstance(summary.get("notes"), list):  # the e2e note is this writer's: replace any earlier one
         summary["notes"] = [n for n in summary["notes"] if not n.startswith("end-to-end keys")] + [
-            f"end-to-end keys: {source} (commit {str(meta.get('commit'))[:7]}), decode only"]
-    if isinstance(summary.get("commit"), list) and meta.get("commit"):  # the runs' commits (attention's, ...)
-        if str(meta["commit"])[:7] not in summary["commit"]:
-            summary["commit"].append(str(meta["commit"])[:7])
-    summary.setdefault("device", meta.get("device"))
-    summary.setdefault("jax", meta.get("jax"))
+            "end-to-end keys: " + "; ".join(f"{k} from {owner[k]}" for k in sorted(owner)) + ", decode only"]
+    if isinstance(summary.get("commit"), list):  # the runs' commits (attention's, ...)
+        summary["commit"] += [c for c in dict.fromkeys(commits) if c not in summary["commit"]]
+    summary.setdefault("jax", metas[-1].get("jax"))
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
     return summary
@@ -460,16 +498,21 @@ def main(argv=None):
                          "Mosaic GPU kernel with these configs (sets attention_mosaic.FASTER; default: as measured)")
     ap.add_argument("--out", help="results JSON (written after every mode)")
     ap.add_argument("--summary", help="merge the issue's ratio maps into this summary JSON")
-    ap.add_argument("--summarize", help="only rebuild --summary (and --plot) from this results JSON")
+    ap.add_argument("--summarize", nargs="+", metavar="FILE[:BxS,...]",
+                    help="only rebuild --summary (and --plot, from the last file) from these results JSONs: a "
+                         "file's cells, or only those named after it; a later file's cell replaces an earlier one's")
     ap.add_argument("--plot", help="PNG of the speedup maps vs context, one panel per batch")
     args = ap.parse_args(argv)
     if args.summarize:
-        with open(args.summarize) as f:
-            results = json.load(f)
+        runs = []
+        for text in args.summarize:
+            source, cells = parse_run(text)
+            with open(source) as f:
+                runs.append((source, json.load(f), cells))
         if args.summary:
-            print(json.dumps(write_summary(results, args.summary, args.summarize), indent=1))
+            print(json.dumps(write_summary(runs, args.summary), indent=1))
         if args.plot:
-            plot(results, args.plot)
+            plot(runs[-1][1], args.plot)
         return
     if not args.out and not args.dry_run:
         ap.error("--out is required")
@@ -575,7 +618,7 @@ def main(argv=None):
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     if args.summary:
-        print(json.dumps(write_summary(results, args.summary, args.out), indent=1))
+        print(json.dumps(write_summary([(args.out, results, None)], args.summary), indent=1))
     if args.plot:
         plot(results, args.plot)
     return results

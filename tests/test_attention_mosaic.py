@@ -20,6 +20,7 @@ import pytest
 from conftest import TEST_SEED
 from pallas_kernels.attention_mosaic import attention_partials, choose_splits, supported
 from pallas_kernels.decode_attention import merge_partials
+from pallas_kernels.kv_cut import cut_position
 from test_decode_attention import np_attention, np_dequant, random_planes
 
 TOL = 1e-2
@@ -73,7 +74,8 @@ def cache(rng, variant, B, KV, S, G):
 
 # (variant, version): v2 and v3 are quantized paths (bf16 runs v1 either way)
 VARIANT_VERSIONS = [("bf16", 1), ("int8", 1), ("int4", 1), ("int8", 2), ("int4", 2), ("int8", 3), ("int4", 3),
-                    ("int8", 4), ("int4", 4), ("int8", 5), ("int4", 5)]
+                    ("int8", 4), ("int4", 4), ("int8", 5), ("int4", 5), ("int8", 6), ("int4", 6),
+                    ("int8", 7), ("int4", 7)]
 
 
 CASES = [(1, 8, 2, 2), (5, 12, 3, None)]  # draft step; verify (15 -> 16 rows; 32 on v2)
@@ -101,9 +103,9 @@ def test_matches_float64(rng, variant, version, T, H, KV, splits):
     assert err < TOL, err
 
 
-@pytest.mark.parametrize("variant,version", [("bf16", 1), ("int8", 1), ("int4", 1), ("int4", 4)])
+@pytest.mark.parametrize("variant,version", [("bf16", 1), ("int8", 1), ("int4", 1), ("int4", 4), ("int8", 6), ("int4", 7)])
 def test_kv_tile_128_matches_float64(rng, variant, version):
-    """128-token pipeline steps (v1, v4 and bf16): a verify step (T = 5) over 4 tiles with 3 splits, one
+    """128-token pipeline steps (v1, v4, v6, v7 and bf16): a verify step (T = 5) over 4 tiles with 3 splits, one
     row filling the cache and one short row whose last step is partly masked."""
     B, S, G, T, H, KV = 2, 512, 128, 5, 12, 3
     kv, k64, v64 = cache(rng, variant, B, KV, S, G)
@@ -155,11 +157,39 @@ def test_verify_with_cut_matches_float64(rng, variant, version):
     assert err < TOL, err
 
 
+@pytest.mark.parametrize("variant,version,kv_tile", [("int8", 6, 64), ("int4", 7, 128)])
+def test_from_cut_matches_float64(rng, variant, version, kv_tile):
+    """A verify launch (T = 4) over the planes with cut_side="from" (each query's slots from its cut
+    c(p)): row 0's queries straddle a cut boundary, so the tiles between its lowest and highest cut
+    are seen in part (v6's masked path compares with lo; its full tiles start at the highest cut)."""
+    B, T, H, KV, S, G, D = 2, 4, 8, 2, 512, 128, 32
+    kv, k64, v64 = cache(rng, variant, B, KV, S, G)
+    q = jnp.asarray(rng.standard_normal((B, T, H, HD)), jnp.float32)
+    lens = np.array([3 * G + D - 3, int(rng.integers(G + D, S - T))])  # row 0: cuts 2G, 2G, 3G, 3G
+    q_pos = lens[:, None] + np.arange(T)
+    rep = H // KV
+    q_rows = q.reshape(B, T, KV, rep, HD).transpose(0, 2, 3, 1, 4).reshape(B, KV, rep * T, HD)
+    o, m, l = attention_partials(q_rows, jnp.tile(jnp.asarray(q_pos, jnp.int32), (1, rep)), kv,
+                                 jnp.asarray(lens + T, jnp.int32), jnp.zeros((B,), jnp.int32), variant=variant,
+                                 sm_scale=1 / math.sqrt(HD), splits=3, interpret=True, cut=(G, D), cut_side="from",
+                                 version=version, kv_tile=kv_tile)
+    out = merge_partials([(o, m, l)]).reshape(B, KV, rep, T, HD).transpose(0, 3, 1, 2, 4).reshape(B, T, H, HD)
+    k_pos = np.broadcast_to(np.arange(S), (B, S))
+    c = np.asarray(cut_position(jnp.asarray(q_pos, jnp.int32), G, D))  # [B, T]
+    assert len(set(c[0])) == 2 and (c > 0).all()
+    want = np.concatenate([np_attention(q[:, t:t + 1], q_pos[:, t:t + 1], k64, v64, k_pos,
+                                        (k_pos < (lens + T)[:, None]) & (k_pos >= c[:, t:t + 1]))
+                           for t in range(T)], axis=1)
+    err = np.abs(np.asarray(out, np.float64) - want).max()
+    print(f"max abs err {err:.2e}")
+    assert err < TOL, err
+
+
 def test_supported_and_bad_inputs(rng):
     assert supported("int8", 16, 128, 8192, 128, choose_splits(16, 8, 8192)) is None
     assert supported("int4", 4, 128, 32768, 128, choose_splits(16, 8, 32768), stages=4) is None
     assert supported("int4", 32, 128, 32768, 128, choose_splits(16, 8, 32768), stages=4, version=2) is None
-    assert "version" in supported("int4", 4, 128, 256, 64, 1, version=6)
+    assert "version" in supported("int4", 4, 128, 256, 64, 1, version=8)
     assert "head_dim" in supported("bf16", 4, 64, 256, None, 1)
     assert "group" in supported("int4", 4, 128, 256, 32, 1)
     assert "splits" in supported("bf16", 4, 128, 256, None, 5)
@@ -183,7 +213,7 @@ def test_supported_and_bad_inputs(rng):
 @pytest.mark.parametrize("variant,version,M,cut,kv_tile",
                          [(v, n, M, c, 64) for v, n in VARIANT_VERSIONS for M, c in [(4, False), (20, True)]
                           if n == 1 or c] + [(v, n, 20, True, 128) for v, n in (("bf16", 1), ("int8", 1), ("int4", 1),
-                                                                                ("int8", 4), ("int4", 5))])
+                                                                                ("int8", 4), ("int4", 5), ("int4", 7))])
 def test_lowers_for_cuda(variant, version, M, cut, kv_tile):
     """jax 0.10.2 lowers the kernel for CUDA without a GPU: catches code that the interpreter runs but
     Mosaic GPU cannot lower (layout inference, wgmma operand layouts, 8-bit arithmetic)."""

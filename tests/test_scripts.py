@@ -230,6 +230,43 @@ def test_bench_long_context_cells_in_two_processes(tmp_path):
     assert proc.returncode != 0 and "other settings" in proc.stderr
 
 
+def test_long_context_summary_merges_runs_cell_by_cell(tmp_path):
+    """bench_long_context.py --summarize A B:16x8192: each cell's ratios from one run (the later one
+    where both hold it and it is named), the issue's unmeasured cells null, the sources recorded."""
+    rng = np.random.default_rng(18)
+    t = rng.uniform(2.0, 10.0, 9)
+
+    def mode(name, seconds, gamma=0):
+        return {"mode": name, "seconds": seconds, "gamma": gamma, "tokens_per_cycle": 3.5}
+
+    def run(commit, big, small):
+        return {"meta": {"device": "GPU", "jax": "0", "commit": commit, "preset": "tiny", "copy_bytes_per_s": 3e12,
+                         "kernels": "mosaic", "attention": commit},
+                "cells": [{"batch": 16, "context": 8192, "modes": big}, {"batch": 1, "context": 8192, "modes": small}]}
+
+    a = run("aaaaaaa", [mode("w4a16_bf16kv", t[0]), mode("w4a16_int8kv", t[1]), mode("qspec_w4a8_int8kv_g3", t[2], 3)],
+            [mode("bf16_bf16kv", t[3]), mode("quantspec_g3", t[4], 3)])
+    b = run("bbbbbbb", [mode("w4a16_int8kv", t[5]), mode("qspec_w4a8_int8kv_g3", t[6], 3)],
+            [mode("bf16_bf16kv", t[7]), mode("quantspec_g3", t[8], 3)])
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, results in zip(paths, (a, b)):
+        path.write_text(json.dumps(results))
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"int8kv_ppl_ratio": 1.0, "commit": ["ccccccc"]}))
+    run_script("bench_long_context.py", "--summarize", str(paths[0]), f"{paths[1]}:16x8192", "--summary", str(summary))
+    s = json.loads(summary.read_text())
+    assert s["qspec_int8kv_vs_w4a16_int8kv"]["16x8192"] == pytest.approx(t[5] / t[6])  # b's, named
+    assert s["qspec_int8kv_vs_w4a16_bf16kv"]["16x8192"] is None  # b has no bf16-KV baseline: not a's
+    assert s["quantspec_vs_bf16"]["1x8192"] == pytest.approx(t[3] / t[4])  # a's: b's not named
+    assert s["quantspec_vs_bf16"]["4x32768"] is None and s["int8kv_ppl_ratio"] == 1.0
+    assert s["e2e"]["source"] == {"16x8192": str(paths[1]), "1x8192": str(paths[0])}
+    assert s["commit"] == ["ccccccc", "aaaaaaa", "bbbbbbb"]
+    assert s["floor_bound"]["quantspec_vs_bf16"]["1x8192"] > 0
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_long_context.py"), "--summarize",
+                           f"{paths[0]}:4x32768", "--summary", str(summary)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and "4x32768" in proc.stderr
+
+
 def test_bench_mosaic_summary_keys_and_ratios(tmp_path):
     """The issue-18 summary from a made-up run: every key the issue names, ratios the right way up."""
     bw = 3.0e12
