@@ -230,15 +230,16 @@ def choose_splits(batch: int, kv_heads: int, S: int, kv_tile: int = TILE,
 KERNELS = ("auto", "mosaic", "triton")  # decode_attention's `kernel`
 # Variant -> the config of this kernel that measured faster than the Triton kernel on sm_90, at batch
 # 16 x 8k and 32k, timed as decode_attention calls it (rows padded to 16, partials merged): what
-# kernel="auto" runs there. H100 at the eleventh session's tree (benchmarks/kv/README.md): INT8 133.0 /
-# 492.6 us against Triton's 166.8 / 590.0 (1.25x / 1.20x), INT4 at 128-token steps 93.0 / 327.0
-# against 114.0 / 411.2 (1.23x / 1.26x). bf16 stays on Triton (v1 measured slower).
-FASTER: dict[str, dict] = {"int8": dict(version=5, stages=2), "int4": dict(version=5, stages=2, kv_tile=128)}
+# kernel="auto" runs there. H100, twelfth session (benchmarks/kv/README.md, h100_attention_v6_sweep_1a33f15):
+# INT8 v7 132.1 / 509.1 us against Triton's 168.3 / 599.4 (1.27x / 1.18x; v5 134.7 / 513.1), INT4 v7
+# at 128-token steps 82.7 / 285.7 against 113.8 / 405.4 (1.38x / 1.42x; v5 92.8 / 324.5). bf16 stays
+# on Triton (v1 measured slower).
+FASTER: dict[str, dict] = {"int8": dict(version=7, stages=2), "int4": dict(version=7, stages=2, kv_tile=128)}
 # "auto" takes FASTER's configs only for caches of at least this many slots (batch x slots), the
 # measured win (16 x 8k). End to end on the H100 at 1 x 8k, QuantSpec ran 2.5% slower with them
 # (5.64 against 5.50 ms a token): a small launch is dominated by the wrapper's few small XLA ops.
 MIN_CACHE_TOKENS = 16 * 8192
-FORCED = dict(version=5)  # kernel="mosaic" where no measured config runs the launch (bf16 runs v1)
+FORCED = dict(version=7)  # kernel="mosaic" where no measured config runs the launch (bf16 runs v1)
 
 
 def cache_dims(variant: str, kv) -> tuple:

@@ -527,9 +527,9 @@ def decode_attention(
     `launch` tune the main launch (attention_partials); the recent buffer runs bf16's DEFAULTS.
     kernel: which kernel runs the main launch on the "triton" / "interpret" backends: "triton"
     (this module's), "mosaic" (attention_mosaic.py, Hopper; its config from
-    attention_mosaic.FASTER or v5 at 64-token steps) or "auto" (`attention_mosaic.choose`:
-    Mosaic v5 on sm_90 for the INT8 / INT4 planes from batch x slots = 16 x 8192, where it measured
-    faster, else Triton).
+    attention_mosaic.FASTER, else FORCED: v7 at 64-token steps) or "auto" (`attention_mosaic.choose`:
+    FASTER's Mosaic configs on sm_90 for the INT8 / INT4 planes from batch x slots = 16 x 8192,
+    where they measured faster, else Triton).
 
     A QuantKV's value planes are [B, KV, hd/2, S] (module docstring); v_layout may only be "tokens".
     """

@@ -35,7 +35,7 @@ the batch-16 cells first (int4 weights only; give JAX 95% of the memory), then t
         --summary benchmarks/kv/h200_summary.json --plot benchmarks/kv/h200_long_context.png
                                                           # the issue's ratio maps and plot from a results file
     python scripts/bench_long_context.py --summarize A.json B.json:16x8192 --summary S.json
-                                                          # cell by cell: A's cells, B's 16 x 8k in their place
+                                                          # cell by cell: A's cells, B's ratios at 16 x 8k over A's
 """
 
 from __future__ import annotations
@@ -397,15 +397,16 @@ def parse_run(text: str) -> tuple[str, set | None]:
 
 def merge_maps(runs: list) -> tuple[dict, dict]:
     """The issue's ratio maps and floor bounds of several results files, cell by cell. runs:
-    [(source, results, cells or None)] in order; a later run's cell replaces an earlier one's, so
-    every ratio still comes from one process. Returns the maps (with "floor_bound") and {BxS: source}."""
-    owner = {}
+    [(source, results, cells or None)] in order; each ratio of a cell is the last run's that measured
+    it among the runs giving that cell, so every ratio still comes from one process. Returns the maps
+    (with "floor_bound") and {BxS: [the runs giving the cell]}."""
+    givers = {}
     for source, results, cells in runs:
         for cell in results["cells"]:
             key = f"{cell['batch']}x{cell['context']}"
             if cells is None or key in cells:
-                owner[key] = source
-    missing = {c for _, _, cells in runs for c in cells or ()} - set(owner)
+                givers.setdefault(key, []).append(source)
+    missing = {c for _, _, cells in runs for c in cells or ()} - set(givers)
     if missing:
         raise SystemExit(f"--summarize: no run holds the cells {sorted(missing)}")
     maps, bounds = {}, {}
@@ -414,11 +415,11 @@ def merge_maps(runs: list) -> tuple[dict, dict]:
             for name, m in part.items():
                 out = into.setdefault(name, {})
                 for key, value in m.items():  # the issue's cells stay as keys, None where unmeasured
-                    if owner.get(key) == source:
+                    if value is not None and source in givers.get(key, ()):
                         out[key] = value
-                    elif key not in owner:
+                    else:
                         out.setdefault(key, None)
-    return {**maps, "floor_bound": bounds}, owner
+    return {**maps, "floor_bound": bounds}, givers
 
 
 def write_summary(runs: list, path: str):
@@ -432,19 +433,21 @@ def write_summary(runs: list, path: str):
     for (source, _, _), meta in zip(runs, metas):
         if summary.setdefault("device", meta.get("device")) != meta.get("device"):
             raise SystemExit(f"{path} holds {summary['device']} numbers; {source} is from {meta.get('device')}")
-    maps, owner = merge_maps(runs)
+    maps, givers = merge_maps(runs)
     summary.update(maps)
     commits = [str(m.get("commit"))[:7] for m in metas if m.get("commit")]
-    used = set(owner.values())
-    summary["e2e"] = {"source": {key: owner[key] for key in sorted(owner)}, "device": metas[-1].get("device"),
+    used = {src for sources in givers.values() for src in sources}
+    summary["e2e"] = {"source": {key: givers[key] for key in sorted(givers)}, "device": metas[-1].get("device"),
                       "kernels": sorted({str(m.get("kernels")) for m in metas}),
                       "attention": {src: m.get("attention") for (src, _, _), m in zip(runs, metas) if src in used},
                       "commit": sorted(set(commits), key=commits.index),
                       "ratios": "decode only (module docstring of scripts/bench_long_context.py); median seconds "
-                                "of the baseline over the mode's, both from the run named for the cell"}
+                                "of the baseline over the mode's, both from the last run of the cell's sources "
+                                "that measured them"}
     if isinstance(summary.get("notes"), list):  # the e2e note is this writer's: replace any earlier one
         summary["notes"] = [n for n in summary["notes"] if not n.startswith("end-to-end keys")] + [
-            "end-to-end keys: " + "; ".join(f"{k} from {owner[k]}" for k in sorted(owner)) + ", decode only"]
+            "end-to-end keys: " + "; ".join(f"{k} from {' then '.join(givers[k])}" for k in sorted(givers))
+            + " (each ratio from the last of a cell's runs that measured it), decode only"]
     if isinstance(summary.get("commit"), list):  # the runs' commits (attention's, ...)
         summary["commit"] += [c for c in dict.fromkeys(commits) if c not in summary["commit"]]
     summary.setdefault("jax", metas[-1].get("jax"))
@@ -500,7 +503,8 @@ def main(argv=None):
     ap.add_argument("--summary", help="merge the issue's ratio maps into this summary JSON")
     ap.add_argument("--summarize", nargs="+", metavar="FILE[:BxS,...]",
                     help="only rebuild --summary (and --plot, from the last file) from these results JSONs: a "
-                         "file's cells, or only those named after it; a later file's cell replaces an earlier one's")
+                         "file gives its cells, or only those named after it; each ratio of a cell comes from the "
+                         "last file giving the cell that measured it")
     ap.add_argument("--plot", help="PNG of the speedup maps vs context, one panel per batch")
     args = ap.parse_args(argv)
     if args.summarize:

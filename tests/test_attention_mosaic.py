@@ -235,7 +235,7 @@ def test_lowers_for_cuda(variant, version, M, cut, kv_tile):
 
 
 def test_decode_attention_runs_the_mosaic_kernel_when_asked(rng):
-    """decode_attention(kernel="mosaic") runs this kernel on the planes (FORCED: v5; the recent
+    """decode_attention(kernel="mosaic") runs this kernel on the planes (FASTER or FORCED; the recent
     buffer's launch stays Triton's) and matches decode_attention's reference; "auto" keeps the Triton
     kernel off Hopper; bad names and unsupported shapes are refused."""
     from pallas_kernels import attention_mosaic
