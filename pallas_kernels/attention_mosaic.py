@@ -243,6 +243,10 @@ FASTER: dict[str, dict] = {"int8": dict(version=7, stages=2), "int4": dict(versi
 # (5.64 against 5.50 ms a token): a small launch is dominated by the wrapper's few small XLA ops.
 MIN_CACHE_TOKENS = 16 * 8192
 FORCED = dict(version=7)  # kernel="mosaic" where no measured config runs the launch (bf16 runs v1)
+# decode_attention calls the jitted attention_partials (True) or its body inline (False). An A/B
+# switch: after the jit, QSpec on the INT8 cache measured 0.99x W4A16 at 16 x 8k on two H100 hosts,
+# against 1.04x before it on a third (benchmarks/kv/README.md, twelfth session).
+JIT = True
 
 
 def cache_dims(variant: str, kv) -> tuple:

@@ -560,9 +560,10 @@ def decode_attention(
         parts = [run(kv, kv_len, zero, variant=variant, block_k=block_k, splits=splits, cut=cut, cut_side=sides[0],
                      **launch)]
     else:
-        parts = [attention_mosaic.attention_partials(q_rows, row_pos, kv, kv_len, zero, variant=variant,
-                                                     sm_scale=sm_scale, splits=splits, interpret=interpret, cut=cut,
-                                                     cut_side=sides[0], **config)]
+        mosaic = attention_mosaic.attention_partials
+        mosaic = mosaic if attention_mosaic.JIT else mosaic.__wrapped__
+        parts = [mosaic(q_rows, row_pos, kv, kv_len, zero, variant=variant, sm_scale=sm_scale, splits=splits,
+                        interpret=interpret, cut=cut, cut_side=sides[0], **config)]
     if recent is not None:
         R = recent[0].shape[2]
         parts.append(run(recent, jnp.full((B,), R, jnp.int32), recent_start, variant="bf16", splits=1,

@@ -499,6 +499,9 @@ def main(argv=None):
                     help="'triton' (the Triton kernel for every variant) or "
                          "variant=version:stages[:kv_tile[:programs_per_sm]],... : run the quantized cache's attention on the "
                          "Mosaic GPU kernel with these configs (sets attention_mosaic.FASTER; default: as measured)")
+    ap.add_argument("--attention-jit", choices=("on", "off"), default="on",
+                    help="decode_attention calls the Mosaic attention jitted (on, as shipped) or inline (off): "
+                         "attention_mosaic.JIT, an A/B switch")
     ap.add_argument("--out", help="results JSON (written after every mode)")
     ap.add_argument("--summary", help="merge the issue's ratio maps into this summary JSON")
     ap.add_argument("--summarize", nargs="+", metavar="FILE[:BxS,...]",
@@ -558,6 +561,7 @@ def main(argv=None):
             attention_mosaic.FASTER[variant]["kv_tile"] = int(rest[0])
         if rest[1:]:
             attention_mosaic.FASTER[variant]["programs_per_sm"] = float(rest[1])
+    attention_mosaic.JIT = args.attention_jit == "on"
     bandwidth, _ = best_copy_bandwidth(args.smoke)
     t0 = time.perf_counter()
     fparams = checkpoint.random_params(config, seed=0, dtype=jnp.bfloat16)
@@ -573,7 +577,8 @@ def main(argv=None):
                         "kernels": resolve_kernels(args.kernels),
                         # what decode_attention(kernel="auto") runs: FASTER's configs on sm_90 only
                         "attention": {"mosaic": dict(attention_mosaic.FASTER),
-                                      "min_cache_tokens": attention_mosaic.MIN_CACHE_TOKENS}
+                                      "min_cache_tokens": attention_mosaic.MIN_CACHE_TOKENS,
+                                      "jit": attention_mosaic.JIT}
                         if attention_mosaic.FASTER and is_hopper() else "triton",
                         "new_tokens": args.new_tokens, "reps": args.reps, "kv_group": args.kv_group,
                         "kv_window": args.kv_window, "copy_bytes_per_s": bandwidth, "argv": sys.argv[1:],

@@ -234,10 +234,11 @@ def test_lowers_for_cuda(variant, version, M, cut, kv_tile):
     assert "mosaic_gpu" in module
 
 
-def test_decode_attention_runs_the_mosaic_kernel_when_asked(rng):
+def test_decode_attention_runs_the_mosaic_kernel_when_asked(rng, monkeypatch):
     """decode_attention(kernel="mosaic") runs this kernel on the planes (FASTER or FORCED; the recent
-    buffer's launch stays Triton's) and matches decode_attention's reference; "auto" keeps the Triton
-    kernel off Hopper; bad names and unsupported shapes are refused."""
+    buffer's launch stays Triton's) and matches decode_attention's reference, jitted or inline
+    (attention_mosaic.JIT); "auto" keeps the Triton kernel off Hopper; bad names and unsupported
+    shapes are refused."""
     from pallas_kernels import attention_mosaic
     from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
 
@@ -254,6 +255,9 @@ def test_decode_attention_runs_the_mosaic_kernel_when_asked(rng):
     want = decode_attention_reference(q, q_pos, kv, q_len, **args)
     err = float(jnp.abs(got - want).max())
     assert err < TOL, err
+    monkeypatch.setattr(attention_mosaic, "JIT", False)
+    inline = decode_attention(q, q_pos, kv, q_len, backend="interpret", kernel="mosaic", **args)
+    np.testing.assert_allclose(np.asarray(inline), np.asarray(got), rtol=1e-6, atol=1e-6)
     M = 16  # the padded query rows of this launch
     assert attention_mosaic.choose("auto", "int4", M, kv) is None  # no GPU here
     # FASTER's INT4 config takes 128-token steps, which a 64-token key group cannot: FORCED runs it
