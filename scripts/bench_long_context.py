@@ -435,8 +435,8 @@ def write_summary(runs: list, path: str):
             raise SystemExit(f"{path} holds {summary['device']} numbers; {source} is from {meta.get('device')}")
     maps, givers = merge_maps(runs)
     summary.update(maps)
-    commits = [str(m.get("commit"))[:7] for m in metas if m.get("commit")]
-    used = {src for sources in givers.values() for src in sources}
+    used = {src for sources in givers.values() for src in sources}  # the runs that give a cell
+    commits = [str(m.get("commit"))[:7] for (src, _, _), m in zip(runs, metas) if src in used and m.get("commit")]
     summary["e2e"] = {"source": {key: givers[key] for key in sorted(givers)}, "device": metas[-1].get("device"),
                       "kernels": sorted({str(m.get("kernels")) for m in metas}),
                       "attention": {src: m.get("attention") for (src, _, _), m in zip(runs, metas) if src in used},
