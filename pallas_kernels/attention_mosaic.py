@@ -328,8 +328,8 @@ def _tile_ranges(bounds, real, S, P, kv_tile):
     count = jnp.clip(total[:, None] - split * per[:, None], 0, per[:, None])
     full_first = -(-jnp.max(jnp.where(real, lo, 0), axis=1) // kv_tile)  # ceil
     full_end = jnp.maximum(jnp.min(jnp.where(real, hi, S), axis=1) // kv_tile, full_first)
-    full = jnp.broadcast_to(jnp.stack([full_first, full_end], axis=-1)[:, None], (*first.shape, 2))
-    return jnp.concatenate([jnp.stack([first, count], axis=-1), full], axis=-1).astype(jnp.int32)
+    per_split = lambda x: jnp.broadcast_to(x[:, None], first.shape)  # noqa: E731  the same for every split
+    return jnp.stack([first, count, per_split(full_first), per_split(full_end)], axis=-1).astype(jnp.int32)
 
 
 # Jitted with its static knobs so that a model whose layers are unrolled lowers the kernel once per
@@ -383,7 +383,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     packed = version >= 5  # the codes unpacked a 32-bit word at a time (packed_codes.py)
     interior = version >= 6  # the mask only on tiles some real row sees in part
     approx_exp = version >= 7  # exp as ex2.approx
-    lo_zero = cut_side != "from"  # every row's lo is 0: the mask compares with hi only (v6)
+    hi_only = interior and cut_side != "from"  # every row's lo is 0: the mask compares with hi only
     cdt = jnp.float16 if f16_codes else jnp.bfloat16  # the MMAs' operand type
     P = splits
     hd2 = hd // 2
@@ -454,19 +454,17 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         def probs(i, scores, bnd, m_prev):
             """This tile's masked probabilities P^T [kv_tile, tm] f32 from the scaled scores S^T,
             the rescale of earlier columns [tm] and the new running maximum m."""
+            def unmasked(scores):  # v6 takes it alone on a tile every real row sees in full
+                m_next = jnp.maximum(m_prev, jnp.max(scores, axis=0))  # the step's one cross-warp reduction
+                return jnp.exp(scores - lax.broadcast_in_dim(m_next, (kv_tile, tm), (1,))), m_next
+
             def masked(scores):
                 slots = (first + i) * kv_tile + lax.broadcasted_iota(jnp.int32, (kv_tile, tm), 0)
                 mask = slots < lax.broadcast_in_dim(bnd[1], (kv_tile, tm), (1,))
-                if not (interior and lo_zero):
+                if not hi_only:
                     mask = mask & (slots >= lax.broadcast_in_dim(bnd[0], (kv_tile, tm), (1,)))
-                scores = jnp.where(mask, scores, NEG)
-                m_next = jnp.maximum(m_prev, jnp.max(scores, axis=0))  # the step's one cross-warp reduction
-                p = jnp.where(mask, jnp.exp(scores - lax.broadcast_in_dim(m_next, (kv_tile, tm), (1,))), 0.0)
-                return p, m_next
-
-            def unmasked(scores):  # v6: a tile every real row sees in full
-                m_next = jnp.maximum(m_prev, jnp.max(scores, axis=0))
-                return jnp.exp(scores - lax.broadcast_in_dim(m_next, (kv_tile, tm), (1,))), m_next
+                p, m_next = unmasked(jnp.where(mask, scores, NEG))
+                return jnp.where(mask, p, 0.0), m_next
 
             if interior:
                 full = (first + i >= full_first) & (first + i < full_end)

@@ -241,6 +241,11 @@ def summarize(runs: list, quality: dict, quality_source: str) -> dict:
                       f"quality keys: {quality_source} (CPU, SmolLM2-135M)"]}
 
 
+# Mosaic configs timed per body unless --vN-configs says otherwise: v2 / v3 take 64-token steps only
+DEFAULT_CONFIGS = {1: "2:1", 2: "2:1,3:1,2:2", 3: "2:1,3:1,2:2", 4: "2:1,2:1:128", 5: "2:1,2:1:128",
+                   6: "2:1,2:1:128", 7: "2:1,2:1:128"}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--summary", nargs="+", metavar="RUN_JSON",
@@ -250,15 +255,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--contexts", default="8192,32768")
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--v1-configs", default="2:1",
-                    help="Mosaic v1 configs stages:split_factor[:kv_tile] (splits = choose_splits x factor, "
-                         "rounded; kv_tile 64 when left out), comma-separated")
-    ap.add_argument("--v2-configs", default="2:1,3:1,2:2", help="Mosaic v2 configs, as --v1-configs")
-    ap.add_argument("--v3-configs", default="2:1,3:1,2:2", help="Mosaic v3 configs, as --v1-configs")
-    ap.add_argument("--v4-configs", default="2:1,2:1:128", help="Mosaic v4 configs, as --v1-configs")
-    ap.add_argument("--v5-configs", default="2:1,2:1:128", help="Mosaic v5 configs, as --v1-configs")
-    ap.add_argument("--v6-configs", default="2:1,2:1:128", help="Mosaic v6 configs, as --v1-configs")
-    ap.add_argument("--v7-configs", default="2:1,2:1:128", help="Mosaic v7 configs, as --v1-configs")
+    for n in attention_mosaic.VERSIONS:  # --v1-configs ... one per body
+        ap.add_argument(f"--v{n}-configs", default=DEFAULT_CONFIGS[n],
+                        help=f"Mosaic v{n} configs stages:split_factor[:kv_tile] (splits = choose_splits x "
+                             "factor, rounded; kv_tile 64 when left out), comma-separated")
     ap.add_argument("--T", type=int, default=1, help="query positions per row in the timed step")
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="CPU interpreters, tiny shapes (a path check)")
@@ -281,9 +281,7 @@ def main(argv=None):
             out.append((version, int(st), float(f), int(tile[0]) if tile else attention_mosaic.TILE))
         return out
 
-    configs = parse(args.v1_configs, 1) + parse(args.v2_configs, 2) + parse(args.v3_configs, 3) \
-        + parse(args.v4_configs, 4) + parse(args.v5_configs, 5) + parse(args.v6_configs, 6) \
-        + parse(args.v7_configs, 7)
+    configs = [c for n in attention_mosaic.VERSIONS for c in parse(getattr(args, f"v{n}_configs"), n)]
     if args.smoke:
         B, contexts, check_S = 1, [256], 512
         configs = [next(c for c in configs if c[0] == n) for n in attention_mosaic.VERSIONS
