@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout ${NCU_TIMEOUT:-280} ncu --clock-control none \
   -k regex:'decode_attention_int|attention_mosaic|w4a8_mosaic' --section SpeedOfLight \
   --section ComputeWorkloadAnalysis --section InstructionStats --section WarpStateStats --section Occupancy \
-  --section LaunchStats python3 scripts/ncu_probe.py --calls 1 \
+  --section LaunchStats --section MemoryWorkloadAnalysis --section SchedulerStats python3 scripts/ncu_probe.py --calls 1 \
   --only ${NCU_ONLY:-attention_int8,attention_int4,attention_mosaic,M256} > $OUT/ncu.txt 2>&1
 echo "ncu rc=$? (t=${SECONDS}s)"
 } > $OUT/run.log 2>&1
