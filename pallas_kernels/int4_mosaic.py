@@ -58,11 +58,33 @@ EPILOGUE_TOKENS = 64
 COLUMN_BLOCK = 128  # the uncarried body's accumulators hold at most this many tokens (_int4_matmul)
 # The token-major epilogue: store the accumulator through a transposed shared-memory view and write
 # y [M, N]. jax 0.10.2's Warpgroup layout inference refuses the transposed store; on jax 0.11.2 it
-# lowers for bf16 tiles (split 1; the carried body matched float64 on the H100:
-# benchmarks/engine/h100_token_major_check.json) and not for split-K's f32 partials, which keep
-# out^T. Not yet timed in the step, so the compiled default stays out^T +
-# XLA's transpose. `scripts/bench_mosaic.py --token-major` and `bench_engine.py --token-major` set this.
+# lowers for bf16 tiles (the carried body at split 1 matched float64 on the H100:
+# benchmarks/engine/h100_token_major_check.json) and not for f32 ones. So split-K's f32 partial
+# sums leave as two 16-bit tiles, the upper and lower halves of each float's bits (`f32_halves`),
+# joined again by XLA in the sum over K ranges: exact, and an elementwise sum that fuses into the
+# output's consumer, where out^T needs a transpose kernel per projection (0.26 ms of the batch-16
+# step at 77660be). Not yet timed in the step, so the compiled default stays out^T + XLA's transpose.
+# `scripts/bench_mosaic.py --token-major` and `bench_engine.py --token-major` set this.
 TRANSPOSED_STORE = False
+
+
+def f32_halves(x):
+    """f32 -> (upper, lower) 16 bits of each float, as bf16 bit patterns (the upper half is x
+    truncated to bf16): what the kernels store, since 16-bit tiles take the transposed store."""
+    u = lax.bitcast_convert_type(x, jnp.uint32)
+    return tuple(lax.bitcast_convert_type(h.astype(jnp.uint16), jnp.bfloat16) for h in (u >> 16, u & 0xFFFF))
+
+
+def join_f32_halves(upper, lower):
+    """The f32 numbers whose bit halves f32_halves returned: exact."""
+    u = [lax.bitcast_convert_type(h, jnp.uint16).astype(jnp.uint32) for h in (upper, lower)]
+    return lax.bitcast_convert_type((u[0] << 16) | u[1], jnp.float32)
+
+
+def sum_k_ranges(parts):
+    """The sum of split-K's [split, ...] partials as chained adds: elementwise, so XLA fuses it into
+    the consumer of the output (a reduce would be a kernel of its own)."""
+    return functools.reduce(jnp.add, [parts[s] for s in range(parts.shape[0])])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,9 +215,6 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
     writes out^T [N, tm] and XLA transposes it after."""
     if token_major is None:
         token_major = interpret or TRANSPOSED_STORE
-    # jax 0.11.2 lowers the transposed store of a bf16 tile, not of split-K's f32 partial sums
-    # (layout inference fails: benchmarks/engine/README.md); those stay out^T
-    token_major = token_major and (interpret or tiles.split == 1)
     w, scales = mw["w"], mw["scales"]
     N, K = w.shape
     G = scales.shape[0]
@@ -341,17 +360,20 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
                 acc0 = plgpu.layout_cast(acc0, plgpu.Layout.WGMMA)
             return run_pipeline((acc0,) * len(col_blocks))
 
-        def store(blocks, out_tile, dst):
+        def store(blocks, out_tiles, dsts):
+            # token-major split-K: out_tiles / dsts hold the upper and lower bit halves (f32_halves)
             for block, acc in zip(col_blocks, blocks):
-                acc = acc.astype(out_tile.dtype)
-                if not token_major:
-                    out_tile.at[:, block][...] = acc
-                elif interpret:  # out_tile [tm, rows]; the interpreter has no transposed refs
-                    out_tile.at[block][...] = acc.T
-                else:  # store the [rows, tm] tile through its transposed view
-                    plgpu.transpose_ref(out_tile.at[block], (1, 0))[...] = acc
+                accs = f32_halves(acc) if halves else (acc.astype(out_tiles[0].dtype),)
+                for out_tile, acc in zip(out_tiles, accs):
+                    if not token_major:
+                        out_tile.at[:, block][...] = acc
+                    elif interpret:  # out_tile [tm, rows]; the interpreter has no transposed refs
+                        out_tile.at[block][...] = acc.T
+                    else:  # store the [rows, tm] tile through its transposed view
+                        plgpu.transpose_ref(out_tile.at[block], (1, 0))[...] = acc
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_tile, dst)
+            for out_tile, dst in zip(out_tiles, dsts):
+                plgpu.copy_smem_to_gmem(out_tile, dst)
             plgpu.wait_smem_to_gmem(0)
 
         if not ws:
@@ -362,8 +384,11 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
                 step, grid=(steps // g,), in_specs=in_specs, max_concurrent_steps=stages,
                 init_carry=carry)(*operands))
             # rows past the output's last token lie outside it: TMA skips them
-            store(acc, out_smem, out_gmem.at[s_idx, tokens, n_rows] if token_major
-                  else out_gmem.at[s_idx, n_rows, tokens])
+            if halves:
+                store(acc, out_smem, [out_gmem.at[s_idx, j, tokens, n_rows] for j in range(2)])
+            else:
+                store(acc, [out_smem], [out_gmem.at[s_idx, tokens, n_rows] if token_major
+                                        else out_gmem.at[s_idx, n_rows, tokens]])
             return
 
         wg = lax.axis_index("wg")
@@ -385,7 +410,8 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
             memory_registers=40, in_specs=in_specs, max_concurrent_steps=stages, wg_axis="wg",
             num_compute_wgs=tiles.consumers, compute_context=compute_context)(*operands)
 
-    out_dtype = jnp.float32 if split > 1 else jnp.bfloat16
+    halves = token_major and split > 1  # f32 partial sums stored as two 16-bit halves
+    out_dtype = jnp.float32 if split > 1 and not halves else jnp.bfloat16
     bits = jnp.dtype(out_dtype).itemsize * 8
     # token-major output rows: x's (padded) rows; under the interpreter, which refuses writes past an
     # array's end, the whole token tile
@@ -393,14 +419,16 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
     epi = min(tm, EPILOGUE_TOKENS)  # warp-specialized: output slabs [wg_rows, epi]
     out_slots = min(2, tm // epi)
     out_tile = (tm, rows) if token_major else (wg_rows, epi) if ws else (rows, tm)
-    scratch = dict(out_smem=plgpu.SMEM((tiles.consumers, out_slots, *out_tile) if ws else out_tile,
-                                       out_dtype, transforms=_swizzled(out_tile[1] * bits // 8, bits, "out")))
+    out_smem = functools.partial(plgpu.SMEM, dtype=out_dtype,
+                                 transforms=_swizzled(out_tile[1] * bits // 8, bits, "out"))
+    scratch = dict(out_smem=out_smem((tiles.consumers, out_slots, *out_tile)) if ws
+                   else [out_smem(out_tile) for _ in range(2)] if halves else out_smem(out_tile))
     if interpret:
         scratch.update(a_smem=plgpu.SMEM((rows, tk), op_dtype), b_smem=plgpu.SMEM((tk, tm), op_dtype))
     kernel = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((split, out_rows, N) if token_major else (split, N, chunks * tm),
-                                      out_dtype),
+        out_type=jax.ShapeDtypeStruct((split, 2, out_rows, N) if halves else (split, out_rows, N) if token_major
+                                      else (split, N, chunks * tm), out_dtype),
         grid=(N // rows // tiles.cluster, split, chunks),
         grid_names=("n", "s", "c"),
         # a cluster of `cluster` programs along n (the axes of a cluster are aligned with the grid's)
@@ -412,7 +440,9 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
         **(dict(num_threads=tiles.consumers + 1, thread_name="wg") if ws else {}),
     )
     out = kernel(w, x, scales, *([x_scales] if int8 else []))
-    y = out.sum(axis=0) if split > 1 else out[0]
+    if halves:
+        out = join_f32_halves(out[:, 0], out[:, 1])
+    y = sum_k_ranges(out)
     return y[:M] if token_major else y[:, :M].T
 
 

@@ -454,12 +454,14 @@ def main():
 
 
 def run_checks(results, key, kernels="w4a16,w4a8", deadline=float("inf")):
-    """Small shapes, both scale kinds, odd M (x is read past its last row: TMA's zero fill), the
-    carried body (W4A16 only): each kernel against float64 on the host."""
+    """Small shapes, both scale kinds, odd M (x is read past its last row: TMA's zero fill), one
+    and several K ranges and groups a step, the carried body (W4A16 only), warp-specialized
+    programs and clusters: each kernel against float64 on the host."""
     for (K, N, M, gs), t in itertools.product(
         [(512, 256, 1, 128), (512, 256, 5, 128), (512, 256, 33, -1), (1152, 576, 7, 64),
          (4096, 1024, 200, 128)],
         [MosaicTiles(rows=128, split=2, stages=2), MosaicTiles(rows=64, split=3, stages=3),
+         MosaicTiles(rows=64, split=1, stages=4), MosaicTiles(rows=64, split=2, stages=3, groups=2),
          MosaicTiles(rows=128, split=1, stages=2, carry=True),
          MosaicTiles(rows=128, split=2, stages=3, consumers=2),
          MosaicTiles(rows=128, split=1, stages=2, carry=True, consumers=2),

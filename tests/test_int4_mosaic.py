@@ -72,10 +72,11 @@ def test_w4a16_matches_float64(rng, K, N, M, group, tiles):
     assert rel(y, ref) < BF16_TOL
 
 
-@pytest.mark.parametrize("M,split", [(5, 2), (12, 1)])
+@pytest.mark.parametrize("M,split", [(5, 2), (12, 1), (3, 4)])
 def test_both_epilogues_agree(rng, M, split):
-    """The kernel's own y [M, N] (the transposed store, compiled on jax >= 0.11) and the out^T [N, tm]
-    that XLA transposes (jax 0.10.2's compiled path) are the same numbers."""
+    """The kernel's own y [M, N] (the transposed store, compiled on jax >= 0.11; split-K's f32
+    partials as two 16-bit halves) and the out^T [N, tm] that XLA transposes (jax 0.10.2's compiled
+    path) are the same numbers."""
     from pallas_kernels.int4_mosaic import _int4_matmul
 
     qw = weights(rng, 256, 128, 64)
@@ -86,6 +87,20 @@ def test_both_epilogues_agree(rng, M, split):
     np.testing.assert_array_equal(np.asarray(ys[0], np.float32), np.asarray(ys[1], np.float32))
     ref = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(dequantize_weight(qw), np.float64)
     assert rel(ys[0], ref) < BF16_TOL
+
+
+def test_f32_halves_round_trip(rng):
+    """The token-major split-K epilogue's bit halves give back every f32 exactly: normal numbers of
+    both signs and many scales, zeros, subnormals, infinities."""
+    from pallas_kernels.int4_mosaic import f32_halves, join_f32_halves
+
+    x = (rng.standard_normal(4096) * np.exp2(rng.integers(-140, 120, 4096))).astype(np.float32)
+    x[:6] = [0.0, -0.0, np.inf, -np.inf, 1e-42, -3e-39]
+    upper, lower = f32_halves(jnp.asarray(x))
+    assert upper.dtype == lower.dtype == jnp.bfloat16
+    bits = x.view(np.uint32)
+    np.testing.assert_array_equal(np.asarray(upper, np.float32).view(np.uint32), bits >> 16 << 16)  # x truncated
+    np.testing.assert_array_equal(np.asarray(join_f32_halves(upper, lower)).view(np.uint32), bits)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
