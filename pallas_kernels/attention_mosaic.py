@@ -147,7 +147,8 @@ from .packed_codes import F16_BASE, as_wgmma, in_column_order, unpack_bytes
 TILE = 64  # KV tokens per pipeline step by default: wgmma's M side for the scores
 KV_TILES = (64, 128)  # v1 / v4 to v7 / bf16 may take 128 tokens a step (two 64-row MMA groups), v2 / v3 64 only
 MAX_ROWS = 256  # wgmma's largest N: query rows per kv head
-SMEM_BYTES = 227 * 1024
+SMEM_BYTES = 227 * 1024  # per program
+SM_SMEM_BYTES = 228 * 1024  # per SM
 MAGIC = 128  # v2: bf16 bits 0x4300 | u (u = 0..15) are the number 128 + u
 K_MAGIC_V3 = -8  # v3's keys: the int4 view's (u ^ 8) converts to u - 8
 
@@ -175,24 +176,43 @@ def interleave(x):
     return jnp.stack([x[..., :h], x[..., h:]], axis=-1).reshape(x.shape)
 
 
+def _kib(nbytes: int) -> int:
+    """A shared-memory buffer's footprint: Mosaic GPU aligns every buffer to 1 KiB."""
+    return -(-nbytes // 1024) * 1024
+
+
 def smem_bytes(variant: str, M: int, hd: int, stages: int, version: int = 1, kv_tile: int = TILE) -> int:
-    """Shared memory of one program: the pipeline ring (Q and bounds included) and the scratch."""
-    if variant == "bf16" or version not in FOLDED:
-        tm = row_tile(M)
-        if variant == "bf16":
-            tile = 2 * kv_tile * hd * 2
-        else:
-            planes = 1 if variant == "int4" else 2
-            tile = 2 * planes * kv_tile * hd // 2 + 2 * hd * 4 + 2 * kv_tile * 4
-        stage = tile + tm * hd * 2 + 2 * tm * 4
-        scratch = kv_tile * tm * 2 + hd * tm * 4 + 2 * tm * 4 + (hd * kv_tile * 2 if variant != "bf16" else 0)
-        return stages * stage + scratch
-    tm = row_tile(M, 2)
-    planes = 1 if variant == "int4" else 2
-    tile = 2 * planes * kv_tile * hd // 2 + hd * 4 + tm * 4 + 2 * kv_tile * 4  # planes, k_scale, bias, v_scale/min
-    stage = tile + tm * hd * 2 + 2 * tm * 4
-    scratch = tm * hd * 2 + kv_tile * tm * 2 + hd * tm * 4 + 2 * tm * 4  # Q', P', O, m/l
-    return stages * stage + scratch
+    """Dynamic shared memory of one program, each buffer 1 KiB-aligned as Mosaic GPU allocates it:
+    the larger of the pipeline phase (the ring of `stages` copies of every block, its barriers, the
+    kernel's scratch) and the epilogue (the scratch and the output's buffers, which take the ring's
+    space once the pipeline has returned). The H100's Nsight Compute read 75 / 59 KiB (INT8 / INT4,
+    64-token steps, 2 stages) with the output's buffers in the scratch, 9 KiB more than this
+    model's 66 / 50 KiB without them."""
+    quant = variant != "bf16"
+    folded = quant and version in FOLDED
+    tm = row_tile(M, version if quant else 1)
+    planes = 2 if variant == "int8" else 1
+    if quant:  # key planes, key scale rows (+ minimums, or v2's bias), value planes, value scales / minimums
+        k_extra = tm * 4 if folded else hd * 4
+        blocks = [kv_tile * hd // 2] * 2 * planes + [hd * 4, k_extra] + [kv_tile * 4] * 2
+    else:
+        blocks = [kv_tile * hd * 2] * 2
+    blocks += [tm * hd * 2, 2 * tm * 4]  # Q, the rows' bounds
+    ring = sum(_kib(stages * b) for b in blocks) + 1024  # + the pipeline's barriers
+    scratch = [kv_tile * tm * 2, 16, 8]  # P^T, the split's tile range, its barrier
+    if folded:
+        scratch.append(tm * hd * 2)  # Q'
+    elif quant:
+        scratch.append(hd * kv_tile * 2)  # V^T codes, the value MMA's A operand
+    scratch = sum(_kib(b) for b in scratch)
+    epilogue = _kib(hd * tm * 4) + _kib(2 * tm * 4)  # O^T, m and l
+    return scratch + max(ring, epilogue)
+
+
+def resident_programs(variant: str, M: int, hd: int, stages: int, version: int = 1, kv_tile: int = TILE) -> int:
+    """Programs an SM holds at once by shared memory (228 KiB, 1 KiB of it reserved per program):
+    what a config's programs_per_sm may ask for. (Registers allow 4: 128 a thread, 128 threads.)"""
+    return min(4, SM_SMEM_BYTES // (smem_bytes(variant, M, hd, stages, version, kv_tile) + 1024))
 
 
 def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: int, stages: int = 2,
@@ -431,7 +451,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
 
         return pl.run_scoped(run, plgpu.ACC(shape, f32))
 
-    def body(q_gmem, bnd_gmem, rng_gmem, *refs, p_smem, o_smem, ml_smem, rng_smem, barrier, a_smem=None,
+    def body(q_gmem, bnd_gmem, rng_gmem, *refs, p_smem, rng_smem, barrier, a_smem=None,
              ka_smem=None, qs_smem=None, kf_smem=None):
         # q_gmem [B, KV, parts, tm, hd/parts] bf16 ([B, KV, parts, hd/parts, tm] under the
         # interpreter); bnd_gmem [B, 2, tm] int32; then the cache operands (bf16: k, v
@@ -702,28 +722,32 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                                   max_concurrent_steps=stages, init_carry=init)(*gmem)
         if v2:
             o_lo, o_hi, m, l = out
-            o_smem[pl.ds(0, hd2), :] = o_lo
-            o_smem[pl.ds(hd2, hd2), :] = o_hi
+            o = [o_lo, o_hi]
         else:
             o, m, l_acc, s_acc = out
             l = jnp.sum(l_acc, axis=0)
             if quant:  # the values' minimum and offset terms, one per column
                 o = o + lax.broadcast_in_dim(jnp.sum(s_acc, axis=0), (hd, tm), (1,))
-            o_smem[...] = o
-        ml_smem[0] = m
-        ml_smem[1] = l
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[b, h, s])
-        plgpu.copy_smem_to_gmem(ml_smem.at[0], m_gmem.at[b, h, s])
-        plgpu.copy_smem_to_gmem(ml_smem.at[1], l_gmem.at[b, h, s])
-        plgpu.wait_smem_to_gmem(0)
+            o = [o]
+
+        def epilogue(o_smem, ml_smem):
+            for j, o_j in enumerate(o):
+                o_smem[pl.ds(j * hd // len(o), hd // len(o)), :] = o_j
+            ml_smem[0] = m
+            ml_smem[1] = l
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[b, h, s])
+            plgpu.copy_smem_to_gmem(ml_smem.at[0], m_gmem.at[b, h, s])
+            plgpu.copy_smem_to_gmem(ml_smem.at[1], l_gmem.at[b, h, s])
+            plgpu.wait_smem_to_gmem(0)
+
+        # the output's buffers take the pipeline's shared memory once it has returned (EPILOGUE_SMEM)
+        pl.run_scoped(epilogue, plgpu.SMEM((hd, tm), f32), plgpu.SMEM((2, tm), f32))
 
     # P^T [64, tm] is B with its N (query) axis minor: wgmma takes one swizzle for A and B, and
     # tm = 16 bf16 columns allow only 32 B; so the value MMA's A tiles are 32B-swizzled too.
     scratch = dict(
         p_smem=plgpu.SMEM((kv_tile, tm), cdt, transforms=_swizzled(32, 16, "rhs")),
-        o_smem=plgpu.SMEM((hd, tm), f32),
-        ml_smem=plgpu.SMEM((2, tm), f32),
         rng_smem=plgpu.SMEM((4,), jnp.int32),
         barrier=plgpu.Barrier(num_arrivals=1),
     )
