@@ -102,12 +102,22 @@ below P's f16 rounding. Measured on the H100 (batch 16, decode_attention's call)
 128-token steps 92.8 -> 84.8 (v6) -> 82.7 us (v7) at 8k, 324.5 -> 290.8 -> 285.7 at 32k; INT8 at
 64-token steps 134.7 -> 133.9 -> 132.1 at 8k, where the mask and exp were a smaller share.
 
-kv_tile (v1, v4 to v7, bf16): tokens per pipeline step, 64 (one MMA row group) or 128 (two). A step
+v8 (`version=8`, quantized variants): v7 with the query rows padded to 8 columns, not 16 (wgmma's
+N side can be 8; a decode step has rep = 4 real rows a kv head, so v7 spent 3/4 of every softmax
+operation on padding, v8 1/2). A bf16 B tile N-major needs rows of at least 32 bytes, which 8
+columns are not, so P^T is written K-major: stored through a transposed view of a [tm, kv_tile]
+buffer (rows of 128 / 256 bytes, a 128-byte swizzle, so the V^T codes' A buffer takes the same
+swizzle) and read by the value MMA through a transposed view, as the weight kernels read x^T.
+Transposed stores of 16-bit register tiles lower on jax 0.11.2, not on jax 0.10.2 (int4_mosaic.py's
+token-major epilogue), so v8 is lowered on the GPU only; the interpreter runs the same math with P^T
+stored as it lies. decode_attention passes the real query rows (rep x T), not rows padded to 16.
+
+kv_tile (v1, v4 to v8, bf16): tokens per pipeline step, 64 (one MMA row group) or 128 (two). A step
 carries work that does not grow with its tokens (the TMA wait, the score and value MMAs' waits, the
 softmax reductions across the warpgroup's four warps, the SMEM fences before the value MMA); 128
 pays it half as often, for twice the registers of the key tiles.
 
-Deferred sums (v1, v4 to v7, bf16): a step's only reduction across the warpgroup's four warps is the
+Deferred sums (v1, v4 to v8, bf16): a step's only reduction across the warpgroup's four warps is the
 running maximum over the tile's tokens; the softmax denominators l and the values' per-column
 minimum and offset term (sum_t p m - offset sum_t ps) are linear in p, so each thread keeps its own
 rows' share in a [kv_tile, tm] tile rescaled with o, and the warps combine them once, after the
@@ -145,7 +155,7 @@ from .kv_cut import cut_position
 from .packed_codes import F16_BASE, as_wgmma, in_column_order, unpack_bytes
 
 TILE = 64  # KV tokens per pipeline step by default: wgmma's M side for the scores
-KV_TILES = (64, 128)  # v1 / v4 to v7 / bf16 may take 128 tokens a step (two 64-row MMA groups), v2 / v3 64 only
+KV_TILES = (64, 128)  # v1 / v4 to v8 / bf16 may take 128 tokens a step (two 64-row MMA groups), v2 / v3 64 only
 MAX_ROWS = 256  # wgmma's largest N: query rows per kv head
 SMEM_BYTES = 227 * 1024  # per program
 SM_SMEM_BYTES = 228 * 1024  # per SM
@@ -153,15 +163,17 @@ MAGIC = 128  # v2: bf16 bits 0x4300 | u (u = 0..15) are the number 128 + u
 K_MAGIC_V3 = -8  # v3's keys: the int4 view's (u ^ 8) converts to u - 8
 
 
-VERSIONS = (1, 2, 3, 4, 5, 6, 7)
-FOLDED = (2, 3)  # the bodies that fold the scales into Q and P (tm >= 32, 64-token steps); 1, 4 to 7 share v1's
+VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+NARROW = 8  # from this version, 8 query columns (module docstring, "v8")
+FOLDED = (2, 3)  # the bodies that fold the scales into Q and P (tm >= 32, 64-token steps); 1, 4 to 8 share v1's
 F16_MAGIC = 0x6400  # v4: f16 bits 0x6400 | c (c = 0..1023) are the number 1024 + c
 
 
 def row_tile(M: int, version: int = 1) -> int:
-    """Query rows on the MMA's N side: M padded to a power of 2 >= 16 (bf16 B tiles need 32-byte
-    rows); >= 32 on the quantized v2 path (module docstring, "v2")."""
-    return max(32 if version in FOLDED else 16, 1 << (M - 1).bit_length())
+    """Query rows on the MMA's N side: M padded to a power of 2 >= 16 (16-bit N-major B tiles need
+    32-byte rows); >= 32 on the quantized v2 path (module docstring, "v2"), >= 8 from v8 ("v8")."""
+    least = 32 if version in FOLDED else 8 if version >= NARROW else 16
+    return max(least, 1 << (M - 1).bit_length())
 
 
 def int4_view(planes):
@@ -369,14 +381,14 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     splits: context splits (programs per row and kv head), None for choose_splits (with
     programs_per_sm: the programs an SM is taken to hold at once);
     stages: pipeline depth (TMA loads in flight per program);
-    kv_tile: KV tokens per pipeline step (KV_TILES; 128 on the v1, v4 to v7 and bf16 paths halves the steps,
+    kv_tile: KV tokens per pipeline step (KV_TILES; 128 on the v1, v4 to v8 and bf16 paths halves the steps,
     so each step's fixed work, the softmax reductions across the warpgroup and the MMA waits, is
     spread over twice the tokens);
     version: 1 (dequantize the keys in registers, values through SMEM), 2 (raw codes into the MMAs,
     scales folded into Q and P: module docstring, "v2"), 3 (v2, keys through an int4 view), 4 (v1
     in f16, the codes built from bits: "v4"), 5 (v4 unpacking 32-bit words: "v5"), 6 (v5 with
-    the mask only on tiles some real row sees in part: "v6") or 7 (v6 with exp as ex2.approx:
-    "v7"); the bf16 variant runs version 1 either way.
+    the mask only on tiles some real row sees in part: "v6"), 7 (v6 with exp as ex2.approx:
+    "v7") or 8 (v7 on 8 query columns: "v8"); the bf16 variant runs version 1 either way.
     Returns o [B, KV, P, M, hd] f32 (unnormalized), m and l [B, KV, P, M] f32.
     """
     B, KV, M, hd = q_rows.shape
@@ -398,11 +410,13 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     tm = row_tile(M, version)
     v2 = version in FOLDED  # v3 is v2 with the keys read through an int4 view
     v3 = version == 3
-    # v4 to v7 each add one change to the version before (module docstring)
+    # v4 to v8 each add one change to the version before (module docstring)
     f16_codes = version >= 4  # v1's body in f16, the codes from bits
     packed = version >= 5  # the codes unpacked a 32-bit word at a time (packed_codes.py)
     interior = version >= 6  # the mask only on tiles some real row sees in part
     approx_exp = version >= 7  # exp as ex2.approx
+    narrow = version >= NARROW  # 8 query columns, P^T stored K-major
+    p_kmajor = narrow and not interpret  # the interpreter has no transposed views: P^T as it lies
     hi_only = interior and cut_side != "from"  # every row's lo is 0: the mask compares with hi only
     cdt = jnp.float16 if f16_codes else jnp.bfloat16  # the MMAs' operand type
     P = splits
@@ -499,7 +513,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             return p, corr, m_next, l_prev * corr + jnp.sum(p, axis=0)
 
         def softmax_step(i, scores, bnd, carry):
-            """v1 / v4 to v7 / bf16: P^T and the carry (o, m, l_acc, s_acc) with o rescaled, the new m and
+            """v1 / v4 to v8 / bf16: P^T and the carry (o, m, l_acc, s_acc) with o rescaled, the new m and
             the deferred sums rescaled, p added to l_acc (the caller adds the values' shift to s_acc):
             each thread keeps its own rows' sums, reduced across the warpgroup once at the end
             (module docstring, "Deferred sums")."""
@@ -588,7 +602,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             p, (o, m, l_acc, s_acc) = softmax_step(i, scores, bnd_s, carry)
             with jax.named_scope("values"):
                 ps = (p * lax.broadcast_in_dim(vs[...].astype(f32) * cs, (kv_tile, tm), (0,))).astype(cdt)
-                p_smem[...] = ps
+                p_t = plgpu.transpose_ref(p_smem, (1, 0)) if p_kmajor else p_smem  # P^T [kv_tile, tm]
+                p_t[...] = ps
                 # each column's sum_t p m - offset sum_t ps, kept per thread (deferred); v5's value
                 # codes enter the MMA as 1024 + code, so its offset has F16_BASE more
                 s_acc = s_acc + p * lax.broadcast_in_dim(vm[...].astype(f32), (kv_tile, tm), (0,))
@@ -600,7 +615,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                 for j, codes in enumerate(v_codes):
                     a_smem[pl.ds(j * hd2, hd2), :] = codes.astype(cdt)
                 plgpu.commit_smem()
-                o = o + mma((hd, tm), [(a_smem, p_smem)])
+                o = o + mma((hd, tm), [(a_smem, p_t)])
             return o, m, l_acc, s_acc
 
         def nibbles(plane):
@@ -751,6 +766,10 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         rng_smem=plgpu.SMEM((4,), jnp.int32),
         barrier=plgpu.Barrier(num_arrivals=1),
     )
+    if p_kmajor:  # v8: P [tm, kv_tile] K-major, 128B-swizzled, and so the V^T codes' A buffer
+        scratch["p_smem"] = plgpu.SMEM((tm, kv_tile), cdt, transforms=_swizzled(kv_tile * 2, 16, "rhs"))
+    elif narrow:  # v8 under the interpreter: P^T as it lies (8 columns take no swizzle)
+        scratch["p_smem"] = plgpu.SMEM((kv_tile, tm), cdt)
     if v2:  # P'^T [64, tm] N-major B (tm >= 32: a 64B+ swizzle); Q' [2, tm, hd/2] K-major B
         scratch["p_smem"] = plgpu.SMEM((kv_tile, tm), bf16, transforms=_swizzled(tm * 2, 16, "rhs"))
         q_rows = (1, hd, tm) if v3 else (2, hd2, tm)
@@ -761,7 +780,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                 scratch["kf_smem"] = plgpu.SMEM((kv_tile, hd), bf16)
     else:
         if quant or interpret:  # the value tile's A operand staged in SMEM: V^T [hd, 64]
-            scratch["a_smem"] = plgpu.SMEM((hd, kv_tile), cdt, transforms=_swizzled(32, 16, "lhs"))
+            a_swizzle = kv_tile * 2 if p_kmajor else 32  # the swizzle of P's buffer
+            scratch["a_smem"] = plgpu.SMEM((hd, kv_tile), cdt, transforms=_swizzled(a_swizzle, 16, "lhs"))
         if quant and interpret:
             scratch["ka_smem"] = plgpu.SMEM((2, kv_tile, hd2), cdt)
     kernel = plgpu.kernel(

@@ -555,20 +555,22 @@ def decode_attention(
     from . import attention_mosaic  # it imports this module
 
     zero = jnp.zeros((B,), jnp.int32)
-    config = attention_mosaic.choose(kernel, variant, M, kv, splits, interpret)
+    rows = rep * T  # the real query rows: the Mosaic kernel pads them itself (to 8 from v8, else 16)
+    config = attention_mosaic.choose(kernel, variant, rows, kv, splits, interpret)
     if config is None:
         parts = [run(kv, kv_len, zero, variant=variant, block_k=block_k, splits=splits, cut=cut, cut_side=sides[0],
                      **launch)]
     else:
         mosaic = attention_mosaic.attention_partials
         mosaic = mosaic if attention_mosaic.JIT else mosaic.__wrapped__
-        parts = [mosaic(q_rows, row_pos, kv, kv_len, zero, variant=variant, sm_scale=sm_scale, splits=splits,
-                        interpret=interpret, cut=cut, cut_side=sides[0], **config)]
+        parts = [mosaic(q_rows[:, :, :rows], row_pos[:, :rows], kv, kv_len, zero, variant=variant, sm_scale=sm_scale,
+                        splits=splits, interpret=interpret, cut=cut, cut_side=sides[0], **config)]
     if recent is not None:
         R = recent[0].shape[2]
         parts.append(run(recent, jnp.full((B,), R, jnp.int32), recent_start, variant="bf16", splits=1,
                          cut=cut, cut_side=sides[1]))
-    out = merge_partials(parts)[:, :, : rep * T]  # [B, KV, rep*T, hd]
+    parts = [(o[..., :rows, :], m[..., :rows], l[..., :rows]) for o, m, l in parts]  # the real rows
+    out = merge_partials(parts)  # [B, KV, rep*T, hd]
     return out.reshape(B, KV, rep, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd).astype(q.dtype)
 
 

@@ -440,9 +440,10 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
         **(dict(num_threads=tiles.consumers + 1, thread_name="wg") if ws else {}),
     )
     out = kernel(w, x, scales, *([x_scales] if int8 else []))
-    if halves:
-        out = join_f32_halves(out[:, 0], out[:, 1])
-    y = sum_k_ranges(out)
+    if halves:  # split-K's sums as chained adds: they fuse into the consumer (no transpose follows)
+        y = sum_k_ranges(join_f32_halves(out[:, 0], out[:, 1]))
+    else:  # a reduce, fused with the transpose that follows (as timed through ae75b9f)
+        y = out.sum(axis=0) if split > 1 else out[0]
     return y[:M] if token_major else y[:, :M].T
 
 

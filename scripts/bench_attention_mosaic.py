@@ -243,7 +243,7 @@ def summarize(runs: list, quality: dict, quality_source: str) -> dict:
 
 # Mosaic configs timed per body unless --vN-configs says otherwise: v2 / v3 take 64-token steps only
 DEFAULT_CONFIGS = {1: "2:1", 2: "2:1,3:1,2:2", 3: "2:1,3:1,2:2", 4: "2:1,2:1:128", 5: "2:1,2:1:128",
-                   6: "2:1,2:1:128", 7: "2:1,2:1:128"}
+                   6: "2:1,2:1:128", 7: "2:1,2:1:128", 8: "2:1,2:1:128"}
 
 
 def main(argv=None):
