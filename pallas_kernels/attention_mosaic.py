@@ -209,9 +209,9 @@ def smem_bytes(variant: str, M: int, hd: int, stages: int, version: int = 1, kv_
         blocks = [kv_tile * hd // 2] * 2 * planes + [hd * 4, k_extra] + [kv_tile * 4] * 2
     else:
         blocks = [kv_tile * hd * 2] * 2
-    blocks += [tm * hd * 2, 2 * tm * 4]  # Q, the rows' bounds
+    blocks.append(tm * hd * 2)  # Q
     ring = sum(_kib(stages * b) for b in blocks) + 1024  # + the pipeline's barriers
-    scratch = [kv_tile * tm * 2, 16, 8]  # P^T, the split's tile range, its barrier
+    scratch = [kv_tile * tm * 2, 16, 2 * tm * 4, 16]  # P^T, the split's tile range, the rows' bounds, barriers
     if folded:
         scratch.append(tm * hd * 2)  # Q'
     elif quant:
@@ -251,8 +251,9 @@ def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: 
     return None
 
 
-# Programs an SM holds at once, for the split count: an assumption (about 60-110 KB of shared memory
-# per program at 2-4 stages) until ncu reads it on the GPU.
+# Programs an SM is taken to hold at once, for the split count where a config names none: 2, what
+# shared memory allowed every quantized body until the output's buffers moved past the pipeline
+# (resident_programs: since then 3 at INT8's 64-token steps, 4 at INT4's, 2 at 128-token steps).
 PROGRAMS_PER_SM = 2
 
 
@@ -268,8 +269,10 @@ KERNELS = ("auto", "mosaic", "triton")  # decode_attention's `kernel`
 # kernel="auto" runs there. H100, twelfth session (benchmarks/kv/README.md, h100_attention_v6_sweep_1a33f15):
 # INT8 v7 132.1 / 509.1 us against Triton's 168.3 / 599.4 (1.27x / 1.18x; v5 134.7 / 513.1), INT4 v7
 # at 128-token steps 82.7 / 285.7 against 113.8 / 405.4 (1.38x / 1.42x; v5 92.8 / 324.5). bf16 stays
-# on Triton (v1 measured slower).
-FASTER: dict[str, dict] = {"int8": dict(version=7, stages=2), "int4": dict(version=7, stages=2, kv_tile=128)}
+# on Triton (v1 measured slower). Thirteenth session (h100_attention_residency_sweep_11b02c4): INT8 at
+# 3 programs an SM (3 splits at 16 x 8k) 129.1 / 475.2 against 129.9 / 494.7 at 2.
+FASTER: dict[str, dict] = {"int8": dict(version=7, stages=2, programs_per_sm=3),
+                           "int4": dict(version=7, stages=2, kv_tile=128)}
 # "auto" takes FASTER's configs only for caches of at least this many slots (batch x slots), the
 # measured win (16 x 8k). End to end on the H100 at 1 x 8k, QuantSpec ran 2.5% slower with them
 # (5.64 against 5.50 ms a token): a small launch is dominated by the wrapper's few small XLA ops.
@@ -465,7 +468,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
 
         return pl.run_scoped(run, plgpu.ACC(shape, f32))
 
-    def body(q_gmem, bnd_gmem, rng_gmem, *refs, p_smem, rng_smem, barrier, a_smem=None,
+    def body(q_gmem, bnd_gmem, rng_gmem, *refs, p_smem, rng_smem, bnd_smem, barriers, a_smem=None,
              ka_smem=None, qs_smem=None, kf_smem=None):
         # q_gmem [B, KV, parts, tm, hd/parts] bf16 ([B, KV, parts, hd/parts, tm] under the
         # interpreter); bnd_gmem [B, 2, tm] int32; then the cache operands (bf16: k, v
@@ -474,8 +477,12 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         # [B, KV, P, hd, tm], m_gmem, l_gmem [B, KV, P, tm].
         *cache, o_gmem, m_gmem, l_gmem = refs
         b, h, s = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("s")
-        plgpu.copy_gmem_to_smem(rng_gmem.at[b, s], rng_smem, barrier)  # this split's tiles
-        plgpu.barrier_wait(barrier)
+        # this split's tiles and the rows' bounds, once: a pipeline block of bounds would be
+        # 2 x tm int32 a stage, 64 bytes at v8's tm = 8, off TMA's 128-byte alignment at stage 1
+        plgpu.copy_gmem_to_smem(rng_gmem.at[b, s], rng_smem, barriers.at[0])
+        plgpu.copy_gmem_to_smem(bnd_gmem.at[b], bnd_smem, barriers.at[1])
+        plgpu.barrier_wait(barriers.at[0])
+        plgpu.barrier_wait(barriers.at[1])
         first, count = rng_smem[0], rng_smem[1]
         full_first, full_end = rng_smem[2], rng_smem[3]  # v6: the tiles every real row sees in full
 
@@ -699,11 +706,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             q_spec = plgpu.BlockSpec((parts, hd // parts, tm), fixed, transforms=_swizzled(tm * 2, 16, "rhs"))
         else:
             q_spec = plgpu.BlockSpec((parts, tm, hd // parts), fixed, transforms=_swizzled(hd // parts * 2, 16, "rhs"))
-        in_specs = [
-            q_spec,
-            plgpu.BlockSpec((2, tm), lambda i: (0, 0)),
-        ]
-        gmem = [q_gmem.at[b, h], bnd_gmem.at[b]]
+        in_specs = [q_spec]
+        gmem = [q_gmem.at[b, h]]
         if variant == "bf16":
             in_specs += [plgpu.BlockSpec((kv_tile, hd), lambda i: (tile(i), 0),
                                          transforms=_swizzled(hd * 2, 16, "lhs")),
@@ -733,7 +737,11 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         else:  # carry (o, m, l_acc, s_acc): the sums deferred (softmax_step)
             init = (zeros((hd, tm)), m0, zeros((kv_tile, tm)), zeros((kv_tile, tm)))
         step = step_bf16 if variant == "bf16" else step_quant_v2 if v2 else step_quant
-        out = plgpu.emit_pipeline(step, grid=(jnp.maximum(count, 1),), in_specs=in_specs,
+
+        def pipeline_step(idx, q_s, *rest):  # the rows' bounds come from bnd_smem, loaded once
+            return step(idx, q_s, bnd_smem, *rest)
+
+        out = plgpu.emit_pipeline(pipeline_step, grid=(jnp.maximum(count, 1),), in_specs=in_specs,
                                   max_concurrent_steps=stages, init_carry=init)(*gmem)
         if v2:
             o_lo, o_hi, m, l = out
@@ -764,7 +772,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     scratch = dict(
         p_smem=plgpu.SMEM((kv_tile, tm), cdt, transforms=_swizzled(32, 16, "rhs")),
         rng_smem=plgpu.SMEM((4,), jnp.int32),
-        barrier=plgpu.Barrier(num_arrivals=1),
+        bnd_smem=plgpu.SMEM((2, tm), jnp.int32),
+        barriers=plgpu.Barrier(num_arrivals=1, num_barriers=2),
     )
     if p_kmajor:  # v8: P [tm, kv_tile] K-major, 128B-swizzled, and so the V^T codes' A buffer
         scratch["p_smem"] = plgpu.SMEM((tm, kv_tile), cdt, transforms=_swizzled(kv_tile * 2, 16, "rhs"))

@@ -191,7 +191,7 @@ def test_supported_and_bad_inputs(rng):
     assert supported("int8", 16, 128, 8192, 128, choose_splits(16, 8, 8192)) is None
     assert supported("int4", 4, 128, 32768, 128, choose_splits(16, 8, 32768), stages=4) is None
     assert supported("int4", 32, 128, 32768, 128, choose_splits(16, 8, 32768), stages=4, version=2) is None
-    assert "version" in supported("int4", 4, 128, 256, 64, 1, version=8)
+    assert "version" in supported("int4", 4, 128, 256, 64, 1, version=9)
     assert "head_dim" in supported("bf16", 4, 64, 256, None, 1)
     assert "group" in supported("int4", 4, 128, 256, 32, 1)
     assert "splits" in supported("bf16", 4, 128, 256, None, 5)
