@@ -62,10 +62,12 @@ COLUMN_BLOCK = 128  # the uncarried body's accumulators hold at most this many t
 # benchmarks/engine/h100_token_major_check.json) and not for f32 ones. So split-K's f32 partial
 # sums leave as two 16-bit tiles, the upper and lower halves of each float's bits (`f32_halves`),
 # joined again by XLA in the sum over K ranges: exact, and an elementwise sum that fuses into the
-# output's consumer, where out^T needs a transpose kernel per projection (0.26 ms of the batch-16
-# step at 77660be). Not yet timed in the step, so the compiled default stays out^T + XLA's transpose.
-# `scripts/bench_mosaic.py --token-major` and `bench_engine.py --token-major` set this.
-TRANSPOSED_STORE = False
+# output's consumer, where out^T needs a transpose kernel per projection. On the H100 (thirteenth
+# session, benchmarks/engine/README.md) every kernel config matched float64 this way, and the
+# batch-16 W4A16 step took 3.88 against 3.96 ms (524 kernels against 588); batch 1 3.29 / 3.27 ms.
+# So it is the default wherever it lowers (jax >= 0.11); `scripts/bench_mosaic.py --token-major
+# {on,off}` and `bench_engine.py --token-major {on,off}` override it.
+TRANSPOSED_STORE = jax.__version_info__ >= (0, 11)
 
 
 def f32_halves(x):

@@ -391,8 +391,9 @@ def main(argv=None):
     ap.add_argument("--kv", default="bf16", choices=("bf16", "int8"),
                     help="step: the KV cache (int8: QuantSpec's hierarchical cache; drafts read its INT4 view): "
                          "the runs behind an INT8-KV cost table (scripts/build_cost_table.py --kv int8)")
-    ap.add_argument("--token-major", action="store_true",
-                    help="Mosaic kernels write y [M, N] themselves (int4_mosaic.TRANSPOSED_STORE)")
+    ap.add_argument("--token-major", nargs="?", const="on", choices=("on", "off"),
+                    help="Mosaic kernels write y [M, N] themselves (on) or out^T for XLA to transpose (off); "
+                         "default: int4_mosaic.TRANSPOSED_STORE")
     ap.add_argument("--mosaic-groups", type=int, default=int4_mosaic.GROUPS_PER_STEP,
                     help="weight groups per pipeline step in the Mosaic kernels' tile rule "
                          "(int4_mosaic.GROUPS_PER_STEP)")
@@ -414,7 +415,9 @@ def main(argv=None):
     args.step_variants = args.step_variants.split(",")
     args.kernels = args.kernels.split(",")
     NO_PEERS[0] = args.no_peers
-    int4_mosaic.TRANSPOSED_STORE = args.token_major
+    if args.token_major:
+        int4_mosaic.TRANSPOSED_STORE = args.token_major == "on"
+    args.token_major = int4_mosaic.TRANSPOSED_STORE
     int4_mosaic.GROUPS_PER_STEP = args.mosaic_groups
     rotate = 256 * 2**20
     if args.smoke:

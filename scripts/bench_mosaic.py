@@ -341,8 +341,9 @@ def main():
                     "over the rule and the clusters only")
     ap.add_argument("--ws-only", action="store_true",
                     help="sweep choose_tiles' rule and the warp-specialized configs only")
-    ap.add_argument("--token-major", action="store_true",
-                    help="the kernels write y [M, N] themselves (int4_mosaic.TRANSPOSED_STORE)")
+    ap.add_argument("--token-major", nargs="?", const="on", choices=("on", "off"),
+                    help="the kernels write y [M, N] themselves (on) or out^T for XLA to transpose (off); "
+                         "default: int4_mosaic.TRANSPOSED_STORE")
     args = ap.parse_args()
     if args.summary:
         sweep_run = join_sweeps([json.load(open(p)) for p in args.summary]
@@ -357,7 +358,9 @@ def main():
         print(json.dumps(summary, indent=1))
         return
     os.makedirs(args.out, exist_ok=True)
-    int4_mosaic.TRANSPOSED_STORE = args.token_major
+    if args.token_major:
+        int4_mosaic.TRANSPOSED_STORE = args.token_major == "on"
+    args.token_major = int4_mosaic.TRANSPOSED_STORE
     t_start = time.time()
     dev = jax.devices()[0]
     meta = {"device": dev.device_kind, "jax": jax.__version__, "platform": dev.platform,
