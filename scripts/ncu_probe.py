@@ -122,7 +122,9 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated substrings: run only matching probes")
     ap.add_argument("--list", action="store_true", help="print the probe names and exit")
     args = ap.parse_args(argv)
-    bodies = [p for n in (1, 4, 5, 6, 7) for p in attention_mosaic_probes(version=n)]  # v2 / v3 need 32 rows
+    from pallas_kernels.attention_mosaic import FOLDED, VERSIONS
+
+    bodies = [p for n in VERSIONS if n not in FOLDED for p in attention_mosaic_probes(version=n)]  # v2 / v3: 32 rows
     probes = attention_probes() + bodies + matmul_probes() + mosaic_probes()
     if args.only:
         probes = [(n, b) for n, b in probes if any(s in n for s in args.only.split(","))]

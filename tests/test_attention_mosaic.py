@@ -234,11 +234,10 @@ def test_shared_memory_model_and_residency():
                                                                                 ("int8", 4), ("int4", 5), ("int4", 7))])
 def test_lowers_for_cuda(variant, version, M, cut, kv_tile):
     """jax 0.10.2 lowers the kernel for CUDA without a GPU: catches code that the interpreter runs but
-    Mosaic GPU cannot lower (layout inference, wgmma operand layouts, 8-bit arithmetic)."""
+    Mosaic GPU cannot lower (layout inference, wgmma operand layouts, 8-bit arithmetic). v8 stores
+    P^T through a transposed view, which jax 0.10.2's layout inference refuses (jax 0.11.2 lowered
+    and ran it on the H100): there the test holds that refusal, and nothing else, to be the error."""
     from jax import export
-
-    if version >= 8 and jax.__version_info__ < (0, 11):
-        pytest.skip("v8 stores P^T through a transposed view, which only jax >= 0.11 lowers (checked on the GPU)")
 
     B, KV, S, G = 2, 2, 512, 128
     sd = jax.ShapeDtypeStruct
@@ -251,8 +250,12 @@ def test_lowers_for_cuda(variant, version, M, cut, kv_tile):
                                   kv_tile=kv_tile)
 
     args = (sd((B, KV, M, HD), jnp.float32), sd((B, M), jnp.int32), kv, sd((B,), jnp.int32), sd((B,), jnp.int32))
-    module = export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
-    assert "mosaic_gpu" in module
+    lower = lambda: export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()  # noqa: E731
+    if version >= 8 and jax.__version_info__ < (0, 11):
+        with pytest.raises(ValueError, match="Failed to infer a possible set of layouts"):
+            lower()
+        return
+    assert "mosaic_gpu" in lower()
 
 
 def test_decode_attention_runs_the_mosaic_kernel_when_asked(rng, monkeypatch):

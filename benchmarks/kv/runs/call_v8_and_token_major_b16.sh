@@ -4,14 +4,14 @@
 # two processes on this host (W4A16, and our bf16 step beside the token-major one; the previous
 # call's token-major process died in PyTorch's CUDA-graph capture before batch 16, so no peers here);
 # (2) attention v8 (8 query columns) against v7 as shipped, each variant in its own process, each
-# config checked against float64 first, batch 16 x 8k and 32k. About 7 min.
+# config checked against float64 first, batch 16 x 8k and 32k (call_attention_v8.sh at v7's configs
+# of the time: INT8 at 2 splits). About 7 min.
 # Files under $OUT: run.log, step_tm_b16.json, step_out_t_b16.json, attention_v8_int8.json,
 # attention_v8_int4.json.
 : "${OUT:?set OUT}"
 export PYTHONPATH=$PWD
 export PYTHONUNBUFFERED=1
 unset XLA_PYTHON_CLIENT_MEM_FRACTION XLA_PYTHON_CLIENT_PREALLOCATE
-NONE=(--v1-configs "" --v2-configs "" --v3-configs "" --v4-configs "" --v5-configs "" --v6-configs "")
 {
 nvidia-smi --query-gpu=name,memory.total --format=csv
 timeout 140 python3 scripts/bench_engine.py --parts step --modes w4a16,bf16 --kernels mosaic --batches 16 \
@@ -20,12 +20,6 @@ echo "step token-major rc=$? (t=${SECONDS}s)"
 timeout 110 python3 scripts/bench_engine.py --parts step --modes w4a16 --kernels mosaic --batches 16 \
   --no-peers --profile --out $OUT/step_out_t_b16.json
 echo "step out^T rc=$? (t=${SECONDS}s)"
-for run in "int8:2:1" "int4:2:1:128"; do
-  variant=${run%%:*}
-  share=$([ $variant = int8 ] && echo 2 || echo 1)  # int8 gets half of what is left
-  timeout $(( (580 - SECONDS) / share )) python3 scripts/bench_attention_mosaic.py \
-    --out $OUT/attention_v8_$variant.json --contexts 8192,32768 --variants $variant "${NONE[@]}" \
-    --v7-configs ${run#*:} --v8-configs ${run#*:} ${SMOKE:+--smoke}
-  echo "attention $variant rc=$? (t=${SECONDS}s)"
-done
+CONFIGS="int8:2:1 int4:2:1:128" DEADLINE=$((580 - SECONDS)) LOG=/dev/stdout \
+  bash benchmarks/kv/runs/call_attention_v8.sh
 } > $OUT/run.log 2>&1
