@@ -47,7 +47,9 @@ def graph_time(fn, reps: int = 20) -> float:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: JAX's runtime threads in the same process may make CUDA calls that a global-mode
+    # capture counts as unsafe (cudaErrorStreamCaptureInvalidated after token-major JAX steps).
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         fn()
     graph.replay()
     torch.cuda.synchronize()
