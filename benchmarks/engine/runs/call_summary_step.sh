@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED=1
 unset XLA_PYTHON_CLIENT_MEM_FRACTION XLA_PYTHON_CLIENT_PREALLOCATE
 {
 nvidia-smi --query-gpu=name,memory.total --format=csv
-timeout 330 python3 scripts/bench_engine.py --parts step --modes w4a16,w4a8,bf16 --kernels mosaic \
+timeout 200 python3 scripts/bench_engine.py --parts step --modes w4a16,w4a8,bf16 --kernels mosaic \
   --batches 1,16 --out $OUT/step.json
 echo "step rc=$? (t=${SECONDS}s)"
 if [ -n "$NCU" ]; then
