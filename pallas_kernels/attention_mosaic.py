@@ -283,8 +283,11 @@ KERNELS = ("auto", "mosaic", "triton")  # decode_attention's `kernel`
 # at 128-token steps 82.7 / 285.7 against 113.8 / 405.4 (1.38x / 1.42x; v5 92.8 / 324.5). bf16 stays
 # on Triton (v1 measured slower). Thirteenth session (h100_attention_residency_sweep_11b02c4): INT8 at
 # 3 programs an SM (3 splits at 16 x 8k) 129.1 / 475.2 against 129.9 / 494.7 at 2.
-FASTER: dict[str, dict] = {"int8": dict(version=7, stages=2, programs_per_sm=3),
-                           "int4": dict(version=7, stages=2, kv_tile=128)}
+# Fourteenth session (h100_attention_v8_*_04fe9f2), each kernel's own time with the model's 4 real rows:
+# v8 INT4 at 128-token steps 66.4 / 244.2 us against v7's 72.9 / 274.6; INT8 at 3 splits 118.1 / 464.5
+# against 120.3 / 463.9.
+FASTER: dict[str, dict] = {"int8": dict(version=8, stages=2, programs_per_sm=3),
+                           "int4": dict(version=8, stages=2, kv_tile=128)}
 # "auto" takes FASTER's configs only for caches of at least this many slots (batch x slots), the
 # measured win (16 x 8k). End to end on the H100 at 1 x 8k, QuantSpec ran 2.5% slower with them
 # (5.64 against 5.50 ms a token): a small launch is dominated by the wrapper's few small XLA ops.

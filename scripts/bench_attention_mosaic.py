@@ -116,12 +116,16 @@ def rows_of(q, q_pos):
 
 def attend(partials, q, q_pos, kv, kv_len, variant, recent=None, recent_start=None, **knobs):
     """[B, T, H, hd] attention with `partials` (either kernel's attention_partials) for the main
-    cache and, with a recent buffer, for the buffer too; a cut when the buffer is there."""
+    cache and, with a recent buffer, for the buffer too; a cut when the buffer is there. The query
+    rows as decode_attention passes them: padded to 16 for the Triton kernel, the real rows to the
+    Mosaic kernel (which pads them itself: to 8 from v8)."""
     B, T = q_pos.shape
     q_rows, row_pos = rows_of(q, q_pos)
-    M = max(16, pow2_at_least(q_rows.shape[2]))  # as decode_attention pads the Triton kernel's rows
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, M - q_rows.shape[2]), (0, 0)))
-    row_pos = jnp.pad(row_pos, ((0, 0), (0, M - row_pos.shape[1])), constant_values=-1)
+    rows = q_rows.shape[2]
+    if partials is triton_partials:
+        M = max(16, pow2_at_least(rows))
+        q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, M - rows), (0, 0)))
+        row_pos = jnp.pad(row_pos, ((0, 0), (0, M - rows)), constant_values=-1)
     cut = CUT if recent is not None else None
     run = lambda *a, **k: partials(q_rows, row_pos, *a, sm_scale=1 / math.sqrt(HD), cut=cut, **k)  # noqa: E731
     parts = [run(kv, kv_len, jnp.zeros((B,), jnp.int32), variant=variant, cut_side="below" if cut else None, **knobs)]
@@ -130,7 +134,7 @@ def attend(partials, q, q_pos, kv, kv_len, variant, recent=None, recent_start=No
         parts.append(run(recent, jnp.full((B,), R, jnp.int32), recent_start, variant="bf16", splits=1,
                          cut_side="from", **{k: v for k, v in knobs.items() if k in ("interpret",)}))
     rep = H // KV
-    out = merge_partials(parts)[:, :, : rep * T]
+    out = merge_partials([(o[..., :rows, :], m[..., :rows], l[..., :rows]) for o, m, l in parts])
     return out.reshape(B, KV, rep, T, HD).transpose(0, 3, 1, 2, 4).reshape(B, T, H, HD)
 
 

@@ -23,4 +23,4 @@ for run in $CONFIGS; do
     --v7-configs ${run#*:} --v8-configs ${run#*:} ${SMOKE:+--smoke}
   echo "attention $variant rc=$? (t=${SECONDS}s)"
 done
-} > ${LOG:-$OUT/run.log} 2>&1
+} >> ${LOG:-$OUT/run.log} 2>&1  # appended: LOG=/dev/stdout must not truncate the caller's log
