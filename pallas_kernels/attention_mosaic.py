@@ -117,13 +117,6 @@ carries work that does not grow with its tokens (the TMA wait, the score and val
 softmax reductions across the warpgroup's four warps, the SMEM fences before the value MMA); 128
 pays it half as often, for twice the registers of the key tiles.
 
-value_tokens (quantized v1, v4 to v8): the tokens of V^T staged in SMEM at a time, kv_tile or 64.
-The value MMA's A operand is the step's V^T codes, converted to 16 bits and stored to SMEM: 32 KiB
-at 128-token steps, which held INT4 there to 2 programs an SM (84 KiB a program). At 64 the value
-planes come as two pipeline blocks a step, and two value MMAs, each on its half of P^T, share one
-16 KiB buffer: the second half is stored after the first MMA's wait, a serialization the third
-program an SM (68 KiB; v8 62) is there to hide.
-
 Deferred sums (v1, v4 to v8, bf16): a step's only reduction across the warpgroup's four warps is the
 running maximum over the tile's tokens; the softmax denominators l and the values' per-column
 minimum and offset term (sum_t p m - offset sum_t ps) are linear in p, so each thread keeps its own
@@ -200,15 +193,13 @@ def _kib(nbytes: int) -> int:
     return -(-nbytes // 1024) * 1024
 
 
-def smem_bytes(variant: str, M: int, hd: int, stages: int, version: int = 1, kv_tile: int = TILE,
-               value_tokens: int | None = None) -> int:
+def smem_bytes(variant: str, M: int, hd: int, stages: int, version: int = 1, kv_tile: int = TILE) -> int:
     """Dynamic shared memory of one program, each buffer 1 KiB-aligned as Mosaic GPU allocates it:
     the larger of the pipeline phase (the ring of `stages` copies of every block, its barriers, the
     kernel's scratch) and the epilogue (the scratch and the output's buffers, which take the ring's
     space once the pipeline has returned). The H100's Nsight Compute read 66 / 50 KiB (INT8 / INT4,
     64-token steps, 2 stages; 67.61 / 51.22 KB with 16 B of barriers), as this model says, and
-    75 / 59 KiB before the output's buffers left the scratch. value_tokens: the tokens of V^T staged
-    at a time (kv_tile when None; module docstring, "value_tokens")."""
+    75 / 59 KiB before the output's buffers left the scratch."""
     quant = variant != "bf16"
     folded = quant and version in FOLDED
     tm = row_tile(M, version if quant else 1)
@@ -224,21 +215,20 @@ def smem_bytes(variant: str, M: int, hd: int, stages: int, version: int = 1, kv_
     if folded:
         scratch.append(tm * hd * 2)  # Q'
     elif quant:
-        scratch.append(hd * (value_tokens or kv_tile) * 2)  # V^T codes, the value MMA's A operand
+        scratch.append(hd * kv_tile * 2)  # V^T codes, the value MMA's A operand
     scratch = sum(_kib(b) for b in scratch)
     epilogue = _kib(hd * tm * 4) + _kib(2 * tm * 4)  # O^T, m and l
     return scratch + max(ring, epilogue)
 
 
-def resident_programs(variant: str, M: int, hd: int, stages: int, version: int = 1, kv_tile: int = TILE,
-                      value_tokens: int | None = None) -> int:
+def resident_programs(variant: str, M: int, hd: int, stages: int, version: int = 1, kv_tile: int = TILE) -> int:
     """Programs an SM holds at once by shared memory (228 KiB, 1 KiB of it reserved per program):
     what a config's programs_per_sm may ask for. (Registers allow 4: 128 a thread, 128 threads.)"""
-    return min(4, SM_SMEM_BYTES // (smem_bytes(variant, M, hd, stages, version, kv_tile, value_tokens) + 1024))
+    return min(4, SM_SMEM_BYTES // (smem_bytes(variant, M, hd, stages, version, kv_tile) + 1024))
 
 
 def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: int, stages: int = 2,
-              version: int = 1, kv_tile: int = TILE, value_tokens: int | None = None) -> str | None:
+              version: int = 1, kv_tile: int = TILE) -> str | None:
     """Why these shapes cannot run on the Mosaic kernel, or None when they can."""
     if version not in VERSIONS:
         return f"version must be one of {VERSIONS}, got {version!r}"
@@ -246,8 +236,6 @@ def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: 
         return f"kv_tile must be one of {KV_TILES} (64 on the v2 / v3 paths), got {kv_tile!r}"
     if variant not in VARIANTS:
         return f"variant must be one of {VARIANTS}, got {variant!r}"
-    if value_tokens not in (None, kv_tile) and (value_tokens != TILE or variant == "bf16" or version in FOLDED):
-        return f"value_tokens must be {TILE} or kv_tile ({kv_tile}) on the v1, v4 to v8 quantized paths, got {value_tokens!r}"
     if not 1 <= M <= MAX_ROWS:
         return f"{M} query rows per kv head is outside 1..{MAX_ROWS}"
     if hd != 128:  # the value MMA's 128 rows (module docstring); the key halves' 64 channels
@@ -258,7 +246,7 @@ def supported(variant: str, M: int, hd: int, S: int, group: int | None, splits: 
         return f"the key group {group} is not a multiple of the {kv_tile}-token tile"
     if not 1 <= splits <= S // kv_tile:
         return f"splits={splits} is outside 1..{S // kv_tile} (the cache's tiles)"
-    if stages < 1 or smem_bytes(variant, M, hd, stages, version, kv_tile, value_tokens) > SMEM_BYTES:
+    if stages < 1 or smem_bytes(variant, M, hd, stages, version, kv_tile) > SMEM_BYTES:
         return f"{stages} pipeline stages do not fit in shared memory"
     return None
 
@@ -331,8 +319,7 @@ def choose(kernel: str, variant: str, M: int, kv, splits=None, interpret: bool =
         kv_tile = config.get("kv_tile", TILE)
         per_sm = config.get("programs_per_sm", PROGRAMS_PER_SM)
         n_splits = splits or (choose_splits(B, KV, S, kv_tile, per_sm) if S >= kv_tile else 1)
-        why = supported(variant, M, hd, S, group, n_splits, config.get("stages", 2), config.get("version", 1), kv_tile,
-                        config.get("value_tokens"))
+        why = supported(variant, M, hd, S, group, n_splits, config.get("stages", 2), config.get("version", 1), kv_tile)
         if why is None:
             return config
     if kernel == "mosaic":
@@ -386,10 +373,10 @@ def _tile_ranges(bounds, real, S, P, kv_tile):
 # Jitted with its static knobs so that a model whose layers are unrolled lowers the kernel once per
 # shape, not once per call site (each Mosaic GPU lowering takes about a second on the host).
 @functools.partial(jax.jit, static_argnames=("variant", "sm_scale", "splits", "stages", "interpret", "cut",
-                                             "cut_side", "version", "kv_tile", "programs_per_sm", "value_tokens"))
+                                             "cut_side", "version", "kv_tile", "programs_per_sm"))
 def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits=None, stages=2,
                        interpret=False, cut=None, cut_side=None, version=1, kv_tile=TILE,
-                       programs_per_sm=PROGRAMS_PER_SM, value_tokens=None):
+                       programs_per_sm=PROGRAMS_PER_SM):
     """One launch: unnormalized partials over the slots [0, n) of `kv`, slot j at position off + j
     (decode_attention.attention_partials' contract; merge with decode_attention.merge_partials).
     With cut=(G, D) and cut_side "below" / "from", a query row at position p reads only the positions
@@ -403,8 +390,6 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     kv_tile: KV tokens per pipeline step (KV_TILES; 128 on the v1, v4 to v8 and bf16 paths halves the steps,
     so each step's fixed work, the softmax reductions across the warpgroup and the MMA waits, is
     spread over twice the tokens);
-    value_tokens: tokens of V^T staged in SMEM at a time, kv_tile (None) or 64 (module docstring,
-    "value_tokens": half the staging buffer at 128-token steps, for one more program an SM);
     version: 1 (dequantize the keys in registers, values through SMEM), 2 (raw codes into the MMAs,
     scales folded into Q and P: module docstring, "v2"), 3 (v2, keys through an int4 view), 4 (v1
     in f16, the codes built from bits: "v4"), 5 (v4 unpacking 32-bit words: "v5"), 6 (v5 with
@@ -423,7 +408,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
         splits = choose_splits(B, KV, S, kv_tile, programs_per_sm) if S >= kv_tile else 1
     if variant == "bf16":
         version = 1  # nothing to fold: v2 is the quantized path
-    why = supported(variant, M, hd, S, group, splits, stages, version, kv_tile, value_tokens)
+    why = supported(variant, M, hd, S, group, splits, stages, version, kv_tile)
     if why:
         raise ValueError(why)
     if (cut is None) != (cut_side is None) or cut_side not in (None, "below", "from"):
@@ -437,8 +422,6 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     interior = version >= 6  # the mask only on tiles some real row sees in part
     approx_exp = version >= 7  # exp as ex2.approx
     narrow = version >= NARROW  # 8 query columns, P^T stored K-major
-    vt = value_tokens or kv_tile  # V^T tokens staged at a time
-    chunks = kv_tile // vt  # value MMAs a step, each over its own pipeline blocks of the value planes
     p_kmajor = narrow and not interpret  # the interpreter has no transposed views: P^T as it lies
     hi_only = interior and cut_side != "from"  # every row's lo is 0: the mask compares with hi only
     cdt = jnp.float16 if f16_codes else jnp.bfloat16  # the MMAs' operand type
@@ -591,12 +574,15 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
             return unpack_bytes([plgpu.load(r, (), layout=up, optimized=True) for r in refs])
 
         def step_quant(idx, q_s, bnd_s, *tiles_and_carry):
-            # q_s [2, tm, hd/2] bf16; bnd_s [2, tm]; key planes [kv_tile, hd/2] u8; ks, km [1, hd]
-            # f32; value planes [hd/2, vt] u8, `chunks` blocks of each; vs, vm [kv_tile] f32
+            # q_s [2, tm, hd/2] bf16; bnd_s [2, tm]; key planes [64, hd/2] u8; ks, km [1, hd] f32;
+            # value planes [hd/2, 64] u8; vs, vm [64] f32
             *tiles, carry = tiles_and_carry
-            planes = 2 if variant == "int8" else 1
-            k_refs, (ks, km), v_tiles, (vs, vm) = tiles[:planes], tiles[planes:planes + 2], tiles[planes + 2:-2], tiles[-2:]
-            v_chunks = [v_tiles[c * planes:(c + 1) * planes] for c in range(chunks)]
+            if variant == "int8":
+                ku, kl, ks, km, vu, vl, vs, vm = tiles
+                k_refs, v_refs = (ku, kl), (vu, vl)
+            else:
+                ku, ks, km, vu, vs, vm = tiles
+                k_refs, v_refs = (ku,), (vu,)
             (i,) = idx
             with jax.named_scope("dequant_keys"):
                 keys = []
@@ -628,26 +614,18 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                 ps = (p * lax.broadcast_in_dim(vs[...].astype(f32) * cs, (kv_tile, tm), (0,))).astype(cdt)
                 p_t = plgpu.transpose_ref(p_smem, (1, 0)) if p_kmajor else p_smem  # P^T [kv_tile, tm]
                 p_t[...] = ps
-                if chunks == 1:
-                    p_chunks = [p_t]
-                elif p_kmajor:  # slice P's token axis before the transposed view
-                    p_chunks = [plgpu.transpose_ref(p_smem.at[:, pl.ds(c * vt, vt)], (1, 0)) for c in range(chunks)]
-                else:
-                    p_chunks = [p_smem.at[pl.ds(c * vt, vt)] for c in range(chunks)]
                 # each column's sum_t p m - offset sum_t ps, kept per thread (deferred); v5's value
                 # codes enter the MMA as 1024 + code, so its offset has F16_BASE more
                 s_acc = s_acc + p * lax.broadcast_in_dim(vm[...].astype(f32), (kv_tile, tm), (0,))
                 if offset or packed:
                     s_acc = s_acc - (offset + (F16_BASE if packed else 0.0)) * ps.astype(f32)
-                # V^T codes [hd, vt]: low-nibble channels on rows 0..hd/2-1, high on the rest,
-                # staged through SMEM into one 128-row A operand; with chunks > 1 each chunk's store
-                # follows the previous value MMA's wait (mma returns its accumulator)
-                for v_refs, p_c in zip(v_chunks, p_chunks):
-                    v_codes = packed_codes(v_refs) if packed else unpack([r[...] for r in v_refs])
-                    for j, codes in enumerate(v_codes):
-                        a_smem[pl.ds(j * hd2, hd2), :] = codes.astype(cdt)
-                    plgpu.commit_smem()
-                    o = o + mma((hd, tm), [(a_smem, p_c)])
+                # V^T codes [hd, 64]: low-nibble channels on rows 0..hd/2-1, high on the rest,
+                # staged through SMEM into one 128-row A operand
+                v_codes = packed_codes(v_refs) if packed else unpack([r[...] for r in v_refs])
+                for j, codes in enumerate(v_codes):
+                    a_smem[pl.ds(j * hd2, hd2), :] = codes.astype(cdt)
+                plgpu.commit_smem()
+                o = o + mma((hd, tm), [(a_smem, p_t)])
             return o, m, l_acc, s_acc
 
         def nibbles(plane):
@@ -746,15 +724,12 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
                 k_spec = plgpu.BlockSpec((kv_tile, hd2), lambda i: (tile(i), 0))
             ks_spec = plgpu.BlockSpec((1, hd), lambda i: (tile(i) * kv_tile // group, 0))
             kb_spec = plgpu.BlockSpec((1, tm), lambda i: (tile(i) * kv_tile // group, 0))  # v2's bias
-            v_specs = [plgpu.BlockSpec((hd2, vt), lambda i, c=c: (0, tile(i) * chunks + c)) for c in range(chunks)]
+            v_spec = plgpu.BlockSpec((hd2, kv_tile), lambda i: (0, tile(i)))
             vs_spec = plgpu.BlockSpec((kv_tile,), lambda i: (tile(i),))
             planes = 1 if variant == "int4" else 2
-            in_specs += [k_spec] * planes + [ks_spec, kb_spec if v2 else ks_spec] \
-                + [v for v in v_specs for _ in range(planes)] + [vs_spec] * 2
-        cache_refs = [r.at[b, h] for r in cache]
-        if quant:  # each value plane once per chunk: (vu, vl) * chunks
-            cache_refs[planes + 2:2 * planes + 2] *= chunks
-        gmem += cache_refs
+            in_specs += [k_spec] * planes + [ks_spec, kb_spec if v2 else ks_spec] + [v_spec] * planes \
+                + [vs_spec] * 2
+        gmem += [r.at[b, h] for r in cache]
         def zeros(shape):
             z = jnp.zeros(shape, f32)
             return z if interpret else plgpu.layout_cast(z, plgpu.Layout.WGMMA)  # the interpreter has no layouts
@@ -818,7 +793,7 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, splits
     else:
         if quant or interpret:  # the value tile's A operand staged in SMEM: V^T [hd, 64]
             a_swizzle = kv_tile * 2 if p_kmajor else 32  # the swizzle of P's buffer
-            scratch["a_smem"] = plgpu.SMEM((hd, vt), cdt, transforms=_swizzled(a_swizzle, 16, "lhs"))
+            scratch["a_smem"] = plgpu.SMEM((hd, kv_tile), cdt, transforms=_swizzled(a_swizzle, 16, "lhs"))
         if quant and interpret:
             scratch["ka_smem"] = plgpu.SMEM((2, kv_tile, hd2), cdt)
     kernel = plgpu.kernel(

@@ -261,9 +261,8 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS))
     for n in attention_mosaic.VERSIONS:  # --v1-configs ... one per body
         ap.add_argument(f"--v{n}-configs", default=DEFAULT_CONFIGS[n],
-                        help=f"Mosaic v{n} configs stages:split_factor[:kv_tile[:value_tokens]] (splits = "
-                             "choose_splits x factor, rounded; kv_tile 64 and value_tokens kv_tile when left "
-                             "out), comma-separated")
+                        help=f"Mosaic v{n} configs stages:split_factor[:kv_tile] (splits = choose_splits x "
+                             "factor, rounded; kv_tile 64 when left out), comma-separated")
     ap.add_argument("--T", type=int, default=1, help="query positions per row in the timed step")
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="CPU interpreters, tiny shapes (a path check)")
@@ -279,12 +278,11 @@ def main(argv=None):
     variants = args.variants.split(",")
     contexts = [int(c) for c in args.contexts.split(",")]
     B, check_S, interpret = args.batch, 4096, args.smoke
-    def parse(text, version):  # "stages:factor[:kv_tile[:value_tokens]],..." -> [(version, stages, factor, kv_tile, vt)]
+    def parse(text, version):  # "stages:factor[:kv_tile],..." -> [(version, stages, factor, kv_tile)]
         out = []
         for c in filter(None, text.split(",")):
             st, f, *tile = c.split(":")
-            out.append((version, int(st), float(f), int(tile[0]) if tile else attention_mosaic.TILE,
-                        int(tile[1]) if len(tile) > 1 else None))
+            out.append((version, int(st), float(f), int(tile[0]) if tile else attention_mosaic.TILE))
         return out
 
     configs = [c for n in attention_mosaic.VERSIONS for c in parse(getattr(args, f"v{n}_configs"), n)]
@@ -306,17 +304,15 @@ def main(argv=None):
     def mosaic_configs(S, variant=None):
         """Mosaic configs at context S (all variants' when variant is None): bf16 runs v1 only."""
         out = []
-        for version, st, f, kv_tile, vt in configs:
+        for version, st, f, kv_tile in configs:
             base = attention_mosaic.choose_splits(B, KV, S, kv_tile)
             c = dict(version=version, stages=st, splits=min(S // kv_tile, max(1, round(base * f))))
             if kv_tile != attention_mosaic.TILE:  # the key only where it differs: older files stay comparable
                 c["kv_tile"] = kv_tile
-            if vt not in (None, kv_tile):
-                c["value_tokens"] = vt
-            if c in out or (variant == "bf16" and (version > 1 or "value_tokens" in c)):
+            if c in out or (variant == "bf16" and version > 1):
                 continue
             # the verify check's rows (T = 5: 20 query rows) bound the shared memory
-            if attention_mosaic.supported("int8", 20, HD, S, GROUP, c["splits"], st, version, kv_tile, vt) is None:
+            if attention_mosaic.supported("int8", 20, HD, S, GROUP, c["splits"], st, version, kv_tile) is None:
                 out.append(c)
         return out
 

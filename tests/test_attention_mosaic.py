@@ -33,7 +33,7 @@ def rng(request):
 
 
 def mosaic_attention(q, q_pos, kv, kv_len, variant, *, recent=None, recent_start=None, cut=None, splits=None,
-                     interpret=True, version=1, kv_tile=64, value_tokens=None):
+                     interpret=True, version=1, kv_tile=64):
     """decode_attention's flow (query rows per kv head, main launch + recent buffer, merge) on the
     Mosaic kernel: [B, T, H, hd] f32."""
     B, T, H, hd = q.shape
@@ -45,7 +45,7 @@ def mosaic_attention(q, q_pos, kv, kv_len, variant, *, recent=None, recent_start
     run = lambda *a, **k: attention_partials(q_rows, row_pos, *a, sm_scale=1 / math.sqrt(hd), cut=cut,  # noqa: E731
                                              interpret=interpret, **k)
     parts = [run(kv, kv_len, jnp.zeros((B,), jnp.int32), variant=variant, splits=splits, cut_side=sides[0],
-                 version=version, kv_tile=kv_tile, value_tokens=value_tokens)]
+                 version=version, kv_tile=kv_tile)]
     if recent is not None:
         R = recent[0].shape[2]
         parts.append(run(recent, jnp.full((B,), R, jnp.int32), recent_start, variant="bf16", splits=1,
@@ -103,22 +103,19 @@ def test_matches_float64(rng, variant, version, T, H, KV, splits):
     assert err < TOL, err
 
 
-@pytest.mark.parametrize("variant,version,T,value_tokens",
-                         [("bf16", 1, 5, None), ("int8", 1, 5, None), ("int4", 1, 5, None), ("int4", 4, 5, None),
-                          ("int8", 6, 5, None), ("int4", 7, 5, None), ("int4", 8, 1, None), ("int8", 8, 2, None),
-                          ("int4", 7, 5, 64), ("int8", 8, 1, 64)])
-def test_kv_tile_128_matches_float64(rng, variant, version, T, value_tokens):
+@pytest.mark.parametrize("variant,version,T", [("bf16", 1, 5), ("int8", 1, 5), ("int4", 1, 5), ("int4", 4, 5),
+                                               ("int8", 6, 5), ("int4", 7, 5), ("int4", 8, 1), ("int8", 8, 2)])
+def test_kv_tile_128_matches_float64(rng, variant, version, T):
     """128-token pipeline steps (v1, v4, v6 to v8 and bf16): a verify step (T = 5, or v8's 8 query
     columns at T = 1 / 2) over 4 tiles with 3 splits, one row filling the cache and one short row
-    whose last step is partly masked; value_tokens=64 stages V^T 64 tokens at a time (two value MMAs
-    a step, each on its own half of P^T)."""
+    whose last step is partly masked."""
     B, S, G, H, KV = 2, 512, 128, 12, 3
     kv, k64, v64 = cache(rng, variant, B, KV, S, G)
     q = jnp.asarray(rng.standard_normal((B, T, H, HD)), jnp.float32)
     lens = np.array([S - T, int(rng.integers(1, S // 2))])
     q_pos = lens[:, None] + np.arange(T)
     out = mosaic_attention(q, jnp.asarray(q_pos, jnp.int32), kv, jnp.asarray(lens + T, jnp.int32), variant,
-                           splits=3, kv_tile=128, version=version, value_tokens=value_tokens)
+                           splits=3, kv_tile=128, version=version)
     k_pos = np.broadcast_to(np.arange(S), (B, S))
     want = np_attention(q, q_pos, k64, v64, k_pos, k_pos < (lens + T)[:, None])
     err = np.abs(np.asarray(out, np.float64) - want).max()
@@ -204,9 +201,6 @@ def test_supported_and_bad_inputs(rng):
     assert "kv_tile" in supported("int8", 4, 128, 512, 128, 1, version=2, kv_tile=128)
     assert "kv_tile" in supported("int8", 4, 128, 512, 128, 1, kv_tile=32)
     assert "group" in supported("int4", 4, 128, 512, 64, 1, kv_tile=128)
-    assert supported("int4", 4, 128, 512, 128, 1, version=7, kv_tile=128, value_tokens=64) is None
-    assert "value_tokens" in supported("int4", 4, 128, 512, 128, 1, version=7, kv_tile=128, value_tokens=32)
-    assert "value_tokens" in supported("bf16", 4, 128, 512, None, 1, kv_tile=128, value_tokens=64)
     kv, _, _ = cache(rng, "int4", 1, 1, 128, 64)
     q = jnp.ones((1, 1, 4, HD), jnp.float32)
     with pytest.raises(ValueError, match="splits"):
@@ -227,23 +221,18 @@ def test_shared_memory_model_and_residency():
     assert [smem_bytes(v, 4, HD, 2, 7, kt) // 1024 for v, kt in shapes] == [66, 50, 84]
     assert [resident_programs(v, 4, HD, 2, 7, kt) for v, kt in shapes] == [3, 4, 2]
     assert smem_bytes("int8", 4, HD, 3, 7) > smem_bytes("int8", 4, HD, 2, 7)  # a stage more
-    # V^T staged 64 tokens at a time at 128-token steps: 16 KiB less, a third program an SM
-    assert smem_bytes("int4", 4, HD, 2, 7, 128, value_tokens=64) == smem_bytes("int4", 4, HD, 2, 7, 128) - 16 * 1024
-    assert resident_programs("int4", 4, HD, 2, 7, 128, value_tokens=64) == 3
     for variant, config in FASTER.items():
         fits = resident_programs(variant, 4, HD, config.get("stages", 2), config["version"],
-                                 config.get("kv_tile", TILE), config.get("value_tokens"))
+                                 config.get("kv_tile", TILE))
         assert config.get("programs_per_sm", 2) <= fits, (variant, config)
 
 
 # v2 and v3 pad both M to 32 rows; they and v4 run only the cut case (file runtime)
-@pytest.mark.parametrize("variant,version,M,cut,kv_tile,value_tokens",
-                         [(v, n, M, c, 64, None) for v, n in VARIANT_VERSIONS for M, c in [(4, False), (20, True)]
-                          if n == 1 or c]
-                         + [(v, n, 20, True, 128, None) for v, n in (("bf16", 1), ("int8", 1), ("int4", 1),
-                                                                     ("int8", 4), ("int4", 5), ("int4", 7))]
-                         + [("int4", 7, 4, False, 128, 64), ("int8", 7, 20, True, 128, 64), ("int4", 8, 4, False, 128, 64)])
-def test_lowers_for_cuda(variant, version, M, cut, kv_tile, value_tokens):
+@pytest.mark.parametrize("variant,version,M,cut,kv_tile",
+                         [(v, n, M, c, 64) for v, n in VARIANT_VERSIONS for M, c in [(4, False), (20, True)]
+                          if n == 1 or c] + [(v, n, 20, True, 128) for v, n in (("bf16", 1), ("int8", 1), ("int4", 1),
+                                                                                ("int8", 4), ("int4", 5), ("int4", 7))])
+def test_lowers_for_cuda(variant, version, M, cut, kv_tile):
     """jax 0.10.2 lowers the kernel for CUDA without a GPU: catches code that the interpreter runs but
     Mosaic GPU cannot lower (layout inference, wgmma operand layouts, 8-bit arithmetic). v8 stores
     P^T through a transposed view, which jax 0.10.2's layout inference refuses (jax 0.11.2 lowered
@@ -258,7 +247,7 @@ def test_lowers_for_cuda(variant, version, M, cut, kv_tile, value_tokens):
         return attention_partials(q, pos, kv, n, off, variant=variant, sm_scale=0.1, splits=2,
                                   stages=2 if variant == "bf16" and kv_tile == 128 else 3,  # shared memory
                                   cut=(G, 32) if cut else None, cut_side="below" if cut else None, version=version,
-                                  kv_tile=kv_tile, value_tokens=value_tokens)
+                                  kv_tile=kv_tile)
 
     args = (sd((B, KV, M, HD), jnp.float32), sd((B, M), jnp.int32), kv, sd((B,), jnp.int32), sd((B,), jnp.int32))
     lower = lambda: export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()  # noqa: E731

@@ -2,13 +2,13 @@
 # Device call (issue 19, A1): attention v8 (8 query columns) against v7 as shipped, each variant in
 # its own process, each config checked against float64 first, batch 16 x 8k and 32k. (The previous
 # call's v8 faulted with a misaligned address: the rows' bounds, a 64-byte pipeline block at tm = 8,
-# now load once.) INT4 also at value_tokens=64 (V^T staged 64 tokens at a time: 68 KiB, 3 programs an
-# SM, so 1.5x the splits). About 6 min. Files under $OUT: run.log (LOG), attention_v8_int8.json,
-# attention_v8_int4.json. CONFIGS (variant:stages:split_factor[:kv_tile[:value_tokens]][,...] ...),
-# DEADLINE (seconds) and LOG let another call script run this part (call_v8_and_token_major_b16.sh).
+# now load once.) At 04fe9f2 INT4 also ran value_tokens=64 (V^T staged 64 tokens at a time, 3
+# programs an SM: "int4:2:1:128,2:1.5:128:64"; no gain, since reverted). About 3.5 min. Files under
+# $OUT: run.log (LOG), attention_v8_int8.json, attention_v8_int4.json. CONFIGS
+# (variant:stages:split_factor[:kv_tile][,...] ...), DEADLINE (seconds) and LOG let another call
+# script run this part (call_step_and_attention_v8.sh, call_v8_end_to_end_32k.sh).
 : "${OUT:?set OUT}"
-# v7's shipped configs (INT8 at 3 programs an SM), and INT4 with V^T in halves at 3 programs an SM
-CONFIGS=${CONFIGS:-"int8:2:1.5 int4:2:1:128,2:1.5:128:64"}
+CONFIGS=${CONFIGS:-"int8:2:1.5 int4:2:1:128"}  # the shipped configs (INT8 at 3 programs an SM)
 export PYTHONPATH=$PWD
 export PYTHONUNBUFFERED=1
 unset XLA_PYTHON_CLIENT_MEM_FRACTION XLA_PYTHON_CLIENT_PREALLOCATE
