@@ -19,7 +19,7 @@ for shape in 16x32768 4x32768; do
     --kernels mosaic --cells "$CELLS" --shapes $shape --append --out $OUT/long_context_32k.json
   echo "$shape rc=$? (t=${SECONDS}s)"
 done
-CONFIGS="int8:2:1.5 int4:2:1:128" DEADLINE=$((575 - SECONDS)) LOG=$OUT/attention.log \
+CONFIGS="int8:2:1.5 int4:2:1:128" DEADLINE=$((500 - SECONDS)) LOG=$OUT/attention.log \
   bash benchmarks/kv/runs/call_attention_v8.sh
 echo "attention done (t=${SECONDS}s)"
 } > $OUT/run.log 2>&1
