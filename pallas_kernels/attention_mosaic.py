@@ -265,15 +265,15 @@ def choose_splits(batch: int, kv_heads: int, S: int, kv_tile: int = TILE,
 
 KERNELS = ("auto", "mosaic", "triton")  # decode_attention's `kernel`
 # Variant -> the config of this kernel that measured faster than the Triton kernel on sm_90, at batch
-# 16 x 8k and 32k, timed as decode_attention calls it (rows padded to 16, partials merged): what
+# 16 x 8k and 32k, timed as decode_attention calls it (the partials merged): what
 # kernel="auto" runs there. H100, twelfth session (benchmarks/kv/README.md, h100_attention_v6_sweep_1a33f15):
 # INT8 v7 132.1 / 509.1 us against Triton's 168.3 / 599.4 (1.27x / 1.18x; v5 134.7 / 513.1), INT4 v7
 # at 128-token steps 82.7 / 285.7 against 113.8 / 405.4 (1.38x / 1.42x; v5 92.8 / 324.5). bf16 stays
 # on Triton (v1 measured slower). Thirteenth session (h100_attention_residency_sweep_11b02c4): INT8 at
 # 3 programs an SM (3 splits at 16 x 8k) 129.1 / 475.2 against 129.9 / 494.7 at 2.
-# Fourteenth session (h100_attention_v8_*_04fe9f2), each kernel's own time with the model's 4 real rows:
-# v8 INT4 at 128-token steps 66.4 / 244.2 us against v7's 72.9 / 274.6; INT8 at 3 splits 118.1 / 464.5
-# against 120.3 / 463.9.
+# Fourteenth session (h100_attention_v8_*_2e69c5f), the model's 4 real rows a kv head: v8 INT4 at
+# 128-token steps 73.6 / 252.9 us against v7's 82.4 / 285.3 and Triton's 113.2 / 408.6; INT8 at
+# 3 splits 130.7 / 482.7 against v7's 131.1 / 489.4 and Triton's 168.4 / 602.3.
 FASTER: dict[str, dict] = {"int8": dict(version=8, stages=2, programs_per_sm=3),
                            "int4": dict(version=8, stages=2, kv_tile=128)}
 # "auto" takes FASTER's configs only for caches of at least this many slots (batch x slots), the

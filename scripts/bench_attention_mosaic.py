@@ -14,8 +14,9 @@ One run does, in order, writing everything to --out (JSON, rewritten after every
           quantized paths, so bf16 runs v1 only), timed by CUPTI (jax.experimental.mosaic.gpu.profiler.measure,
           aggregate=False): each kernel's own time, so the wrapper's small XLA ops (padding Q, the
           mask bounds) are reported apart from the attention kernel; attend_us times the call as
-          decode_attention makes it (query rows padded to 16, the partials merged), all kernels. A batch-16 cache is 0.27 GB
-          (INT4) to 1 GB (bf16) at 8k tokens: far beyond the 50 MB L2, so one copy suffices.
+          decode_attention makes it (the partials merged; the Triton kernel's query rows padded to
+          16), all kernels. A batch-16 cache is 0.27 GB (INT4) to 1 GB (bf16) at 8k tokens: far
+          beyond the 50 MB L2, so one copy suffices.
           v2/v3's key bias (q . min per key group) and v3's int4 bitcast and interleaved key scales
           are XLA ops in the wrapper: in `us`, not in kernel_us (`kernels` names every kernel).
 Bytes are what a variant must read (codes, scales and minimums; bf16 K and V); frac_copy_bw = bytes /
@@ -204,7 +205,7 @@ E2E_KEYS = ("qspec_int8kv_vs_w4a16_bf16kv", "qspec_int8kv_vs_w4a16_int8kv", "qua
 def summarize(runs: list, quality: dict, quality_source: str) -> dict:
     """benchmarks/kv/hopper_summary.json (issue 19's keys) from attention runs on one device: per
     variant and context the attention the model runs, its kernel and Mosaic's best beside it. The
-    model's kernel is the one whose call as decode_attention makes it (attend_us: rows padded to 16,
+    model's kernel is the one whose call as decode_attention makes it (attend_us: attend's rows,
     partials merged) is fastest, from the newest run that timed that call, else the one with the
     higher fraction. The end-to-end ratios are null until bench_long_context.py runs on this device;
     the quality keys are the CPU measurements."""
@@ -369,7 +370,7 @@ def main(argv=None):
                         total, kern, names = cupti_us(run, q_rows, kv, iterations=args.iterations)
                         cell.update(us=total, kernel_us=kern, kernels=names,
                                     frac_copy_bw=nbytes / (kern * 1e-6) / bw)
-                        # decode_attention's call as the model makes it (rows padded to 16, merged)
+                        # decode_attention's call as the model makes it (attend: its rows, merged)
                         whole = lambda q, kv: attend(fn, q, q_pos, kv, kv_len, variant, **config)  # noqa: E731
                         cell["attend_us"], _, _ = cupti_us(whole, q, kv, iterations=args.iterations)
                 except Exception as e:  # noqa: BLE001 - a config that does not compile is reported
