@@ -16,7 +16,8 @@ every replay pass: minutes per kernel instead of seconds.)
   python scripts/ncu_probe.py --list        # the probes, no GPU needed
 
 Probes: decode attention (bf16, INT8, INT4 with the default launch knobs; and the Mosaic GPU bodies v1
-and v4, v5 on INT8 / INT4: ncu -k regex:'attention_mosaic') at batch 16 x 8k, and the
+and v4 to v8 on INT8 / INT4, and each view's shipped config, attention_mosaic.FASTER: ncu -k
+regex:'attention_mosaic') at batch 16 x 8k, and the
 W4A16 kernels (Triton, and Mosaic GPU's W4A16 and W4A8: ncu -k regex:'mosaic') on the gate_up and
 down projections at M = 1 and 16 (Mosaic W4A8 also at 256), beside XLA's dot on `jnp.int4`-style
 weights (dequantized in the graph) at M = 16.
@@ -63,24 +64,27 @@ def attention_probes(B=16, S=8192):
     return out
 
 
-def attention_mosaic_probes(B=16, S=8192, version=1):
+def attention_mosaic_probes(B=16, S=8192, version=1, shipped=False):
     """The Mosaic GPU attention (attention_mosaic.py, body `version`) on the quantized views: one
-    decode step (T = 1) as bench_attention_mosaic.py times it, the default splits."""
+    decode step (T = 1) as bench_attention_mosaic.py times it, the default splits; with shipped=True
+    each view's config as the model runs it (attention_mosaic.FASTER)."""
     from bench_attention_mosaic import attend as attend_partials
     from pallas_kernels import attention_mosaic
 
     out = []
     for variant in ("int8", "int4"):
-        def build(variant=variant):
+        knobs = attention_mosaic.FASTER[variant] if shipped else dict(version=version)
+
+        def build(variant=variant, knobs=knobs):
             key = jax.random.key(0)
             kv, _ = make_kv(key, B, S, variant)
             q = jax.random.normal(jax.random.fold_in(key, 1), (B, 1, H, HD), jnp.bfloat16)
             q_pos, kv_len = jnp.full((B, 1), S - 1, jnp.int32), jnp.full((B,), S, jnp.int32)
             fn = jax.jit(lambda q, kv: attend_partials(attention_mosaic.attention_partials, q, q_pos, kv, kv_len,
-                                                       variant, version=version))
+                                                       variant, **knobs))
             return fn, (q, kv)
 
-        out.append((f"attention_mosaic_v{version}_{variant}_{B}x{S}", build))
+        out.append((f"attention_mosaic_{'shipped' if shipped else f'v{version}'}_{variant}_{B}x{S}", build))
     return out
 
 
@@ -125,6 +129,7 @@ def main(argv=None):
     from pallas_kernels.attention_mosaic import FOLDED, VERSIONS
 
     bodies = [p for n in VERSIONS if n not in FOLDED for p in attention_mosaic_probes(version=n)]  # v2 / v3: 32 rows
+    bodies += attention_mosaic_probes(shipped=True)
     probes = attention_probes() + bodies + matmul_probes() + mosaic_probes()
     if args.only:
         probes = [(n, b) for n, b in probes if any(s in n for s in args.only.split(","))]

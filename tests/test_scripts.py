@@ -431,3 +431,15 @@ def test_ptx_mix_counts_the_mma_block(tmp_path):
     assert body["block"] == "$L__BB0_1" and body["instructions"] == n_and + 1 + 2 * n_mma
     assert body["ops"]["and.b32"] == n_and and body["ops"]["bra"] == 1 and body["ops"]["setp.ne.b32"] == n_mma
     assert body["outside_wgmma_asm"] == n_and + 1
+
+
+def test_ncu_probe_lists_every_mosaic_attention_body_and_the_shipped_configs():
+    """ncu_probe's probe list (no GPU needed): each Mosaic attention body that shares v1's layout
+    and each view's shipped config (attention_mosaic.FASTER), so an Nsight Compute call can name them."""
+    from pallas_kernels.attention_mosaic import FOLDED, VERSIONS
+
+    names = set(run_script("ncu_probe.py", "--list").split())
+    for variant in ("int8", "int4"):
+        assert f"attention_mosaic_shipped_{variant}_16x8192" in names
+        for n in VERSIONS:
+            assert (f"attention_mosaic_v{n}_{variant}_16x8192" in names) == (n not in FOLDED)
