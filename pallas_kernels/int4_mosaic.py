@@ -78,15 +78,31 @@ def f32_halves(x):
 
 
 def join_f32_halves(upper, lower):
-    """The f32 numbers whose bit halves f32_halves returned: exact."""
-    u = [lax.bitcast_convert_type(h, jnp.uint16).astype(jnp.uint32) for h in (upper, lower)]
-    return lax.bitcast_convert_type((u[0] << 16) | u[1], jnp.float32)
+    """The f32 numbers whose bit halves f32_halves returned: exact. Signed 32-bit arithmetic, which
+    Pallas Triton lowers too (pallas_kernels/residual_norm.py joins them in its kernel)."""
+    u, lo = (lax.bitcast_convert_type(h, jnp.int16).astype(jnp.int32) for h in (upper, lower))
+    return lax.bitcast_convert_type((u << 16) | (lo & 0xFFFF), jnp.float32)
 
 
 def sum_k_ranges(parts):
     """The sum of split-K's [split, ...] partials as chained adds: elementwise, so XLA fuses it into
     the consumer of the output (a reduce would be a kernel of its own)."""
     return functools.reduce(jnp.add, [parts[s] for s in range(parts.shape[0])])
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["halves"], meta_fields=["rows"])
+@dataclasses.dataclass(frozen=True)
+class SplitKHalves:
+    """A token-major split-K matmul's output [rows, N] left unsummed (`mosaic_matmul(...,
+    unjoined=True)`), for a consumer kernel that sums it itself (residual_norm.py): halves
+    [split, 2, >= rows, N], each K range's f32 partial sums as (upper, lower) 16-bit halves."""
+
+    halves: jax.Array
+    rows: int
+
+    def join(self) -> jax.Array:
+        """The f32 output [rows, N]: the K ranges' sums added in order."""
+        return sum_k_ranges(join_f32_halves(self.halves[:, 0], self.halves[:, 1]))[: self.rows]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,11 +226,13 @@ def _swizzled(block_minor_bytes: int, bits: int, kind: str):
     )
 
 
-def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_major: bool | None = None):
+def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_major: bool | None = None,
+                 unjoined: bool = False):
     """out [M, N] f32-accumulated; x [M, K] bf16 (x_scales None) or int8 with x_scales f32 [G', M]
     (one row per pipeline step). token_major: the kernel writes y [M, N] itself, through a
     transposed store of its out^T tile (default: under the interpreter, or TRANSPOSED_STORE); else it
-    writes out^T [N, tm] and XLA transposes it after."""
+    writes out^T [N, tm] and XLA transposes it after. unjoined: where split-K's partials leave as
+    halves, return them as a SplitKHalves instead of their f32 sum."""
     if token_major is None:
         token_major = interpret or TRANSPOSED_STORE
     w, scales = mw["w"], mw["scales"]
@@ -443,28 +461,33 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
     )
     out = kernel(w, x, scales, *([x_scales] if int8 else []))
     if halves:  # split-K's sums as chained adds: they fuse into the consumer (no transpose follows)
-        y = sum_k_ranges(join_f32_halves(out[:, 0], out[:, 1]))
-    else:  # a reduce, fused with the transpose that follows (as timed through ae75b9f)
-        y = out.sum(axis=0) if split > 1 else out[0]
+        partials = SplitKHalves(out, M)
+        return partials if unjoined else partials.join()
+    y = out.sum(axis=0) if split > 1 else out[0]  # a reduce, fused with the transpose that follows
     return y[:M] if token_major else y[:, :M].T
 
 
 # Jitted with static tiles, so a model that calls a kernel at the same shape in every layer lowers
 # it once: unjitted, each call site lowered its own Mosaic module (64 calls: 9.8 s against 0.2 s
 # on the CPU, and a 53 s compile of the 32-layer step on the H100).
-@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
-def w4a16_mosaic(x, mw, *, tiles: MosaicTiles = MosaicTiles(), interpret: bool = False):
+def _in_dtype(y, dtype):
+    return y if isinstance(y, SplitKHalves) else y.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret", "unjoined"))
+def w4a16_mosaic(x, mw, *, tiles: MosaicTiles = MosaicTiles(), interpret: bool = False, unjoined: bool = False):
     """y = x @ dequant(W) for x [M, K] (any float dtype; the MMA runs in bf16; above 256 rows in
-    256-row chunks) and weights in the Mosaic layout. Returns [M, N] in x's dtype (f32 accumulation)."""
-    y = _int4_matmul(x.astype(jnp.bfloat16), None, mw, tiles, interpret)
-    return y.astype(x.dtype)
+    256-row chunks) and weights in the Mosaic layout. Returns [M, N] in x's dtype (f32 accumulation),
+    or with `unjoined` and halved split-K partials, their SplitKHalves."""
+    return _in_dtype(_int4_matmul(x.astype(jnp.bfloat16), None, mw, tiles, interpret, unjoined=unjoined), x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("act_bits", "tiles", "interpret"))
+@functools.partial(jax.jit, static_argnames=("act_bits", "tiles", "interpret", "unjoined"))
 def w4a8_mosaic(x, mw, *, act_bits: int = 8, tiles: MosaicTiles = MosaicTiles(),
-                interpret: bool = False):
+                interpret: bool = False, unjoined: bool = False):
     """W4A8 (act_bits 8) or W4A4 (act_bits 4): x [M, K] quantized per token over the weight's
-    groups as w4a4.quantize_activations does, int8 x int8 MMAs, f32 rescale per group.
+    groups as w4a4.quantize_activations does, int8 x int8 MMAs, f32 rescale per group (`unjoined`:
+    as w4a16_mosaic).
 
     The token scales' pipeline rows are padded to 128 bytes (`TMA_ALIGN`): at 8 floats (32 B) a
     row, three of every four TMA copies wrote off the shared-memory alignment TMA needs and the
@@ -479,7 +502,7 @@ def w4a8_mosaic(x, mw, *, act_bits: int = 8, tiles: MosaicTiles = MosaicTiles(),
     xq, xs = quantize_activations(x, K // G, act_bits)  # int8 [M, K], f32 [M, G]
     steps = K // step_width(K, G)
     xs_t = jnp.broadcast_to(xs.T, (steps, x.shape[0])) if G == 1 else xs.T  # [steps, M]
-    return _int4_matmul(xq, xs_t, mw, tiles, interpret).astype(x.dtype)
+    return _in_dtype(_int4_matmul(xq, xs_t, mw, tiles, interpret, unjoined=unjoined), x.dtype)
 
 
 NUM_SMS = 132  # H100 / H200 SXM
@@ -578,8 +601,12 @@ def dequantize_mosaic(mw, dtype=jnp.bfloat16):
     return (q * mw["scales"].T[:, :, None]).reshape(N, K).T.astype(dtype)
 
 
-def mosaic_matmul(x, mw, mode: str, *, interpret: bool = False):
+def mosaic_matmul(x, mw, mode: str, *, interpret: bool = False, unjoined: bool = False):
     """`x @ W` in a quantized mode ("w4a16", "w4a8", "w4a4") for weights in the Mosaic layout.
+
+    With `unjoined`, where the kernel leaves split-K's partials as halves (token-major, split > 1),
+    returns them as a SplitKHalves over x's rows flattened, for a kernel that sums them itself
+    (pallas_kernels.residual_norm); every other call returns y as without it.
 
     x [..., K]. On the GPU (or under the interpreter) the Mosaic kernels run every W4A8/W4A4 call
     (above 256 rows, prefill, in 256-row chunks on one more grid axis: the reference's per-group
@@ -604,13 +631,15 @@ def mosaic_matmul(x, mw, mode: str, *, interpret: bool = False):
               and supported(M, N, K, G, tiles, x_bytes) is None)
     if mode == "w4a16":
         if kernel:
-            y = w4a16_mosaic(x2, mw, tiles=tiles, interpret=interpret)
+            y = w4a16_mosaic(x2, mw, tiles=tiles, interpret=interpret, unjoined=unjoined)
         else:
             y = jnp.dot(x2, dequantize_mosaic(mw, x2.dtype), preferred_element_type=jnp.float32)
     else:
         bits = 8 if mode == "w4a8" else 4
         if kernel:
-            y = w4a8_mosaic(x2, mw, act_bits=bits, tiles=tiles, interpret=interpret)
+            y = w4a8_mosaic(x2, mw, act_bits=bits, tiles=tiles, interpret=interpret, unjoined=unjoined)
         else:
             y = w4a4_reference(x2, from_mosaic_layout(mw), act_bits=bits)
+    if isinstance(y, SplitKHalves):
+        return y
     return y.astype(x.dtype).reshape(*lead, N)

@@ -56,10 +56,10 @@ def calibration_grams(params: dict, tokens: jax.Array, config: LlamaConfig) -> d
             grams[-1][kind] = jnp.dot(xf.T, xf, precision=jax.lax.Precision.HIGHEST)
         return linear(x, lp[name], "bf16")
 
-    x, kv = params["embed"][tokens], NoCache()
+    x, delta, kv = params["embed"][tokens], None, NoCache()
     for i, lp in enumerate(layer_params(params, config.num_layers)):
         grams.append({})
-        x, kv = decoder_layer(x, lp, i, kv, positions, config=config, params=params, project=observed)
+        x, delta, kv = decoder_layer(x, delta, lp, i, kv, positions, config=config, params=params, project=observed)
     return {kind: jnp.stack([g[kind] for g in grams]) for kind in grams[0]}
 
 

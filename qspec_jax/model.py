@@ -26,13 +26,20 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-from pallas_kernels.int4_mosaic import dequantize_mosaic, is_mosaic_layout, mosaic_matmul
+from pallas_kernels.int4_mosaic import SplitKHalves, dequantize_mosaic, is_mosaic_layout, mosaic_matmul
+from pallas_kernels.residual_norm import residual_rmsnorm
 from qspec_jax.config import LlamaConfig
 from qspec_jax.kv_cache import NoCache
 from qspec_jax.rotation import online_transform
 
 MODES = ("bf16", "w4a16", "w4a4", "w4a8")
 KV_VIEWS = ("int8", "int4")  # how a forward reads a HierarchicalKVCache (ignored by a bf16 KVCache)
+# The projections whose output joins the residual stream. With FUSED_RESIDUAL_NORM, `forward` asks
+# them for unjoined split-K partials, and `residual_norm` adds and normalizes those in one Pallas
+# launch (GPU, Mosaic int4 kernels with halved split-K partials: jax >= 0.11). Off until timed in a
+# decode step (bench_engine.py's "residual_norm" step variant).
+RESIDUAL_PROJECTIONS = ("wo", "w_down")
+FUSED_RESIDUAL_NORM = False
 
 
 def is_quantized(w) -> bool:
@@ -41,8 +48,11 @@ def is_quantized(w) -> bool:
     return isinstance(w, dict) and ("packed" in w or "w" in w)
 
 
-def linear(x: jax.Array, w, mode: str) -> jax.Array:
-    """`x @ w` in the given mode; `w` is a float `[K, N]` array or a quantized weight dict."""
+def linear(x: jax.Array, w, mode: str, unjoined: bool = False):
+    """`x @ w` in the given mode; `w` is a float `[K, N]` array or a quantized weight dict.
+
+    `unjoined`: where a Mosaic int4 kernel leaves split-K partials as halves, return those
+    (int4_mosaic.SplitKHalves, x's rows flattened) for `residual_norm`; otherwise ignored."""
     if not is_quantized(w):
         if mode != "bf16":
             raise ValueError(f"mode {mode!r} needs quantized weights: run qspec_jax.quantize first")
@@ -50,7 +60,7 @@ def linear(x: jax.Array, w, mode: str) -> jax.Array:
     if is_mosaic_layout(w):
         if mode == "bf16":
             return jnp.dot(x, dequantize_mosaic(w, x.dtype))
-        return mosaic_matmul(x, w, mode)
+        return mosaic_matmul(x, w, mode, unjoined=unjoined)
     if mode == "bf16":
         return jnp.dot(x, pallas_kernels.dequantize_weight(w).astype(x.dtype))
     if mode == "w4a16":
@@ -122,6 +132,22 @@ def rms_norm(x: jax.Array, weight: Optional[jax.Array], eps: float) -> jax.Array
     return y if weight is None else y * weight.astype(x.dtype)
 
 
+def residual_norm(x: jax.Array, delta, weight: Optional[jax.Array], eps: float) -> tuple:
+    """The residual add and the RMSNorm after it: (x + delta, rms_norm(x + delta, weight)).
+
+    `delta` is a projection's output [..., D], None (nothing to add), or a SplitKHalves from
+    `linear(..., unjoined=True)`: those partials are summed, added and normalized in one Pallas
+    launch (pallas_kernels.residual_norm) with the same roundings."""
+    if isinstance(delta, SplitKHalves):
+        d = x.shape[-1]
+        w = None if weight is None else weight.astype(x.dtype)
+        x2, h = residual_rmsnorm(x.reshape(-1, d), delta, w, eps, interpret=jax.default_backend() != "gpu")
+        return x2.reshape(x.shape), h.reshape(x.shape)
+    if delta is not None:
+        x = x + delta.astype(x.dtype)
+    return x, rms_norm(x, weight, eps)
+
+
 def rope_inv_freq(config: LlamaConfig) -> jax.Array:
     """Inverse RoPE frequencies, with Llama-3 scaling when the config has it."""
     hd = config.head_dim
@@ -156,18 +182,22 @@ def _online_rotation(params, name):
     return None if rot is None else partial(online_transform, rotation=rot[name])
 
 
-def decoder_layer(x, lp, i, cache, positions, *, config: LlamaConfig, params: dict, project, kv_view="int8"):
-    """Layer i of the model: attention through `cache`'s layer i, then the MLP. Returns (x, cache).
+def decoder_layer(x, delta, lp, i, cache, positions, *, config: LlamaConfig, params: dict, project,
+                  kv_view="int8"):
+    """Layer i of the model: attention through `cache`'s layer i, then the MLP.
 
-    x: [B, T, D]; lp: the layer's weights; `project(x, lp, name)` applies projection `name` ("wqkv"
-    or "wq"/"wk"/"wv", "wo", "w_gate_up" or "w_gate"/"w_up", "w_down"): `forward` runs it in its
-    mode, GPTQ's calibration (qspec_jax.gptq) also records what each projection reads.
+    x: [B, T, D], the residual stream without `delta`, the previous layer's MLP output (None before
+    the first layer), which joins it here, in one step with this layer's norm (`residual_norm`).
+    Returns (x, delta, cache), this layer's MLP output left for the next layer or the final norm.
+    lp: the layer's weights; `project(x, lp, name)` applies projection `name` ("wqkv" or
+    "wq"/"wk"/"wv", "wo", "w_gate_up" or "w_gate"/"w_up", "w_down"): `forward` runs it in its mode,
+    GPTQ's calibration (qspec_jax.gptq) also records what each projection reads.
     """
     b, t, _ = x.shape
     nh, nkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
     inv_freq = rope_inv_freq(config)
     rot_o, rot_down = _online_rotation(params, "o_proj"), _online_rotation(params, "down_proj")
-    h = rms_norm(x, lp.get("attn_norm"), config.rms_norm_eps)
+    x, h = residual_norm(x, delta, lp.get("attn_norm"), config.rms_norm_eps)
     if "wqkv" in lp:
         q, k, v = jnp.split(project(h, lp, "wqkv"), [nh * hd, (nh + nkv) * hd], axis=-1)
     else:
@@ -179,8 +209,7 @@ def decoder_layer(x, lp, i, cache, positions, *, config: LlamaConfig, params: di
     a = cache.attend(i, q, positions, view=kv_view).reshape(b, t, nh * hd)
     if rot_o is not None:
         a = rot_o(a)
-    x = x + project(a, lp, "wo").astype(x.dtype)
-    h = rms_norm(x, lp.get("mlp_norm"), config.rms_norm_eps)
+    x, h = residual_norm(x, project(a, lp, "wo"), lp.get("mlp_norm"), config.rms_norm_eps)
     if "w_gate_up" in lp:
         gate, up = jnp.split(project(h, lp, "w_gate_up"), 2, axis=-1)
     else:
@@ -188,7 +217,7 @@ def decoder_layer(x, lp, i, cache, positions, *, config: LlamaConfig, params: di
     g = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
     if rot_down is not None:
         g = rot_down(g)
-    return x + project(g, lp, "w_down").astype(x.dtype), cache
+    return x, project(g, lp, "w_down"), cache
 
 
 def forward(
@@ -216,17 +245,18 @@ def forward(
     if kv_view not in KV_VIEWS:
         raise ValueError(f"unknown kv_view {kv_view!r}; expected one of {KV_VIEWS}")
     kv = NoCache() if cache is None else cache
-    x = params["embed"][tokens]
+    x, delta = params["embed"][tokens], None
     def project(x, lp, name):
-        return linear(x, lp[name], mode)
+        return linear(x, lp[name], mode, unjoined=FUSED_RESIDUAL_NORM and name in RESIDUAL_PROJECTIONS)
 
     # The layers unrolled in Python over separate per-layer buffers (see unstack_layers): a
     # lax.scan over stacked weights made XLA copy every layer's weights and KV slice each step.
     for i, lp in enumerate(layer_params(params, config.num_layers)):
-        x, kv = decoder_layer(x, lp, i, kv, positions, config=config, params=params, project=project, kv_view=kv_view)
+        x, delta, kv = decoder_layer(x, delta, lp, i, kv, positions, config=config, params=params,
+                                     project=project, kv_view=kv_view)
+    _, h = residual_norm(x, delta, params.get("final_norm"), config.rms_norm_eps)
     if logit_index is not None:
-        x = jnp.take_along_axis(x, logit_index[..., None], axis=1)
-    x = rms_norm(x, params.get("final_norm"), config.rms_norm_eps)
+        h = jnp.take_along_axis(h, logit_index[..., None], axis=1)
     head = params["lm_head"] if "lm_head" in params else params["embed"].T
-    logits = jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    logits = jnp.dot(h, head.astype(h.dtype), preferred_element_type=jnp.float32)
     return logits, None if cache is None else kv

@@ -41,7 +41,7 @@ from bench_kernels import MODELS, int4_bytes, make_weights, projections, time_lo
 from pallas_kernels import choose_tiles, pack_block, w4a4_matmul, w4a16_matmul
 from pallas_kernels import int4_mosaic, tiling  # noqa: E402
 from pallas_kernels.w4a16_gemv import GemvTiles, w4a16_gemv  # noqa: E402
-from qspec_jax import checkpoint, kv_cache, quantize, rotation  # noqa: E402
+from qspec_jax import checkpoint, kv_cache, model, quantize, rotation  # noqa: E402
 from qspec_jax.config import get_preset  # noqa: E402
 from bandwidth import best_copy_bandwidth  # noqa: E402
 from qspec_jax.evaluation import run_metadata  # noqa: E402
@@ -245,6 +245,7 @@ VARIANT_PARTS = {
     "tm": "Mosaic: the kernels write y [M, N] at split 1 (int4_mosaic.TRANSPOSED_STORE)",
     "xla_attention": "attention by XLA's einsum over every slot (kv_cache.KERNEL_ATTENTION_BACKEND)",
     "xla_rotation": "a rotated model's online transform as XLA's GEMMs (rotation.KERNEL_BACKEND)",
+    "residual_norm": "Mosaic: residual add + RMSNorm in one Triton launch on split-K partials (model.FUSED_RESIDUAL_NORM)",
 }
 
 
@@ -260,6 +261,7 @@ def apply_variant(variant: str, token_major: bool = False):
     int4_mosaic.TRANSPOSED_STORE = token_major or "tm" in parts
     kv_cache.KERNEL_ATTENTION_BACKEND = "reference" if "xla_attention" in parts else "auto"
     rotation.KERNEL_BACKEND = "reference" if "xla_rotation" in parts else "auto"
+    model.FUSED_RESIDUAL_NORM = "residual_norm" in parts
 
 
 def step_cells(args, copy_bps, cells: list, save=lambda: None):
