@@ -467,13 +467,13 @@ def _int4_matmul(x, x_scales, mw, tiles: MosaicTiles, interpret: bool, token_maj
     return y[:M] if token_major else y[:, :M].T
 
 
-# Jitted with static tiles, so a model that calls a kernel at the same shape in every layer lowers
-# it once: unjitted, each call site lowered its own Mosaic module (64 calls: 9.8 s against 0.2 s
-# on the CPU, and a 53 s compile of the 32-layer step on the H100).
 def _in_dtype(y, dtype):
     return y if isinstance(y, SplitKHalves) else y.astype(dtype)
 
 
+# Jitted with static tiles, so a model that calls a kernel at the same shape in every layer lowers
+# it once: unjitted, each call site lowered its own Mosaic module (64 calls: 9.8 s against 0.2 s
+# on the CPU, and a 53 s compile of the 32-layer step on the H100).
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret", "unjoined"))
 def w4a16_mosaic(x, mw, *, tiles: MosaicTiles = MosaicTiles(), interpret: bool = False, unjoined: bool = False):
     """y = x @ dequant(W) for x [M, K] (any float dtype; the MMA runs in bf16; above 256 rows in
