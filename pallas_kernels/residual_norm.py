@@ -29,7 +29,8 @@ def _kernel(x_ref, *refs, d: int, split: int, halves: bool, eps: float, has_weig
     # one row, each ref [DP]: x, then split x (upper, lower) halves or one summed delta, the weight if
     # any, and the two outputs; columns >= d lie past the arrays
     n_in = 2 * split if halves else 1
-    part_refs, (w_ref, x_out_ref, h_out_ref) = refs[:n_in], refs[n_in:] if has_weight else (None, *refs[n_in:])
+    part_refs, rest = refs[:n_in], refs[n_in:]
+    w_ref, x_out_ref, h_out_ref = rest if has_weight else (None, *rest)
     dp = x_ref.shape[0]
     cols = lax.broadcasted_iota(jnp.int32, (dp,), 0) < d
     loaded = [plt.load(r, mask=cols, other=0) for r in part_refs]
