@@ -1,0 +1,25 @@
+#!/bin/bash
+# Device call (issue 19): does the compiled INT8-KV decode loop copy cache-sized buffers every step?
+# On the CPU (tiny model, fifteenth session) XLA's program copies one layer's planes in each branch
+# of flush's quantize conditional and in the loop body, and every layer's recent buffers each step
+# (benchmarks/kv/README.md). At 16 x 8k one layer's planes are 270 MB, so on the GPU that would be
+# a large part of why W4A16 reads the INT8 cache no faster than bf16 KV end to end (9.17 / 9.22 ms)
+# although its attention kernel is 1.29x faster.
+# Runs the 16 x 8k cells of call_v8_end_to_end_8k.sh with XLA dumping each decode program's optimized
+# HLO, then lists their copies of at least 1 MB (hlo_copies.py). About 3 min.
+# Files under $OUT: run.log, long_context_8k.json, copies.txt, hlo.tar.gz.
+: "${OUT:?set OUT}"
+export PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1
+unset XLA_PYTHON_CLIENT_MEM_FRACTION XLA_PYTHON_CLIENT_PREALLOCATE
+{
+nvidia-smi --query-gpu=name,memory.total --format=csv
+XLA_FLAGS="--xla_dump_to=/tmp/hlo_kv --xla_dump_hlo_as_text" timeout ${LIMIT:-200} python3 \
+  scripts/bench_long_context.py --kernels mosaic --shapes 16x8192 \
+  --cells "16x8192:w4a16_bf16kv,w4a16_int8kv,qspec_w4a8_int8kv_g3" --out $OUT/long_context_8k.json
+echo "16x8192 rc=$? (t=${SECONDS}s)"
+dumps=$(ls /tmp/hlo_kv/*decode*after_optimizations.txt)
+python3 benchmarks/kv/runs/hlo_copies.py $dumps > $OUT/copies.txt 2>&1
+(cd /tmp/hlo_kv && ls | grep -E 'decode.*after_optimizations\.txt$' | tar czf $OUT/hlo.tar.gz -T -)
+ls -la $OUT/hlo.tar.gz
+} > $OUT/run.log 2>&1
