@@ -7,8 +7,8 @@ loop state `LoopState`, testable alone):
      those same slots with the verifier's K/V;
   3. `accept`: the acceptance rule (`acceptance.Greedy`, `acceptance.Sampling`) keeps the longest
      drafted prefix it agrees with, plus the verifier's own next token;
-  4. `advance`: emit the kept tokens, cut at EOS and the budget, count; then the cache's after-accept
-     bookkeeping (`cache.flush`).
+  4. `advance`: emit the kept tokens, cut at EOS and the budget, count. The cache's after-accept
+     bookkeeping (`cache.flush`) opens the next cycle, and follows the last.
 The whole generation (prefill, then a `lax.while_loop` over cycles) is one jitted function,
 `generate_jit`, whose single static argument is a `spec.GenerationSpec`. With gamma 0 there are no
 drafts and a cycle is one plain decode step in the verify mode: that is how the autoregressive
@@ -18,7 +18,7 @@ KV cache (`spec.kv`): "bf16" (`KVCache`), or "int8", QuantSpec's hierarchical ca
 (`HierarchicalKVCache`: two 4-bit planes + a full-precision recent buffer per layer). With "int8" the
 prompt is prefilled with plain causal attention and then quantized, the drafts read the INT4 view
 (upper plane), the verify pass (and gamma=0 plain decoding) the INT8 view, and the cache is flushed
-after each acceptance, so only accepted tokens are quantized. What a query reads from it depends on
+after each acceptance (before the next cycle's reads), so only accepted tokens are quantized. What a query reads from it depends on
 its position only (planes below a cut c(p), the buffer from there), so greedy QSpec on the int8 cache
 equals plain greedy decoding on the int8 cache token for token.
 
@@ -187,14 +187,25 @@ class Verdict(NamedTuple):
 # The cycle
 
 
+def flushed(state: LoopState, spec: GenerationSpec) -> LoopState:
+    """The cache's bookkeeping after acceptance has set its lengths (int8: quantize accepted groups,
+    retire the buffer's oldest; bf16: nothing)."""
+    return state.replace(cache=state.cache.flush(spec.gamma + 1))
+
+
 def cycle(state: LoopState, params, drafter, gamma, spec: GenerationSpec) -> LoopState:
-    """One draft -> verify -> accept -> advance cycle. gamma: an int (fixed), or a traced scalar in
-    0..spec.gamma (an adaptive cycle). `drafter`: the drafts' weights (`params` unless separate)."""
+    """flush -> draft -> verify -> accept -> advance. gamma: an int (fixed), or a traced scalar in
+    0..spec.gamma (an adaptive cycle). `drafter`: the drafts' weights (`params` unless separate).
+
+    The previous cycle's flush runs first (a prefilled cache is already flushed; `decode_loop`
+    flushes after its last cycle): flushing after this cycle's attention read the planes made XLA
+    copy a layer's planes every cycle, in the conditional's branches and the loop body, to order
+    the update after the reads (the compiled program of tests/test_hierarchical_kv.py)."""
+    state = flushed(state, spec)
     drafts, state = draft(drafter, state, gamma, spec)
     logits, state = verify(params, state, drafts, spec)
     verdict, state = accept(state, drafts, logits, spec)
-    state = advance(state, drafts, verdict, spec)
-    return state.replace(cache=state.cache.flush(spec.gamma + 1))  # int8: quantize accepted groups; bf16: as is
+    return advance(state, drafts, verdict, spec)
 
 
 def decode_loop(params, cache, first, key, draft_params=None, adaptive=None, *, spec: GenerationSpec) -> LoopState:
@@ -207,11 +218,13 @@ def decode_loop(params, cache, first, key, draft_params=None, adaptive=None, *, 
     state = LoopState.start(cache, first, key, spec)
     drafter = draft_params if spec.separate_draft else params  # QuantSpec: its own int4 weights
     if not spec.adaptive:
-        return jax.lax.while_loop(lambda s: s.running(spec), lambda s: cycle(s, params, drafter, spec.gamma, spec), state)
+        state = jax.lax.while_loop(lambda s: s.running(spec), lambda s: cycle(s, params, drafter, spec.gamma, spec), state)
+        return flushed(state, spec)
     chosen = lambda s: pick_gamma(adaptive, s.accepted_at, s.reached_at)
     state = jax.lax.while_loop(lambda s: s.running(spec) & (chosen(s) > 0),
                                lambda s: cycle(s, params, drafter, chosen(s), spec), state)
-    return jax.lax.while_loop(lambda s: s.running(spec), lambda s: cycle(s, params, drafter, 0, spec), state)
+    state = jax.lax.while_loop(lambda s: s.running(spec), lambda s: cycle(s, params, drafter, 0, spec), state)
+    return flushed(state, spec)
 
 
 # --------------------------------------------------------------------------------------------------

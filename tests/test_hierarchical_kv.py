@@ -225,3 +225,34 @@ def test_flush_inside_jit_loop_and_bad_config():
         hkv.flush(hkv.create(1, 1, 32, 64, group=16, window=20), jnp.zeros((1,), jnp.int32), 8)
     with pytest.raises(ValueError, match="fit"):
         hkv.check_capacity(cache, 4, 1000)
+
+
+@pytest.mark.parametrize("gamma,draft", [(0, "w4a16"), (3, "w4a8")])
+def test_int8_decode_loop_copies_no_plane(gamma, draft):
+    """The compiled INT8-cache decode loop updates the planes in place: flushing after a cycle's
+    attention had read them made XLA copy a layer's planes every cycle (at gamma 0, 12 copies of the
+    4-bit planes in this program, in the flush conditional's branches and the loop body); each cycle
+    now flushes first."""
+    import re
+
+    from qspec_jax import checkpoint, quantize
+    from qspec_jax.model import fuse_projections, unstack_layers
+    from qspec_jax.spec import GenerationSpec
+    from qspec_jax.speculative import decode_jit
+    from test_layer_layout import CFG
+
+    params = checkpoint.random_params(CFG, seed=3, dtype=jnp.float32)
+    qp = unstack_layers(fuse_projections(quantize.quantize_params(params, CFG, group_size=64, dtype=jnp.float32)))
+    b, prompt, slots, group = 2, 40, 512, 32
+    kv = tuple(jnp.ones((b, CFG.num_kv_heads, prompt, CFG.head_dim), jnp.float32) for _ in range(CFG.num_layers))
+    cache = hkv.HierarchicalKVCache.from_prompt(CFG, kv, kv, jnp.asarray([30, 37], jnp.int32), slots, headroom=gamma + 1,
+                                                group=group, window=96, dtype=jnp.float32)
+    spec = GenerationSpec(config=CFG, max_new_tokens=32, gamma=gamma, draft_mode=draft, verify_mode="w4a16",
+                          eos_ids=(), kv="int8", kv_group=group, kv_window=96)
+    text = decode_jit.lower(qp, cache, jnp.asarray([3, 4], jnp.int32), jax.random.PRNGKey(0), None, None,
+                            spec=spec).compile().as_text()
+    hd2 = CFG.head_dim // 2
+    planes = [f"u8[{b},{CFG.num_kv_heads},{slots},{hd2}]", f"u8[{b},{CFG.num_kv_heads},{hd2},{slots}]"]
+    assert all(p in text for p in planes)  # the pattern below looks for the right buffers
+    copies = [c for p in planes for c in re.findall(re.escape(p) + r"\{[^}]*\} copy\(", text)]
+    assert not copies, f"{len(copies)} plane-sized copies"
