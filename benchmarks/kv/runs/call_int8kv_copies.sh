@@ -1,9 +1,10 @@
 #!/bin/bash
 # Device call (issue 19): does the compiled INT8-KV decode loop copy cache-sized buffers every step?
-# On the CPU (tiny model, fifteenth session) XLA's program copies one layer's planes in each branch
-# of flush's quantize conditional and in the loop body, and every layer's recent buffers each step
-# (benchmarks/kv/README.md). At 16 x 8k one layer's planes are 270 MB, so on the GPU that would be
-# a large part of why W4A16 reads the INT8 cache no faster than bf16 KV end to end (9.17 / 9.22 ms)
+# On the CPU (tiny model, fifteenth session) XLA's program copied one layer's planes in each branch of
+# flush's quantize conditional and in the loop body until each cycle flushed first (now none), and
+# it still copies every layer's recent buffers each step (benchmarks/kv/README.md). At 16 x 8k one
+# layer's planes are 270 MB and the recent buffers 0.5 GB, so on the GPU such copies would explain
+# much of why W4A16 read the INT8 cache no faster than bf16 KV end to end (9.17 / 9.22 ms, f1a5576)
 # although its attention kernel is 1.29x faster.
 # Runs the 16 x 8k cells of call_v8_end_to_end_8k.sh with XLA dumping each decode program's optimized
 # HLO, then lists their copies of at least 1 MB (hlo_copies.py). About 3 min.
