@@ -18,9 +18,9 @@ KV cache (`spec.kv`): "bf16" (`KVCache`), or "int8", QuantSpec's hierarchical ca
 (`HierarchicalKVCache`: two 4-bit planes + a full-precision recent buffer per layer). With "int8" the
 prompt is prefilled with plain causal attention and then quantized, the drafts read the INT4 view
 (upper plane), the verify pass (and gamma=0 plain decoding) the INT8 view, and the cache is flushed
-after each acceptance (before the next cycle's reads), so only accepted tokens are quantized. What a query reads from it depends on
-its position only (planes below a cut c(p), the buffer from there), so greedy QSpec on the int8 cache
-equals plain greedy decoding on the int8 cache token for token.
+after each acceptance (before the next cycle's reads), so only accepted tokens are quantized. What a
+query reads from it depends on its position only (planes below a cut c(p), the buffer from there), so
+greedy QSpec on the int8 cache equals plain greedy decoding on the int8 cache token for token.
 
 Rows are right-padded; each row keeps its own length, accepts its own count and stops on EOS or
 its token budget, after which it is masked.
