@@ -107,15 +107,16 @@ def test_model_with_fused_residual_norm(tiny_float_and_int4, monkeypatch):
         return out if unjoined else out.join().astype(x.dtype).reshape(*x.shape[:-1], N)
 
     monkeypatch.setattr(model, "mosaic_matmul", split_k_stand_in)
+    launches = []  # the fused kernel's calls: each layer's two adds (the last with the final norm)
+    monkeypatch.setattr(model, "residual_rmsnorm", lambda *a, **k: launches.append(1) or residual_rmsnorm(*a, **k))
     tokens = jax.random.randint(jax.random.key(TEST_SEED), (2, 7), 0, config.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
     logits = {}
     for fused in (False, True):
         monkeypatch.setattr(model, "FUSED_RESIDUAL_NORM", fused)
         asked.clear()
+        launches.clear()
         cache = KVCache.create(config, 2, 16, jnp.bfloat16)
         logits[fused] = np.asarray(model.forward(params, tokens, positions, cache, config=config, mode="w4a16")[0])
-        assert sum(asked) == (2 * config.num_layers if fused else 0)
-    scale = np.abs(logits[False]).max()
-    np.testing.assert_allclose(logits[True], logits[False], atol=0.02 * scale)
-    assert np.mean(logits[True].argmax(-1) == logits[False].argmax(-1)) > 0.9
+        assert sum(asked) == len(launches) == (2 * config.num_layers if fused else 0)
+    np.testing.assert_allclose(logits[True], logits[False], atol=0.02 * np.abs(logits[False]).max())
