@@ -57,9 +57,9 @@ def residual_rmsnorm(x, delta, weight, eps: float, *, interpret: bool = False, n
     m, d = x.shape
     halves = isinstance(delta, SplitKHalves)
     parts = delta.halves if halves else delta
-    if (delta.rows if halves else parts.shape[0]) != m or parts.shape[-1] != d:
-        raise ValueError(f"delta of {(delta.rows if halves else parts.shape[0], parts.shape[-1])} "
-                         f"rows x columns does not match x {x.shape}")
+    rows = delta.rows if halves else parts.shape[0]
+    if (rows, parts.shape[-1]) != (m, d):
+        raise ValueError(f"delta of {(rows, parts.shape[-1])} rows x columns does not match x {x.shape}")
     if weight is not None and weight.shape != (d,):
         raise ValueError(f"weight must be [{d}], got {weight.shape}")
     dp = pow2_at_least(d)

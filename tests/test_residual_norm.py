@@ -48,7 +48,8 @@ def test_residual_rmsnorm_matches_float64(rows, extra, d, split, with_weight):
     partials = (rng.standard_normal((split, rows + extra, d)) * rng.uniform(0.1, 4)).astype(np.float32)
     weight = jnp.asarray(rng.uniform(0.5, 1.5, d), jnp.bfloat16) if with_weight else None
     want_x, want_h = reference(x, partials, weight, rows)
-    for delta in (halved(partials, rows), halved(partials, rows).join().astype(jnp.bfloat16)):
+    split_k = halved(partials, rows)
+    for delta in (split_k, split_k.join().astype(jnp.bfloat16)):
         got_x, got_h = residual_rmsnorm(x, delta, weight, EPS, interpret=True)
         assert got_x.dtype == got_h.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(got_x, np.float64), want_x)
