@@ -78,9 +78,11 @@ def f32_halves(x):
 
 
 def join_f32_halves(upper, lower):
-    """The f32 numbers whose bit halves f32_halves returned: exact. Signed 32-bit arithmetic, which
-    Pallas Triton lowers too (pallas_kernels/residual_norm.py joins them in its kernel)."""
-    u, lo = (lax.bitcast_convert_type(h, jnp.int16).astype(jnp.int32) for h in (upper, lower))
+    """The f32 numbers whose bit halves f32_halves returned (as bf16 or as int16): exact. Signed
+    32-bit arithmetic, which Pallas Triton lowers too (pallas_kernels/residual_norm.py joins them in
+    its kernel)."""
+    u, lo = ((h if h.dtype == jnp.int16 else lax.bitcast_convert_type(h, jnp.int16)).astype(jnp.int32)
+             for h in (upper, lower))
     return lax.bitcast_convert_type((u << 16) | (lo & 0xFFFF), jnp.float32)
 
 
@@ -101,8 +103,10 @@ class SplitKHalves:
     rows: int
 
     def join(self) -> jax.Array:
-        """The f32 output [rows, N]: the K ranges' sums added in order."""
-        return sum_k_ranges(join_f32_halves(self.halves[:, 0], self.halves[:, 1]))[: self.rows]
+        """The f32 output [rows, N]: the K ranges' sums added in order. Sliced as int16: XLA's
+        CPU computes bf16 ops in f32, which would flush lower halves that read as subnormals."""
+        bits = lax.bitcast_convert_type(self.halves, jnp.int16)
+        return sum_k_ranges(join_f32_halves(bits[:, 0], bits[:, 1]))[: self.rows]
 
 
 @dataclasses.dataclass(frozen=True)

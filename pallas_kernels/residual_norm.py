@@ -56,7 +56,9 @@ def residual_rmsnorm(x, delta, weight, eps: float, *, interpret: bool = False, n
     projection). Returns both in x's dtype; delta's sum is rounded to x's dtype before the add."""
     m, d = x.shape
     halves = isinstance(delta, SplitKHalves)
-    parts = delta.halves if halves else delta
+    # the halves travel as int16: a bf16 lower half can read as a subnormal or a NaN, which the
+    # interpreter's masked load (a select on XLA's CPU) would flush or quiet
+    parts = lax.bitcast_convert_type(delta.halves, jnp.int16) if halves else delta
     rows = delta.rows if halves else parts.shape[0]
     if (rows, parts.shape[-1]) != (m, d):
         raise ValueError(f"delta of {(rows, parts.shape[-1])} rows x columns does not match x {x.shape}")

@@ -9,6 +9,7 @@ import pytest
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from conftest import TEST_SEED
 from pallas_kernels.int4_mosaic import SplitKHalves, dequantize_mosaic, f32_halves
@@ -24,9 +25,11 @@ def to_bf16(a):
 
 
 def halved(partials, rows):
-    """partials f32 [split, R, D] -> the SplitKHalves a token-major split-K kernel returns."""
-    upper, lower = f32_halves(jnp.asarray(partials))
-    return SplitKHalves(jnp.stack([upper, lower], axis=1), rows)
+    """partials f32 [split, R, D] -> the SplitKHalves a token-major split-K kernel returns, stacked
+    as integers: XLA's CPU flushes subnormal bf16 and quiets NaNs when it copies bf16, and about 1
+    lower half in 150 reads as one, which moves that partial by up to 127 f32 ulps."""
+    halves = [lax.bitcast_convert_type(h, jnp.uint16) for h in f32_halves(jnp.asarray(partials))]
+    return SplitKHalves(lax.bitcast_convert_type(jnp.stack(halves, axis=1), jnp.bfloat16), rows)
 
 
 def reference(x, partials, weight, rows):
