@@ -23,7 +23,8 @@ dot operands, stage ablations and a channels-major value layout were measured wi
 commit 09cc211 and lost or were diagnostics only; they are gone.)
 
 Masking: key slot j of the main cache is at position `j`, slot r of the recent buffer at
-`recent_start + r`; a query at position p sees keys at positions <= p, and only main-cache slots
+`recent_start + r`, or with `recent_ring` (the hierarchical cache's ring: no shift when its oldest
+group leaves) at the position in [recent_start, recent_start + R) that is r modulo R; a query at position p sees keys at positions <= p, and only main-cache slots
 below `kv_len` (the caller has written the row's new tokens before attending). With
 `cut=(G, D)` (the hierarchical cache) each query row also has its own cut
 c(p) (kv_cut.py): it reads positions < c(p) from the main cache (planes) and
@@ -156,6 +157,7 @@ def _decode_kernel(
     cut_side: Optional[str] = None,  # None; "below": slots at positions < c(p); "from": positions >= c(p)
     cut_group: int = 1,
     cut_delay: int = 0,
+    ring: bool = False,  # slot j holds position p = j (mod S) in [off, off + S), off a multiple of bk
 ):
     *kv_refs, o_ref, m_ref, l_ref = refs
     M, hd = q_ref.shape
@@ -234,6 +236,8 @@ def _decode_kernel(
         """Every load of block blk (clamped into the cache), one tuple per sub-block of `sub` slots,
         issued together at the top of an iteration so K's and V's bytes are in flight at once."""
         t0 = jnp.clip(blk, 0, S // bk - 1) * bk
+        if ring:  # block blk holds positions off + t0 .. at slots (off + t0) mod S: whole blocks
+            t0 = lax.rem(t0 + off, S)
         out = []
         for j in range(bk // sub):
             rows = pl.ds(t0 + j * sub, sub)
@@ -388,8 +392,9 @@ def pick_splits(batch: int, kv_heads: int, blocks: int, programs_per_sm: float =
 
 def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_k=None, splits=None,
                        programs_per_sm=None, num_warps=None, num_stages=None, unpack=None, interpret=False,
-                       cut=None, cut_side=None):
-    """One launch: unnormalized partials over the slots [0, n) of `kv`, slot j at position off + j.
+                       cut=None, cut_side=None, ring=False):
+    """One launch: unnormalized partials over the slots [0, n) of `kv`, slot j at position off + j;
+    with `ring`, over positions [off, off + n) at slots (position mod S), off a multiple of the block.
     With cut=(G, D) and cut_side "below" / "from", a query row at position p reads only the positions
     below / from its cut c(p) (module docstring). Launch knobs left None take DEFAULTS[variant].
 
@@ -427,7 +432,8 @@ def attention_partials(q_rows, row_pos, kv, n, off, *, variant, sm_scale, block_
         raise ValueError(f"cut (G, D) and cut_side ('below' / 'from') go together, got {cut}, {cut_side!r}")
     kernel = functools.partial(_decode_kernel, variant=variant, bk=bk, sub=min(bk, group or bk), splits=P,
                                sm_scale=sm_scale, cdt=cdt, unpack=unpack, cut_side=cut_side,
-                               cut_group=int(cut[0]) if cut else 1, cut_delay=int(cut[1]) if cut else 0)
+                               cut_group=int(cut[0]) if cut else 1, cut_delay=int(cut[1]) if cut else 0,
+                               ring=ring)
     return pl.pallas_call(
         kernel,
         grid=(B, KV, P),
@@ -509,6 +515,7 @@ def decode_attention(
     recent=None,  # optional (k, v) [B, KV, R, hd] full precision, slot r at position recent_start + r
     recent_start=None,  # [B] int32
     cut=None,  # optional (G, D): per-query split between kv (positions < c(p)) and recent (>= c(p))
+    recent_ring: bool = False,  # with cut: the buffer is a ring, position p in slot p mod R
     sm_scale: Optional[float] = None,
     block_k: Optional[int] = None,
     splits: Optional[int] = None,
@@ -522,7 +529,10 @@ def decode_attention(
     A query at position p sees the keys at positions <= p (main-cache slots below kv_len, recent
     slots at recent_start + r). With cut=(G, D), a query at p reads main-cache positions below
     c(p) (kv_cut.py) and recent positions from c(p) to p (the hierarchical
-    cache; the caller keeps c(p) <= kv_len and the buffer holding [c(p), p]). backend: "auto"
+    cache; the caller keeps c(p) <= kv_len and the buffer holding [c(p), p]). With `recent_ring`
+    (and a cut) the buffer is a ring: position p sits in slot p mod R, recent_start is a multiple of
+    G, and R and G share a power-of-2 factor of at least 16 (the kernel turns whole blocks of it).
+    backend: "auto"
     (triton on GPU, else reference), "triton", "interpret", "reference". block_k, splits and
     `launch` tune the main launch (attention_partials); the recent buffer runs bf16's DEFAULTS.
     kernel: which kernel runs the main launch on the "triton" / "interpret" backends: "triton"
@@ -540,9 +550,12 @@ def decode_attention(
         raise TypeError(f"unknown launch knobs {sorted(unknown)}; known: {LAUNCH_KNOBS}")
     sm_scale = 1.0 / math.sqrt(hd) if sm_scale is None else sm_scale
     backend = resolve_backend(backend)
+    if recent_ring and cut is None:
+        raise ValueError("recent_ring needs cut=(G, D): the ring turns by whole key groups")
     if backend == "reference":
         return decode_attention_reference(q, q_pos, kv, kv_len, variant=variant, recent=recent,
-                                          recent_start=recent_start, cut=cut, sm_scale=sm_scale)
+                                          recent_start=recent_start, cut=cut, sm_scale=sm_scale,
+                                          recent_ring=recent_ring)
     rep = H // KV
     M = max(16, pow2_at_least(rep * T))
     # Query rows of a kv head: row r*T + t is query head (kv head, r) at position t.
@@ -568,14 +581,27 @@ def decode_attention(
     if recent is not None:
         R = recent[0].shape[2]
         parts.append(run(recent, jnp.full((B,), R, jnp.int32), recent_start, variant="bf16", splits=1,
-                         cut=cut, cut_side=sides[1]))
+                         cut=cut, cut_side=sides[1], ring=recent_ring,
+                         block_k=ring_block(R, cut[0]) if recent_ring else None))
     parts = [(o[..., :rows, :], m[..., :rows], l[..., :rows]) for o, m, l in parts]  # the real rows
     out = merge_partials(parts)  # [B, KV, rep*T, hd]
     return out.reshape(B, KV, rep, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd).astype(q.dtype)
 
 
+def ring_block(window: int, group: int) -> int:
+    """The K block of a ring buffer of `window` slots whose start moves by `group`: the largest
+    power of 2 (at most 128) dividing both, so each block's slots stay contiguous as the ring turns."""
+    bk = 128
+    while bk >= 16 and (window % bk or group % bk):
+        bk //= 2
+    if bk < 16:
+        raise ValueError(f"a ring buffer's window ({window}) and key group ({group}) must share a power-of-2 "
+                         "factor of at least 16 for the attention kernel")
+    return bk
+
+
 def decode_attention_reference(q, q_pos, kv, kv_len, *, variant="bf16", recent=None, recent_start=None,
-                               cut=None, sm_scale=None, v_layout=V_LAYOUT):
+                               cut=None, sm_scale=None, v_layout=V_LAYOUT, recent_ring=False):
     """Plain jnp of the same math in f32: dequantize, mask by position (and cut), softmax."""
     _check_v_layout(v_layout)
     B, T, H, KV, hd = _check(q, q_pos, kv, variant, recent, cut)
@@ -589,7 +615,10 @@ def decode_attention_reference(q, q_pos, kv, kv_len, *, variant="bf16", recent=N
         R = recent[0].shape[2]
         k = jnp.concatenate([k, recent[0].astype(jnp.float32)], axis=2)
         v = jnp.concatenate([v, recent[1].astype(jnp.float32)], axis=2)
-        k_pos = jnp.concatenate([k_pos, recent_start[:, None] + jnp.arange(R, dtype=jnp.int32)], axis=1)
+        r, start = jnp.arange(R, dtype=jnp.int32)[None, :], recent_start[:, None]
+        # slot r: position start + r, or in a ring the position in [start, start + R) that is r mod R
+        r_pos = start + ((r - start) % R if recent_ring else r)
+        k_pos = jnp.concatenate([k_pos, r_pos], axis=1)
         valid = jnp.concatenate([valid, jnp.ones((B, R), bool)], axis=1)
     rep = H // KV
     qf = q.astype(jnp.float32).reshape(B, T, KV, rep, hd)

@@ -20,9 +20,11 @@ Format (the kernel side is pallas_kernels/decode_attention.py, which reads it):
   (float16 by default): m is rounded down and s up to that dtype before the codes are computed, so
   the codes are exact for the stored (s, m) and no value falls outside [m, m + 15 s].
   Error bounds per element: INT4 s/2; INT8 s/32, or s/16 where the residual's code is clipped at 15.
-- Recent buffer: k_recent, v_recent [B, KV, R, hd] in the model dtype; slot r holds position
-  r_start + r. q_len [B] (a multiple of G) is the row's quantized length: planes are valid for
-  positions [0, q_len), the buffer for [r_start, length), and r_start <= q_len, so the two overlap.
+- Recent buffer: k_recent, v_recent [B, KV, R, hd] in the model dtype, a ring: it holds positions
+  [r_start, r_start + R), position p in slot p mod R. q_len [B] (a multiple of G) is the row's
+  quantized length: planes are valid for positions [0, q_len), the buffer for [r_start, length),
+  and r_start <= q_len, so the two overlap. Dropping the oldest group only moves r_start (a shifted
+  buffer cost a copy of every layer's buffers each step: the shift cannot run in place).
 
 What a query reads depends on its position p only (so a verify block of gamma + 1 queries and
 gamma + 1 single decode steps read the same values, and greedy QSpec equals plain greedy decoding on
@@ -39,8 +41,9 @@ of the row's length alone, however lengths advance:
   buffer, and drafts never reach the planes;
 - `flush` (or `flush_layers` for all layers), after acceptance has set the lengths, quantizes group
   g as soon as all its tokens are accepted (length >= (g+1) G), eagerly, and drops a group from the
-  buffer once no current or future query reads it in full precision (c(length) >= its end: the next
-  cycle's earliest query is at position length). Only accepted tokens are quantized.
+  buffer (r_start moves past it) once no current or future query reads it in full precision
+  (c(length) >= its end: the next cycle's earliest query is at position length). Only accepted
+  tokens are quantized.
 - Capacity (`check_capacity`, on the host): a cycle writes `headroom` = gamma + 1 tokens, so
   headroom <= D (the block's last query's cut stays within the planes), headroom <= G and
   R >= G + D + headroom - 2 (the buffer spans [c(length), length + headroom)).
@@ -75,10 +78,10 @@ class HierarchicalKV:
     v_lower: jax.Array  # [B, KV, hd/2, S] uint8
     v_scale: jax.Array  # [B, KV, S]
     v_min: jax.Array  # [B, KV, S]
-    k_recent: jax.Array  # [B, KV, R, hd] model dtype; slot r = position r_start + r
+    k_recent: jax.Array  # [B, KV, R, hd] model dtype, a ring: position p in slot p mod R
     v_recent: jax.Array  # [B, KV, R, hd]
     q_len: jax.Array  # [B] int32, a multiple of G: planes valid for positions < q_len
-    r_start: jax.Array  # [B] int32, a multiple of G, <= q_len: position of buffer slot 0
+    r_start: jax.Array  # [B] int32, a multiple of G, <= q_len: the buffer holds [r_start, r_start + R)
     delay: int = struct.field(pytree_node=False, default=1)  # D: a query at p cuts at c(p)
 
     @property
@@ -102,6 +105,11 @@ class HierarchicalKV:
         """c(p) of each position."""
         return cut_position(positions, self.group, self.delay)
 
+    def slot_positions(self) -> jax.Array:
+        """[B, R] int32: the position each buffer slot holds, in [r_start, r_start + R)."""
+        r, start = jnp.arange(self.window, dtype=jnp.int32)[None, :], self.r_start[:, None]
+        return start + (r - start) % self.window
+
     def planes(self) -> QuantKV:
         """The kernel's view (value planes transposed: v_layout V_LAYOUT)."""
         return QuantKV(self.k_upper, self.k_lower, self.k_scale, self.k_min,
@@ -117,7 +125,9 @@ def default_delay(group: int) -> int:
 def create(batch: int, kv_heads: int, head_dim: int, max_len: int, *, group: int = KV_GROUP, window: int = KV_WINDOW,
            delay: int = None, dtype=jnp.bfloat16, scale_dtype=jnp.float16) -> HierarchicalKV:
     """An empty cache; the planes hold max_len rounded up to a multiple of `group` slots. `delay`
-    (D, default `default_delay(group)`) fixes every query's cut (module docstring)."""
+    (D, default `default_delay(group)`) fixes every query's cut (module docstring). The GPU kernels
+    read the `window`-slot ring in blocks: window and group must share a power-of-2 factor of at
+    least 16 there (decode_attention.ring_block; the defaults 256 and 128 share 128)."""
     delay = default_delay(group) if delay is None else int(delay)
     if head_dim % 2 or group < 1 or delay < 1 or window < group + delay - 1:
         raise ValueError(f"need an even head_dim, delay >= 1 and window >= group + delay - 1, got "
@@ -208,12 +218,14 @@ def dequantize(cache: HierarchicalKV, view: str = "int8"):
 
 def write(cache: HierarchicalKV, k_new: jax.Array, v_new: jax.Array, starts: jax.Array) -> HierarchicalKV:
     """Write k_new, v_new [B, KV, T, hd] at positions starts[b] + t (>= the row's length) into the
-    recent buffer, slot = position - r_start. One scatter per array; slots past the buffer are dropped
-    (check_capacity and flush keep them from occurring)."""
+    recent buffer's ring, slot = position mod R. One scatter per array; positions outside
+    [r_start, r_start + R) are dropped (check_capacity and flush keep them from occurring)."""
     b, _, t, _ = k_new.shape
+    R = cache.window
     rows = jnp.arange(b)[:, None]
-    slots = (starts - cache.r_start)[:, None] + jnp.arange(t)  # [B, T]
-    slots = jnp.where(slots >= 0, slots, cache.window)  # a write below r_start is a bug: drop it
+    pos = starts[:, None] + jnp.arange(t)  # [B, T]
+    inside = (pos >= cache.r_start[:, None]) & (pos < cache.r_start[:, None] + R)
+    slots = jnp.where(inside, pos % R, R)  # outside the buffer's span is a bug: drop it
 
     def put(buf, new):  # advanced indices (rows, slots) around a slice: values [B, T, KV, hd]
         return buf.at[rows, :, slots, :].set(new.transpose(0, 2, 1, 3).astype(buf.dtype), mode="drop")
@@ -251,8 +263,8 @@ def flush(cache: HierarchicalKV, lengths: jax.Array, headroom: int = 1) -> Hiera
 
 def flush_layers(caches: tuple, lengths: jax.Array, headroom: int = 1) -> tuple:
     """`flush` of every layer's cache (all layers share lengths, q_len and r_start): one lax.cond
-    for the quantization, one for the buffer shift. Lengths advance by at most headroom <= G per
-    call, so at most one group per row is due for each."""
+    for the quantization; dropping a group moves r_start. Lengths advance by at most headroom <= G
+    per call, so at most one group per row is due for each."""
     c0 = caches[0]
     err = capacity_error(c0.group, c0.window, c0.delay, headroom)
     if err:
@@ -262,31 +274,17 @@ def flush_layers(caches: tuple, lengths: jax.Array, headroom: int = 1) -> tuple:
     caches = jax.lax.cond(jnp.any(due_q), lambda cs: tuple(_quantize_rows(c, due_q) for c in cs),
                           lambda cs: cs, tuple(caches))
     due_s = c0.cuts(lengths) >= c0.r_start + G  # [B]: no query at >= lengths reads the oldest group
-    return jax.lax.cond(jnp.any(due_s), lambda cs: tuple(_shift_rows(c, due_s) for c in cs),
-                        lambda cs: cs, caches)
+    return tuple(c.replace(r_start=c.r_start + jnp.where(due_s, G, 0)) for c in caches)
 
 
 def _quantize_rows(cache: HierarchicalKV, due: jax.Array) -> HierarchicalKV:
     """Quantize the buffered group at positions [q_len, q_len + G) of the `due` rows into the planes."""
     G, S = cache.group, cache.max_len
-    idx = ((cache.q_len - cache.r_start)[:, None] + jnp.arange(G))[:, None, :, None]  # [B, 1, G, 1]
-    idx = jnp.clip(idx, 0, cache.window - 1)
+    idx = ((cache.q_len[:, None] + jnp.arange(G)) % cache.window)[:, None, :, None]  # [B, 1, G, 1]
     take = lambda buf: jnp.take_along_axis(buf, idx, axis=2)
     q = quantize_group(take(cache.k_recent), take(cache.v_recent), cache.k_scale.dtype)
     planes = _store_group(cache, q, jnp.where(due, cache.q_len, S))
     return cache.replace(**planes, q_len=cache.q_len + jnp.where(due, G, 0))
-
-
-def _shift_rows(cache: HierarchicalKV, due: jax.Array) -> HierarchicalKV:
-    """Drop the oldest buffered group of the `due` rows: shift their buffer down by G."""
-    G = cache.group
-
-    def shift(buf):
-        rolled = jnp.concatenate([buf[:, :, G:], buf[:, :, :G]], axis=2)
-        return jnp.where(due[:, None, None, None], rolled, buf)
-
-    return cache.replace(k_recent=shift(cache.k_recent), v_recent=shift(cache.v_recent),
-                         r_start=cache.r_start + jnp.where(due, G, 0))
 
 
 def prefill(cache: HierarchicalKV, k: jax.Array, v: jax.Array, lengths: jax.Array, headroom: int = 1) -> HierarchicalKV:
@@ -322,7 +320,7 @@ def prefill(cache: HierarchicalKV, k: jax.Array, v: jax.Array, lengths: jax.Arra
         for name in ("v_scale", "v_min"):
             planes[name] = getattr(cache, name).at[:, :, : n_groups * G].set(q[name].reshape(B, KV, n_groups * G))
         cache = cache.replace(**planes)
-    pos = r_start[:, None] + jnp.arange(R)  # [B, R]: buffer slot r holds position r_start + r
+    pos = cache.replace(r_start=r_start).slot_positions()  # [B, R]
     idx = jnp.clip(pos, 0, P - 1)[:, None, :, None]
 
     def gather(x, buf):
@@ -345,7 +343,7 @@ def attention(cache: HierarchicalKV, q: jax.Array, q_pos: jax.Array, *, view: st
         raise ValueError(f"the hierarchical cache is read as 'int8' or 'int4', got {view!r}")
     return decode_attention(q, q_pos, cache.planes(), cache.q_len, variant=view,
                             recent=(cache.k_recent, cache.v_recent), recent_start=cache.r_start,
-                            cut=cache.cut, backend=backend, v_layout=V_LAYOUT, **tiling)
+                            cut=cache.cut, recent_ring=True, backend=backend, v_layout=V_LAYOUT, **tiling)
 
 
 # ---------------------------------------------------------------- the cache of all layers
@@ -409,7 +407,7 @@ class HierarchicalKVCache:
         k, v = dequantize(c, view)
         pos = jnp.arange(c.max_len)
         in_buf = (pos[None, :] >= c.cuts(self.lengths)[:, None])[:, None, :, None]  # [B, 1, S, 1]
-        idx = jnp.clip(pos[None, :] - c.r_start[:, None], 0, c.window - 1)[:, None, :, None]
+        idx = (pos % c.window)[None, None, :, None]  # the ring slot of each position
         from_buf = lambda buf: jnp.take_along_axis(buf, idx, axis=2).astype(jnp.float32)
         return jnp.where(in_buf, from_buf(c.k_recent), k), jnp.where(in_buf, from_buf(c.v_recent), v)
 

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode_attention import DEFAULTS, QuantKV, decode_attention, decode_attention_reference, pick_splits
+from pallas_kernels.decode_attention import (DEFAULTS, QuantKV, decode_attention, decode_attention_reference, pick_splits,
+                                             ring_block)
 from test_kernels import TRITON_TARGETS, _export_cuda, verify_triton_modules  # noqa: F401 (fixture)
 
 from conftest import kernel_backends  # noqa: E402
@@ -281,11 +282,9 @@ CUT_KNOBS = [  # (query dtype, launch knobs) with a per-query cut: value tiles [
 ]
 
 
-@pytest.mark.parametrize("variant", ["int8", "int4"])
-@pytest.mark.parametrize("dtype,knobs", CUT_KNOBS)
-def test_launch_knobs_with_cut_match_float64(rng, variant, dtype, knobs):
-    """Transposed value planes with the recent buffer and a per-query cut give float64 attention of
-    the planes' values, for every way of unpacking and several blocks."""
+def _cut_case(rng, variant, dtype):
+    """A verify block of T queries per row over transposed value planes, a recent buffer (slot r at
+    position r_start + r) and a per-query cut: the inputs and float64 attention."""
     B, T, H, KV, hd, S, G, D, R = 2, 4, 8, 2, 64, 512, 64, 32, 256
     kv = random_planes(rng, B, KV, S, hd, G)
     rk, rv = (jnp.asarray(rng.standard_normal((B, KV, R, hd)), dtype) for _ in range(2))
@@ -304,13 +303,48 @@ def test_launch_knobs_with_cut_match_float64(rng, variant, dtype, knobs):
             [np.arange(S) < np.minimum(q_len, cut(q_pos[:, t]))[:, None],
              r_start[:, None] + np.arange(R) >= cut(q_pos[:, t])[:, None]], axis=1))
         for t in range(T)], axis=1)
+    args = (q, jnp.asarray(q_pos, jnp.int32), kv, jnp.asarray(q_len, jnp.int32))
+    return args, dict(variant=variant, recent=(rk, rv), recent_start=jnp.asarray(r_start, jnp.int32), cut=(G, D)), want
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+@pytest.mark.parametrize("dtype,knobs", CUT_KNOBS)
+def test_launch_knobs_with_cut_match_float64(rng, variant, dtype, knobs):
+    """Transposed value planes with the recent buffer and a per-query cut give float64 attention of
+    the planes' values, for every way of unpacking and several blocks."""
+    args, kw, want = _cut_case(rng, variant, dtype)
     for backend in BACKENDS:
-        out = decode_attention(q, jnp.asarray(q_pos, jnp.int32), kv, jnp.asarray(q_len, jnp.int32),
-                               variant=variant, recent=(rk, rv), recent_start=jnp.asarray(r_start, jnp.int32),
-                               cut=(G, D), backend=backend, **knobs)
+        out = decode_attention(*args, **kw, backend=backend, **knobs)
         assert out.dtype == dtype
         err = np.abs(f64(out) - want).max()
         assert err < TOL[jnp.bfloat16], (backend, err)
+
+
+@pytest.mark.parametrize("variant", ["int8", "int4"])
+def test_ring_buffer_matches_float64(rng, variant):
+    """The recent buffer as a ring (the hierarchical cache's: position p in slot p mod R, so the
+    oldest group leaves without a shift) gives the linear buffer's float64 attention: the kernel
+    turns whole blocks of the ring."""
+    for _ in range(20):  # a draw where some row's buffer wraps around (about 7 in 8 do)
+        args, kw, want = _cut_case(rng, variant, jnp.bfloat16)
+        (rk, rv), r_start, R = kw["recent"], np.asarray(kw["recent_start"]), kw["recent"][0].shape[2]
+        if (r_start % R).any():
+            break
+    slots = (r_start[:, None] + np.arange(R)) % R  # [B, R]: where linear slot r goes in the ring
+    rows = np.arange(len(r_start))[:, None]
+    ring = tuple(jnp.zeros_like(x).at[rows, :, slots].set(jnp.swapaxes(x, 1, 2)) for x in (rk, rv))
+    for backend in BACKENDS:
+        out = decode_attention(*args, **dict(kw, recent=ring), recent_ring=True, backend=backend)
+        err = np.abs(f64(out) - want).max()
+        assert err < TOL[jnp.bfloat16], (backend, err)
+    with pytest.raises(ValueError, match="cut"):
+        decode_attention(*args, **dict(kw, cut=None), recent_ring=True)
+
+
+def test_ring_block():
+    assert ring_block(256, 128) == 128 and ring_block(96, 32) == 32 and ring_block(48, 16) == 16
+    with pytest.raises(ValueError, match="power-of-2"):
+        ring_block(40, 16)
 
 
 def test_v_layout_bad_inputs(rng):
@@ -411,8 +445,8 @@ def _check_lowering(verify_triton_modules, variant, B, T, H, KV, hd, S, knobs):
         v8 = sd((B, KV, hd // 2, S), jnp.uint8)
         kv = QuantKV(u8, u8, sc, sc, v8, v8, sd((B, KV, S), jnp.float16), sd((B, KV, S), jnp.float16))
         fn = lambda q, p, kv, n, recent: decode_attention(q, p, kv, n, variant=variant, recent=recent,
-                                                          recent_start=n, cut=(G, G // 2), backend="triton",
-                                                          **knobs)
+                                                          recent_start=n, cut=(G, G // 2), recent_ring=True,
+                                                          backend="triton", **knobs)
         launches = 2  # the planes and the recent buffer
     for dtype in (jnp.bfloat16, jnp.float32):
         n0 = len(verify_triton_modules)

@@ -90,15 +90,16 @@ def np_cut(cache, p):
 
 def np_dense(cache, q_pos, variant):
     """float64 (k, v, positions, valid) of what attention may read for queries at q_pos [B]: plane
-    slots below the query's cut c(p), then the buffer's slots at r_start + r from c(p) on."""
+    slots below the query's cut c(p), then the buffer's ring (position p in slot p mod R) from c(p) on."""
     kd, vd = np_dequant(cache.planes(), variant, hkv.V_LAYOUT)
     B, S = kd.shape[0], kd.shape[2]
     rs, R, c = np.asarray(cache.r_start), cache.window, np_cut(cache, q_pos)
     assert (c <= np.asarray(cache.q_len)).all() and (rs <= c).all()
     k = np.concatenate([kd, f64(cache.k_recent)], axis=2)
     v = np.concatenate([vd, f64(cache.v_recent)], axis=2)
-    pos = np.concatenate([np.broadcast_to(np.arange(S), (B, S)), rs[:, None] + np.arange(R)], axis=1)
-    valid = np.concatenate([np.arange(S) < c[:, None], rs[:, None] + np.arange(R) >= c[:, None]], axis=1)
+    r_pos = rs[:, None] + (np.arange(R) - rs[:, None]) % R  # computed here, not by slot_positions
+    pos = np.concatenate([np.broadcast_to(np.arange(S), (B, S)), r_pos], axis=1)
+    valid = np.concatenate([np.arange(S) < c[:, None], r_pos >= c[:, None]], axis=1)
     return k, v, pos, valid
 
 
@@ -116,9 +117,9 @@ def check_cache(cache, truth_k, truth_v, lengths, headroom):
     for variant, frac in (("int8", 1 / 16), ("int4", 1 / 2)):
         kd, vd = np_dequant(cache.planes(), variant, hkv.V_LAYOUT)
         for b in range(len(ql)):
-            n = lengths[b] - rs[b]
-            np.testing.assert_array_equal(kr[b, :, :n], truth_k[b, :, rs[b]:lengths[b]])
-            np.testing.assert_array_equal(vr[b, :, :n], truth_v[b, :, rs[b]:lengths[b]])
+            ring = np.arange(rs[b], lengths[b]) % R  # the slots of the buffered positions
+            np.testing.assert_array_equal(kr[b][:, ring], truth_k[b, :, rs[b]:lengths[b]])
+            np.testing.assert_array_equal(vr[b][:, ring], truth_v[b, :, rs[b]:lengths[b]])
             q = ql[b]
             assert (np.abs(kd[b, :, :q] - truth_k[b, :, :q]) <= ks[b, :, :q] * frac * 1.0001 + 1e-5).all(), variant
             assert (np.abs(vd[b, :, :q] - truth_v[b, :, :q]) <= vs[b, :, :q] * frac * 1.0001 + 1e-5).all(), variant
@@ -227,12 +228,14 @@ def test_flush_inside_jit_loop_and_bad_config():
         hkv.check_capacity(cache, 4, 1000)
 
 
-@pytest.mark.parametrize("gamma,draft", [(0, "w4a16"), (3, "w4a8")])
-def test_int8_decode_loop_copies_no_plane(gamma, draft):
+@pytest.mark.parametrize("gamma,draft,recent_copies", [(0, "w4a16", 4), (3, "w4a8", 0)])
+def test_int8_decode_loop_copies_no_plane(gamma, draft, recent_copies):
     """The compiled INT8-cache decode loop updates the planes in place: flushing after a cycle's
     attention had read them made XLA copy a layer's planes every cycle (at gamma 0, 12 copies of the
     4-bit planes in this program, in the flush conditional's branches and the loop body); each cycle
-    now flushes first."""
+    now flushes first. The recent buffers, a ring, need no shift: with one, this program copied all
+    6 of them in the shift conditional and 6 in the loop body (24 in all); at gamma 0 one layer's
+    two are still copied twice in the body."""
     import re
 
     from qspec_jax import checkpoint, quantize
@@ -256,3 +259,7 @@ def test_int8_decode_loop_copies_no_plane(gamma, draft):
     assert all(p in text for p in planes)  # the pattern below looks for the right buffers
     copies = [c for p in planes for c in re.findall(re.escape(p) + r"\{[^}]*\} copy\(", text)]
     assert not copies, f"{len(copies)} plane-sized copies"
+    recent = f"f32[{b},{CFG.num_kv_heads},96,{CFG.head_dim}]"
+    assert recent in text
+    copies = re.findall(re.escape(recent) + r"\{[^}]*\} copy\(", text)
+    assert len(copies) <= recent_copies, f"{len(copies)} copies of recent buffers"
