@@ -24,12 +24,12 @@ commit 09cc211 and lost or were diagnostics only; they are gone.)
 
 Masking: key slot j of the main cache is at position `j`, slot r of the recent buffer at
 `recent_start + r`, or with `recent_ring` (the hierarchical cache's ring: no shift when its oldest
-group leaves) at the position in [recent_start, recent_start + R) that is r modulo R; a query at position p sees keys at positions <= p, and only main-cache slots
-below `kv_len` (the caller has written the row's new tokens before attending). With
-`cut=(G, D)` (the hierarchical cache) each query row also has its own cut
-c(p) (kv_cut.py): it reads positions < c(p) from the main cache (planes) and
-positions in [c(p), p] from the recent buffer, so what a query sees depends on its position only,
-not on how far the cache's maintenance has got or which other queries share its block.
+group leaves) at the position in [recent_start, recent_start + R) that is r modulo R; a query at
+position p sees keys at positions <= p, and only main-cache slots below `kv_len` (the caller has
+written the row's new tokens before attending). With `cut=(G, D)` (the hierarchical cache) each
+query row also has its own cut c(p) (kv_cut.py): it reads positions < c(p) from the main cache
+(planes) and positions in [c(p), p] from the recent buffer, so what a query sees depends on its
+position only, not on how far the cache's maintenance has got or which other queries share its block.
 
 Variants:
 - "bf16": plain k, v [B, KV, S, hd] in any float dtype;
@@ -527,14 +527,13 @@ def decode_attention(
     """Attention of T query positions per row over the cache (+ the recent buffer): [B, T, H, hd].
 
     A query at position p sees the keys at positions <= p (main-cache slots below kv_len, recent
-    slots at recent_start + r). With cut=(G, D), a query at p reads main-cache positions below
-    c(p) (kv_cut.py) and recent positions from c(p) to p (the hierarchical
-    cache; the caller keeps c(p) <= kv_len and the buffer holding [c(p), p]). With `recent_ring`
-    (and a cut) the buffer is a ring: position p sits in slot p mod R, recent_start is a multiple of
-    G, and R and G share a power-of-2 factor of at least 16 (the kernel turns whole blocks of it).
-    backend: "auto"
-    (triton on GPU, else reference), "triton", "interpret", "reference". block_k, splits and
-    `launch` tune the main launch (attention_partials); the recent buffer runs bf16's DEFAULTS.
+    slots at recent_start + r). With cut=(G, D), a query at p reads main-cache positions below c(p)
+    (kv_cut.py) and recent positions from c(p) to p (the hierarchical cache; the caller keeps
+    c(p) <= kv_len and the buffer holding [c(p), p]). With `recent_ring` (and a cut) the buffer is
+    a ring: position p sits in slot p mod R, recent_start is a multiple of G, and R and G share a
+    power-of-2 factor of at least 16 (the kernel turns whole blocks of it). backend: "auto" (triton
+    on GPU, else reference), "triton", "interpret", "reference". block_k, splits and `launch` tune
+    the main launch (attention_partials); the recent buffer runs bf16's DEFAULTS.
     kernel: which kernel runs the main launch on the "triton" / "interpret" backends: "triton"
     (this module's), "mosaic" (attention_mosaic.py, Hopper; its config from
     attention_mosaic.FASTER, else FORCED: v7 at 64-token steps) or "auto" (`attention_mosaic.choose`:
