@@ -587,6 +587,13 @@ def decode_attention(
     return out.reshape(B, KV, rep, T, hd).transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd).astype(q.dtype)
 
 
+def ring_positions(start: jax.Array, window: int) -> jax.Array:
+    """[B, window] int32: the position each slot of a ring holds, the one in
+    [start[b], start[b] + window) that is the slot's index mod window."""
+    r = jnp.arange(window, dtype=jnp.int32)[None, :]
+    return start[:, None] + (r - start[:, None]) % window
+
+
 def ring_block(window: int, group: int) -> int:
     """The K block of a ring buffer of `window` slots whose start moves by `group`: the largest
     power of 2 (at most 128) dividing both, so each block's slots stay contiguous as the ring turns."""
@@ -614,9 +621,8 @@ def decode_attention_reference(q, q_pos, kv, kv_len, *, variant="bf16", recent=N
         R = recent[0].shape[2]
         k = jnp.concatenate([k, recent[0].astype(jnp.float32)], axis=2)
         v = jnp.concatenate([v, recent[1].astype(jnp.float32)], axis=2)
-        r, start = jnp.arange(R, dtype=jnp.int32)[None, :], recent_start[:, None]
-        # slot r: position start + r, or in a ring the position in [start, start + R) that is r mod R
-        r_pos = start + ((r - start) % R if recent_ring else r)
+        r_pos = (ring_positions(recent_start, R) if recent_ring
+                 else recent_start[:, None] + jnp.arange(R, dtype=jnp.int32))
         k_pos = jnp.concatenate([k_pos, r_pos], axis=1)
         valid = jnp.concatenate([valid, jnp.ones((B, R), bool)], axis=1)
     rep = H // KV

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from pallas_kernels.decode_attention import QuantKV, decode_attention, dequantize_planes
+from pallas_kernels.decode_attention import QuantKV, decode_attention, dequantize_planes, ring_positions
 from pallas_kernels.kv_cut import cut_position
 from qspec_jax.config import LlamaConfig
 from qspec_jax.kv_cache import replace_at
@@ -107,8 +107,7 @@ class HierarchicalKV:
 
     def slot_positions(self) -> jax.Array:
         """[B, R] int32: the position each buffer slot holds, in [r_start, r_start + R)."""
-        r, start = jnp.arange(self.window, dtype=jnp.int32)[None, :], self.r_start[:, None]
-        return start + (r - start) % self.window
+        return ring_positions(self.r_start, self.window)
 
     def planes(self) -> QuantKV:
         """The kernel's view (value planes transposed: v_layout V_LAYOUT)."""
